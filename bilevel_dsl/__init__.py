@@ -1,0 +1,92 @@
+"""brl: a declarative modelling language for bilevel reinforcement learning.
+
+The embedding API (docs/ir.md):
+
+    program = parse_file("problems/maze_nav.brl")      # IR (frozen dataclasses with spans)
+    checked = compile_file("problems/maze_nav.brl")    # IR + semantic checks + values
+    text = to_json(checked.program); same = from_json(text)
+    problem = lower(checked, device="cpu")              # TabularProblem for the solvers
+
+Every user error raises `BrlError`, whose `.diagnostics` carry codes, messages and spans.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from . import ir
+from .diagnostics import BrlError, Diagnostic, SourceFile
+from .elaborate import CheckedProgram, SolverCatalog, elaborate
+from .instance import TabularProblem
+from .lowering import lower
+from .parser import decode, parse_expression, parse_source
+from .serialize import IRFormatError, from_json, json_schema, to_json
+
+__version__ = "0.1.0"
+
+MAX_FILE_BYTES = 64 << 20
+
+
+def read_source(path: str | Path) -> SourceFile:
+    p = Path(path)
+    try:
+        size = p.stat().st_size
+        if size > MAX_FILE_BYTES:
+            raise BrlError([Diagnostic("E003", f"file is larger than {MAX_FILE_BYTES >> 20} MiB",
+                                       None)], SourceFile(str(path), ""))
+        data = p.read_bytes()
+    except IsADirectoryError:
+        raise BrlError([Diagnostic("E002", "is a directory, not a .brl file", None)],
+                       SourceFile(str(path), "")) from None
+    except OSError as exc:
+        raise BrlError([Diagnostic("E002", f"cannot read file: {exc.strerror}", None)],
+                       SourceFile(str(path), "")) from None
+    return decode(data, str(path))
+
+
+def parse_file(path: str | Path) -> ir.Program:
+    return parse_source(read_source(path))
+
+
+def compile_source(
+    text: str,
+    name: str = "<string>",
+    *,
+    base_dir: str | Path | None = None,
+    overrides: dict[str, str] | None = None,
+    seed: int | None = None,
+    solver_catalog: SolverCatalog | None = None,
+) -> CheckedProgram:
+    """Parse and check brl source text.  ``overrides`` maps param names to value expressions
+    (as `-D name=value` does); ``solver_catalog`` validates the `solve` statement's options."""
+    source = SourceFile(name, text)
+    program = parse_source(source)
+    parsed = {}
+    for key, value in (overrides or {}).items():
+        parsed[key] = parse_expression(value, f"-D {key}")
+    return elaborate(program, source, Path(base_dir) if base_dir is not None else None, parsed,
+                     seed, solver_catalog)
+
+
+def compile_file(path: str | Path, **kwargs) -> CheckedProgram:
+    source = read_source(path)
+    return compile_source(source.text, source.name, base_dir=Path(path).parent, **kwargs)
+
+
+__all__ = [
+    "BrlError",
+    "CheckedProgram",
+    "Diagnostic",
+    "IRFormatError",
+    "TabularProblem",
+    "compile_file",
+    "compile_source",
+    "from_json",
+    "ir",
+    "json_schema",
+    "lower",
+    "parse_file",
+    "parse_source",
+    "read_source",
+    "to_json",
+]

@@ -1,0 +1,298 @@
+"""The `brl` command line: check, compile, solve, solvers, gradcheck.
+
+User errors are printed as diagnostics (exit 1); nothing reaches the user as a Python traceback
+unless BRL_DEBUG=1 is set.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from . import __version__, json_schema, lower, read_source, to_json
+from .diagnostics import BrlError, did_you_mean
+from .elaborate import elaborate
+from .parser import parse_expression, parse_source
+
+EXIT_OK, EXIT_ERROR, EXIT_INTERNAL, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+
+class UsageError(Exception):
+    pass
+
+
+def _key_value(text: str, flag: str) -> tuple[str, str]:
+    if "=" not in text:
+        raise UsageError(f"{flag} {text}: write {flag} name=value")
+    key, value = text.split("=", 1)
+    key = key.strip()
+    if not key.isidentifier():
+        raise UsageError(f"{flag} {text}: `{key}` is not a name")
+    return key, value.strip()
+
+
+def _overrides(pairs: list[str] | None) -> dict[str, str]:
+    return dict(_key_value(p, "-D") for p in pairs or [])
+
+
+def solver_catalog(solver: str, options: dict[str, Any]) -> list[tuple[str, str, str | None,
+                                                                       str | None]]:
+    """Validate a `solve` statement against the solver registry (the language imports no
+    solver; the command line connects the two)."""
+    from solvers import REGISTRY, OptionError, UnknownSolverError
+
+    try:
+        spec = REGISTRY.get(solver)
+    except UnknownSolverError as exc:
+        return [("E801", str(exc), None, None)]
+    problems = []
+    known = {o.name for o in spec.options}
+    for name, value in options.items():
+        if name not in known:
+            problems.append(("E802", f"solver `{spec.name}` has no option `{name}`", name,
+                             did_you_mean(name, known) or "its options are "
+                             + ", ".join(sorted(known))))
+            continue
+        try:
+            REGISTRY.validate_options(spec, {name: value})
+        except OptionError as exc:
+            problems.append(("E803", str(exc), name, None))
+    return problems
+
+
+def _compile(path: str, args: argparse.Namespace, catalog: bool = True):
+    timings: dict[str, float] = {}
+    start = time.perf_counter()
+    source = read_source(path)
+    program = parse_source(source)
+    timings["parse"] = time.perf_counter() - start
+    start = time.perf_counter()
+    overrides = {k: parse_expression(v, f"-D {k}") for k, v in _overrides(args.define).items()}
+    checked = elaborate(program, source, Path(path).parent, overrides,
+                        getattr(args, "seed", None), solver_catalog if catalog else None)
+    timings["compile"] = time.perf_counter() - start
+    return checked, timings
+
+
+# ---------------------------------------------------------------- commands
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    status = EXIT_OK
+    for path in args.files:
+        try:
+            checked, timings = _compile(path, args)
+        except BrlError as err:
+            print(err.render(), file=sys.stderr)
+            status = EXIT_ERROR
+            continue
+        n = len(checked.program.statements)
+        print(f"{path}: ok ({n} statements, {checked.checks} checks passed, "
+              f"{sum(timings.values()) * 1000:.0f} ms)")
+    return status
+
+
+def cmd_compile(args: argparse.Namespace) -> int:
+    if args.schema:
+        _write(json.dumps(json_schema(), indent=2), args.output)
+        return EXIT_OK
+    if not args.file:
+        raise UsageError("brl compile: give a .brl file (or --schema)")
+    checked, _ = _compile(args.file, args)
+    _write(to_json(checked.program), args.output)
+    return EXIT_OK
+
+
+def _write(text: str, output: str | None) -> None:
+    if output is None or output == "-":
+        print(text)
+        return
+    path = Path(output)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text + "\n", encoding="utf-8")
+    tmp.replace(path)
+    print(f"wrote {path}", file=sys.stderr)
+
+
+def cmd_solvers(args: argparse.Namespace) -> int:
+    from solvers import REGISTRY, describe
+
+    if args.name:
+        print(describe(REGISTRY.get(args.name)))
+    else:
+        print(REGISTRY.capability_matrix())
+    return EXIT_OK
+
+
+def _set_options(spec, pairs: list[str] | None) -> dict[str, Any]:
+    from solvers import OptionError, parse_option_value
+
+    by_name = {o.name: o for o in spec.options}
+    options: dict[str, Any] = {}
+    for pair in pairs or []:
+        key, value = _key_value(pair, "--set")
+        if key not in by_name:
+            hint = did_you_mean(key, by_name) or "its options are " + ", ".join(sorted(by_name))
+            raise OptionError(f"--set {key}: solver `{spec.name}` has no option `{key}`; {hint}")
+        options[key] = parse_option_value(by_name[key], value)
+    return options
+
+
+def cmd_solve(args: argparse.Namespace) -> int:
+    import torch
+
+    import solvers
+    from solvers.output import default_out_dir, summary_table, write_run
+    from solvers.progress import ProgressMonitor
+
+    checked, timings = _compile(args.file, args)
+    start = time.perf_counter()
+    problem = lower(checked, device=args.device)
+    timings["compile"] += time.perf_counter() - start
+    requested = args.solver
+    spec, _ = solvers.resolve(problem, requested)
+    options = _set_options(spec, args.set)
+    spec, options = solvers.resolve(problem, spec.name, options)
+    torch.manual_seed(problem.seed)
+    total = int(options.get("outer", 1))
+    limit = options.get("time_limit") or None
+    monitor = ProgressMonitor(total, time_limit=limit, sign=problem.sign,
+                              stream=open(os.devnull, "w") if args.quiet else sys.stderr)
+    start = time.perf_counter()
+    result = spec.run(problem, options, monitor)
+    timings["solve"] = time.perf_counter() - start
+    out_dir = Path(args.out) if args.out else default_out_dir(problem.name)
+    meta = {
+        "solver": spec.name,
+        "options": options,
+        "timings": timings,
+        "seed": problem.seed,
+        "device": str(problem.device),
+        "command": " ".join(["brl", *sys.argv[1:]]),
+        "source": str(args.file),
+        "out_dir": str(out_dir),
+    }
+    write_run(out_dir, problem, result, meta)
+    print(summary_table(problem, result, meta))
+    return EXIT_INTERRUPTED if result.stopped_because == "interrupted" else EXIT_OK
+
+
+def cmd_gradcheck(args: argparse.Namespace) -> int:
+    from solvers.gradcheck import gradcheck
+
+    checked, _ = _compile(args.file, args)
+    problem = lower(checked, device=args.device)
+    rows = gradcheck(problem, n_random=args.points, seed=problem.seed)
+    print(f"{'point':<10} {'rel. error':>11} {'max abs err':>12} {'||grad||':>10} {'dirs':>5}")
+    worst = 0.0
+    for row in rows:
+        worst = max(worst, row.rel_error)
+        flag = "" if row.rel_error <= args.tol else "  FAIL"
+        print(f"{row.label:<10} {row.rel_error:>11.2e} {row.max_abs_error:>12.2e} "
+              f"{row.grad_norm:>10.3g} {row.n_directions:>5}{flag}")
+    verdict = "ok" if worst <= args.tol else "FAILED"
+    print(f"{verdict}: worst relative error {worst:.2e} (tolerance {args.tol:g})")
+    return EXIT_OK if worst <= args.tol else EXIT_ERROR
+
+
+# ---------------------------------------------------------------- parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="brl",
+        description="brl: a modelling language and solvers for bilevel reinforcement learning.",
+    )
+    parser.add_argument("--version", action="version", version=f"brl {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    def defines(p: argparse.ArgumentParser) -> None:
+        p.add_argument("-D", dest="define", action="append", metavar="NAME=VALUE",
+                       help="override a `param` of the file (type-checked), e.g. -D lam=0.1")
+
+    p = sub.add_parser("check", help="parse and check .brl files",
+                       description="Parse and check .brl files; print located diagnostics. "
+                       "Exit 1 if any file has an error.")
+    p.add_argument("files", nargs="+", metavar="FILE")
+    defines(p)
+    p.set_defaults(run=cmd_check)
+
+    p = sub.add_parser("compile", help="print the IR of a file as JSON",
+                       description="Print the checked IR of a .brl file as JSON (docs/ir.md), "
+                       "or the IR's JSON Schema with --schema.")
+    p.add_argument("file", nargs="?", metavar="FILE")
+    p.add_argument("-o", "--output", metavar="FILE", help="write here instead of stdout")
+    p.add_argument("--schema", action="store_true", help="print the IR's JSON Schema")
+    defines(p)
+    p.set_defaults(run=cmd_compile)
+
+    p = sub.add_parser("solve", help="solve a bilevel problem",
+                       description="Compile FILE and solve it; write result.json, curve.png "
+                       "(and policy.png for grid worlds) to the output folder.")
+    p.add_argument("file", metavar="FILE")
+    p.add_argument("--solver", default=None, metavar="NAME",
+                   help="a solver name or `auto` (default: the file's `solve`, else auto)")
+    p.add_argument("--device", default=None, choices=("cpu", "cuda", "auto"),
+                   help="where to compute (default: the file's `solve ... on`, else auto)")
+    p.add_argument("--set", action="append", metavar="OPTION=VALUE",
+                   help="override a solver option, e.g. --set outer=1000")
+    p.add_argument("--out", metavar="DIR", help="output folder (default runs/<problem>-<time>)")
+    p.add_argument("--seed", type=int, default=None, help="override the file's seed")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    defines(p)
+    p.set_defaults(run=cmd_solve)
+
+    p = sub.add_parser("solvers", help="list the solvers and what they can do",
+                       description="Print the capability matrix, or one solver's options.")
+    p.add_argument("name", nargs="?", metavar="NAME")
+    p.set_defaults(run=cmd_solvers)
+
+    p = sub.add_parser("gradcheck", help="check hyper-gradients against finite differences",
+                       description="Compare the hyper-gradient with central finite differences "
+                       "of phi(x) = f(x, pi*_x) at the initial x and random points; exit 1 "
+                       "above the tolerance.")
+    p.add_argument("file", metavar="FILE")
+    p.add_argument("--points", type=int, default=2, help="random points besides x0")
+    p.add_argument("--tol", type=float, default=1e-5, help="relative error tolerance")
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda", "auto"))
+    p.add_argument("--seed", type=int, default=None)
+    defines(p)
+    p.set_defaults(run=cmd_gradcheck)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "command", None):
+        parser.print_help()
+        return EXIT_ERROR
+    try:
+        return args.run(args)
+    except BrlError as err:
+        print(err.render(), file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception as exc:  # noqa: BLE001 - the last line of defence against tracebacks
+        from solvers import SolverError
+
+        if isinstance(exc, (SolverError, UsageError)):
+            print(f"error: {exc}", file=sys.stderr)
+            return EXIT_ERROR
+        if os.environ.get("BRL_DEBUG"):
+            raise
+        print(f"internal error: {type(exc).__name__}: {exc}\n"
+              "This is a bug in brl; rerun with BRL_DEBUG=1 for the traceback and report it.",
+              file=sys.stderr)
+        return EXIT_INTERNAL
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,122 @@
+"""Located diagnostics: ``file:line:col: error[CODE]: message``, the source line, a caret, a hint.
+
+Every error a user can cause is one of these; the command line prints them and never a traceback.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from .ir import Span
+
+# Lines longer than this are shown as a window around the error, so a 10 MB line stays readable.
+_WINDOW = 100
+
+
+@dataclass(frozen=True)
+class Diagnostic:
+    code: str
+    message: str
+    span: Span | None
+    hint: str | None = None
+    notes: tuple[str, ...] = ()
+    severity: str = "error"
+
+
+@dataclass
+class SourceFile:
+    name: str
+    text: str
+    _lines: list[str] | None = field(default=None, repr=False)
+
+    def line(self, number: int) -> str:
+        if self._lines is None:
+            self._lines = self.text.split("\n")
+        if 1 <= number <= len(self._lines):
+            return self._lines[number - 1].rstrip("\r")
+        return ""
+
+
+class BrlError(Exception):
+    """One or more diagnostics; raised by every stage of the compiler."""
+
+    def __init__(self, diagnostics: Iterable[Diagnostic], source: SourceFile | None = None):
+        self.diagnostics = list(diagnostics)
+        self.source = source
+        super().__init__(self.render())
+
+    def render(self) -> str:
+        return "\n".join(render(d, self.source) for d in self.diagnostics)
+
+
+def render(diag: Diagnostic, source: SourceFile | None) -> str:
+    name = source.name if source is not None else "<input>"
+    if diag.span is None:
+        head = f"{name}: {diag.severity}[{diag.code}]: {diag.message}"
+        lines = [head]
+    else:
+        span = diag.span
+        lines = [f"{name}:{span.line}:{span.column}: {diag.severity}[{diag.code}]: {diag.message}"]
+        if source is not None:
+            lines.extend(_excerpt(source, span))
+    lines.extend(f"  = note: {note}" for note in diag.notes)
+    if diag.hint:
+        lines.append(f"  = hint: {diag.hint}")
+    return "\n".join(lines)
+
+
+def _excerpt(source: SourceFile, span: Span) -> list[str]:
+    text = source.line(span.line).expandtabs(1)
+    start = max(span.column - 1, 0)
+    if span.end_line == span.line:
+        width = max(span.end_column - span.column, 1)
+    else:
+        width = max(len(text) - start, 1)
+    offset = 0
+    prefix = suffix = ""
+    if len(text) > 2 * _WINDOW:
+        offset = max(start - _WINDOW // 2, 0)
+        prefix = "..." if offset else ""
+        suffix = "..." if offset + 2 * _WINDOW < len(text) else ""
+        text = text[offset : offset + 2 * _WINDOW]
+        width = min(width, max(len(text) - (start - offset), 1))
+    gutter = f"{span.line} | "
+    pad = " " * (len(gutter) - 2) + "| "
+    caret_at = len(prefix) + start - offset
+    return [gutter + prefix + _printable(text) + suffix, pad + " " * caret_at + "^" * width]
+
+
+def _printable(text: str) -> str:
+    return "".join(ch if ch.isprintable() or ch == " " else "?" for ch in text)
+
+
+def did_you_mean(name: str, candidates: Iterable[str]) -> str | None:
+    matches = difflib.get_close_matches(name, list(candidates), n=1, cutoff=0.6)
+    return f"did you mean `{matches[0]}`?" if matches else None
+
+
+class DiagnosticBag:
+    """Collects diagnostics so one run can report several errors."""
+
+    def __init__(self, source: SourceFile):
+        self.source = source
+        self.items: list[Diagnostic] = []
+
+    def error(
+        self,
+        code: str,
+        message: str,
+        span: Span | None,
+        hint: str | None = None,
+        notes: tuple[str, ...] = (),
+    ) -> None:
+        self.items.append(Diagnostic(code, message, span, hint, notes))
+
+    def extend(self, diagnostics: Iterable[Diagnostic]) -> None:
+        self.items.extend(diagnostics)
+
+    def raise_if_any(self) -> None:
+        if self.items:
+            raise BrlError(self.items, self.source)

@@ -1,0 +1,839 @@
+"""Stage 2: semantic analysis.  Names, shapes, sets, probabilities and `check`s, with diagnostics.
+
+Declarations are elaborated in source order into values (sets, arrays, MDPs); expressions over
+the leader's variable and the follower's policy are type-checked by evaluating them once at the
+initial point.  A failed declaration is marked so that uses of it report nothing more: one run
+reports each independent error once.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from . import ir
+from .data import load_array
+from .diagnostics import DiagnosticBag, SourceFile, did_you_mean
+from .evaluate import (
+    CONSTANTS,
+    FUNCTIONS,
+    Binding,
+    LetDef,
+    Scope,
+    VarRef,
+    evaluate,
+    evaluate_val,
+    expand_axes,
+    expected_over_next,
+    integer_value,
+    set_of,
+    to_real,
+)
+from .generators import gridworld, random_mdp
+from .softmdp import Transitions
+from .values import DTYPE, POISONED, Cascade, EvalError, MdpValue, PolicyRef, SetValue, Val
+
+RESERVED = {"policy", *CONSTANTS, *FUNCTIONS}
+GRIDWORLD_OPTIONS = ("map", "slip", "discount", "goal_reward", "step_reward", "terminal_goal")
+RANDOM_MDP_OPTIONS = ("states", "actions", "discount", "successors")
+TABLE_ITEMS = ("states", "actions", "discount", "initial", "transition", "reward", "terminal")
+LOWER_ITEMS = ("temperature", "reward")
+DEVICES = ("cpu", "cuda", "auto")
+ROW_TOLERANCE = 1e-9
+
+# Given a solver name and its options, a catalog returns problems as
+# (code, message, option name or None, hint or None).
+SolverCatalog = Callable[[str, dict[str, Any]], list[tuple[str, str, str | None, str | None]]]
+
+
+@dataclass
+class VarInfo:
+    name: str
+    decl: ir.VarDecl
+    dims: tuple[SetValue | None, ...]
+    x0: torch.Tensor
+    lower: torch.Tensor | None
+    upper: torch.Tensor | None
+
+
+@dataclass
+class LowerInfo:
+    decl: ir.LowerDecl
+    mdp: MdpValue
+    temperature: float
+    indices: tuple[str, ...]  # (s, a) or (s, a, t)
+    reward: ir.Expr
+
+
+@dataclass
+class SolveInfo:
+    decl: ir.SolveDecl
+    solver: str
+    options: dict[str, Any]
+    device: str | None
+
+
+@dataclass
+class CheckedProgram:
+    """A program whose every declaration elaborated: the input to lowering."""
+
+    program: ir.Program
+    source: SourceFile
+    names: dict[str, object]
+    seed: int
+    var: VarInfo | None
+    lower: LowerInfo | None
+    upper: ir.UpperDecl | None
+    solve: SolveInfo | None
+    base_dir: Path | None = None
+    checks: int = 0
+
+    @property
+    def name(self) -> str:
+        return self.program.name
+
+    def scope(self, device: torch.device, names: dict[str, object] | None = None,
+              x: torch.Tensor | None = None, policy: torch.Tensor | None = None) -> Scope:
+        return Scope(
+            names=self.names if names is None else names,
+            device=device,
+            x=x,
+            policy=policy,
+            policy_ref=PolicyRef(self.lower.mdp) if self.lower is not None else None,
+        )
+
+
+def seed_for(seed: int, name: str) -> np.random.Generator:
+    """Each declaration draws from its own stream: adding one never changes another's numbers."""
+    return np.random.default_rng([seed, zlib.crc32(name.encode("utf-8"))])
+
+
+class _Elaborator:
+    def __init__(
+        self,
+        program: ir.Program,
+        source: SourceFile,
+        base_dir: Path | None,
+        overrides: dict[str, ir.Expr],
+        seed: int | None,
+        catalog: SolverCatalog | None,
+    ):
+        self.program = program
+        self.source = source
+        self.base_dir = base_dir
+        self.overrides = overrides
+        self.catalog = catalog
+        self.bag = DiagnosticBag(source)
+        self.names: dict[str, object] = {}
+        self.declared_at: dict[str, ir.Span] = {}
+        self.var: VarInfo | None = None
+        self.lower: LowerInfo | None = None
+        self.upper: ir.UpperDecl | None = None
+        self.solve: SolveInfo | None = None
+        self.checks = 0
+        seed_decl = program.first(ir.SeedDecl)
+        self.seed = seed if seed is not None else (seed_decl.seed if seed_decl else 0)
+        self.device = torch.device("cpu")
+        self.all_names = {
+            s.name: s.name_span for s in program.statements if hasattr(s, "name_span")
+        }
+
+    # ---------------------------------------------------------------- driver
+    def run(self) -> CheckedProgram:
+        singles: dict[type, ir.Span] = {}
+        deferred: list[ir.Statement] = []
+        for stmt in self.program.statements:
+            kind = type(stmt)
+            if kind in (ir.ProblemDecl, ir.SeedDecl, ir.VarDecl, ir.LowerDecl, ir.UpperDecl,
+                        ir.SolveDecl):
+                if kind in singles:
+                    self._only_one(stmt, singles[kind])
+                    continue
+                singles[kind] = stmt.span
+            if isinstance(stmt, (ir.UpperDecl, ir.SolveDecl)):
+                deferred.append(stmt)
+                continue
+            self._statement(stmt)
+        for stmt in deferred:
+            self._statement(stmt)
+        for name in self.overrides:
+            if name not in self.names or not isinstance(self.names.get(name), Val) and (
+                self.names.get(name) is not POISONED
+            ):
+                params = [s.name for s in self.program.statements if isinstance(s, ir.ParamDecl)]
+                self.bag.error("E201", f"-D {name}: there is no param `{name}` to override",
+                               None, did_you_mean(name, params))
+        self.bag.raise_if_any()
+        return CheckedProgram(self.program, self.source, self.names, self.seed, self.var,
+                              self.lower, self.upper, self.solve, self.base_dir, self.checks)
+
+    def _only_one(self, stmt: ir.Statement, first: ir.Span) -> None:
+        word = {
+            ir.ProblemDecl: "`problem` statement", ir.SeedDecl: "`seed` statement",
+            ir.VarDecl: "`var` (the leader has one decision variable; make it an array)",
+            ir.LowerDecl: "`lower` block", ir.UpperDecl: "`upper` objective",
+            ir.SolveDecl: "`solve` statement",
+        }[type(stmt)]
+        self.bag.error("E202", f"only one {word} is allowed", stmt.span,
+                       notes=(f"the first is on line {first.line}",))
+
+    def _statement(self, stmt: ir.Statement) -> None:
+        handler = {
+            ir.ProblemDecl: lambda s: None,
+            ir.SeedDecl: lambda s: None,
+            ir.SetDecl: self._set,
+            ir.ParamDecl: self._param,
+            ir.VarDecl: self._var,
+            ir.LetDecl: self._let,
+            ir.MdpDecl: self._mdp,
+            ir.LowerDecl: self._lower,
+            ir.UpperDecl: self._upper,
+            ir.SolveDecl: self._solve,
+            ir.CheckDecl: self._check,
+        }[type(stmt)]
+        name = getattr(stmt, "name", None)
+        if name is not None and isinstance(stmt, (ir.SetDecl, ir.ParamDecl, ir.VarDecl,
+                                                  ir.LetDecl, ir.MdpDecl)):
+            if not self._declare(stmt):
+                return
+        try:
+            handler(stmt)
+        except Cascade:
+            if name is not None:
+                self.names[name] = POISONED
+        except EvalError as err:
+            self._report(err)
+            if name is not None:
+                self.names[name] = POISONED
+
+    def _report(self, err: EvalError) -> None:
+        code, message, hint = err.code, err.message, err.hint
+        if code == "E201" and message.startswith("undefined name `"):
+            missing = message.split("`")[1]
+            later = self.all_names.get(missing)
+            if later is not None and err.span is not None and later.line >= err.span.line:
+                code = "E203"
+                message = f"`{missing}` is used before its declaration on line {later.line}"
+                hint = "declare names before using them"
+        self.bag.error(code, message, err.span, hint, err.notes)
+
+    def _declare(self, stmt) -> bool:
+        name = stmt.name
+        if name in RESERVED:
+            self.bag.error("E202", f"`{name}` is a built-in name and cannot be redefined",
+                           stmt.name_span, "choose another name")
+            return False
+        if name in self.declared_at:
+            first = self.declared_at[name]
+            self.bag.error("E202", f"`{name}` is already defined", stmt.name_span,
+                           notes=(f"first defined on line {first.line}",))
+            return False
+        self.declared_at[name] = stmt.name_span
+        return True
+
+    def _scope(self, x: torch.Tensor | None = None) -> Scope:
+        scope = Scope(self.names, self.device, x=x)
+        scope.load = self._loader
+        return scope
+
+    def _loader(self, node: ir.Call, name: str) -> Val:
+        array = load_array(name, self.base_dir, node.args[0].span)
+        return Val(torch.from_numpy(array), (), (None,) * array.ndim)
+
+    # ---------------------------------------------------------------- declarations
+    def _set(self, decl: ir.SetDecl) -> None:
+        value = set_of(decl.value, self._scope())
+        if isinstance(decl.value, (ir.Range, ir.Members)):
+            value = SetValue(decl.name, value.size, value.members, value.start)
+        self.names[decl.name] = value
+
+    def _dims(self, dims: tuple[ir.Dim, ...]) -> list[tuple[str | None, SetValue | None, int]]:
+        out = []
+        scope = self._scope()
+        seen: set[str] = set()
+        for dim in dims:
+            obj = evaluate(dim.domain, scope)
+            if isinstance(obj, SetValue):
+                out_set, size = obj, obj.size
+            elif isinstance(obj, Val) and not obj.dims and not obj.axes:
+                size = integer_value(dim.domain, scope)
+                if size < 1:
+                    raise EvalError("E301", f"a dimension must have at least 1 element, got {size}",
+                                    dim.domain.span)
+                out_set = SetValue(str(size), size) if dim.index else None
+            else:
+                raise EvalError("E305", "a dimension is a set (`S`, `0..9`, `M.S`) or a size",
+                                dim.domain.span)
+            if dim.index is not None:
+                if dim.index in seen:
+                    raise EvalError("E202", f"index `{dim.index}` is used twice", dim.span)
+                seen.add(dim.index)
+            out.append((dim.index, out_set, size))
+        return out
+
+    def _declared_value(
+        self,
+        name: str,
+        dims: list[tuple[str | None, SetValue | None, int]],
+        value_node: ir.Expr,
+        random: bool,
+        x: torch.Tensor | None = None,
+        what: str = "param",
+    ) -> Val:
+        """Evaluate a declaration's value into the declared shape."""
+        scope = self._scope(x)
+        shape = tuple(size for _, _, size in dims)
+        per_element = any(index is not None for index, _, _ in dims)
+        axes = tuple(index or f"#{k}" for k, (index, _, _) in enumerate(dims))
+        if per_element:
+            for axis, (_, s, size) in zip(axes, dims):
+                scope.indices[axis] = Binding(axis, torch.arange(size),
+                                              s or SetValue(str(size), size))
+        if random:
+            rng = seed_for(self.seed, name)
+            target_axes = axes if per_element else ()
+            target_shape = shape if per_element else shape
+            scope.draw = lambda f, args, node: _draw(f, args, node, rng, target_axes,
+                                                     target_shape, per_element)
+        v = evaluate_val(value_node, scope)
+        declared_dims = tuple(s for _, s, _ in dims)
+        if per_element:
+            stray = [a for a in v.axes if a not in axes]
+            if stray:
+                raise EvalError("E302", f"index `{stray[0]}` is not bound here", value_node.span)
+            if v.dims:
+                raise EvalError("E301", f"each element of `{name}` must be a number, but the "
+                                f"value has {v.describe_shape()}", value_node.span)
+            t = expand_axes(v, axes, dict(zip(axes, shape))).clone()
+            return Val(t, (), declared_dims, v.kind)
+        if v.axes:
+            raise EvalError("E302", f"index `{v.axes[0]}` is not bound here", value_node.span,
+                            "bind it in the declaration: `param c[s in S] = ...`")
+        if not dims:
+            return v
+        if v.shape == ():
+            return Val(v.t.expand(shape).clone(), (), declared_dims, v.kind)
+        if v.shape != shape:
+            code = "E602" if isinstance(value_node, ir.Call) and value_node.function == "load" \
+                else "E301"
+            declared = ", ".join(s.name if s is not None else str(n) for _, s, n in dims)
+            raise EvalError(code, f"{what} `{name}` is declared [{declared}] = {list(shape)} "
+                            f"but its value has shape {list(v.shape)}", value_node.span)
+        for k, (d, declared_set) in enumerate(zip(v.dims, declared_dims)):
+            if d is not None and declared_set is not None and d is not declared_set:
+                raise EvalError("E303", f"dimension {k + 1} of `{name}` is declared over "
+                                f"{declared_set.describe()} but the value is over {d.describe()}",
+                                value_node.span)
+        dims_out = tuple(ds if ds is not None else d for d, ds in zip(v.dims, declared_dims))
+        return Val(v.t, (), dims_out, v.kind)
+
+    def _param(self, decl: ir.ParamDecl) -> None:
+        value_node = self.overrides.get(decl.name, decl.value)
+        dims = self._dims(decl.dims)
+        if decl.name in self.overrides:
+            original = self._declared_value(decl.name, dims, decl.value, decl.random)
+            try:
+                v = self._declared_value(decl.name, dims, value_node, False)
+            except EvalError as err:
+                raise EvalError(err.code, f"-D {decl.name}: {err.message}", decl.name_span,
+                                err.hint) from None
+            if v.shape != original.shape or (original.kind == "int" and v.kind != "int"):
+                kind = "an integer" if original.kind == "int" else "a number"
+                shape = f" of shape {list(original.shape)}" if original.shape else ""
+                raise EvalError("E305", f"-D {decl.name}: expected {kind}{shape}, got "
+                                f"{v.describe_shape()} of kind {v.kind}", decl.name_span,
+                                f"`{decl.name}` is declared here")
+        else:
+            v = self._declared_value(decl.name, dims, value_node, decl.random)
+        if not bool(torch.isfinite(v.t).all()) and not _is_infinity_literal(value_node):
+            raise EvalError("E305", f"param `{decl.name}` is not finite (NaN or infinity)",
+                            value_node.span)
+        self.names[decl.name] = v
+
+    def _var(self, decl: ir.VarDecl) -> None:
+        dims = self._dims(decl.dims)
+        shape = tuple(n for _, _, n in dims)
+        if decl.value is None:
+            x0 = Val(torch.zeros(shape, dtype=DTYPE), (), tuple(s for _, s, _ in dims))
+        else:
+            x0 = self._declared_value(decl.name, dims, decl.value, decl.random, what="var")
+        if not x0.dims and dims:
+            x0 = Val(x0.t.expand(shape).clone(), (), tuple(s for _, s, _ in dims))
+        bounds = []
+        for node in (decl.lower, decl.upper):
+            if node is None:
+                bounds.append(None)
+                continue
+            b = evaluate_val(node, self._scope())
+            if b.axes or (b.shape and b.shape != x0.shape):
+                raise EvalError("E301", f"a bound must be a number or have the variable's shape "
+                                f"{list(x0.shape)}, got {b.describe_shape()}", node.span)
+            bounds.append(to_real(b).expand(x0.shape).clone())
+        lower, upper = bounds
+        if lower is not None and upper is not None and bool((lower > upper).any()):
+            k = int(torch.nonzero((lower > upper).reshape(-1))[0])
+            where = f"{decl.name}[{', '.join(map(str, np.unravel_index(k, x0.shape)))}]" \
+                if x0.shape else decl.name
+            raise EvalError("E701", f"the lower bound {float(lower.reshape(-1)[k]):g} is above "
+                            f"the upper bound {float(upper.reshape(-1)[k]):g} for {where}",
+                            decl.lower.span, "write bounds as `in [lower, upper]`")
+        t = to_real(x0).clone()
+        if not bool(torch.isfinite(t).all()):
+            raise EvalError("E305", f"the initial value of `{decl.name}` is not finite",
+                            decl.value.span if decl.value is not None else decl.span)
+        if lower is not None or upper is not None:
+            t = torch.clamp(t, min=lower, max=upper)
+        self.var = VarInfo(decl.name, decl, x0.dims, t, lower, upper)
+        self.names[decl.name] = VarRef(decl.name, x0.dims)
+
+    def _let(self, decl: ir.LetDecl) -> None:
+        let = LetDef(decl, tuple(self._dims(decl.dims)))
+        self.names[decl.name] = let
+        if "policy" in ir.objective_features(decl.value) or any(
+            f in ir.objective_features(decl.value) for f in ir.POLICY_FUNCTIONALS
+            + ir.TRAJECTORY_FUNCTIONALS
+        ):
+            return  # checked where the upper objective uses it
+        x = self.var.x0 if self.var is not None else None
+        evaluate_val(ir.Name(decl.name_span, decl.name), self._scope(x))
+
+    # ---------------------------------------------------------------- MDPs
+    def _options(self, decl: ir.MdpDecl, allowed: tuple[str, ...]) -> dict[str, ir.Keyword]:
+        if decl.args:
+            raise EvalError("E404", f"options of `{decl.kind}` are given by name",
+                            decl.args[0].span, f"for example {decl.kind}({allowed[0]} = ...)")
+        given = {}
+        for kw in decl.keywords:
+            if kw.name not in allowed:
+                raise EvalError("E404", f"`{decl.kind}` has no option `{kw.name}`", kw.span,
+                                did_you_mean(kw.name, allowed)
+                                or "its options are " + ", ".join(allowed))
+            given[kw.name] = kw
+        return given
+
+    def _number(self, kw: ir.Keyword | None, default: float | None, what: str,
+                decl_span: ir.Span) -> float:
+        if kw is None:
+            if default is None:
+                raise EvalError("E404", f"missing option `{what}`", decl_span,
+                                f"add `{what} = ...`")
+            return default
+        v = evaluate_val(kw.value, self._scope())
+        if v.axes or v.dims:
+            raise EvalError("E301", f"`{what}` must be a single number", kw.value.span)
+        return float(v.t)
+
+    def _discount(self, value: float, span: ir.Span) -> float:
+        if not (0.0 <= value < 1.0):
+            raise EvalError("E402", f"the discount must lie in [0, 1), got {value:g}", span,
+                            "a discount of 1 or more makes values infinite; try 0.95 or 0.99")
+        return value
+
+    def _mdp(self, decl: ir.MdpDecl) -> None:
+        if decl.block and decl.kind == "table":
+            self.names[decl.name] = self._table(decl)
+            return
+        if decl.kind == "table":
+            raise EvalError("E404", "a table MDP is written as a block: `table { ... }`",
+                            decl.kind_span)
+        if decl.block:
+            raise EvalError("E404", f"`{decl.kind} {{ ... }}` is not an MDP form", decl.kind_span,
+                            "use `table { ... }`, or a generator like gridworld(...)")
+        if decl.kind == "gridworld":
+            opts = self._options(decl, GRIDWORLD_OPTIONS)
+            if "map" not in opts:
+                raise EvalError("E404", "gridworld needs a `map`", decl.span,
+                                'for example map = """\n  S..\n  .#G\n"""')
+            map_node = opts["map"].value
+            if not isinstance(map_node, ir.String):
+                raise EvalError("E305", "the map must be a string", map_node.span)
+            span_text = self.source.line(map_node.span.line)[map_node.span.column - 1:]
+            slip = self._number(opts.get("slip"), 0.0, "slip", decl.span)
+            if not 0.0 <= slip <= 1.0:
+                raise EvalError("E405", f"slip is a probability in [0, 1], got {slip:g}",
+                                opts["slip"].value.span)
+            gamma = self._discount(self._number(opts.get("discount"), 0.95, "discount",
+                                                decl.span),
+                                   opts["discount"].value.span if "discount" in opts
+                                   else decl.span)
+            mdp = gridworld(
+                decl.name, map_node.value, map_node.span, span_text.startswith('"""'), slip,
+                gamma,
+                self._number(opts.get("goal_reward"), 1.0, "goal_reward", decl.span),
+                self._number(opts.get("step_reward"), 0.0, "step_reward", decl.span),
+                bool(self._number(opts.get("terminal_goal"), 1.0, "terminal_goal", decl.span)),
+            )
+        elif decl.kind == "random_mdp":
+            opts = self._options(decl, RANDOM_MDP_OPTIONS)
+            sizes = {}
+            for key in ("states", "actions"):
+                if key not in opts:
+                    raise EvalError("E404", f"random_mdp needs `{key} = ...`", decl.span)
+                sizes[key] = integer_value(opts[key].value, self._scope())
+                if not 1 <= sizes[key] <= 10_000_000:
+                    raise EvalError("E301", f"`{key}` must be between 1 and 10^7",
+                                    opts[key].value.span)
+            successors = None
+            if "successors" in opts:
+                successors = integer_value(opts["successors"].value, self._scope())
+                if not 1 <= successors <= sizes["states"]:
+                    raise EvalError("E301", f"`successors` must be between 1 and the number of "
+                                    f"states ({sizes['states']})", opts["successors"].value.span)
+                if sizes["states"] > 512 and successors > sizes["states"] // 4:
+                    raise EvalError("E301", "with more than 512 states, `successors` must be at "
+                                    "most a quarter of the states", opts["successors"].value.span)
+            elif sizes["states"] > 512:
+                raise EvalError("E404", "random_mdp with more than 512 states needs "
+                                "`successors = k`", decl.span,
+                                "the paper's draw of up to S - 1 successors per pair is dense")
+            gamma = self._discount(self._number(opts.get("discount"), 0.9, "discount", decl.span),
+                                   opts["discount"].value.span if "discount" in opts
+                                   else decl.span)
+            mdp = random_mdp(decl.name, sizes["states"], sizes["actions"], gamma, successors,
+                             seed_for(self.seed, decl.name))
+        else:
+            raise EvalError("E404", f"unknown MDP kind `{decl.kind}`", decl.kind_span,
+                            did_you_mean(decl.kind, ("gridworld", "random_mdp", "table"))
+                            or "use gridworld(...), random_mdp(...) or table { ... }")
+        self.names[decl.name] = mdp
+
+    def _table(self, decl: ir.MdpDecl) -> MdpValue:
+        items: dict[str, ir.Item] = {}
+        for item in decl.items:
+            if item.key not in TABLE_ITEMS:
+                raise EvalError("E404", f"a table MDP has no part `{item.key}`", item.key_span,
+                                did_you_mean(item.key, TABLE_ITEMS)
+                                or "its parts are " + ", ".join(TABLE_ITEMS))
+            if item.key in items:
+                raise EvalError("E202", f"`{item.key}` is given twice", item.key_span)
+            items[item.key] = item
+        for required in ("states", "actions", "transition"):
+            if required not in items:
+                raise EvalError("E404", f"the table MDP `{decl.name}` needs `{required} = ...`",
+                                decl.name_span)
+        scope = self._scope()
+        sets = {}
+        for key, short in (("states", "S"), ("actions", "A")):
+            item = items[key]
+            self._no_indices(item)
+            obj = evaluate(item.value, scope)
+            if isinstance(obj, Val) and not obj.dims and not obj.axes:
+                count = integer_value(item.value, scope)
+                if count < 1:
+                    raise EvalError("E301", f"`{key}` must be at least 1", item.value.span)
+                obj = SetValue(f"{decl.name}.{short}", count)
+            elif not isinstance(obj, SetValue):
+                raise EvalError("E305", f"`{key}` must be a set or a count", item.value.span)
+            elif isinstance(item.value, (ir.Range, ir.Members)):
+                obj = SetValue(f"{decl.name}.{short}", obj.size, obj.members, obj.start)
+            sets[short] = obj
+        S, A = sets["S"], sets["A"]
+        P = self._table_part(items["transition"], (S, A, S), ("s", "a", "t"))
+        terminal = torch.zeros(S.size, dtype=torch.bool)
+        if "terminal" in items:
+            terminal = self._terminal(items["terminal"], S)
+        self._check_rows(P, S, A, terminal, items["transition"])
+        transitions = Transitions.from_dense(P)
+        if "reward" in items:
+            item = items["reward"]
+            if len(item.indices) == 3 or (not item.indices and self._shape_of(item) == 3):
+                R3 = self._table_part(item, (S, A, S), ("s", "a", "t"))
+                reward = expected_over_next(transitions, R3)
+            else:
+                reward = self._table_part(item, (S, A), ("s", "a"))
+        else:
+            reward = torch.zeros(S.size, A.size, dtype=DTYPE)
+        if "initial" in items:
+            initial = self._table_part(items["initial"], (S,), ("s",))
+            if bool((initial < 0).any()) or abs(float(initial.sum()) - 1.0) > ROW_TOLERANCE:
+                raise EvalError("E401", f"the initial distribution must be non-negative and sum "
+                                f"to 1, but it sums to {float(initial.sum()):.6g}",
+                                items["initial"].value.span)
+        else:
+            initial = torch.full((S.size,), 1.0 / S.size, dtype=DTYPE)
+        gamma = 0.9
+        if "discount" in items:
+            self._no_indices(items["discount"])
+            gamma = self._discount(self._number(ir.Keyword(items["discount"].span, "discount",
+                                                           items["discount"].value),
+                                                None, "discount", decl.span),
+                                   items["discount"].value.span)
+        return MdpValue(decl.name, S, A, transitions, reward, initial, gamma, terminal)
+
+    def _shape_of(self, item: ir.Item) -> int:
+        return len(evaluate_val(item.value, self._scope()).dims)
+
+    def _no_indices(self, item: ir.Item) -> None:
+        if item.indices:
+            raise EvalError("E302", f"`{item.key}` takes no indices", item.indices[0].span)
+
+    def _table_part(self, item: ir.Item, sets: tuple[SetValue, ...],
+                    default_names: tuple[str, ...]) -> torch.Tensor:
+        if item.indices and len(item.indices) != len(sets):
+            raise EvalError("E302", f"`{item.key}` takes {len(sets)} indices, "
+                            f"got {len(item.indices)}", item.span,
+                            f"write {item.key}[{', '.join(default_names)}] = ...")
+        dims = [(n.id if item.indices else None, s, s.size)
+                for n, s in zip(item.indices or [None] * len(sets), sets)]
+        v = self._declared_value(item.key, dims, item.value, False, what="part")
+        if not bool(torch.isfinite(to_real(v)).all()):
+            raise EvalError("E305", f"`{item.key}` has NaN or infinite entries", item.value.span)
+        return to_real(v)
+
+    def _terminal(self, item: ir.Item, S: SetValue) -> torch.Tensor:
+        self._no_indices(item)
+        terminal = torch.zeros(S.size, dtype=torch.bool)
+        if isinstance(item.value, ir.Members):
+            for m in item.value.members:
+                pos = S.member_position(m.name)
+                if pos is None and m.name.isdigit():
+                    pos = int(m.name) - S.start
+                if pos is None or not 0 <= pos < S.size:
+                    raise EvalError("E201", f"`{m.name}` is not a state", m.span,
+                                    did_you_mean(m.name, S.members or ()))
+                terminal[pos] = True
+            return terminal
+        v = evaluate_val(item.value, self._scope())
+        if v.shape != (S.size,):
+            raise EvalError("E301", "`terminal` is a set of states `{s1, s2}` or a 0/1 vector "
+                            "over the states", item.value.span)
+        return to_real(v) != 0
+
+    def _check_rows(self, P: torch.Tensor, S: SetValue, A: SetValue, terminal: torch.Tensor,
+                    item: ir.Item) -> None:
+        negative = P < 0
+        if bool(negative.any()):
+            s, a, t = (int(i) for i in torch.nonzero(negative)[0])
+            raise EvalError("E401", f"transition probability P[{_label(S, s)}, {_label(A, a)}, "
+                            f"{_label(S, t)}] = {float(P[s, a, t]):.6g} is negative",
+                            item.value.span)
+        sums = P.sum(-1)
+        bad = (sums - 1.0).abs() > ROW_TOLERANCE
+        bad &= ~(terminal[:, None] & (sums == 0))  # a terminal state may have no successors
+        if bool(bad.any()):
+            count = int(bad.sum())
+            s, a = (int(i) for i in torch.nonzero(bad)[0])
+            more = f" (and {count - 1} more row{'s' if count > 2 else ''})" if count > 1 else ""
+            raise EvalError(
+                "E401",
+                f"transition row (s = {_label(S, s)}, a = {_label(A, a)}) is not a distribution: "
+                f"it sums to {float(sums[s, a]):.6g}, not 1{more}",
+                item.value.span,
+                "each row P[s, a, .] must be non-negative and sum to 1",
+            )
+
+    # ---------------------------------------------------------------- the bilevel parts
+    def _lower(self, decl: ir.LowerDecl) -> None:
+        mdp = self.names.get(decl.mdp)
+        if mdp is POISONED:
+            raise Cascade()
+        if not isinstance(mdp, MdpValue):
+            if mdp is None:
+                mdps = [k for k, v in self.names.items() if isinstance(v, MdpValue)]
+                raise EvalError("E201", f"undefined MDP `{decl.mdp}`", decl.mdp_span,
+                                did_you_mean(decl.mdp, mdps))
+            raise EvalError("E305", f"`{decl.mdp}` is not an MDP", decl.mdp_span)
+        items: dict[str, ir.Item] = {}
+        for item in decl.items:
+            if item.key not in LOWER_ITEMS:
+                raise EvalError("E404", f"a lower block has no part `{item.key}`", item.key_span,
+                                did_you_mean(item.key, LOWER_ITEMS)
+                                or "its parts are temperature and reward")
+            if item.key in items:
+                raise EvalError("E202", f"`{item.key}` is given twice", item.key_span)
+            items[item.key] = item
+        for required in LOWER_ITEMS:
+            if required not in items:
+                example = "temperature = 0.1" if required == "temperature" else \
+                    "reward[s, a] = ..."
+                raise EvalError("E404", f"the lower block needs `{required}`", decl.span,
+                                f"add `{example}`")
+        temp_item = items["temperature"]
+        self._no_indices(temp_item)
+        tau = self._number(ir.Keyword(temp_item.span, "temperature", temp_item.value), None,
+                           "temperature", decl.span)
+        if not tau > 0 or not math.isfinite(tau):
+            raise EvalError("E403", f"the temperature must be positive, got {tau:g}",
+                            temp_item.value.span,
+                            "it weighs the entropy bonus; try 0.1 or 0.01")
+        reward = items["reward"]
+        if len(reward.indices) not in (2, 3):
+            raise EvalError("E302", "the follower's reward is written reward[s, a] = ... or "
+                            "reward[s, a, t] = ... (t the next state)",
+                            reward.span)
+        names = tuple(n.id for n in reward.indices)
+        if len(set(names)) != len(names):
+            raise EvalError("E202", "the reward's indices must have different names",
+                            reward.span)
+        info = LowerInfo(decl, mdp, tau, names, reward.value)
+        x = self.var.x0 if self.var is not None else None
+        r = lower_reward(info, self._scope(x))
+        if not bool(torch.isfinite(r).all()):
+            raise EvalError("E305", "the follower's reward is NaN or infinite at the initial "
+                            "point", reward.value.span)
+        self.lower = info
+
+    def _upper(self, decl: ir.UpperDecl) -> None:
+        scope = self._scope(self.var.x0 if self.var is not None else None)
+        if self.lower is not None:
+            mdp = self.lower.mdp
+            scope.policy_ref = PolicyRef(mdp)
+            scope.policy = torch.full((mdp.states.size, mdp.actions.size),
+                                      1.0 / mdp.actions.size, dtype=DTYPE)
+        elif decl.features:
+            use = ir.first_policy_use(decl.objective)
+            raise EvalError("E501", "the objective uses the follower's policy, but no `lower` "
+                            "block defines a follower", use.span if use else decl.span,
+                            "add `lower M { temperature = ..., reward[s, a] = ... }`")
+        scope.exact_trajectories = False
+        v = evaluate_val(decl.objective, scope)
+        if v.axes or v.dims:
+            raise EvalError("E306", f"the objective must be a single number, but it is "
+                            f"{v.describe_shape()}" + (f" over index `{v.axes[0]}`" if v.axes
+                                                       else ""),
+                            decl.objective.span,
+                            "sum it, e.g. `sum {s in M.S} ...`, or take a norm")
+        self.upper = decl
+
+    def _solve(self, decl: ir.SolveDecl) -> None:
+        options: dict[str, Any] = {}
+        spans: dict[str, ir.Span] = {}
+        for kw in decl.options:
+            value = kw.value
+            if isinstance(value, ir.Name) and value.id not in self.names \
+                    and value.id not in CONSTANTS:
+                options[kw.name] = value.id  # a bare word: a choice such as `fixed_point`
+            elif isinstance(value, ir.String):
+                options[kw.name] = value.value
+            else:
+                v = evaluate_val(value, self._scope())
+                if v.axes or v.dims:
+                    raise EvalError("E803", f"option `{kw.name}` must be a single value",
+                                    value.span)
+                number = float(v.t)
+                options[kw.name] = int(number) if v.kind == "int" else number
+            spans[kw.name] = kw.span
+        if decl.device is not None and decl.device not in DEVICES:
+            raise EvalError("E305", f"unknown device `{decl.device}`", decl.device_span,
+                            did_you_mean(decl.device, DEVICES) or "use cpu, cuda or auto")
+        if self.catalog is not None:
+            for code, message, option, hint in self.catalog(decl.solver, options):
+                span = spans.get(option, decl.solver_span) if option else decl.solver_span
+                self.bag.error(code, message, span, hint)
+        self.solve = SolveInfo(decl, decl.solver, options, decl.device)
+
+    def _check(self, decl: ir.CheckDecl) -> None:
+        x = self.var.x0 if self.var is not None else None
+        scope = self._scope(x)
+        v = evaluate_val(decl.condition, scope)
+        self.checks += 1
+        if bool((v.t != 0).all()):
+            return
+        notes: list[str] = []
+        cond = decl.condition
+        if isinstance(cond, ir.Binary) and cond.op in ("==", "!=", "<", "<=", ">", ">="):
+            for side, node in (("left", cond.left), ("right", cond.right)):
+                notes.append(f"{side} side = {_show(evaluate_val(node, scope))}")
+        if v.t.numel() > 1:
+            failing = int((v.t == 0).sum())
+            notes.append(f"{failing} of {v.t.numel()} elements are false")
+        message = "check failed" + (f": {decl.message}" if decl.message else "")
+        raise EvalError("E702", message, decl.condition.span, None, tuple(notes))
+
+
+def _label(s: SetValue, position: int) -> str:
+    if s.members is not None:
+        return s.members[position]
+    return str(position + s.start)
+
+
+def _show(v: Val) -> str:
+    t = v.t.detach().cpu()
+    if t.numel() == 1:
+        return f"{float(t):.10g}"
+    flat = ", ".join(f"{float(e):.6g}" for e in t.reshape(-1)[:6])
+    return f"[{flat}{', ...' if t.numel() > 6 else ''}]"
+
+
+def _is_infinity_literal(node: ir.Expr) -> bool:
+    if isinstance(node, ir.Unary):
+        return _is_infinity_literal(node.operand)
+    return isinstance(node, ir.Name) and node.id == "inf"
+
+
+def _draw(f: str, args: list[Val], node: ir.Call, rng: np.random.Generator,
+          axes: tuple[str, ...], shape: tuple[int, ...], per_element: bool) -> Val:
+    expected = {"normal": 2, "uniform": 2, "bernoulli": 1}[f]
+    if len(args) != expected:
+        sig = {"normal": "normal(mean, std)", "uniform": "uniform(low, high)",
+               "bernoulli": "bernoulli(p)"}[f]
+        raise EvalError("E305", f"`{f}` takes {expected} argument{'s' if expected > 1 else ''}: "
+                        f"{sig}", node.span)
+    for a, arg_node in zip(args, node.args):
+        if a.dims or a.axes:
+            raise EvalError("E301", f"the arguments of `{f}` must be single numbers",
+                            arg_node.span)
+    p = [float(a.t) for a in args]
+    if f == "normal":
+        if p[1] < 0:
+            raise EvalError("E305", "a standard deviation cannot be negative", node.args[1].span)
+        sample = rng.normal(p[0], p[1], size=shape)
+    elif f == "uniform":
+        if p[1] < p[0]:
+            raise EvalError("E305", "uniform(low, high) needs low <= high", node.span)
+        sample = rng.uniform(p[0], p[1], size=shape)
+    else:
+        if not 0 <= p[0] <= 1:
+            raise EvalError("E305", "bernoulli(p) needs 0 <= p <= 1", node.args[0].span)
+        sample = (rng.random(size=shape) < p[0]).astype(np.float64)
+    t = torch.as_tensor(np.asarray(sample, dtype=np.float64))
+    if per_element:
+        return Val(t, axes, ())
+    return Val(t, (), (None,) * len(shape))
+
+
+def lower_reward(info: LowerInfo, scope: Scope) -> torch.Tensor:
+    """The follower's reward table r_x (S, A) in the scope's variable value (differentiable)."""
+    mdp = info.mdp
+    sets = (mdp.states, mdp.actions, mdp.states)[: len(info.indices)]
+    sizes = {}
+    for name, s in zip(info.indices, sets):
+        scope.indices[name] = Binding(name, torch.arange(s.size, device=scope.device), s)
+        sizes[name] = s.size
+    v = evaluate_val(info.reward, scope)
+    stray = [a for a in v.axes if a not in info.indices]
+    if stray:
+        raise EvalError("E302", f"index `{stray[0]}` is not bound here", info.reward.span)
+    if v.dims:
+        raise EvalError("E301", f"the reward must be one number for each (s, a), but here it "
+                        f"is {v.describe_shape()}", info.reward.span,
+                        "reduce it, e.g. with norm(...) or sum(...)")
+    if len(info.indices) == 2:
+        return expand_axes(v, info.indices, sizes).to(DTYPE)
+    s, a, t = info.indices
+    if set(v.axes) <= {t}:
+        next_value = expand_axes(v, (t,), sizes).to(DTYPE)
+        P = mdp.transitions.to(scope.device)
+        return P.expect(next_value)
+    full = expand_axes(v, info.indices, sizes).to(DTYPE)
+    return expected_over_next(mdp.transitions.to(scope.device), full)
+
+
+def elaborate(
+    program: ir.Program,
+    source: SourceFile,
+    base_dir: Path | None = None,
+    overrides: dict[str, ir.Expr] | None = None,
+    seed: int | None = None,
+    solver_catalog: SolverCatalog | None = None,
+) -> CheckedProgram:
+    return _Elaborator(program, source, base_dir, overrides or {}, seed, solver_catalog).run()
+
+

@@ -1,0 +1,851 @@
+"""The expression interpreter: IR expressions -> torch operations (so autograd gives gradients).
+
+Nothing here calls Python's eval/exec or imports anything a file names: a .brl file is data.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from . import ir, softmdp
+from .diagnostics import did_you_mean
+from .values import DTYPE, POISONED, Cascade, EvalError, MdpValue, PolicyRef, SetValue, Val
+
+ELEMENTWISE = {
+    "exp": torch.exp,
+    "log": torch.log,
+    "sqrt": torch.sqrt,
+    "abs": torch.abs,
+    "tanh": torch.tanh,
+    "sigmoid": torch.sigmoid,
+    "softplus": torch.nn.functional.softplus,
+    "sin": torch.sin,
+    "cos": torch.cos,
+}
+REDUCERS = ("sum", "prod", "max", "min", "mean", "logsumexp")
+DRAWS = ("normal", "uniform", "bernoulli")
+FUNCTIONALS = ir.POLICY_FUNCTIONALS + ir.TRAJECTORY_FUNCTIONALS
+OTHER_FUNCTIONS = ("norm", "norm1", "norm2", "dot", "quad", "card", "load")
+FUNCTIONS = tuple(ELEMENTWISE) + REDUCERS + DRAWS + FUNCTIONALS + OTHER_FUNCTIONS
+CONSTANTS = {"inf": math.inf, "true": 1.0, "false": 0.0}
+
+
+@dataclass
+class LetDef:
+    decl: ir.LetDecl
+    dims: tuple[tuple[str | None, SetValue | None, int], ...]  # (index name, set, size)
+
+
+@dataclass
+class VarRef:
+    name: str
+    dims: tuple[SetValue | None, ...]
+
+
+@dataclass
+class Binding:
+    axis: str
+    positions: torch.Tensor  # position of each element along `axis`
+    set: SetValue
+
+
+@dataclass
+class Scope:
+    """Everything a name can mean while one expression is evaluated."""
+
+    names: dict[str, object]
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    indices: dict[str, Binding] = field(default_factory=dict)
+    x: torch.Tensor | None = None
+    policy: torch.Tensor | None = None
+    policy_ref: PolicyRef | None = None
+    draw: Callable[[str, list[Val], ir.Call], Val] | None = None  # set inside `~` initialisers
+    load: Callable[[ir.Call, str], Val] | None = None
+    let_cache: dict[str, Val] = field(default_factory=dict)
+    exact_trajectories: bool = True  # False while checking: trajectory terms only type-check
+
+    def bind(self, name: str, binding: Binding) -> Scope:
+        inner = Scope(**{k: getattr(self, k) for k in self.__dataclass_fields__})
+        inner.indices = {**self.indices, name: binding}
+        inner.let_cache = {}
+        return inner
+
+
+# ------------------------------------------------------------------ helpers
+
+
+def scalar(value: float, device: torch.device, kind: str = "real") -> Val:
+    return Val(torch.tensor(value, dtype=DTYPE, device=device), kind=kind)
+
+
+def align(values: list[Val], span: ir.Span) -> tuple[tuple[str, ...], list[torch.Tensor], tuple]:
+    """Put values on a common set of named axes and broadcastable trailing dimensions."""
+    axes: list[str] = []
+    for v in values:
+        for a in v.axes:
+            if a not in axes:
+                axes.append(a)
+    ndim = max(len(v.dims) for v in values)
+    out_dims: list[SetValue | None] = [None] * ndim
+    out_sizes = [1] * ndim
+    for v in values:
+        for k, (d, n) in enumerate(zip(v.dims, v.shape)):
+            pos = ndim - len(v.dims) + k
+            if n != 1 and out_sizes[pos] not in (1, n):
+                raise EvalError("E301", f"shapes do not match: {_shapes(values)}", span,
+                                "arrays combined element by element need the same shape")
+            if d is not None and out_dims[pos] is not None and d is not out_dims[pos]:
+                raise EvalError(
+                    "E303",
+                    f"cannot combine an array over {d.describe()} with one over "
+                    f"{out_dims[pos].describe()}",
+                    span,
+                    "the dimensions are indexed by different sets",
+                )
+            out_sizes[pos] = max(out_sizes[pos], n)
+            if d is not None:
+                out_dims[pos] = d
+    tensors = []
+    for v in values:
+        t = v.t
+        perm = [v.axes.index(a) for a in axes if a in v.axes]
+        t = t.permute((*perm, *range(len(v.axes), t.dim()))) if perm != sorted(perm) else t
+        shape = []
+        it = iter(t.shape[: len(v.axes)])
+        present = [a for a in axes if a in v.axes]
+        sizes = dict(zip(present, it))
+        shape = [sizes.get(a, 1) for a in axes]
+        shape += [1] * (ndim - len(v.dims)) + list(v.shape)
+        tensors.append(t.reshape(shape))
+    return tuple(axes), tensors, tuple(out_dims)
+
+
+def _shapes(values: list[Val]) -> str:
+    return " and ".join(v.describe_shape() for v in values)
+
+
+def expand_axes(v: Val, axes: tuple[str, ...], sizes: dict[str, int]) -> torch.Tensor:
+    """The tensor of `v` with exactly `axes` as leading dims, in that order (broadcast)."""
+    present = [a for a in axes if a in v.axes]
+    perm = [v.axes.index(a) for a in present]
+    t = v.t.permute((*perm, *range(len(v.axes), v.t.dim()))) if perm != sorted(perm) else v.t
+    shape = []
+    it = iter(t.shape[: len(present)])
+    got = dict(zip(present, it))
+    for a in axes:
+        shape.append(got.get(a, 1))
+    t = t.reshape((*shape, *v.shape))
+    return t.expand((*[sizes[a] for a in axes], *v.shape))
+
+
+def to_real(v: Val) -> torch.Tensor:
+    return v.t if v.t.dtype == DTYPE else v.t.to(DTYPE)
+
+
+def need_val(obj: object, node: ir.Expr) -> Val:
+    if isinstance(obj, Val):
+        return obj
+    raise EvalError("E305", f"{_what(obj)} cannot be used as a number here", node.span,
+                    _value_hint(obj))
+
+
+def _what(obj: object) -> str:
+    if isinstance(obj, SetValue):
+        return f"the set `{obj.name}`"
+    if isinstance(obj, MdpValue):
+        return f"the MDP `{obj.name}`"
+    if isinstance(obj, PolicyRef):
+        return "`policy`"
+    if isinstance(obj, str):
+        return "a string"
+    return "this"
+
+
+def _value_hint(obj: object) -> str | None:
+    if isinstance(obj, SetValue):
+        return f"to count its elements write `card({obj.name})`"
+    if isinstance(obj, MdpValue):
+        return f"use one of its parts, such as `{obj.name}.P` or `{obj.name}.R`"
+    return None
+
+
+# ------------------------------------------------------------------ evaluation
+
+
+def evaluate(node: ir.Expr, scope: Scope) -> object:
+    method = _DISPATCH.get(type(node))
+    if method is None:  # pragma: no cover - every IR expression type is dispatched
+        raise EvalError("E100", "unsupported expression", getattr(node, "span", None))
+    return method(node, scope)
+
+
+def evaluate_val(node: ir.Expr, scope: Scope) -> Val:
+    return need_val(evaluate(node, scope), node)
+
+
+def _number(node: ir.Number, scope: Scope) -> Val:
+    return scalar(node.value, scope.device, "int" if node.is_integer else "real")
+
+
+def _string(node: ir.String, scope: Scope) -> str:
+    return node.value
+
+
+def _name(node: ir.Name, scope: Scope) -> object:
+    binding = scope.indices.get(node.id)
+    if binding is not None:
+        values = binding.positions.to(DTYPE) + binding.set.start
+        return Val(values, (binding.axis,), (), "int", binding.set)
+    if node.id == "policy":
+        if scope.policy_ref is None:
+            raise EvalError("E501", "`policy` is only defined in the upper objective", node.span,
+                            "the follower's policy exists once a `lower` block solves an MDP")
+        if scope.policy is None:  # checking without a lower level
+            raise EvalError("E501", "`policy` is used but no `lower` block defines a follower",
+                            node.span, "add `lower M { temperature = ..., reward[s, a] = ... }`")
+        return Val(scope.policy, (), (scope.policy_ref.mdp.states, scope.policy_ref.mdp.actions))
+    if node.id in scope.names:
+        obj = scope.names[node.id]
+        if obj is POISONED:
+            raise Cascade()
+        if isinstance(obj, VarRef):
+            if scope.x is None:
+                raise EvalError("E305", f"the variable `{node.id}` has no value here", node.span,
+                                "a `param` is a constant; use `let` for expressions of variables")
+            return Val(scope.x, (), obj.dims)
+        if isinstance(obj, LetDef):
+            return _let(node, obj, scope)
+        if isinstance(obj, float):
+            return scalar(obj, scope.device)
+        if isinstance(obj, Val) and obj.t.device != scope.device:
+            return Val(obj.t.to(scope.device), obj.axes, obj.dims, obj.kind)
+        return obj
+    if node.id in CONSTANTS:
+        return scalar(CONSTANTS[node.id], scope.device)
+    member = _member(node.id, scope)
+    if member is not None:
+        return member
+    known = list(scope.names) + list(scope.indices) + list(CONSTANTS)
+    if node.id in FUNCTIONS:
+        raise EvalError("E305", f"`{node.id}` is a function: call it as `{node.id}(...)`",
+                        node.span)
+    raise EvalError("E201", f"undefined name `{node.id}`", node.span, did_you_mean(node.id, known))
+
+
+def _member(name: str, scope: Scope) -> Val | None:
+    """A bare set member (`left`) means its position, when every set that has it agrees."""
+    found: set[int] = set()
+    for obj in scope.names.values():
+        sets = [obj] if isinstance(obj, SetValue) else []
+        if isinstance(obj, MdpValue):
+            sets = [obj.states, obj.actions]
+        for s in sets:
+            pos = s.member_position(name)
+            if pos is not None:
+                found.add(pos)
+    if len(found) == 1:
+        return scalar(float(found.pop()), scope.device, "int")
+    return None
+
+
+def _let(node: ir.Name, let: LetDef, scope: Scope) -> Val:
+    cached = scope.let_cache.get(node.id)
+    if cached is not None:
+        return cached
+    inner = Scope(**{k: getattr(scope, k) for k in scope.__dataclass_fields__})
+    inner.indices = {}
+    inner.let_cache = {}
+    names: list[str] = []
+    for i, (index, set_value, size) in enumerate(let.dims):
+        axis = index or f"#{node.id}{i}"
+        names.append(axis)
+        inner.indices[axis] = Binding(
+            axis,
+            torch.arange(size, device=scope.device),
+            set_value or SetValue(f"{size}", size),
+        )
+    v = evaluate_val(let.decl.value, inner)
+    if let.dims:
+        v = _to_trailing(v, tuple(names), let, node)
+    scope.let_cache[node.id] = v
+    return v
+
+
+def _to_trailing(v: Val, names: tuple[str, ...], let: LetDef, node: ir.Expr) -> Val:
+    sizes = {n: size for n, (_, _, size) in zip(names, let.dims)}
+    extra = [a for a in v.axes if a not in names]
+    if extra:
+        raise EvalError("E302", f"`{extra[0]}` is not one of this definition's indices",
+                        let.decl.value.span)
+    t = expand_axes(v, names, sizes)
+    dims = tuple(s for _, s, _ in let.dims) + v.dims
+    return Val(t, (), dims, v.kind)
+
+
+def _attribute(node: ir.Attribute, scope: Scope) -> object:
+    base = evaluate(node.base, scope)
+    if isinstance(base, MdpValue):
+        return mdp_attribute(base, node.attr, node, scope.device)
+    if isinstance(base, SetValue):
+        pos = base.member_position(node.attr)
+        if pos is None:
+            raise EvalError("E201", f"the set `{base.name}` has no member `{node.attr}`",
+                            node.span, did_you_mean(node.attr, base.members or ()))
+        return scalar(float(pos), scope.device, "int")
+    raise EvalError("E305", f"{_what(base)} has no attributes", node.span)
+
+
+MDP_ATTRIBUTES = ("S", "A", "P", "R", "initial", "discount", "terminal")
+
+
+def mdp_attribute(mdp: MdpValue, attr: str, node: ir.Expr, device: torch.device) -> object:
+    if attr == "S":
+        return mdp.states
+    if attr == "A":
+        return mdp.actions
+    if attr == "P":
+        return Val(mdp.dense_transitions(node.span).to(device), (), (mdp.states, mdp.actions,
+                                                                    mdp.states))
+    if attr == "R":
+        return Val(mdp.reward.to(device), (), (mdp.states, mdp.actions))
+    if attr == "initial":
+        return Val(mdp.initial.to(device), (), (mdp.states,))
+    if attr == "discount":
+        return scalar(mdp.discount, device)
+    if attr == "terminal":
+        return Val(mdp.terminal.to(device=device, dtype=DTYPE), (), (mdp.states,))
+    if attr in mdp.extras:
+        v = mdp.extras[attr]
+        return Val(v.t.to(device), v.axes, v.dims, v.kind)
+    known = list(MDP_ATTRIBUTES) + list(mdp.extras)
+    raise EvalError("E201", f"the MDP `{mdp.name}` has no part `{attr}`", node.span,
+                    did_you_mean(attr, known) or "its parts are " + ", ".join(known))
+
+
+def _index(node: ir.Index, scope: Scope) -> Val:
+    base = evaluate(node.base, scope)
+    if isinstance(base, PolicyRef):  # pragma: no cover - policy evaluates to a Val
+        base = _name(ir.Name(node.span, "policy"), scope)
+    base = need_val(base, node.base)
+    if len(node.indices) > len(base.dims):
+        raise EvalError(
+            "E302",
+            f"too many indices: {_describe(node.base)} has {len(base.dims)} "
+            f"dimension{'s' if len(base.dims) != 1 else ''} but {len(node.indices)} "
+            f"indices are given",
+            node.span,
+            f"it is {base.describe_shape()}",
+        )
+    result = base
+    for k, index_node in enumerate(node.indices):
+        result = _index_one(result, index_node, scope, k, node)
+    return result
+
+
+def _describe(node: ir.Expr) -> str:
+    if isinstance(node, ir.Name):
+        return f"`{node.id}`"
+    if isinstance(node, ir.Attribute):
+        return f"`{_source_name(node)}`"
+    return "this value"
+
+
+def _source_name(node: ir.Expr) -> str:
+    if isinstance(node, ir.Name):
+        return node.id
+    if isinstance(node, ir.Attribute):
+        return f"{_source_name(node.base)}.{node.attr}"
+    return "..."
+
+
+def _index_one(base: Val, index_node: ir.Expr, scope: Scope, k: int, whole: ir.Index) -> Val:
+    """Index the first remaining trailing dimension of `base` (position k in the source)."""
+    dim_set = base.dims[0]
+    size = base.shape[0]
+    idx = evaluate_val(index_node, scope)
+    if idx.dims:
+        raise EvalError("E301", f"an index must be a single number, not {idx.describe_shape()}",
+                        index_node.span)
+    if idx.index_set is not None:
+        iset = idx.index_set
+        if dim_set is not None and iset is not dim_set:
+            raise EvalError(
+                "E303",
+                f"index `{_source_name(index_node)}` ranges over {iset.describe()} but dimension "
+                f"{k + 1} of {_describe(whole.base)} is indexed by {dim_set.describe()}",
+                index_node.span,
+                f"use an index that ranges over `{dim_set.name}`",
+            )
+        if dim_set is None and iset.size != size:
+            raise EvalError(
+                "E303",
+                f"index `{_source_name(index_node)}` ranges over {iset.describe()} but dimension "
+                f"{k + 1} of {_describe(whole.base)} has {size} elements",
+                index_node.span,
+            )
+        binding = scope.indices[_source_name(index_node)]
+        positions = binding.positions
+        axis = binding.axis
+        if axis not in base.axes and bool(
+            positions.numel() == size
+        ) and _is_arange(positions):
+            # Fast path: the first trailing dimension simply becomes a named axis (no copy).
+            return Val(base.t, base.axes + (axis,), base.dims[1:], base.kind)
+        pos_val = Val(positions, (axis,), (), "int")
+    else:
+        if idx.kind == "real" and not _integral(idx.t):
+            raise EvalError("E305", "an index must be an integer", index_node.span)
+        start = dim_set.start if dim_set is not None else 0
+        pos_t = torch.round(to_real(idx)).to(torch.int64) - start
+        if pos_t.numel() and (int(pos_t.min()) < 0 or int(pos_t.max()) >= size):
+            bad = int(pos_t.min()) if int(pos_t.min()) < 0 else int(pos_t.max())
+            lo, hi = start, start + size - 1
+            raise EvalError(
+                "E304",
+                f"index {bad + start} is out of range for dimension {k + 1} of "
+                f"{_describe(whole.base)}, which runs from {lo} to {hi}",
+                index_node.span,
+            )
+        pos_val = Val(pos_t, idx.axes, (), "int")
+    return _gather(base, pos_val)
+
+
+def _is_arange(t: torch.Tensor) -> bool:
+    return bool(torch.equal(t, torch.arange(t.numel(), device=t.device)))
+
+
+def _integral(t: torch.Tensor) -> bool:
+    return bool(torch.all(t == torch.round(t)))
+
+
+def _gather(base: Val, pos: Val) -> Val:
+    """base[..., pos, ...] on the first trailing dim, broadcasting named axes."""
+    axes = list(base.axes)
+    for a in pos.axes:
+        if a not in axes:
+            axes.append(a)
+    sizes: dict[str, int] = {}
+    for v in (base, pos):
+        for i, a in enumerate(v.axes):
+            sizes[a] = v.t.shape[i]
+    b = expand_axes(base, tuple(axes), sizes)
+    p = expand_axes(Val(pos.t, pos.axes), tuple(axes), sizes)
+    rest = base.shape[1:]
+    p = p.reshape((*p.shape, *([1] * (len(rest) + 1)))).expand((*p.shape, 1, *rest))
+    out = torch.gather(b, len(axes), p).squeeze(len(axes))
+    return Val(out, tuple(axes), base.dims[1:], base.kind)
+
+
+def _unary(node: ir.Unary, scope: Scope) -> Val:
+    v = evaluate_val(node.operand, scope)
+    if node.op == "-":
+        return Val(-to_real(v) if v.kind == "bool" else -v.t, v.axes, v.dims,
+                   "real" if v.kind == "bool" else v.kind)
+    if node.op == "+":
+        return Val(v.t, v.axes, v.dims, v.kind)
+    return Val((v.t == 0).to(DTYPE), v.axes, v.dims, "bool")
+
+
+_ARITH = {"+": torch.add, "-": torch.sub, "*": torch.mul, "/": torch.div, "^": torch.pow}
+_COMPARE = {
+    "==": torch.eq, "!=": torch.ne, "<": torch.lt, "<=": torch.le, ">": torch.gt, ">=": torch.ge,
+}
+
+
+def _binary(node: ir.Binary, scope: Scope) -> Val:
+    left = evaluate_val(node.left, scope)
+    right = evaluate_val(node.right, scope)
+    axes, (a, b), dims = align([left, right], node.span)
+    a, b = a.to(DTYPE), b.to(DTYPE)
+    if node.op in _ARITH:
+        kind = "int" if left.kind == right.kind == "int" and node.op in "+-*" else "real"
+        if node.op == "^" and left.kind == "int" and right.kind == "int":
+            kind = "int"
+        return Val(_ARITH[node.op](a, b), axes, dims, kind)
+    if node.op in _COMPARE:
+        return Val(_COMPARE[node.op](a, b).to(DTYPE), axes, dims, "bool")
+    if node.op == "and":
+        return Val(((a != 0) & (b != 0)).to(DTYPE), axes, dims, "bool")
+    return Val(((a != 0) | (b != 0)).to(DTYPE), axes, dims, "bool")
+
+
+def _conditional(node: ir.Conditional, scope: Scope) -> Val:
+    c = evaluate_val(node.condition, scope)
+    a = evaluate_val(node.then, scope)
+    b = evaluate_val(node.otherwise, scope)
+    axes, (tc, ta, tb), dims = align([c, a, b], node.span)
+    kind = a.kind if a.kind == b.kind else "real"
+    return Val(torch.where(tc != 0, ta.to(DTYPE), tb.to(DTYPE)), axes, dims, kind)
+
+
+def _array(node: ir.ArrayLiteral, scope: Scope) -> Val:
+    items = [evaluate_val(item, scope) for item in node.items]
+    shapes = {v.shape for v in items}
+    if len(shapes) > 1:
+        raise EvalError("E301", "the items of an array literal must all have the same shape",
+                        node.span, "found " + _shapes(items))
+    axes, tensors, dims = align(items, node.span)
+    n_axes = len(axes)
+    sizes = torch.broadcast_shapes(*[t.shape for t in tensors])
+    stacked = torch.stack([t.to(DTYPE).expand(sizes) for t in tensors], dim=n_axes)
+    kind = "int" if all(v.kind == "int" for v in items) else "real"
+    return Val(stacked, axes, (None,) + dims, kind)
+
+
+def set_of(node: ir.Expr, scope: Scope) -> SetValue:
+    obj = evaluate(node, scope)
+    if isinstance(obj, SetValue):
+        return obj
+    raise EvalError("E305", f"expected a set here, but {_what(obj)} is not a set", node.span,
+                    "write a set name such as `S` or `maze.S`, a range `0..9`, or `{a, b}`")
+
+
+def _range(node: ir.Range, scope: Scope) -> SetValue:
+    start = _integer(node.start, scope)
+    stop = _integer(node.stop, scope)
+    if stop < start - 1:
+        raise EvalError("E301", f"the range {start}..{stop} runs backwards", node.span)
+    if stop - start + 1 > 50_000_000:
+        raise EvalError("E301", f"the range {start}..{stop} is too large", node.span)
+    return SetValue(f"{start}..{stop}", stop - start + 1, None, start)
+
+
+def integer_value(node: ir.Expr, scope: Scope) -> int:
+    return _integer(node, scope)
+
+
+def _integer(node: ir.Expr, scope: Scope) -> int:
+    v = evaluate_val(node, scope)
+    if v.axes or v.dims:
+        raise EvalError("E301", f"expected one integer, not {v.describe_shape()}", node.span)
+    value = float(v.t)
+    if not math.isfinite(value) or value != round(value):
+        raise EvalError("E305", f"expected an integer, got {value:g}", node.span)
+    if abs(value) > 2**53:
+        raise EvalError("E901", "this integer is too large", node.span)
+    return int(value)
+
+
+def _members(node: ir.Members, scope: Scope) -> SetValue:
+    names = [m.name for m in node.members]
+    for i, m in enumerate(node.members):
+        if m.name in names[:i]:
+            raise EvalError("E202", f"member `{m.name}` is listed twice", m.span)
+    return SetValue("{" + ", ".join(names) + "}", len(names), tuple(names), 0)
+
+
+def _reduction(node: ir.Reduction, scope: Scope) -> Val:
+    inner = scope
+    names: list[str] = []
+    for binder in node.binders:
+        domain = set_of(binder.domain, inner)
+        if binder.name in inner.indices or binder.name in names:
+            raise EvalError("E202", f"index `{binder.name}` is already bound here", binder.span,
+                            "use a different index name")
+        inner = inner.bind(
+            binder.name,
+            Binding(binder.name, torch.arange(domain.size, device=scope.device), domain),
+        )
+        names.append(binder.name)
+    body = evaluate_val(node.body, inner)
+    sizes = {n: inner.indices[n].set.size for n in names}
+    for i, a in enumerate(body.axes):
+        sizes.setdefault(a, body.t.shape[i])
+    keep = tuple(a for a in body.axes if a not in names)
+    axes = keep + tuple(names)
+    t = expand_axes(body, axes, sizes).to(DTYPE)
+    mask = None
+    if node.where is not None:
+        cond = evaluate_val(node.where, inner)
+        if cond.dims:
+            raise EvalError("E301", "a filter must be one true/false value per element",
+                            node.where.span)
+        mask = expand_axes(cond, axes, {**sizes, **dict(zip(cond.axes, cond.t.shape))}) != 0
+        mask = mask.reshape((*mask.shape, *([1] * len(body.shape))))
+    red = tuple(range(len(keep), len(axes)))
+    op = node.op
+    if mask is not None:
+        fill = {"sum": 0.0, "mean": 0.0, "prod": 1.0, "max": -math.inf, "min": math.inf,
+                "logsumexp": -math.inf}[op]
+        t = torch.where(mask, t, torch.tensor(fill, dtype=DTYPE, device=t.device))
+    if op == "sum":
+        out = t.sum(dim=red)
+    elif op == "mean":
+        count = mask.sum(dim=red).to(DTYPE) if mask is not None else float(np.prod(
+            [sizes[n] for n in names]))
+        out = t.sum(dim=red) / count
+    elif op == "prod":
+        out = t.flatten(len(keep), len(axes) - 1).prod(dim=len(keep))
+    elif op == "max":
+        out = t.flatten(len(keep), len(axes) - 1).amax(dim=len(keep))
+    elif op == "min":
+        out = t.flatten(len(keep), len(axes) - 1).amin(dim=len(keep))
+    else:
+        out = torch.logsumexp(t.flatten(len(keep), len(axes) - 1), dim=len(keep))
+    kind = body.kind if op in ("sum", "max", "min", "prod") and body.kind != "bool" else "real"
+    return Val(out, keep, body.dims, kind)
+
+
+# ------------------------------------------------------------------ calls
+
+
+def _call(node: ir.Call, scope: Scope) -> object:
+    f = node.function
+    if f in ELEMENTWISE:
+        (v,) = _args(node, scope, 1)
+        return Val(ELEMENTWISE[f](to_real(v)), v.axes, v.dims)
+    if f in REDUCERS:
+        return _reduce_call(node, scope)
+    if f in ("norm", "norm1", "norm2"):
+        (v,) = _args(node, scope, 1)
+        t = to_real(v)
+        red = tuple(range(len(v.axes), t.dim()))
+        if f == "norm":
+            # sqrt with a safe gradient at zero (the norm of a zero vector has subgradient 0)
+            sq = (t * t).sum(dim=red) if red else t * t
+            out = torch.where(sq > 0, torch.sqrt(torch.clamp(sq, min=1e-300)), sq * 0)
+        elif f == "norm1":
+            out = t.abs().sum(dim=red) if red else t.abs()
+        else:
+            out = (t * t).sum(dim=red) if red else t * t
+        return Val(out, v.axes, ())
+    if f == "dot":
+        u, v = _args(node, scope, 2)
+        if u.shape != v.shape:
+            raise EvalError("E301", "dot needs two arrays of the same shape, got "
+                            + _shapes([u, v]),
+                            node.span)
+        axes, (a, b), _ = align([u, v], node.span)
+        prod = a.to(DTYPE) * b.to(DTYPE)
+        red = tuple(range(len(axes), prod.dim()))
+        return Val(prod.sum(dim=red) if red else prod, axes, ())
+    if f == "quad":
+        x, m = _args(node, scope, 2)
+        if len(x.dims) != 1 or len(m.dims) != 2 or m.shape != (x.shape[0], x.shape[0]):
+            raise EvalError(
+                "E301",
+                f"quad(x, M) needs a vector x of size n and an n x n matrix M; got "
+                f"{_shapes([x, m])}",
+                node.span,
+            )
+        axes, (a, b), _ = align([Val(x.t, x.axes, (None,)), Val(m.t, m.axes, (None, None))],
+                                node.span)
+        a = a.to(DTYPE)
+        out = torch.einsum("...i,...ij,...j->...", a.squeeze(-2), b.to(DTYPE), a.squeeze(-2))
+        return Val(out, axes, ())
+    if f == "card":
+        if len(node.args) != 1 or node.keywords:
+            raise EvalError("E305", "card takes one set: card(S)", node.span)
+        s = set_of(node.args[0], scope)
+        return scalar(float(s.size), scope.device, "int")
+    if f in DRAWS:
+        if scope.draw is None:
+            raise EvalError("E305", f"`{f}(...)` draws random numbers, which only a `~` "
+                            "declaration may do", node.span,
+                            f"declare it as `param NAME[...] ~ {f}(...)`")
+        return scope.draw(f, [evaluate_val(a, scope) for a in node.args], node)
+    if f == "load":
+        if len(node.args) != 1 or not isinstance(node.args[0], ir.String) or node.keywords:
+            raise EvalError("E305", 'load takes one file name in quotes: load("costs.npy")',
+                            node.span)
+        if scope.load is None:
+            raise EvalError("E305", "data can only be loaded in a declaration", node.span)
+        return scope.load(node, node.args[0].value)
+    if f in FUNCTIONALS:
+        return _functional(node, scope)
+    raise EvalError("E201", f"unknown function `{f}`", node.span,
+                    did_you_mean(f, FUNCTIONS) or "see docs/language.md for the functions")
+
+
+def _args(node: ir.Call, scope: Scope, n: int) -> list[Val]:
+    if len(node.args) != n or node.keywords:
+        plural = "s" if n != 1 else ""
+        raise EvalError("E305", f"`{node.function}` takes {n} argument{plural}, "
+                        f"got {len(node.args) + len(node.keywords)}", node.span)
+    return [evaluate_val(a, scope) for a in node.args]
+
+
+def _reduce_call(node: ir.Call, scope: Scope) -> Val:
+    f = node.function
+    if f in ("max", "min") and len(node.args) == 2:
+        a, b = _args(node, scope, 2)
+        axes, (ta, tb), dims = align([a, b], node.span)
+        fn = torch.maximum if f == "max" else torch.minimum
+        return Val(fn(ta.to(DTYPE), tb.to(DTYPE)), axes, dims)
+    (v,) = _args(node, scope, 1)
+    t = to_real(v)
+    red = tuple(range(len(v.axes), t.dim()))
+    if not red:
+        return Val(t, v.axes, ())
+    flat = t.flatten(len(v.axes))
+    d = len(v.axes)
+    out = {
+        "sum": lambda: flat.sum(dim=d),
+        "prod": lambda: flat.prod(dim=d),
+        "max": lambda: flat.amax(dim=d),
+        "min": lambda: flat.amin(dim=d),
+        "mean": lambda: flat.mean(dim=d),
+        "logsumexp": lambda: torch.logsumexp(flat, dim=d),
+    }[f]()
+    return Val(out, v.axes, ())
+
+
+# ------------------------------------------------------------------ policy functionals
+
+
+def _functional(node: ir.Call, scope: Scope) -> Val:
+    f = node.function
+    if scope.policy_ref is None:
+        raise EvalError("E501", f"`{f}(...)` is a function of the follower's policy and can "
+                        "only appear in the `upper` objective", node.span)
+    kw = {k.name: k for k in node.keywords}
+    allowed = {
+        "value": ("reward",),
+        "occupancy": (),
+        "entropy": (),
+        "expected_return": ("horizon", "reward"),
+        "preference_loss": ("truth", "horizon", "pairs", "scale", "noise", "model"),
+    }[f]
+    for name, k in kw.items():
+        if name not in allowed:
+            raise EvalError("E305", f"`{f}` has no argument `{name}`", k.span,
+                            did_you_mean(name, allowed) or (
+                                "its arguments are " + ", ".join(allowed) if allowed else None))
+    if f == "entropy":
+        if len(node.args) != 1:
+            raise EvalError("E305", "entropy takes the policy: entropy(policy)", node.span)
+        pi = _policy_arg(node.args[0], scope)
+        mdp = scope.policy_ref.mdp
+        h = -(pi.t * torch.log(torch.clamp(pi.t, min=1e-300))).sum(-1)
+        return Val(h, (), (mdp.states,))
+    if len(node.args) < 2:
+        raise EvalError("E305", f"`{f}` takes an MDP and the policy: {f}(M, policy, ...)",
+                        node.span)
+    mdp = evaluate(node.args[0], scope)
+    if not isinstance(mdp, MdpValue):
+        raise EvalError("E305", f"the first argument of `{f}` must be an MDP", node.args[0].span)
+    pi = _policy_arg(node.args[1], scope)
+    follower = scope.policy_ref.mdp
+    if (mdp.states.size, mdp.actions.size) != (follower.states.size, follower.actions.size):
+        raise EvalError(
+            "E301",
+            f"the MDP `{mdp.name}` has {mdp.states.size} states and {mdp.actions.size} actions "
+            f"but the follower's policy is over {follower.states.size} x {follower.actions.size}",
+            node.args[0].span,
+        )
+    extra_args = node.args[2:]
+    if f == "value" and len(extra_args) == 1 and "reward" not in kw:
+        reward_node: ir.Expr | None = extra_args[0]
+    elif extra_args:
+        raise EvalError("E305", f"too many arguments for `{f}`", extra_args[0].span)
+    else:
+        reward_node = kw["reward"].value if "reward" in kw else None
+    P = mdp.dynamics().to(scope.device)
+    rho = mdp.initial.to(scope.device)
+    if f in ("value", "expected_return"):
+        r = (_table_arg(reward_node, mdp, scope) if reward_node is not None
+             else mdp.reward.to(scope.device))
+        if f == "value":
+            v = softmdp.policy_evaluation(P, r, pi.t, mdp.discount)
+            return Val((rho * v).sum())
+        horizon = _positive_int(kw.get("horizon"), node, scope, "horizon")
+        return Val(_finite_horizon_return(P, r, pi.t, rho, mdp.discount, horizon))
+    if f == "occupancy":
+        d = softmdp.occupancy(P, pi.t, rho, mdp.discount)
+        return Val(d, (), (mdp.states, mdp.actions))
+    # preference_loss: a sampled objective; its arguments are checked here.
+    if "truth" not in kw:
+        raise EvalError("E305", "preference_loss needs the true reward of the oracle: "
+                        "truth = ...", node.span)
+    _table_arg(kw["truth"].value, mdp, scope)
+    if "model" in kw:
+        _table_arg(kw["model"].value, mdp, scope)
+    _positive_int(kw.get("horizon"), node, scope, "horizon")
+    for name in ("pairs",):
+        if name in kw:
+            _positive_int(kw[name], node, scope, name)
+    for name in ("scale", "noise"):
+        if name in kw:
+            value = float(evaluate_val(kw[name].value, scope).t)
+            if value < 0 or (name == "noise" and value > 0.5):
+                raise EvalError("E305", f"`{name}` out of range: {value:g}", kw[name].span,
+                                "noise is a label-flip probability in [0, 0.5]; scale is >= 0")
+    if scope.exact_trajectories:
+        raise EvalError("E305", "preference_loss has no closed form; it is estimated from "
+                        "sampled trajectories by a model-free solver", node.span)
+    return scalar(0.0, scope.device)
+
+
+def _policy_arg(node: ir.Expr, scope: Scope) -> Val:
+    if not (isinstance(node, ir.Name) and node.id == "policy"):
+        raise EvalError("E305", "this argument must be the follower's `policy`", node.span)
+    return evaluate_val(node, scope)
+
+
+def _table_arg(node: ir.Expr, mdp: MdpValue, scope: Scope) -> torch.Tensor:
+    """A reward table over (S, A), or over (S, A, S) which is averaged over the next state."""
+    v = evaluate_val(node, scope)
+    if v.axes:
+        raise EvalError("E302", f"index `{v.axes[0]}` is not bound here", node.span,
+                        "pass a whole table, e.g. a `let r[s in M.S, a in M.A] = ...`")
+    S, A = mdp.states.size, mdp.actions.size
+    if v.shape == (S, A):
+        return to_real(v)
+    if v.shape == (S, A, S):
+        return expected_over_next(mdp.transitions.to(scope.device), to_real(v))
+    raise EvalError("E301", f"a reward table for `{mdp.name}` must have shape [{S}, {A}] "
+                    f"(or [{S}, {A}, {S}]), got {v.describe_shape()}", node.span)
+
+
+def expected_over_next(P: softmdp.Transitions, v: torch.Tensor) -> torch.Tensor:
+    """sum_t P[s, a, t] v[s, a, t] for a full (S, A, S) table v, on the nonzeros of P only."""
+    if not P.is_sparse:
+        return (P.dense() * v).sum(-1)
+    rows, cols, values = P.coo()
+    A = P.n_actions
+    terms = values * v[rows // A, rows % A, cols]
+    out = torch.zeros(P.n_states * A, dtype=v.dtype, device=v.device).index_add(0, rows, terms)
+    return out.reshape(P.n_states, A)
+
+
+def _positive_int(kw: ir.Keyword | None, node: ir.Call, scope: Scope, name: str) -> int:
+    if kw is None:
+        raise EvalError("E305", f"`{node.function}` needs `{name} = ...`", node.span)
+    value = _integer(kw.value, scope)
+    if value < 1:
+        raise EvalError("E305", f"`{name}` must be at least 1, got {value}", kw.value.span)
+    return value
+
+
+def _finite_horizon_return(P, r, pi, rho, gamma: float, horizon: int) -> torch.Tensor:
+    """E[sum_{t<H} gamma^t r(s_t, a_t)], s_0 ~ rho: H products with P_pi, differentiable."""
+    r_pi = (pi * r).sum(-1)
+    d = rho
+    total = torch.zeros((), dtype=r.dtype, device=r.device)
+    for t in range(horizon):
+        total = total + (gamma**t) * (d * r_pi).sum()
+        if t + 1 < horizon:
+            d = softmdp.policy_rmatvec(P, pi, d)
+    return total
+
+
+_DISPATCH: dict[type, Callable] = {
+    ir.Number: _number,
+    ir.String: _string,
+    ir.Name: _name,
+    ir.Attribute: _attribute,
+    ir.Index: _index,
+    ir.Call: _call,
+    ir.Unary: _unary,
+    ir.Binary: _binary,
+    ir.Conditional: _conditional,
+    ir.ArrayLiteral: _array,
+    ir.Range: _range,
+    ir.Members: _members,
+    ir.Reduction: _reduction,
+}

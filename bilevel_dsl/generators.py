@@ -1,0 +1,186 @@
+"""MDP generators: grid worlds from ASCII maps (on networkx), and the paper's random MDPs."""
+
+from __future__ import annotations
+
+import networkx as nx
+import numpy as np
+import torch
+
+from .instance import GridLayout
+from .ir import Span
+from .softmdp import Transitions
+from .values import DTYPE, EvalError, MdpValue, SetValue, Val
+
+# Densities below this, on MDPs with more than DENSE_LIMIT entries, are stored sparse.
+DENSE_LIMIT = 4_000_000
+GRID_ACTIONS = ("up", "down", "left", "right")
+GRID_MOVES = ((-1, 0), (1, 0), (0, -1), (0, 1))
+GRID_CELLS = {".": "free", "#": "wall", "S": "start", "G": "goal"}
+
+
+def _map_rows(text: str, span: Span, triple: bool) -> list[tuple[str, int, int]]:
+    """Non-blank map lines with the (line, column) of their first cell in the source file."""
+    rows = []
+    for i, raw in enumerate(text.split("\n")):
+        stripped = raw.strip()
+        if not stripped:
+            continue
+        lead = len(raw) - len(raw.lstrip())
+        if i == 0:
+            line, column = span.line, span.column + (3 if triple else 1) + lead
+        else:
+            line, column = span.line + i, lead + 1
+        rows.append((stripped, line, column))
+    return rows
+
+
+def gridworld(
+    name: str,
+    text: str,
+    span: Span,
+    triple_quoted: bool,
+    slip: float,
+    discount: float,
+    goal_reward: float,
+    step_reward: float,
+    terminal_goal: bool,
+) -> MdpValue:
+    rows = _map_rows(text, span, triple_quoted)
+    if not rows:
+        raise EvalError("E405", "the map is empty", span,
+                        'draw it with `.` free cells, `#` walls, `S` start and `G` goal')
+    width = len(rows[0][0])
+    starts, goals = [], []
+    cells: list[tuple[int, int]] = []
+    walls: list[tuple[int, int]] = []
+    for r, (row, line, column) in enumerate(rows):
+        if len(row) != width:
+            raise EvalError("E405", f"map row {r + 1} has {len(row)} cells but row 1 has {width}",
+                            Span(line, column, line, column + len(row)),
+                            "every row of the map must have the same width")
+        for c, ch in enumerate(row):
+            kind = GRID_CELLS.get(ch)
+            where = Span(line, column + c, line, column + c + 1)
+            if kind is None:
+                raise EvalError("E405", f"unknown map cell `{ch}`", where,
+                                "cells are `.` free, `#` wall, `S` start, `G` goal")
+            if kind == "wall":
+                walls.append((r, c))
+                continue
+            if kind == "start":
+                starts.append(((r, c), where))
+            if kind == "goal":
+                goals.append(((r, c), where))
+            cells.append((r, c))
+    for found, what in ((starts, "start `S`"), (goals, "goal `G`")):
+        if len(found) != 1:
+            where = found[1][1] if len(found) > 1 else span
+            raise EvalError("E405", f"the map needs exactly one {what}, found {len(found)}",
+                            where)
+    graph = nx.grid_2d_graph(len(rows), width)
+    graph.remove_nodes_from(walls)
+    start, goal = starts[0][0], goals[0][0]
+    if not nx.has_path(graph, start, goal):
+        raise EvalError("E405", "the goal cannot be reached from the start", goals[0][1],
+                        "open a path through the walls")
+    index = {cell: i for i, cell in enumerate(cells)}
+    S, A = len(cells), len(GRID_ACTIONS)
+    # next_state[s, d]: where moving in direction d from s lands (blocked moves stay put).
+    next_state = np.empty((S, A), dtype=np.int64)
+    for s, (r, c) in enumerate(cells):
+        for d, (dr, dc) in enumerate(GRID_MOVES):
+            target = (r + dr, c + dc)
+            next_state[s, d] = index[target] if graph.has_edge((r, c), target) else s
+    # Intended move with probability 1 - slip, each other direction with slip / 3.
+    probs = np.full((A, A), slip / (A - 1))
+    np.fill_diagonal(probs, 1.0 - slip)
+    rows_idx = np.repeat(np.arange(S * A), A)
+    cols_idx = next_state[:, None, :].repeat(A, axis=1).reshape(-1)
+    values = np.tile(probs.reshape(-1), S)
+    P = Transitions.from_coo(
+        torch.from_numpy(rows_idx), torch.from_numpy(cols_idx),
+        torch.from_numpy(values).to(DTYPE), S, A,
+    )
+    if S * A * S <= DENSE_LIMIT:
+        P = Transitions.from_dense(P.dense())
+    goal_index = index[goal]
+    at_goal = torch.zeros(S, dtype=DTYPE)
+    at_goal[goal_index] = 1.0
+    reward = goal_reward * P.expect(at_goal) + step_reward
+    terminal = torch.zeros(S, dtype=torch.bool)
+    if terminal_goal:
+        terminal[goal_index] = True
+        reward[goal_index] = 0.0
+    initial = torch.zeros(S, dtype=DTYPE)
+    initial[index[start]] = 1.0
+    states = SetValue(f"{name}.S", S)
+    actions = SetValue(f"{name}.A", A, GRID_ACTIONS)
+    coords = SetValue("coordinates", 2, ("row", "col"))
+    pos = torch.tensor(cells, dtype=DTYPE)
+    extras = {
+        "pos": Val(pos, (), (states, coords)),
+        "goal": Val(torch.tensor(float(goal_index), dtype=DTYPE), kind="int"),
+        "start": Val(torch.tensor(float(index[start]), dtype=DTYPE), kind="int"),
+        "goal_pos": Val(torch.tensor(goal, dtype=DTYPE), (), (coords,)),
+        "start_pos": Val(torch.tensor(start, dtype=DTYPE), (), (coords,)),
+    }
+    layout = GridLayout(len(rows), width, tuple(cells), tuple(walls), index[start], goal_index,
+                        GRID_ACTIONS, GRID_MOVES)
+    return MdpValue(name, states, actions, P, reward, initial, discount, terminal, extras, layout)
+
+
+def random_mdp(
+    name: str,
+    n_states: int,
+    n_actions: int,
+    discount: float,
+    successors: int | None,
+    rng: np.random.Generator,
+) -> MdpValue:
+    """The paper's synthetic generator (MATH.md): each (s, a) gets n successors drawn without
+    replacement, with Uniform(0, 1) weights normalised; n ~ Uniform{1..S-1} unless `successors`
+    fixes it."""
+    S, A = n_states, n_actions
+    rows_n = S * A
+    if successors is None:
+        counts = rng.integers(1, max(S - 1, 1) + 1, size=rows_n) if S > 1 else np.ones(rows_n,
+                                                                                   dtype=np.int64)
+    else:
+        counts = np.full(rows_n, successors, dtype=np.int64)
+    if S <= 512:
+        # Without replacement: the first n entries of a random permutation of the states.
+        order = np.argsort(rng.random((rows_n, S)), axis=1)
+        keep = np.arange(S)[None, :] < counts[:, None]
+        rows_idx = np.nonzero(keep)[0]
+        cols_idx = order[keep]
+    else:
+        k = int(counts.max())
+        cols = rng.integers(0, S, size=(rows_n, k))
+        # Redraw the (rare) duplicates within a row until every row's successors are distinct.
+        while True:
+            sorted_cols = np.sort(cols, axis=1)
+            dup_rows = np.nonzero((sorted_cols[:, 1:] == sorted_cols[:, :-1]).any(axis=1))[0]
+            if dup_rows.size == 0:
+                break
+            cols[dup_rows] = rng.integers(0, S, size=(dup_rows.size, k))
+        keep = np.arange(k)[None, :] < counts[:, None]
+        rows_idx = np.nonzero(keep)[0]
+        cols_idx = cols[keep]
+    weights = rng.random(rows_idx.size)
+    sums = np.bincount(rows_idx, weights=weights, minlength=rows_n)
+    values = weights / sums[rows_idx]
+    P = Transitions.from_coo(
+        torch.from_numpy(rows_idx.astype(np.int64)), torch.from_numpy(cols_idx.astype(np.int64)),
+        torch.from_numpy(values).to(DTYPE), S, A,
+    )
+    if S * A * S <= DENSE_LIMIT:
+        P = Transitions.from_dense(P.dense())
+    states = SetValue(f"{name}.S", S)
+    actions = SetValue(f"{name}.A", A)
+    return MdpValue(
+        name, states, actions, P,
+        reward=torch.zeros(S, A, dtype=DTYPE),
+        initial=torch.full((S,), 1.0 / S, dtype=DTYPE),
+        discount=discount,
+        terminal=torch.zeros(S, dtype=torch.bool),
+    )

@@ -1,0 +1,83 @@
+"""The lowered problem instance: what every tabular solver consumes.
+
+Solvers see only this object (tensors and differentiable callables), never the IR or Lark.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .softmdp import Transitions
+
+# Features an upper objective may use; solvers declare which of them they accept.
+POLICY_FUNCTIONAL = "policy_functional"
+TRAJECTORY = "trajectory"
+
+
+@dataclass(frozen=True)
+class GridLayout:
+    """Where each state of a grid world sits, for pictures of policies and goals."""
+
+    rows: int
+    cols: int
+    cells: tuple[tuple[int, int], ...]  # (row, col) of each state, in state order
+    walls: tuple[tuple[int, int], ...]
+    start: int
+    goal: int
+    action_names: tuple[str, ...]
+    action_moves: tuple[tuple[int, int], ...]  # (d_row, d_col) of each action
+
+
+@dataclass
+class TabularProblem:
+    """A bilevel problem over one tabular lower MDP, lowered onto a device.
+
+    ``objective(x, pi)`` is always to be *minimised*: a ``maximize`` objective is negated here and
+    ``sense`` records it, so solvers need no sign logic; reports multiply by ``sign``.
+    """
+
+    name: str
+    transitions: Transitions  # P of the lower MDP; rows into terminal states are sub-stochastic
+    discount: float
+    initial: torch.Tensor  # (S,) initial-state distribution
+    temperature: float
+    reward: Callable[[torch.Tensor], torch.Tensor]  # x -> r_x, shape (S, A), differentiable in x
+    objective: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x, pi) -> scalar
+    x0: torch.Tensor  # initial value of the decision variable (its declared shape)
+    var_name: str = "x"
+    sense: str = "minimize"
+    form: str = POLICY_FUNCTIONAL
+    features: frozenset[str] = frozenset()  # e.g. {"value", "occupancy", "expected_return"}
+    lower_bound: torch.Tensor | None = None  # broadcastable to x0.shape
+    upper_bound: torch.Tensor | None = None
+    solver: str | None = None  # from the file's `solve` statement
+    solver_options: dict[str, Any] = field(default_factory=dict)
+    seed: int = 0
+    grid: GridLayout | None = None
+
+    @property
+    def n_states(self) -> int:
+        return self.transitions.n_states
+
+    @property
+    def n_actions(self) -> int:
+        return self.transitions.n_actions
+
+    @property
+    def device(self) -> torch.device:
+        return self.x0.device
+
+    @property
+    def sign(self) -> float:
+        """Multiply a minimised objective by this to report it in the user's sense."""
+        return -1.0 if self.sense == "maximize" else 1.0
+
+    def project(self, x: torch.Tensor) -> torch.Tensor:
+        """Euclidean projection onto the variable's box bounds (identity without bounds)."""
+        if self.lower_bound is not None or self.upper_bound is not None:
+            x = torch.clamp(x, min=self.lower_bound, max=self.upper_bound)
+        return x

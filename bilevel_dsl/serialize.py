@@ -1,0 +1,151 @@
+"""The IR's JSON form: a lossless round trip (IR -> JSON -> IR) and a JSON Schema, both derived
+from the dataclass definitions in `ir.py`, so they cannot drift apart."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from typing import Any
+
+from . import ir
+
+_NODES: dict[str, type] = {
+    cls.__name__: cls
+    for cls in vars(ir).values()
+    if isinstance(cls, type) and dataclasses.is_dataclass(cls) and cls is not ir.Span
+}
+_HINTS = {name: typing.get_type_hints(cls, vars(ir)) for name, cls in _NODES.items()}
+
+
+class IRFormatError(ValueError):
+    """The JSON is not a brl IR document of a version this library reads."""
+
+
+def to_dict(node: Any) -> Any:
+    if isinstance(node, ir.Span):
+        return [node.line, node.column, node.end_line, node.end_column]
+    if dataclasses.is_dataclass(node):
+        out: dict[str, Any] = {"node": type(node).__name__}
+        for f in dataclasses.fields(node):
+            out[f.name] = to_dict(getattr(node, f.name))
+        return out
+    if isinstance(node, tuple):
+        return [to_dict(item) for item in node]
+    return node
+
+
+def to_json(program: ir.Program, indent: int | None = 2) -> str:
+    return json.dumps(to_dict(program), indent=indent, allow_nan=False)
+
+
+def from_json(text: str) -> ir.Program:
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise IRFormatError(f"not JSON: {exc}") from None
+    if not isinstance(data, dict) or data.get("node") != "Program":
+        raise IRFormatError("not a brl IR document (the top node must be a Program)")
+    if data.get("ir_version") != ir.IR_VERSION:
+        raise IRFormatError(
+            f"IR version {data.get('ir_version')!r} is not supported (this library reads "
+            f"version {ir.IR_VERSION})")
+    program = _build(data, ir.Program, "$")
+    assert isinstance(program, ir.Program)
+    return program
+
+
+def _build(data: Any, hint: Any, path: str) -> Any:
+    origin = typing.get_origin(hint)
+    if hint is ir.Span:
+        if not (isinstance(data, list) and len(data) == 4 and all(isinstance(v, int)
+                                                                   for v in data)):
+            raise IRFormatError(f"{path}: a span is [line, column, end_line, end_column]")
+        return ir.Span(*data)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(hint)
+        if data is None and type(None) in options:
+            return None
+        if isinstance(data, dict) and "node" in data:
+            cls = _NODES.get(data["node"])
+            if cls is None or cls not in options:
+                raise IRFormatError(f"{path}: unexpected node {data.get('node')!r}")
+            return _build(data, cls, path)
+        for option in options:
+            if option is not type(None):
+                return _build(data, option, path)
+    if origin is tuple:
+        (item_hint, _ellipsis) = typing.get_args(hint)
+        if not isinstance(data, list):
+            raise IRFormatError(f"{path}: expected a list")
+        return tuple(_build(item, item_hint, f"{path}[{i}]") for i, item in enumerate(data))
+    if isinstance(hint, type) and dataclasses.is_dataclass(hint):
+        if not isinstance(data, dict) or data.get("node") != hint.__name__:
+            raise IRFormatError(f"{path}: expected a {hint.__name__} node")
+        hints = _HINTS[hint.__name__]
+        kwargs = {}
+        for f in dataclasses.fields(hint):
+            if f.name not in data:
+                raise IRFormatError(f"{path}: {hint.__name__} lacks field {f.name!r}")
+            kwargs[f.name] = _build(data[f.name], hints[f.name], f"{path}.{f.name}")
+        return hint(**kwargs)
+    if hint is float:
+        if isinstance(data, bool) or not isinstance(data, (int, float)):
+            raise IRFormatError(f"{path}: expected a number")
+        return float(data)
+    if hint in (int, str, bool):
+        if type(data) is not hint:
+            raise IRFormatError(f"{path}: expected {hint.__name__}")
+        return data
+    raise IRFormatError(f"{path}: cannot read {hint!r}")  # pragma: no cover
+
+
+def json_schema() -> dict[str, Any]:
+    """A JSON Schema (draft 2020-12) for the IR's JSON form."""
+    defs: dict[str, Any] = {
+        "Span": {
+            "type": "array",
+            "items": {"type": "integer"},
+            "minItems": 4,
+            "maxItems": 4,
+            "description": "[line, column, end_line, end_column], 1-based, end exclusive",
+        }
+    }
+    for name, cls in _NODES.items():
+        props: dict[str, Any] = {"node": {"const": name}}
+        for f in dataclasses.fields(cls):
+            props[f.name] = _schema_of(_HINTS[name][f.name])
+        defs[name] = {
+            "type": "object",
+            "properties": props,
+            "required": ["node", *(f.name for f in dataclasses.fields(cls))],
+            "additionalProperties": False,
+        }
+        if cls.__doc__ and not cls.__doc__.startswith(name + "("):
+            defs[name]["description"] = " ".join(cls.__doc__.split())
+    defs["Program"]["properties"]["ir_version"] = {"const": ir.IR_VERSION}
+    return {
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "$id": f"https://brl.dev/schema/ir-v{ir.IR_VERSION}.json",
+        "title": f"brl IR, version {ir.IR_VERSION}",
+        "$ref": "#/$defs/Program",
+        "$defs": defs,
+    }
+
+
+def _schema_of(hint: Any) -> dict[str, Any]:
+    origin = typing.get_origin(hint)
+    if hint is ir.Span or (isinstance(hint, type) and hint.__name__ in _NODES):
+        return {"$ref": f"#/$defs/{hint.__name__}"}
+    if origin in (typing.Union, types.UnionType):
+        return {"anyOf": [_schema_of(option) for option in typing.get_args(hint)]}
+    if origin is tuple:
+        return {"type": "array", "items": _schema_of(typing.get_args(hint)[0])}
+    return {
+        float: {"type": "number"},
+        int: {"type": "integer"},
+        str: {"type": "string"},
+        bool: {"type": "boolean"},
+        type(None): {"type": "null"},
+    }[hint]

@@ -1,0 +1,528 @@
+"""The one soft-MDP kernel shared by the language's lowering and every solver.
+
+Transitions, soft Bellman operators and linear systems in ``(I - gamma P_pi)`` live here and
+nowhere else, so a fix or a speed-up reaches every solver at once. Everything runs on the device
+of its inputs with torch alone (no scipy, no numpy), and never assumes that rows of ``P`` sum to
+one: the lowering removes the probability mass that flows into terminal states.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+# Transitions.auto stores P sparse when at most this fraction of its entries is nonzero and it
+# has more than _SPARSE_MIN_ENTRIES entries, or whenever the dense table would exceed
+# _DENSE_MAX_BYTES. Below that size the dense matrix-vector product is as fast and simpler.
+SPARSE_DENSITY = 0.1
+_SPARSE_MIN_ENTRIES = 1 << 20
+_DENSE_MAX_BYTES = 1 << 30
+
+# solve_policy_system(method="auto") factorises a dense S x S matrix up to this many states
+# (a few tens of MB and well under a second); it also does so for sparse P up to
+# _DIRECT_MAX_STATES_SPARSE states, where densifying P_pi costs next to nothing.
+DIRECT_MAX_STATES = 2000
+_DIRECT_MAX_STATES_SPARSE = 500
+
+_GMRES_RESTART = 30
+
+
+class _CsrProduct(torch.autograd.Function):
+    """``M v`` for a constant CSR matrix; the backward is a product with the stored ``M^T``.
+
+    torch would otherwise transpose the CSR matrix on every backward pass.
+    """
+
+    @staticmethod
+    def forward(ctx, matrix: Tensor, matrix_t: Tensor, v: Tensor) -> Tensor:  # type: ignore[override]
+        ctx.matrix, ctx.matrix_t = matrix, matrix_t
+        return matrix @ v
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[None, None, Tensor]:  # type: ignore[override]
+        return None, None, _CsrProduct.apply(ctx.matrix_t, ctx.matrix, grad.contiguous())
+
+
+def _build_csr(rows: Tensor, cols: Tensor, values: Tensor, n_rows: int, n_cols: int) -> Tensor:
+    """CSR matrix from COO triplets with duplicates summed and explicit zeros dropped.
+
+    Indices are int32 whenever they fit: torch's CPU CSR product is about twice as fast then.
+    """
+    key, order = torch.sort(rows * n_cols + cols)
+    key, inverse = torch.unique_consecutive(key, return_inverse=True)
+    summed = torch.zeros(key.numel(), dtype=values.dtype, device=values.device)
+    summed.index_add_(0, inverse, values[order])
+    keep = summed != 0
+    key, summed = key[keep], summed[keep]
+    row = torch.div(key, n_cols, rounding_mode="floor")
+    crow = torch.zeros(n_rows + 1, dtype=torch.int64, device=values.device)
+    torch.cumsum(torch.bincount(row, minlength=n_rows), 0, out=crow[1:])
+    index_dtype = torch.int32 if max(n_rows, n_cols, key.numel()) < 2**31 - 1 else torch.int64
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+        return torch.sparse_csr_tensor(
+            crow.to(index_dtype),
+            (key - row * n_cols).to(index_dtype),
+            summed,
+            (n_rows, n_cols),
+            check_invariants=False,
+        )
+
+
+class Transitions:
+    """P of a tabular MDP: a dense ``(S, A, S)`` tensor, or CSR ``(S*A, S)`` plus its transpose.
+
+    Row ``s*A + a`` holds ``P(.|s, a)``. The transpose is stored too so that ``P^T`` products
+    (adjoints, occupancies, backward passes) are as fast as forward ones.
+    """
+
+    def __init__(
+        self,
+        n_states: int,
+        n_actions: int,
+        dense: Tensor | None = None,
+        csr: Tensor | None = None,
+        csr_t: Tensor | None = None,
+    ) -> None:
+        if (dense is None) == (csr is None) or (csr is None) != (csr_t is None):
+            raise ValueError("give either a dense tensor, or a CSR matrix and its transpose")
+        self.n_states = n_states
+        self.n_actions = n_actions
+        self._dense = dense
+        self._flat = None if dense is None else dense.view(n_states * n_actions, n_states)
+        self._csr = csr
+        self._csr_t = csr_t
+
+    # construction -------------------------------------------------------------------------
+
+    @staticmethod
+    def from_dense(P: Tensor) -> Transitions:
+        """Dense storage of an ``(S, A, S)`` tensor."""
+        if P.dim() != 3 or P.shape[0] != P.shape[2]:
+            raise ValueError(f"P must have shape (S, A, S), got {tuple(P.shape)}")
+        n_states, n_actions, _ = P.shape
+        return Transitions(n_states, n_actions, dense=P.contiguous())
+
+    @staticmethod
+    def from_coo(
+        rows: Tensor, cols: Tensor, values: Tensor, n_states: int, n_actions: int
+    ) -> Transitions:
+        """Sparse storage from triplets; ``rows`` index ``s*A + a``, duplicates are summed."""
+        rows, cols = rows.reshape(-1).long(), cols.reshape(-1).long()
+        values = values.reshape(-1)
+        if not rows.numel() == cols.numel() == values.numel():
+            raise ValueError("rows, cols and values must have the same length")
+        n_rows = n_states * n_actions
+        if rows.numel() and (
+            int(rows.min()) < 0 or int(rows.max()) >= n_rows
+            or int(cols.min()) < 0 or int(cols.max()) >= n_states
+        ):
+            raise ValueError("a transition index is out of range")
+        csr = _build_csr(rows, cols, values, n_rows, n_states)
+        csr_t = _build_csr(cols, rows, values, n_states, n_rows)
+        return Transitions(n_states, n_actions, csr=csr, csr_t=csr_t)
+
+    @staticmethod
+    def auto(
+        P: Tensor | tuple[Tensor, Tensor, Tensor],
+        n_states: int | None = None,
+        n_actions: int | None = None,
+    ) -> Transitions:
+        """Dense or sparse storage, whichever should be faster.
+
+        ``P`` is a dense ``(S, A, S)`` tensor, or ``(rows, cols, values)`` with ``n_states`` and
+        ``n_actions``. Sparse is chosen when the density is below ``SPARSE_DENSITY`` and the table
+        has more than 2^20 entries, or when the dense table would take more than 1 GiB.
+        """
+        if isinstance(P, Tensor):
+            n_states, n_actions, _ = P.shape
+            nnz = int(torch.count_nonzero(P))
+        else:
+            if n_states is None or n_actions is None:
+                raise ValueError("COO input needs n_states and n_actions")
+            nnz = P[2].numel()
+        entries = n_states * n_actions * n_states
+        dtype = P.dtype if isinstance(P, Tensor) else P[2].dtype
+        too_big = entries * dtype.itemsize > _DENSE_MAX_BYTES
+        sparse = too_big or (entries > _SPARSE_MIN_ENTRIES and nnz < SPARSE_DENSITY * entries)
+        if isinstance(P, Tensor):
+            if not sparse:
+                return Transitions.from_dense(P)
+            index = P.reshape(n_states * n_actions, n_states).nonzero()
+            rows, cols = index[:, 0], index[:, 1]
+            return Transitions.from_coo(rows, cols, P.reshape(-1, n_states)[rows, cols],
+                                        n_states, n_actions)
+        rows, cols, values = P
+        if sparse:
+            return Transitions.from_coo(rows, cols, values, n_states, n_actions)
+        dense = torch.zeros(n_states * n_actions * n_states, dtype=dtype, device=values.device)
+        dense.index_add_(0, rows.long() * n_states + cols.long(), values)
+        return Transitions.from_dense(dense.view(n_states, n_actions, n_states))
+
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None
+           ) -> Transitions:
+        """A copy on another device (and/or with another floating dtype)."""
+        if self._dense is not None:
+            return Transitions(self.n_states, self.n_actions,
+                               dense=self._dense.to(device=device, dtype=dtype))
+        return Transitions(self.n_states, self.n_actions,
+                           csr=self._csr.to(device=device, dtype=dtype),
+                           csr_t=self._csr_t.to(device=device, dtype=dtype))
+
+    # description --------------------------------------------------------------------------
+
+    @property
+    def is_sparse(self) -> bool:
+        return self._csr is not None
+
+    @property
+    def device(self) -> torch.device:
+        return (self._dense if self._dense is not None else self._csr).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return (self._dense if self._dense is not None else self._csr).dtype
+
+    @property
+    def nnz(self) -> int:
+        if self._csr is not None:
+            return self._csr.values().numel()
+        return int(torch.count_nonzero(self._dense))
+
+    def nbytes(self) -> int:
+        """Memory held by the stored matrices, in bytes."""
+        if self._dense is not None:
+            return self._dense.numel() * self._dense.element_size()
+        return sum(
+            t.numel() * t.element_size()
+            for m in (self._csr, self._csr_t)
+            for t in (m.crow_indices(), m.col_indices(), m.values())
+        )
+
+    def __repr__(self) -> str:
+        kind = f"sparse, nnz={self.nnz}" if self.is_sparse else "dense"
+        return (f"Transitions(S={self.n_states}, A={self.n_actions}, {kind}, "
+                f"dtype={self.dtype}, device={self.device})")
+
+    # products -----------------------------------------------------------------------------
+
+    def expect(self, v: Tensor) -> Tensor:
+        """``(S, *k) -> (S, A, *k)``: ``sum_t P[s,a,t] v[t, ...]``, differentiable in ``v``."""
+        flat = v if v.dim() == 1 else v.reshape(self.n_states, -1)
+        if self._flat is not None:
+            out = self._flat @ flat
+        else:
+            out = _CsrProduct.apply(self._csr, self._csr_t, flat.contiguous())
+        return out.view(self.n_states, self.n_actions, *v.shape[1:])
+
+    def pull(self, y: Tensor) -> Tensor:
+        """``(S, A, *k) -> (S, *k)``: ``sum_{s,a} y[s,a,...] P[s,a,t]``, differentiable in ``y``."""
+        flat = y.reshape(self.n_states * self.n_actions, *([-1] if y.dim() > 2 else []))
+        if self._flat is not None:
+            out = self._flat.mT @ flat
+        else:
+            out = _CsrProduct.apply(self._csr_t, self._csr, flat.contiguous())
+        return out.view(self.n_states, *y.shape[2:])
+
+    def affine(self, base: Tensor, v: Tensor, alpha: float) -> Tensor:
+        """``base + alpha * P v`` on flat ``(S*A,)`` vectors: the fused hot path, no autograd."""
+        if self._flat is not None:
+            return torch.addmv(base, self._flat, v, alpha=alpha)
+        return (self._csr @ v).mul_(alpha).add_(base)
+
+    def dense(self) -> Tensor:
+        """The ``(S, A, S)`` table (materialised for sparse storage)."""
+        if self._dense is not None:
+            return self._dense
+        return self._csr.to_dense().view(self.n_states, self.n_actions, self.n_states)
+
+    def coo(self) -> tuple[Tensor, Tensor, Tensor]:
+        """Nonzero triplets ``(rows = s*A + a, cols, values)``."""
+        if self._dense is not None:
+            index = self._flat.nonzero()
+            rows, cols = index[:, 0], index[:, 1]
+            return rows, cols, self._flat[rows, cols]
+        crow = self._csr.crow_indices().long()
+        rows = torch.repeat_interleave(
+            torch.arange(crow.numel() - 1, device=crow.device), crow.diff()
+        )
+        return rows, self._csr.col_indices().long(), self._csr.values()
+
+    def row_sums(self) -> Tensor:
+        """``(S, A)`` total probability of each row (below one where an episode may end)."""
+        if self._dense is not None:
+            return self._dense.sum(-1)
+        return self.expect(torch.ones(self.n_states, dtype=self.dtype, device=self.device))
+
+    def policy_matrix(self, pi: Tensor) -> Tensor:
+        """Dense ``(S, S)`` matrix ``P_pi``, for direct solves on small state spaces."""
+        if self._dense is not None:
+            return torch.bmm(pi.unsqueeze(1), self._dense).squeeze(1)
+        rows, cols, values = self.coo()
+        out = torch.zeros(self.n_states * self.n_states, dtype=pi.dtype, device=pi.device)
+        state = torch.div(rows, self.n_actions, rounding_mode="floor")
+        out.index_add_(0, state * self.n_states + cols, values * pi.reshape(-1)[rows])
+        return out.view(self.n_states, self.n_states)
+
+
+# soft Bellman operators --------------------------------------------------------------------
+
+
+def soft_q(P: Transitions, r: Tensor, V: Tensor, gamma: float) -> Tensor:
+    """``Q[s,a] = r[s,a] + gamma sum_t P[s,a,t] V[t]``."""
+    return r + gamma * P.expect(V)
+
+
+def soft_bellman(P: Transitions, r: Tensor, V: Tensor, gamma: float, tau: float) -> Tensor:
+    """``(T V)(s) = tau logsumexp_a(Q[s,a] / tau)``, stable for tiny ``tau`` and huge rewards."""
+    return tau * torch.logsumexp(soft_q(P, r, V, gamma) / tau, dim=-1)
+
+
+def soft_policy(Q: Tensor, tau: float) -> Tensor:
+    """``pi[s,a] = softmax_a(Q[s,a] / tau)``."""
+    return torch.softmax(Q / tau, dim=-1)
+
+
+def _scaled_steps(P: Transitions, r_scaled: Tensor, u: Tensor, gamma: float, n: int) -> Tensor:
+    """Apply the soft Bellman operator ``n`` times in units of ``tau``: ``u = V / tau``.
+
+    In these units a step is one fused product and one logsumexp, nothing else.
+    """
+    shape = (P.n_states, P.n_actions)
+    flat = r_scaled.reshape(-1)
+    for _ in range(n):
+        u = torch.logsumexp(P.affine(flat, u, gamma).view(shape), dim=-1)
+    return u
+
+
+def soft_bellman_steps(P: Transitions, r: Tensor, V: Tensor, gamma: float, tau: float, n: int
+                       ) -> Tensor:
+    """``T^n V`` without autograd: the warm-started inner loop of single-loop solvers."""
+    with torch.no_grad():
+        return tau * _scaled_steps(P, r.detach() / tau, V.detach() / tau, gamma, n)
+
+
+def soft_value_iteration(
+    P: Transitions,
+    r: Tensor,
+    gamma: float,
+    tau: float,
+    V0: Tensor | None = None,
+    tol: float = 1e-10,
+    max_iter: int = 1_000_000,
+) -> tuple[Tensor, int]:
+    """Fixed point ``V*`` of the soft Bellman operator, and the number of iterations taken.
+
+    Stops when the contraction bound ``gamma / (1 - gamma) ||V_{n+1} - V_n||_inf`` guarantees
+    ``||V - V*||_inf <= tol``, or earlier once rounding dominates (the sup-norm change stops
+    shrinking while below 1024 ulps of ``|V| + |r|``): no further accuracy is reachable then.
+    With ``gamma = 1`` (episodic, sub-stochastic P) the plain change is compared with ``tol``.
+    Not differentiable: use ``soft_bellman`` for gradients through a few steps.
+    """
+    with torch.no_grad():
+        r_scaled = (r.detach() / tau).reshape(-1)
+        u = torch.zeros(P.n_states, dtype=r.dtype, device=r.device) if V0 is None \
+            else V0.detach().to(r.dtype) / tau
+        factor = gamma / (1.0 - gamma) if gamma < 1.0 else 1.0
+        floor = 1024 * torch.finfo(r.dtype).eps
+        r_max = float(r_scaled.abs().max())
+        previous = math.inf
+        iterations = 0
+        while iterations < max_iter:
+            new = _scaled_steps(P, r_scaled, u, gamma, 1)
+            iterations += 1
+            change, size = torch.stack([(new - u).abs().max(), new.abs().max()]).tolist()
+            u = new
+            if factor * change * tau <= tol:
+                break
+            if change <= floor * (size + r_max) and change >= previous:
+                break
+            previous = change
+        return u * tau, iterations
+
+
+# linear systems in (I - gamma P_pi) ---------------------------------------------------------
+
+
+def policy_matvec(P: Transitions, pi: Tensor, v: Tensor) -> Tensor:
+    """``P_pi v``: ``sum_{a,t} pi[s,a] P[s,a,t] v[t]``."""
+    return (pi * P.expect(v)).sum(-1)
+
+
+def policy_rmatvec(P: Transitions, pi: Tensor, w: Tensor) -> Tensor:
+    """``P_pi^T w``: ``sum_{s,a} w[s] pi[s,a] P[s,a,t]``."""
+    return P.pull(pi * w.unsqueeze(-1))
+
+
+def _gmres(matvec: Callable[[Tensor], Tensor], b: Tensor, tol: float, max_iter: int) -> Tensor:
+    """Restarted GMRES in torch (runs where ``b`` lives); stops at ``||b - A x|| <= tol ||b||``.
+
+    Gram-Schmidt is done twice with matrix products (stable and fast on GPUs); the small
+    Hessenberg least-squares problem is solved on the host with Givens rotations.
+    """
+    b_norm = float(torch.linalg.vector_norm(b))
+    x = torch.zeros_like(b)
+    if b_norm == 0.0:
+        return x
+    m = min(_GMRES_RESTART, b.numel())
+    basis = b.new_empty(m + 1, b.numel())
+    residual, beta, done = b, b_norm, 0
+    while True:
+        basis[0] = residual / beta
+        hessenberg = [[0.0] * m for _ in range(m + 1)]
+        cos, sin, rhs = [], [], [beta] + [0.0] * m
+        steps = 0
+        for j in range(m):
+            w = matvec(basis[j])
+            h = basis[: j + 1] @ w
+            w = w - basis[: j + 1].mT @ h
+            h2 = basis[: j + 1] @ w
+            w = w - basis[: j + 1].mT @ h2
+            w_norm = torch.linalg.vector_norm(w)
+            column = torch.cat([h + h2, w_norm.view(1)]).tolist()
+            breakdown = column[-1] == 0.0  # the Krylov space is invariant: x is exact
+            if not breakdown:
+                basis[j + 1] = w / w_norm
+            for i in range(j):  # earlier rotations
+                column[i], column[i + 1] = (cos[i] * column[i] + sin[i] * column[i + 1],
+                                            -sin[i] * column[i] + cos[i] * column[i + 1])
+            radius = math.hypot(column[j], column[j + 1])
+            cos.append(column[j] / radius)
+            sin.append(column[j + 1] / radius)
+            column[j], column[j + 1] = radius, 0.0
+            rhs[j], rhs[j + 1] = cos[j] * rhs[j], -sin[j] * rhs[j]
+            for i in range(j + 1):
+                hessenberg[i][j] = column[i]
+            steps, done = j + 1, done + 1
+            if abs(rhs[j + 1]) <= tol * b_norm or breakdown or done >= max_iter:
+                break
+        y = [0.0] * steps
+        for i in reversed(range(steps)):
+            y[i] = (rhs[i] - sum(hessenberg[i][k] * y[k] for k in range(i + 1, steps))) \
+                / hessenberg[i][i]
+        x = x + basis[:steps].mT @ torch.tensor(y, dtype=b.dtype, device=b.device)
+        residual = b - matvec(x)
+        beta = float(torch.linalg.vector_norm(residual))
+        if beta <= tol * b_norm:
+            return x
+        if done >= max_iter:
+            warnings.warn(f"GMRES stopped after {done} iterations at relative residual "
+                          f"{beta / b_norm:.2e} (tolerance {tol:.0e})", stacklevel=3)
+            return x
+
+
+def _fixed_point(apply: Callable[[Tensor], Tensor], b: Tensor, gamma: float, tol: float,
+                 norm_ord: float, max_iter: int) -> Tensor:
+    """Iterate ``v <- b + gamma M v`` (M = P_pi or P_pi^T) until the contraction bound < tol."""
+    factor = gamma / (1.0 - gamma) if gamma < 1.0 else 1.0
+    v = b
+    for _ in range(max_iter):
+        new = b + gamma * apply(v)
+        change, size = torch.stack([torch.linalg.vector_norm(new - v, norm_ord),
+                                    torch.linalg.vector_norm(new, norm_ord)]).tolist()
+        v = new
+        if factor * change <= tol * size:
+            return v
+    warnings.warn(f"fixed-point solve stopped after {max_iter} iterations", stacklevel=3)
+    return v
+
+
+def _solve(P: Transitions, pi: Tensor, b: Tensor, gamma: float, transpose: bool, method: str,
+           tol: float) -> Tensor:
+    """Solve ``(I - gamma P_pi) v = b`` (or the transposed system) without autograd."""
+    if method == "auto":
+        limit = _DIRECT_MAX_STATES_SPARSE if P.is_sparse else DIRECT_MAX_STATES
+        method = "direct" if P.n_states <= limit else "krylov"
+    if method == "direct":
+        A = torch.eye(P.n_states, dtype=b.dtype, device=b.device) - gamma * P.policy_matrix(pi)
+        return torch.linalg.solve(A.mT if transpose else A, b)
+    if transpose:
+        def apply(w: Tensor) -> Tensor:
+            return policy_rmatvec(P, pi, w)
+    else:
+        def apply(v: Tensor) -> Tensor:
+            return policy_matvec(P, pi, v)
+    if method == "krylov":
+        return _gmres(lambda v: v - gamma * apply(v), b, tol, max_iter=max(1000, 10 * b.numel()))
+    if method == "fixed_point":
+        return _fixed_point(apply, b, gamma, tol, 1.0 if transpose else math.inf, 1_000_000)
+    raise ValueError(f"unknown method {method!r}: use auto, direct, krylov or fixed_point")
+
+
+class _PolicySolve(torch.autograd.Function):
+    """``v = (I - gamma P_pi)^{-1} b`` (or ``^{-T}``), differentiable in ``pi`` and ``b``.
+
+    The backward pass is one solve with the other orientation: for ``v = A^{-1} b`` and adjoint
+    ``z = A^{-T} dL/dv``, ``dL/db = z`` and ``dL/dpi[s,a] = gamma z[s] (P v)[s,a]``; for the
+    transposed system the roles of solution and adjoint swap.
+    """
+
+    @staticmethod
+    def forward(ctx, pi: Tensor, b: Tensor, P: Transitions, gamma: float,  # type: ignore[override]
+                transpose: bool, method: str, tol: float) -> Tensor:
+        v = _solve(P, pi, b, gamma, transpose, method, tol)
+        ctx.save_for_backward(pi, v)
+        ctx.args = (P, gamma, transpose, method, tol)
+        return v
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: Tensor) -> tuple:  # type: ignore[override]
+        pi, v = ctx.saved_tensors
+        P, gamma, transpose, method, tol = ctx.args
+        z = _solve(P, pi, grad, gamma, not transpose, method, tol)
+        grad_pi = None
+        if ctx.needs_input_grad[0]:
+            left, right = (v, z) if transpose else (z, v)
+            grad_pi = gamma * left.unsqueeze(-1) * P.expect(right)
+        return grad_pi, z, None, None, None, None, None
+
+
+def solve_policy_system(
+    P: Transitions,
+    pi: Tensor,
+    b: Tensor,
+    gamma: float,
+    transpose: bool = False,
+    method: str = "auto",
+    tol: float = 1e-12,
+) -> Tensor:
+    """Solve ``(I - gamma P_pi) v = b``, or ``(I - gamma P_pi)^T v = b`` with ``transpose``.
+
+    Methods: ``direct`` (dense LU of ``P_pi``), ``krylov`` (restarted GMRES, relative residual
+    ``tol``), ``fixed_point`` (``v <- b + gamma P_pi v``, a contraction), and ``auto``: direct up
+    to ``DIRECT_MAX_STATES`` states for dense P (500 for sparse P), else krylov. Differentiable
+    in ``pi`` and ``b`` at the cost of one more solve in the backward pass.
+    """
+    return _PolicySolve.apply(pi, b, P, gamma, transpose, method, tol)
+
+
+def _xlogx(p: Tensor) -> Tensor:
+    """``p log p`` with value and gradient finite at ``p = 0`` (softmax can underflow there)."""
+    return p * torch.log(p.clamp_min(torch.finfo(p.dtype).tiny))
+
+
+def policy_evaluation(
+    P: Transitions, r: Tensor, pi: Tensor, gamma: float, tau: float = 0.0, method: str = "auto"
+) -> Tensor:
+    """``V^pi`` for reward ``r`` with entropy bonus ``tau``; differentiable in ``r`` and ``pi``."""
+    reward = (pi * r).sum(-1)
+    if tau:
+        reward = reward - tau * _xlogx(pi).sum(-1)
+    return solve_policy_system(P, pi, reward, gamma, method=method)
+
+
+def occupancy(
+    P: Transitions, pi: Tensor, rho: Tensor, gamma: float, method: str = "auto"
+) -> Tensor:
+    """Discounted occupancy ``d[s,a] = sum_t gamma^t Pr(s_t = s, a_t = a)``, unnormalised.
+
+    ``sum(d * r) = rho . V^pi``; differentiable in ``pi`` and ``rho``.
+    """
+    state = solve_policy_system(P, pi, rho, gamma, transpose=True, method=method)
+    return pi * state.unsqueeze(-1)

@@ -1,0 +1,163 @@
+"""Runtime values of the interpreter: sets, arrays with named index axes, MDPs.
+
+An array value (`Val`) is a torch tensor whose *leading* dimensions are free index names
+(``axes``, e.g. ``s`` and ``a`` while evaluating ``reward[s, a] = ...``) and whose *trailing*
+dimensions are positional (``dims``, each optionally tied to the set it is indexed by).  Binary
+operations align axes by name and broadcast trailing dimensions, so an expression written per
+element runs as whole-tensor operations: no Python loop over states or actions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .instance import GridLayout
+from .ir import Span
+from .softmdp import Transitions
+
+DTYPE = torch.float64
+
+
+class EvalError(Exception):
+    """A located error found while evaluating; elaboration turns it into a Diagnostic."""
+
+    def __init__(
+        self,
+        code: str,
+        message: str,
+        span: Span | None,
+        hint: str | None = None,
+        notes: tuple[str, ...] = (),
+    ):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.span = span
+        self.hint = hint
+        self.notes = notes
+
+
+class Cascade(EvalError):
+    """Raised on use of a name whose own declaration failed: that error is already reported."""
+
+    def __init__(self) -> None:
+        super().__init__("E000", "cascade", None)
+
+
+POISONED = object()  # stands for a declaration that failed to elaborate
+
+DENSE_INDEXING_LIMIT = 50_000_000  # entries of P beyond which `M.P[s, a, t]` is refused
+
+
+@dataclass(frozen=True, eq=False)
+class SetValue:
+    """A finite index set.  Identity matters: indexing checks compare sets by identity."""
+
+    name: str
+    size: int
+    members: tuple[str, ...] | None = None  # named members, in order
+    start: int = 0  # numeric value of the first element (`1..5` starts at 1)
+
+    def describe(self) -> str:
+        return f"`{self.name}` ({self.size} elements)"
+
+    def member_position(self, name: str) -> int | None:
+        if self.members is None:
+            return None
+        try:
+            return self.members.index(name)
+        except ValueError:
+            return None
+
+
+@dataclass
+class Val:
+    """A tensor value: leading dims are the named ``axes``, trailing dims are ``dims``."""
+
+    t: torch.Tensor
+    axes: tuple[str, ...] = ()
+    dims: tuple[SetValue | None, ...] = ()
+    kind: str = "real"  # "real", "int" or "bool"
+    index_set: SetValue | None = None  # set when this is a bare index variable
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.t.shape[len(self.axes) :])
+
+    def describe_shape(self) -> str:
+        if not self.dims:
+            return "a scalar"
+        parts = [d.name if d is not None else str(n) for d, n in zip(self.dims, self.shape)]
+        return "shape [" + ", ".join(parts) + "]"
+
+
+@dataclass
+class MdpValue:
+    """A tabular MDP as declared: the full stochastic ``P`` and which states are terminal."""
+
+    name: str
+    states: SetValue
+    actions: SetValue
+    transitions: Transitions  # rows are distributions (terminal rows may be zero)
+    reward: torch.Tensor  # (S, A) expected immediate reward
+    initial: torch.Tensor  # (S,)
+    discount: float
+    terminal: torch.Tensor  # (S,) bool
+    extras: dict[str, Val] = field(default_factory=dict)
+    grid: GridLayout | None = None
+    _dynamics: Transitions | None = field(default=None, repr=False)
+    _dense: torch.Tensor | None = field(default=None, repr=False)
+
+    def dense_transitions(self, span: Span | None) -> torch.Tensor:
+        """P as a dense (S, A, S) tensor, for expressions that index it entry by entry."""
+        if self._dense is None:
+            S, A = self.states.size, self.actions.size
+            if S * A * S > DENSE_INDEXING_LIMIT:
+                raise EvalError(
+                    "E301", f"`{self.name}.P` has {S * A * S:.3g} entries: too many to index one "
+                    "by one", span,
+                    "write the reward over the next state instead: `reward[s, a, t] = ...` is "
+                    "averaged over t ~ P(.|s, a) without forming P densely")
+            self._dense = self.transitions.dense()
+        return self._dense
+
+    def dynamics(self) -> Transitions:
+        """P with the mass that enters a terminal state removed: the episode ends there."""
+        if self._dynamics is None:
+            if not bool(self.terminal.any()):
+                self._dynamics = self.transitions
+            else:
+                keep = (~self.terminal).to(DTYPE)
+                rows, cols, values = self.transitions.coo()
+                values = values * keep[cols] * keep[rows // self.actions.size]
+                mask = values != 0
+                self._dynamics = Transitions.from_coo(
+                    rows[mask], cols[mask], values[mask], self.states.size, self.actions.size
+                ) if self.transitions.is_sparse else Transitions.from_dense(
+                    self.transitions.dense() * keep[None, None, :] * keep[:, None, None]
+                )
+        return self._dynamics
+
+    def to(self, device: torch.device) -> MdpValue:
+        return MdpValue(
+            self.name,
+            self.states,
+            self.actions,
+            self.transitions.to(device),
+            self.reward.to(device),
+            self.initial.to(device),
+            self.discount,
+            self.terminal.to(device),
+            {k: Val(v.t.to(device), v.axes, v.dims, v.kind) for k, v in self.extras.items()},
+            self.grid,
+            self.dynamics().to(device),
+        )
+
+
+@dataclass(frozen=True)
+class PolicyRef:
+    """The follower's policy: a name that is only bound while evaluating the upper level."""
+
+    mdp: MdpValue

@@ -1,0 +1,297 @@
+"""The record a run leaves behind: ``result.json``, ``curve.png``, a policy picture, a summary.
+
+``meta`` is what the caller knows and the result does not: ``solver`` (name), ``options``
+(typed), ``seed`` (defaults to ``problem.seed``), ``timings`` (``{"parse", "compile", "solve"}``
+in seconds), ``command`` (the command line) and, for the summary, ``out_dir``.
+Objectives are reported in the user's sense (``problem.sign * f``). matplotlib is imported
+only inside the plotting functions so that importing ``solvers`` stays cheap.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import tempfile
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from .result import SolveResult
+
+if TYPE_CHECKING:
+    from bilevel_dsl.instance import GridLayout, TabularProblem
+
+RESULT_FORMAT_VERSION = 1
+_X_SHOWN = 6  # entries of x printed in the summary before it is abbreviated
+_CELL_INCHES = 0.6  # size of a grid cell in the policy picture, shrunk for large grids
+_EXTRA_ENTRIES = 10_000  # larger tensors in SolveResult.extra are not written to result.json
+_DETAIL_CELLS = 2500  # above this many cells, arrows and cell lines are unreadable and slow
+
+
+def default_out_dir(problem_name: str, root: Path = Path("runs")) -> Path:
+    """``runs/<problem>-<YYYYmmdd-HHMMSS>/``, with a suffix if two runs start in one second."""
+    base = root / f"{problem_name}-{datetime.now():%Y%m%d-%H%M%S}"
+    out, n = base, 1
+    while out.exists():
+        n += 1
+        out = base.with_name(f"{base.name}-{n}")
+    return out
+
+
+def write_run(
+    out_dir: Path, problem: TabularProblem, result: SolveResult, meta: dict[str, Any]
+) -> list[Path]:
+    """Write the run's record into ``out_dir`` (created if needed); return the files written."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = [_write_json_atomic(out_dir / "result.json", result_record(problem, result, meta))]
+    written.append(plot_curves(out_dir / "curve.png", problem, result))
+    if problem.grid is not None:
+        written.append(plot_policy(out_dir / "policy.png", problem, result))
+    return written
+
+
+def result_record(
+    problem: TabularProblem, result: SolveResult, meta: dict[str, Any]
+) -> dict[str, Any]:
+    """The content of ``result.json``; non-finite numbers become ``null`` to keep it valid JSON."""
+    history = {key: list(values) for key, values in result.history.items()}
+    history["objective"] = [problem.sign * f for f in result.history.get("objective", [])]
+    record = {
+        "format": "brl-result",
+        "format_version": RESULT_FORMAT_VERSION,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "problem": problem.name,
+        "sense": problem.sense,
+        "solver": {"name": meta.get("solver"), "options": meta.get("options", {})},
+        "seed": meta.get("seed", problem.seed),
+        "device": str(problem.device),
+        "variable": {"name": problem.var_name, "shape": list(result.x.shape)},
+        "x": result.x.detach().cpu().tolist(),
+        "objective": problem.sign * result.objective,
+        "iterations": result.iterations,
+        "stopped_because": result.stopped_because,
+        "history": history,
+        "timings": meta.get("timings", {}),
+        "versions": versions(),
+        "command": meta.get("command"),
+        "extra": {
+            key: _omit_if_large(value) for key, value in result.extra.items()
+        },
+    }
+    return _jsonable(record)
+
+
+def versions() -> dict[str, str]:
+    """Versions that matter for reproducing a run."""
+    try:
+        brl = metadata.version("brl")
+    except metadata.PackageNotFoundError:  # running from a source checkout
+        brl = "unknown"
+    return {
+        "brl": brl,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "numpy": np.__version__,
+    }
+
+
+def summary_table(problem: TabularProblem, result: SolveResult, meta: dict[str, Any]) -> str:
+    """The end-of-run summary printed to the terminal."""
+    norms = result.history.get("hypergrad_norm", [])
+    options = ", ".join(f"{k}={v}" for k, v in meta.get("options", {}).items())
+    timings = meta.get("timings", {})
+    rows = [
+        ("problem", f"{problem.name} ({problem.sense})"),
+        ("solver", f"{meta.get('solver', '?')}" + (f" ({options})" if options else "")),
+        ("device", str(problem.device)),
+        ("iterations", str(result.iterations)),
+        ("stopped because", result.stopped_because),
+        ("objective", f"{problem.sign * result.objective:.6g}"),
+        ("||h|| final", f"{norms[-1]:.3g}" if norms else "-"),
+        (problem.var_name, _abbreviate(result.x)),
+        ("times", ", ".join(f"{k} {v:.3g} s" for k, v in timings.items()) or "-"),
+    ]
+    if meta.get("out_dir") is not None:
+        rows.append(("output", str(meta["out_dir"])))
+    width = max(len(label) for label, _ in rows)
+    return "\n".join(f"{label.ljust(width)}  {value}" for label, value in rows)
+
+
+def plot_curves(path: Path, problem: TabularProblem, result: SolveResult) -> Path:
+    """Objective (user's sense) and hyper-gradient norm (log scale) against iteration."""
+    from matplotlib.ticker import MaxNLocator
+
+    objective = [problem.sign * f for f in result.history.get("objective", [])]
+    norms = np.asarray(result.history.get("hypergrad_norm", []), dtype=float)
+    fig = _figure(6.4, 5.6)
+    top, bottom = fig.subplots(2, 1, sharex=True)
+    top.plot(_iterations(result, len(objective)), objective, color="tab:blue")
+    top.set_ylabel(f"objective ({problem.sense})")
+    top.set_title(problem.name)
+    bottom.plot(_iterations(result, len(norms)), np.where(norms > 0, norms, np.nan),
+                color="tab:red")
+    if np.any(norms > 0):
+        bottom.set_yscale("log")
+    bottom.set_ylabel("||hyper-gradient||")
+    bottom.set_xlabel("iteration")
+    bottom.xaxis.set_major_locator(MaxNLocator(integer=True))
+    for ax in (top, bottom):
+        ax.grid(True, alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    return path
+
+
+def plot_policy(path: Path, problem: TabularProblem, result: SolveResult) -> Path:
+    """The grid with walls, the greedy action per cell, start, true goal and the learned x.
+
+    ``x`` of shape (2,) is read as a goal position (row, col); ``x`` with one entry per state is
+    drawn as a heat map under the arrows. Large grids get the picture without arrows.
+    """
+    grid = problem.grid
+    if grid is None:
+        raise ValueError(f"problem {problem.name!r} is not a grid world")
+    x = result.x.detach().cpu().to(torch.float64)
+    cells = np.asarray(grid.cells, dtype=np.int64).reshape(-1, 2)
+    inches = min(_CELL_INCHES, 12.0 / max(grid.rows, grid.cols))
+    fig = _figure(max(4.0, inches * grid.cols + 1.5), max(3.0, inches * grid.rows + 1.0))
+    ax = fig.subplots()
+
+    if x.shape != (2,) and x.numel() == problem.n_states:
+        heat = np.full((grid.rows, grid.cols), np.nan)
+        heat[cells[:, 0], cells[:, 1]] = x.flatten().numpy()
+        fig.colorbar(ax.imshow(heat, cmap="viridis"), ax=ax, label=problem.var_name, shrink=0.8)
+    else:
+        ax.imshow(np.zeros((grid.rows, grid.cols)), cmap="Greys", vmin=0, vmax=1)
+    if grid.walls:
+        walls = np.full((grid.rows, grid.cols), np.nan)
+        at = np.asarray(grid.walls, dtype=np.int64).reshape(-1, 2)
+        walls[at[:, 0], at[:, 1]] = 1.0
+        ax.imshow(walls, cmap="Greys", vmin=0, vmax=1.2)
+
+    detailed = grid.rows * grid.cols <= _DETAIL_CELLS
+    if detailed:
+        _draw_greedy_actions(ax, grid, result.policy, cells)
+        ax.set_xticks(range(grid.cols))
+        ax.set_yticks(range(grid.rows))
+        ax.set_xticks(np.arange(-0.5, grid.cols), minor=True)
+        ax.set_yticks(np.arange(-0.5, grid.rows), minor=True)
+        ax.grid(which="minor", color="lightgrey", linewidth=0.5)
+        ax.tick_params(which="minor", length=0)
+
+    start_row, start_col = grid.cells[grid.start]
+    goal_row, goal_col = grid.cells[grid.goal]
+    ax.plot(start_col, start_row, "o", markerfacecolor="none", markeredgecolor="tab:green",
+            markeredgewidth=2.5, markersize=18, label="start")
+    ax.plot(goal_col, goal_row, "*", color="gold", markeredgecolor="black", markersize=16,
+            label="goal")
+    if x.shape == (2,):
+        ax.plot(float(x[1]), float(x[0]), "X", color="tab:red", markeredgecolor="black",
+                markersize=12, label=f"learned {problem.var_name}")
+
+    ax.set_xlim(-0.5, grid.cols - 0.5)
+    ax.set_ylim(grid.rows - 0.5, -0.5)
+    ax.set_title(f"{problem.name}: " + ("greedy policy" if detailed else problem.var_name))
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.08), ncol=3, fontsize="small",
+              frameon=False)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    return path
+
+
+def _draw_greedy_actions(
+    ax: Any, grid: GridLayout, policy: torch.Tensor, cells: np.ndarray
+) -> None:
+    """An arrow along each state's most likely move; a dot where it stays; nothing at the goal."""
+    greedy = policy.detach().argmax(dim=-1).cpu().numpy()
+    moves = np.asarray(grid.action_moves, dtype=np.float64)[greedy]  # (S, 2): d_row, d_col
+    moves[grid.goal] = np.nan
+    lengths = np.hypot(moves[:, 0], moves[:, 1])
+    go, stay = lengths > 0, lengths == 0
+    scale = 0.7 / lengths[go]  # every arrow spans 70% of a cell, whatever the move's size
+    ax.quiver(cells[go, 1], cells[go, 0], moves[go, 1] * scale, moves[go, 0] * scale,
+              angles="xy", scale_units="xy", scale=1, pivot="middle", color="black")
+    ax.plot(cells[stay, 1], cells[stay, 0], "k.", markersize=4)
+
+
+def _iterations(result: SolveResult, n: int) -> list[int] | range:
+    """The iteration of each of ``n`` history entries; solvers that log every few iterations
+    say which in ``history["iteration"]``."""
+    logged = result.history.get("iteration", [])
+    return [int(k) for k in logged] if len(logged) == n else range(n)
+
+
+def _figure(width: float, height: float) -> Any:
+    """A figure drawn by Agg, without pyplot: no display needed and no global backend changed."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height))
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _write_json_atomic(path: Path, record: dict[str, Any]) -> Path:
+    """Write then rename, so a crash never leaves a half-written ``result.json``."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(_dumps(record) + "\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _omit_if_large(value: Any) -> Any:
+    """Solver state such as a value vector can have millions of entries: name it, don't dump it."""
+    if isinstance(value, torch.Tensor) and value.numel() > _EXTRA_ENTRIES:
+        return f"tensor of shape {tuple(value.shape)}, omitted"
+    return value
+
+
+def _dumps(value: Any, level: int = 0) -> str:
+    """Indented JSON, except that lists without objects in them (curves, x) stay on one line."""
+    pad = "  " * (level + 1)
+    if isinstance(value, dict) and value:
+        items = [f"{pad}{json.dumps(key)}: {_dumps(v, level + 1)}" for key, v in value.items()]
+        return "{\n" + ",\n".join(items) + "\n" + "  " * level + "}"
+    if isinstance(value, list) and any(isinstance(item, dict) for item in value):
+        items = [pad + _dumps(item, level + 1) for item in value]
+        return "[\n" + ",\n".join(items) + "\n" + "  " * level + "]"
+    return json.dumps(value, allow_nan=False)
+
+
+def _jsonable(value: Any) -> Any:
+    """Plain JSON values: tensors and arrays as nested lists, non-finite floats as ``None``."""
+    if isinstance(value, torch.Tensor):
+        value = value.detach().cpu().tolist()
+    elif isinstance(value, np.ndarray | np.generic):
+        value = value.tolist()
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple | set | frozenset):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if value is None or isinstance(value, bool | int | float | str):
+        return value
+    return str(value)
+
+
+def _abbreviate(x: torch.Tensor) -> str:
+    """``x`` in one line: all of it when short, else its first and last entries and its shape."""
+    flat = x.detach().cpu().flatten().tolist()
+    if len(flat) <= _X_SHOWN:
+        return "[" + ", ".join(f"{v:.4g}" for v in flat) + "]"
+    half = _X_SHOWN // 2
+    shown = [f"{v:.4g}" for v in flat[:half]] + ["..."] + [f"{v:.4g}" for v in flat[-half:]]
+    return f"[{', '.join(shown)}] (shape {tuple(x.shape)})"

@@ -1,0 +1,109 @@
+"""A dependency-free progress bar for ``brl solve``, which also enforces a time limit."""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from collections.abc import Callable
+from typing import TextIO
+
+from .result import Monitor
+
+_BAR_WIDTH = 20
+_REDRAW_SECONDS = 0.1  # a fast solver must not spend its time redrawing the terminal
+
+
+class ProgressMonitor(Monitor):
+    """Shows progress on ``stream`` and asks the solver to stop once ``time_limit`` has passed.
+
+    On a terminal it redraws one line in place; elsewhere (CI logs, files) it prints a plain line
+    about every 10% of ``total`` so logs stay short. ``sign`` (``problem.sign``) turns the
+    minimised objective the solver reports back into the user's sense.
+    """
+
+    def __init__(
+        self,
+        total: int,
+        stream: TextIO | None = None,
+        time_limit: float | None = None,
+        *,
+        sign: float = 1.0,
+        clock: Callable[[], float] = time.perf_counter,
+    ) -> None:
+        self.total = max(int(total), 1)
+        self.stream = stream if stream is not None else sys.stderr
+        self.time_limit = time_limit
+        self.sign = sign
+        self._clock = clock
+        self._start = clock()
+        self._tty = _is_tty(self.stream)
+        self._every = math.ceil(self.total / 10)
+        self._next_line = self._every
+        self._last_draw = -math.inf
+        self._width = 0
+        self._pending: tuple[int, float, float, float] | None = None
+
+    def update(self, iteration: int, objective: float, hypergrad_norm: float) -> None:
+        """Redraw the bar (terminal) or print a line when another tenth is done (elsewhere)."""
+        now = self._clock()
+        self._pending = (iteration, objective, hypergrad_norm, now)
+        final = iteration >= self.total
+        if self._tty:
+            if final or now - self._last_draw >= _REDRAW_SECONDS:
+                self._last_draw = now
+                self._draw(self._pending)
+        elif final or iteration >= self._next_line:
+            self._next_line = (iteration // self._every + 1) * self._every
+            self._draw(self._pending)
+
+    def should_stop(self) -> bool:
+        """True once ``time_limit`` seconds have passed since the monitor was made."""
+        return self.time_limit is not None and self._clock() - self._start >= self.time_limit
+
+    def close(self) -> None:
+        """Show the last update if it was not shown (a run stopped early), and end the line."""
+        if self._pending is not None:
+            self._draw(self._pending)
+        if self._tty and self._width:
+            self.stream.write("\n")
+            self.stream.flush()
+            self._width = 0
+
+    def _draw(self, update: tuple[int, float, float, float]) -> None:
+        line = self._line(*update)
+        self._pending = None
+        if self._tty:
+            self.stream.write("\r" + line.ljust(self._width))
+            self._width = len(line)
+        else:
+            self.stream.write(line + "\n")
+        self.stream.flush()
+
+    def _line(self, iteration: int, objective: float, norm: float, now: float) -> str:
+        elapsed = now - self._start
+        rate = iteration / elapsed if elapsed > 0 else 0.0
+        eta = (self.total - iteration) / rate if rate > 0 else math.inf
+        done = min(iteration / self.total, 1.0)
+        head = f"{iteration}/{self.total}"
+        if self._tty:
+            filled = round(done * _BAR_WIDTH)
+            head += f" [{'#' * filled}{'.' * (_BAR_WIDTH - filled)}]"
+        return (
+            f"{head} {done:4.0%}  objective {self.sign * objective:.6g}  ||h|| {norm:.3g}  "
+            f"{rate:.1f} it/s  ETA {_duration(eta)}"
+        )
+
+
+def _is_tty(stream: TextIO) -> bool:
+    isatty = getattr(stream, "isatty", None)
+    return bool(isatty and isatty())
+
+
+def _duration(seconds: float) -> str:
+    """``m:ss`` or ``h:mm:ss``; ``?`` before the rate is known."""
+    if not math.isfinite(seconds):
+        return "?"
+    minutes, secs = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"

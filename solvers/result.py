@@ -1,0 +1,51 @@
+"""What a solver hands back, and the hook through which it reports progress while it runs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import Tensor
+
+
+@dataclass
+class SolveResult:
+    """The outcome of one run, in the solver's (minimising) sense.
+
+    ``objective`` and ``history["objective"]`` hold the minimised ``f``; reports multiply by
+    ``problem.sign`` so a ``maximize`` problem is shown as the user wrote it.
+    ``history`` has at least the keys ``"objective"``, ``"hypergrad_norm"`` and ``"time"``
+    (seconds since the start), one entry per recorded iteration.
+    """
+
+    x: Tensor
+    policy: Tensor
+    objective: float
+    history: dict[str, list[float]]
+    iterations: int
+    stopped_because: str
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class Monitor:
+    """Receives a solver's progress and may ask it to stop early.
+
+    This base class does nothing and never stops, so solvers can always call it; subclasses
+    draw progress bars, enforce time limits or log. Solvers call ``update`` once per iteration
+    and check ``should_stop`` before the next one.
+    """
+
+    def update(self, iteration: int, objective: float, hypergrad_norm: float) -> None:
+        """Record an iteration.
+
+        ``iteration`` is how many iterations have completed (0 = the starting point),
+        ``objective`` the minimised ``f`` there and ``hypergrad_norm`` the norm of the
+        hyper-gradient used in the step.
+        """
+
+    def should_stop(self) -> bool:
+        """Whether the solver should end the run now (for example, a time limit has passed)."""
+        return False
+
+    def close(self) -> None:
+        """Finish any output (a progress bar's line) once the run has ended."""

@@ -1,0 +1,121 @@
+"""M-SoBiRL reproduces the paper's synthetic run; the exact solver agrees with it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from bilevel_dsl.instance import TabularProblem
+from bilevel_dsl.softmdp import Transitions
+from solvers import REGISTRY, Monitor, exact, m_sobirl
+from solvers.m_sobirl import adjoint_step
+
+DT = torch.float64
+
+
+def synthetic(seed: int = 0, lower: float | None = None, sparse: bool = False) -> TabularProblem:
+    """MATH.md's synthetic setting: S=10, A=5, gamma=0.5, tau=1, r = c[s,a] x^T M x, x in R^100."""
+    S, A, d = 10, 5, 100
+    g = torch.Generator().manual_seed(seed)
+    n_next = torch.randint(1, S, (S * A, 1), generator=g)
+    rank = torch.rand(S * A, S, generator=g).argsort(-1).argsort(-1)  # random order per row
+    weights = torch.rand(S * A, S, generator=g, dtype=DT) * (rank < n_next)
+    P = (weights / weights.sum(-1, keepdim=True)).view(S, A, S)
+    T = Transitions.from_dense(P)
+    if sparse:
+        T = Transitions.from_coo(*T.coo(), S, A)
+    c = torch.rand(S, A, generator=g, dtype=DT) * torch.rand(S, A, generator=g, dtype=DT)
+    M = torch.randn(d, d, generator=g, dtype=DT)
+    x0 = torch.randn(d, generator=g, dtype=DT)
+    return TabularProblem(
+        name="synthetic", transitions=T, discount=0.5, initial=torch.full((S,), 1.0 / S, dtype=DT),
+        temperature=1.0, reward=lambda x: c * (x @ M @ x),
+        objective=lambda x, pi: 0.5 * (x**2).sum() + 0.5 * (pi**2).sum(),
+        x0=x0 if lower is None else x0.abs() + lower, seed=seed,
+        lower_bound=None if lower is None else torch.tensor(lower, dtype=DT),
+        upper_bound=None if lower is None else torch.tensor(1.0, dtype=DT),
+    )
+
+
+def options(solver, **given) -> dict:
+    return REGISTRY.validate_options(solver.SPEC, given)
+
+
+PAPER = {"outer": 1500, "beta": 8e-3, "zeta": 0.5, "inner": 10, "init_w": "normal"}
+
+
+@pytest.mark.parametrize("adjoint", ["fixed_point", "lsq"])
+def test_synthetic_run_converges_to_the_known_answer(adjoint):
+    result = m_sobirl.run(synthetic(), options(m_sobirl, adjoint=adjoint, **PAPER), Monitor())
+    norms = result.history["hypergrad_norm"]
+    assert len(norms) == len(result.history["objective"]) == len(result.history["time"]) == 1500
+    assert norms[0] > 10 and norms[-1] < 1e-2
+    assert result.stopped_because == "max_iterations" and result.iterations == 1500
+    assert abs(result.objective - 1.0) < 1e-3  # x -> 0, pi -> uniform: f -> 1
+    assert float(result.x.abs().max()) < 1e-2
+    torch.testing.assert_close(result.policy, torch.full((10, 5), 0.2, dtype=DT), atol=1e-3,
+                               rtol=0)
+
+
+def test_bounds_are_respected_and_exact_agrees():
+    problem = synthetic(seed=1, lower=0.02, sparse=True)
+    seen = []
+
+    class Watch(Monitor):
+        def update(self, iteration, objective, hypergrad_norm):
+            seen.append(iteration)
+
+    result = m_sobirl.run(problem, options(m_sobirl, outer=800, beta=8e-3), Watch())
+    assert seen == list(range(800))
+    assert float(result.x.min()) >= 0.02 and float(result.x.max()) <= 1.0
+    reference = exact.run(problem, options(exact, outer=800, beta=8e-3, tol=1e-9), Monitor())
+    assert reference.stopped_because == "converged"
+    assert float(reference.x.min()) >= 0.02 and float(reference.x.max()) <= 1.0
+    assert (reference.x == 0.02).sum() > 10  # a non-trivial constrained optimum
+    torch.testing.assert_close(result.x, reference.x, rtol=0, atol=1e-6)
+    torch.testing.assert_close(result.policy, reference.policy, rtol=0, atol=1e-6)
+    assert result.objective == pytest.approx(reference.objective, abs=1e-8)
+
+
+def test_adjoint_updates_reach_the_adjoint_solution():
+    problem = synthetic(seed=2)
+    T, gamma = problem.transitions, problem.discount
+    g = torch.Generator().manual_seed(3)
+    pi = torch.softmax(torch.randn(10, 5, generator=g, dtype=DT), -1)
+    grad_pi = torch.randn(10, 5, generator=g, dtype=DT)
+    gg = pi * grad_pi
+    A = torch.eye(10, dtype=DT) - gamma * T.policy_matrix(pi)
+    b = gg.sum(-1) - gamma * T.pull(gg)
+    w_star = torch.linalg.solve(A.T, b)
+    for kind, steps in (("fixed_point", 60), ("lsq", 400)):
+        w = torch.zeros(10, dtype=DT)
+        for _ in range(steps):
+            w = adjoint_step(T, pi, gg, w, gamma, 0.5, kind)
+        torch.testing.assert_close(w, w_star, rtol=0, atol=1e-10)
+
+
+def test_stopping_rules_and_interruption():
+    problem = synthetic(seed=3)
+    tol = m_sobirl.run(problem, options(m_sobirl, outer=5000, beta=8e-3, tol=1e-3), Monitor())
+    assert tol.stopped_because == "converged" and tol.iterations < 5000
+    assert tol.history["hypergrad_norm"][-1] < 1e-3
+
+    class Interrupt(Monitor):
+        def update(self, iteration, objective, hypergrad_norm):
+            if iteration == 7:
+                raise KeyboardInterrupt
+
+    cut = m_sobirl.run(problem, options(m_sobirl, outer=100), Interrupt())
+    assert cut.stopped_because == "interrupted" and cut.iterations == 7
+    assert torch.isfinite(cut.x).all() and len(cut.history["objective"]) == 7
+    cut = exact.run(problem, options(exact, outer=100), Interrupt())
+    assert cut.stopped_because == "interrupted" and cut.iterations == 7
+
+    class Stop(Monitor):
+        def should_stop(self):
+            return True
+
+    assert m_sobirl.run(problem, options(m_sobirl), Stop()).iterations == 1
+    assert exact.run(problem, options(exact), Stop()).stopped_because == "stopped"
+    timed = m_sobirl.run(problem, options(m_sobirl, outer=10**6, time_limit=0.2), Monitor())
+    assert timed.stopped_because == "time_limit" and timed.extra["time"] < 2

@@ -1,0 +1,209 @@
+"""What a run leaves behind: progress lines, result.json, the pictures and the summary."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from bilevel_dsl.instance import GridLayout, TabularProblem
+from bilevel_dsl.softmdp import Transitions
+from solvers import SolveResult, solve
+from solvers.output import default_out_dir, summary_table, write_run
+from solvers.progress import ProgressMonitor
+
+
+class FakeClock:
+    """A clock the test moves by hand, so rates and time limits are exact."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_progress_off_a_terminal_prints_about_every_tenth() -> None:
+    stream, clock = io.StringIO(), FakeClock()
+    monitor = ProgressMonitor(100, stream, sign=-1.0, clock=clock)
+    for k in range(0, 101):
+        clock.now = 0.01 * k
+        monitor.update(k, -2.0, 0.5)
+    monitor.close()
+    lines = stream.getvalue().splitlines()
+    assert [line.split()[0] for line in lines] == [f"{k}/100" for k in range(10, 101, 10)]
+    assert "\r" not in stream.getvalue()
+    assert "objective 2 " in lines[-1]  # shown in the user's sense
+    assert "||h|| 0.5" in lines[-1] and "100.0 it/s" in lines[0] and "ETA 0:01" in lines[0]
+
+
+def test_progress_off_a_terminal_shows_where_an_early_stop_ended() -> None:
+    stream = io.StringIO()
+    monitor = ProgressMonitor(100, stream, clock=FakeClock())
+    for k in range(0, 15):
+        monitor.update(k, 1.0, 0.1)
+    monitor.close()
+    assert [line.split()[0] for line in stream.getvalue().splitlines()] == ["10/100", "14/100"]
+
+
+def test_progress_on_a_terminal_redraws_one_line() -> None:
+    stream, clock = Terminal(), FakeClock()
+    monitor = ProgressMonitor(50, stream, clock=clock)
+    for k in range(1, 51):
+        clock.now = 0.2 * k
+        monitor.update(k, 1.0, 0.1)
+    monitor.close()
+    text = stream.getvalue()
+    assert text.count("\r") == 50 and text.endswith("\n") and text.count("\n") == 1
+    assert "50/50 [####################] 100%" in text.splitlines()[-1]
+
+
+def test_time_limit_stops_the_run() -> None:
+    clock = FakeClock()
+    monitor = ProgressMonitor(10, io.StringIO(), time_limit=5.0, clock=clock)
+    assert not monitor.should_stop()
+    clock.now = 4.9
+    assert not monitor.should_stop()
+    clock.now = 5.0
+    assert monitor.should_stop()
+    assert not ProgressMonitor(10, io.StringIO(), clock=clock).should_stop()
+
+
+def test_default_out_dir_is_timestamped_and_unique(tmp_path: Path) -> None:
+    first = default_out_dir("maze", root=tmp_path)
+    assert first.parent == tmp_path and first.name.startswith("maze-")
+    first.mkdir()
+    second = default_out_dir("maze", root=tmp_path)
+    assert second != first and not second.exists()
+
+
+# A 2x3 grid with one wall:   S . #
+#                             . . G
+CELLS = ((0, 0), (0, 1), (1, 0), (1, 1), (1, 2))
+MOVES = ((-1, 0), (1, 0), (0, -1), (0, 1))
+
+
+def grid_problem(x0: torch.Tensor, sense: str = "maximize") -> TabularProblem:
+    index = {cell: s for s, cell in enumerate(CELLS)}
+    P = torch.zeros(len(CELLS), len(MOVES), len(CELLS), dtype=torch.float64)
+    for s, (row, col) in enumerate(CELLS):
+        for a, (d_row, d_col) in enumerate(MOVES):
+            P[s, a, index.get((row + d_row, col + d_col), s)] = 1.0
+    P[4] = 0.0  # the goal is terminal
+    layout = GridLayout(
+        rows=2, cols=3, cells=CELLS, walls=((0, 2),), start=0, goal=4,
+        action_names=("up", "down", "left", "right"), action_moves=MOVES,
+    )
+    return TabularProblem(
+        name="tiny_grid",
+        transitions=Transitions.from_dense(P),
+        discount=0.9,
+        initial=torch.tensor([1.0, 0, 0, 0, 0], dtype=torch.float64),
+        temperature=0.1,
+        reward=lambda x: torch.zeros(len(CELLS), len(MOVES), dtype=torch.float64),
+        objective=lambda x, pi: x.sum(),
+        x0=x0,
+        var_name="g",
+        sense=sense,
+        seed=3,
+        grid=layout,
+    )
+
+
+def fake_result(x: torch.Tensor) -> SolveResult:
+    policy = torch.full((len(CELLS), len(MOVES)), 0.1, dtype=torch.float64)
+    policy[[0, 1, 2, 3], [1, 1, 3, 3]] = 0.7  # down, down, right, right
+    return SolveResult(
+        x=x,
+        policy=policy,
+        objective=-1.5,
+        history={
+            "objective": [-1.0, -1.4, -1.5],
+            "hypergrad_norm": [1.0, 0.1, 0.0],
+            "time": [0.0, 0.01, 0.02],
+        },
+        iterations=2,
+        stopped_because="ran 2 outer iterations",
+        extra={"inner_residual": torch.tensor(float("nan"))},
+    )
+
+
+META = {
+    "solver": "m_sobirl",
+    "options": {"outer": 2, "beta": 0.05},
+    "timings": {"parse": 0.01, "compile": 0.02, "solve": 0.03},
+    "command": ["brl", "solve", "tiny.brl"],
+}
+
+
+def test_write_run_records_the_run(tmp_path: Path) -> None:
+    x = torch.tensor([1.0, 2.0], dtype=torch.float64)
+    problem = grid_problem(x)
+    written = write_run(tmp_path / "run", problem, fake_result(x), META)
+    assert [path.name for path in written] == ["result.json", "curve.png", "policy.png"]
+    for path in written[1:]:
+        assert path.read_bytes().startswith(b"\x89PNG")
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == sorted(
+        p.name for p in written
+    )  # the temporary JSON file is gone
+
+    record = json.loads(written[0].read_text())
+    assert {
+        "problem", "solver", "seed", "device", "x", "objective", "history", "iterations",
+        "stopped_because", "timings", "versions", "command",
+    } <= record.keys()
+    assert record["problem"] == "tiny_grid" and record["seed"] == 3 and record["device"] == "cpu"
+    assert record["solver"] == {"name": "m_sobirl", "options": {"outer": 2, "beta": 0.05}}
+    assert record["x"] == [1.0, 2.0]
+    assert record["objective"] == 1.5  # maximised: reported in the user's sense
+    assert record["history"]["objective"] == [1.0, 1.4, 1.5]
+    assert record["history"]["hypergrad_norm"] == [1.0, 0.1, 0.0]
+    assert record["extra"] == {"inner_residual": None}  # NaN is not JSON
+    assert record["timings"] == META["timings"] and record["command"] == META["command"]
+    assert set(record["versions"]) == {"brl", "python", "torch", "numpy"}
+
+
+def test_policy_picture_with_one_x_entry_per_state(tmp_path: Path) -> None:
+    x = torch.arange(len(CELLS), dtype=torch.float64)
+    problem = grid_problem(x, sense="minimize")
+    written = write_run(tmp_path, problem, fake_result(x), META)
+    assert (tmp_path / "policy.png") in written
+    assert json.loads((tmp_path / "result.json").read_text())["objective"] == -1.5
+
+
+def test_summary_table(tmp_path: Path) -> None:
+    x = torch.linspace(0, 1, 50, dtype=torch.float64)
+    problem = grid_problem(x)
+    table = summary_table(problem, fake_result(x), {**META, "out_dir": tmp_path})
+    rows = {line.split("  ")[0]: line for line in table.splitlines()}
+    assert "m_sobirl (outer=2, beta=0.05)" in rows["solver"]
+    assert rows["objective"].split()[-1] == "1.5"
+    assert rows["||h|| final"].split()[-1] == "0"
+    assert "..." in rows["g"] and "(shape (50,))" in rows["g"]
+    assert "parse 0.01 s" in rows["times"]
+    assert str(tmp_path) in rows["output"]
+
+
+@pytest.mark.parametrize("solver", ["m_sobirl", "exact"])
+def test_a_registered_solver_runs_end_to_end(solver: str, tmp_path: Path) -> None:
+    problem = grid_problem(torch.zeros(len(CELLS), dtype=torch.float64), sense="minimize")
+    problem.reward = lambda x: x.unsqueeze(-1).expand(len(CELLS), len(MOVES))
+    problem.objective = lambda x, pi: -pi[0, 1] + 0.01 * x.square().sum()
+    problem.features = frozenset({"policy"})
+    stream = io.StringIO()
+    spec, result = solve(problem, solver, {"outer": 20, "beta": 0.005}, ProgressMonitor(20, stream))
+    assert spec.name == solver
+    assert stream.getvalue().splitlines()[0].startswith("2/20")
+    written = write_run(tmp_path, problem, result, {"solver": spec.name})
+    record = json.loads(written[0].read_text())
+    assert record["objective"] == pytest.approx(result.objective)
+    assert len(record["history"]["objective"]) == len(result.history["objective"])
+    assert "policy.png" in {path.name for path in written}

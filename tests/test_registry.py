@@ -1,0 +1,322 @@
+"""The solver registry: lookup, capability checks, options and the text it prints."""
+
+from __future__ import annotations
+
+import re
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from solvers import (
+    AUTO_ORDER,
+    REGISTRY,
+    Capabilities,
+    IncapableSolverError,
+    Monitor,
+    NoCapableSolverError,
+    Option,
+    OptionError,
+    ProblemFeatures,
+    Registry,
+    SolveResult,
+    SolverSpec,
+    UnknownSolverError,
+    describe,
+    parse_option_value,
+    resolve,
+    solve,
+)
+
+POLICY_FEATURES = frozenset({"policy", "value", "occupancy", "entropy"})
+
+
+def fake_run(problem: object, options: dict, monitor: Monitor) -> SolveResult:
+    for k in range(1, 4):
+        monitor.update(k, 1.0 / k, 0.1 / k)
+    return SolveResult(
+        x=torch.zeros(2),
+        policy=torch.full((3, 2), 0.5),
+        objective=1 / 3,
+        history={"objective": [1.0, 0.5, 1 / 3], "hypergrad_norm": [0.1, 0.05, 0.03],
+                 "time": [0.0, 0.1, 0.2]},
+        iterations=3,
+        stopped_because=f"ran {options['outer']} outer iterations",
+    )
+
+
+def make_spec(
+    name: str,
+    aliases: tuple[str, ...] = (),
+    forms: frozenset[str] = frozenset({"policy_functional"}),
+    features: frozenset[str] = POLICY_FEATURES,
+    devices: frozenset[str] = frozenset({"cpu", "cuda"}),
+) -> SolverSpec:
+    return SolverSpec(
+        name=name,
+        aliases=aliases,
+        summary=f"fake solver {name}",
+        capabilities=Capabilities(
+            model_based=True,
+            environments=frozenset({"tabular"}),
+            forms=forms,
+            features=features,
+            devices=devices,
+        ),
+        options=(
+            Option("outer", int, 500, "outer iterations"),
+            Option("beta", float, 0.05, "upper step size"),
+            Option("method", str, "direct", "adjoint solve", choices=("direct", "gmres")),
+            Option("warm_start", bool, True, "reuse the last policy"),
+            Option("time_limit", float, None, "seconds before stopping"),
+        ),
+        run=fake_run,
+    )
+
+
+@pytest.fixture
+def registry() -> Registry:
+    reg = Registry()
+    reg.register(make_spec("m_sobirl", aliases=("msobirl",)))
+    reg.register(make_spec("exact", aliases=("reference",), devices=frozenset({"cpu"})))
+    reg.register(
+        make_spec(
+            "drlhf",
+            forms=frozenset({"trajectory"}),
+            features=frozenset({"expected_return", "preference_loss"}),
+        )
+    )
+    return reg
+
+
+def features(
+    form: str = "policy_functional",
+    feats: frozenset[str] = frozenset({"value"}),
+    device: str = "cpu",
+) -> ProblemFeatures:
+    return ProblemFeatures("tabular", form, feats, device)
+
+
+def test_global_registry_imports_with_solver_modules_missing() -> None:
+    # Whatever built-ins exist so far are registered in the documented auto order.
+    names = REGISTRY.names()
+    assert names == [name for name in AUTO_ORDER if name in names]
+
+
+def test_missing_builtin_module_is_skipped_but_a_broken_one_raises(tmp_path, monkeypatch) -> None:
+    assert Registry(["solvers._not_written_yet"]).names() == []
+    (tmp_path / "broken_solver.py").write_text("import no_such_dependency_xyz\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(ModuleNotFoundError):
+        Registry(["broken_solver"]).names()
+
+
+def test_get_by_name_alias_case_and_dash(registry: Registry) -> None:
+    assert registry.get("m_sobirl").name == "m_sobirl"
+    assert registry.get("msobirl").name == "m_sobirl"
+    assert registry.get("M-SoBiRL").name == "m_sobirl"
+    assert registry.get("reference").name == "exact"
+    assert registry.names() == ["m_sobirl", "exact", "drlhf"]
+
+
+def test_unknown_solver_suggests_and_lists(registry: Registry) -> None:
+    with pytest.raises(UnknownSolverError) as info:
+        registry.get("m_sobril")
+    message = str(info.value)
+    assert "did you mean `m_sobirl`?" in message
+    for name in ("m_sobirl", "exact", "drlhf"):
+        assert f"`{name}`" in message
+
+
+def test_duplicate_name_or_alias_is_refused(registry: Registry) -> None:
+    with pytest.raises(ValueError, match="already used"):
+        registry.register(make_spec("other", aliases=("msobirl",)))
+
+
+def test_missing_lists_form_features_and_device(registry: Registry) -> None:
+    problem = features("trajectory", frozenset({"preference_loss", "value"}), "cuda")
+    assert registry.missing(registry.get("exact"), problem) == [
+        "objective form `trajectory`",
+        "feature `preference_loss`",
+        "device `cuda`",
+    ]
+    assert registry.missing(registry.get("m_sobirl"), features()) == []
+
+
+def test_incapable_solver_gets_a_table(registry: Registry) -> None:
+    problem = features("trajectory", frozenset({"preference_loss"}), "cuda")
+    with pytest.raises(IncapableSolverError) as info:
+        registry.check_capable(registry.get("exact"), problem)
+    lines = str(info.value).splitlines()
+    assert lines[0] == "solver `exact` cannot solve this problem:"
+    assert lines[1].split() == ["problem", "needs", "exact", "accepts"]
+    assert lines[3].split()[:3] == ["objective", "form", "trajectory"]
+    assert any(line.split()[:2] == ["feature", "preference_loss"] for line in lines)
+    assert any(line.split()[:3] == ["device", "cuda", "cpu"] for line in lines)
+    assert lines[-1] == "solvers that can: `drlhf`"
+    registry.check_capable(registry.get("m_sobirl"), features())  # capable: no error
+
+
+def test_auto_picks_first_capable_in_order(registry: Registry) -> None:
+    assert registry.auto(features()).name == "m_sobirl"
+    assert registry.auto(features("trajectory", frozenset({"preference_loss"}))).name == "drlhf"
+
+
+def test_auto_without_a_capable_solver_says_what_each_lacks(registry: Registry) -> None:
+    with pytest.raises(NoCapableSolverError) as info:
+        registry.auto(features(feats=frozenset({"value", "telepathy"})))
+    message = str(info.value)
+    for name in ("m_sobirl", "exact", "drlhf"):
+        assert any(line.startswith(name) and "feature `telepathy`" in line
+                   for line in message.splitlines())
+
+
+def test_validate_options_fills_defaults_and_types(registry: Registry) -> None:
+    spec = registry.get("m_sobirl")
+    typed = registry.validate_options(spec, {"outer": 10, "beta": 1})
+    assert typed == {"outer": 10, "beta": 1.0, "method": "direct", "warm_start": True,
+                     "time_limit": None}
+    assert type(typed["beta"]) is float
+    assert registry.validate_options(spec, {"time_limit": 5})["time_limit"] == 5.0
+
+
+@pytest.mark.parametrize(
+    ("options", "expected"),
+    [
+        ({"outer": 1.5}, "`outer` expects an integer, got 1.5"),
+        ({"outer": True}, "`outer` expects an integer, got true (bool)"),
+        ({"beta": "big"}, "`beta` expects a number"),
+        ({"beta": False}, "`beta` expects a number"),
+        ({"warm_start": 1}, "`warm_start` expects true or false"),
+        ({"method": "gmrs"}, "did you mean `gmres`?"),
+        ({"outr": 3}, "has no option `outr`; did you mean `outer`?"),
+        ({"outer": None}, "`outer` expects an integer, got none"),
+    ],
+)
+def test_validate_options_rejects(registry: Registry, options: dict, expected: str) -> None:
+    with pytest.raises(OptionError, match=re.escape(expected)):
+        registry.validate_options(registry.get("m_sobirl"), options)
+
+
+@pytest.mark.parametrize(
+    ("name", "text", "value"),
+    [
+        ("outer", "200", 200),
+        ("outer", " -3 ", -3),
+        ("beta", "1e-3", 1e-3),
+        ("beta", "2", 2.0),
+        ("method", "gmres", "gmres"),
+        ("warm_start", "false", False),
+        ("warm_start", "Yes", True),
+        ("time_limit", "none", None),
+        ("time_limit", "60", 60.0),
+    ],
+)
+def test_parse_option_value_good(registry: Registry, name: str, text: str, value: object) -> None:
+    option = {o.name: o for o in registry.get("m_sobirl").options}[name]
+    parsed = parse_option_value(option, text)
+    assert parsed == value and type(parsed) is type(value)
+
+
+@pytest.mark.parametrize(
+    ("name", "text", "expected"),
+    [
+        ("outer", "2.5", "option `outer` expects an integer, got `2.5`"),
+        ("outer", "none", "option `outer` expects an integer, got `none`"),
+        ("beta", "fast", "option `beta` expects a number, got `fast`"),
+        ("warm_start", "maybe", "option `warm_start` expects true or false, got `maybe`"),
+        ("method", "lu", "option `method` must be one of direct, gmres; got lu"),
+    ],
+)
+def test_parse_option_value_bad(registry: Registry, name: str, text: str, expected: str) -> None:
+    option = {o.name: o for o in registry.get("m_sobirl").options}[name]
+    with pytest.raises(OptionError) as info:
+        parse_option_value(option, text)
+    assert str(info.value) == expected
+
+
+def test_option_declaration_is_checked() -> None:
+    with pytest.raises(OptionError):
+        Option("outer", int, 0.5, "bad default")
+    with pytest.raises(OptionError):
+        Option("method", str, "lu", "default not a choice", choices=("direct",))
+    with pytest.raises(TypeError):
+        Option("shape", tuple, (), "unsupported type")
+
+
+def test_capability_matrix_lists_every_solver(registry: Registry) -> None:
+    matrix = registry.capability_matrix()
+    lines = matrix.splitlines()
+    assert lines[0].split() == ["solver", "model", "environments", "forms", "features",
+                                "devices", "aliases"]
+    for name in registry.names():
+        assert any(line.startswith(name) for line in lines)
+    assert "msobirl" in matrix and "preference_loss" in matrix
+    assert lines[-1] == "auto order: m_sobirl, exact, drlhf"
+    assert Registry().capability_matrix() == "no solvers registered"
+
+
+def test_describe_shows_options(registry: Registry) -> None:
+    text = describe(registry.get("m_sobirl"))
+    assert text.startswith("m_sobirl (aliases: msobirl): fake solver m_sobirl")
+    assert "model-based" in text
+    option_lines = {line.split()[0]: line.split() for line in text.splitlines() if line}
+    assert option_lines["outer"][:3] == ["outer", "int", "500"]
+    assert option_lines["time_limit"][:3] == ["time_limit", "float", "none"]
+    assert "(one of: direct, gmres)" in text
+
+
+def fake_problem(**changes: object) -> SimpleNamespace:
+    fields = {
+        "form": "policy_functional",
+        "features": frozenset({"value"}),
+        "x0": torch.zeros(2),
+        "solver": "m_sobirl",
+        "solver_options": {"outer": 7, "beta": 0.5},
+    }
+    fields.update(changes)
+    problem = SimpleNamespace(**fields)
+    problem.device = problem.x0.device
+    return problem
+
+
+def test_problem_features_of_a_problem() -> None:
+    problem = fake_problem(features=frozenset({"value", "entropy"}))
+    assert ProblemFeatures.of(problem) == ProblemFeatures(
+        "tabular", "policy_functional", frozenset({"value", "entropy"}), "cpu"
+    )
+
+
+def test_resolve_merges_file_options_under_explicit_ones(registry: Registry) -> None:
+    spec, typed = resolve(fake_problem(), None, {"beta": 0.1}, registry)
+    assert spec.name == "m_sobirl"
+    assert (typed["outer"], typed["beta"]) == (7, 0.1)
+    # The file's options belong to the file's solver: another solver starts from its defaults.
+    spec, typed = resolve(fake_problem(), "exact", None, registry)
+    assert (spec.name, typed["outer"]) == ("exact", 500)
+    spec, typed = resolve(fake_problem(solver=None, solver_options={}), None, None, registry)
+    assert spec.name == "m_sobirl"
+
+
+def test_resolve_refuses_an_incapable_solver(registry: Registry) -> None:
+    with pytest.raises(IncapableSolverError):
+        resolve(fake_problem(form="trajectory"), "exact", None, registry)
+
+
+def test_solve_runs_the_solver_and_closes_the_monitor(registry: Registry) -> None:
+    class Recorder(Monitor):
+        def __init__(self) -> None:
+            self.seen: list[int] = []
+            self.closed = False
+
+        def update(self, iteration: int, objective: float, hypergrad_norm: float) -> None:
+            self.seen.append(iteration)
+
+        def close(self) -> None:
+            self.closed = True
+
+    monitor = Recorder()
+    spec, result = solve(fake_problem(), "msobirl", {"outer": 3}, monitor, registry)
+    assert spec.name == "m_sobirl"
+    assert result.stopped_because == "ran 3 outer iterations"
+    assert monitor.seen == [1, 2, 3] and monitor.closed

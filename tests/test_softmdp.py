@@ -1,0 +1,218 @@
+"""The soft-MDP kernel: dense and sparse storage agree, and every solve matches numpy."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from bilevel_dsl.softmdp import (
+    Transitions,
+    occupancy,
+    policy_evaluation,
+    policy_matvec,
+    policy_rmatvec,
+    soft_bellman,
+    soft_policy,
+    soft_q,
+    soft_value_iteration,
+    solve_policy_system,
+)
+
+DT = torch.float64
+
+
+def random_P(S: int, A: int, seed: int, density: float = 0.2, mass: float = 1.0) -> torch.Tensor:
+    """Random (S, A, S) kernel; rows scaled to ``mass`` (below one: sub-stochastic)."""
+    g = torch.Generator().manual_seed(seed)
+    weights = torch.rand(S, A, S, generator=g, dtype=DT)
+    weights = weights * (torch.rand(S, A, S, generator=g, dtype=DT) < density)
+    weights[..., 0] += 1e-3  # no empty row
+    return weights / weights.sum(-1, keepdim=True) * mass
+
+
+def both(P: torch.Tensor) -> tuple[Transitions, Transitions]:
+    dense = Transitions.from_dense(P)
+    return dense, Transitions.from_coo(*dense.coo(), P.shape[0], P.shape[1])
+
+
+def random_policy(S: int, A: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.softmax(torch.randn(S, A, generator=g, dtype=DT), -1)
+
+
+def test_dense_and_sparse_agree():
+    S, A = 30, 4
+    dense, sparse = both(random_P(S, A, 0, mass=0.95))
+    g = torch.Generator().manual_seed(1)
+    v, y = torch.randn(S, 3, generator=g, dtype=DT), torch.randn(S, A, 2, generator=g, dtype=DT)
+    r, rho = torch.randn(S, A, generator=g, dtype=DT), torch.rand(S, generator=g, dtype=DT)
+    pi = random_policy(S, A, 2)
+    assert sparse.is_sparse and not dense.is_sparse
+    torch.testing.assert_close(dense.expect(v), sparse.expect(v), rtol=0, atol=1e-14)
+    torch.testing.assert_close(dense.expect(v[:, 0]), sparse.expect(v[:, 0]), rtol=0, atol=1e-14)
+    torch.testing.assert_close(dense.pull(y), sparse.pull(y), rtol=0, atol=1e-14)
+    torch.testing.assert_close(dense.pull(r), sparse.pull(r), rtol=0, atol=1e-14)
+    torch.testing.assert_close(dense.row_sums(), sparse.row_sums(), rtol=0, atol=1e-14)
+    torch.testing.assert_close(dense.dense(), sparse.dense(), rtol=0, atol=0)
+    torch.testing.assert_close(dense.policy_matrix(pi), sparse.policy_matrix(pi))
+    assert dense.nnz == sparse.nnz
+    for T in (dense, sparse):
+        assert T.n_states == S and T.n_actions == A and T.dtype == DT
+        assert T.device == torch.device("cpu") and T.nbytes() > 0
+    V = v[:, 0]
+    torch.testing.assert_close(soft_bellman(dense, r, V, 0.9, 0.3),
+                               soft_bellman(sparse, r, V, 0.9, 0.3))
+    Vd, nd = soft_value_iteration(dense, r, 0.9, 0.3)
+    Vs, ns = soft_value_iteration(sparse, r, 0.9, 0.3)
+    torch.testing.assert_close(Vd, Vs, rtol=0, atol=1e-12)
+    torch.testing.assert_close(policy_evaluation(dense, r, pi, 0.9, 0.3),
+                               policy_evaluation(sparse, r, pi, 0.9, 0.3), rtol=0, atol=1e-12)
+    torch.testing.assert_close(occupancy(dense, pi, rho, 0.9), occupancy(sparse, pi, rho, 0.9),
+                               rtol=0, atol=1e-12)
+    for method in ("direct", "krylov", "fixed_point"):
+        for transpose in (False, True):
+            torch.testing.assert_close(
+                solve_policy_system(dense, pi, V, 0.9, transpose, method),
+                solve_policy_system(sparse, pi, V, 0.9, transpose, method), rtol=0, atol=1e-10)
+
+
+def test_products_are_adjoint_and_differentiable():
+    S, A = 12, 3
+    for T in both(random_P(S, A, 3, density=0.4)):
+        g = torch.Generator().manual_seed(4)
+        v = torch.randn(S, generator=g, dtype=DT, requires_grad=True)
+        y = torch.randn(S, A, generator=g, dtype=DT, requires_grad=True)
+        torch.testing.assert_close((T.expect(v) * y).sum(), (v * T.pull(y)).sum())
+        assert torch.autograd.gradcheck(T.expect, (v,))
+        assert torch.autograd.gradcheck(T.pull, (y,))
+        assert torch.autograd.gradgradcheck(T.expect, (v,))
+        pi = random_policy(S, A, 5)
+        w = torch.randn(S, generator=g, dtype=DT)
+        torch.testing.assert_close(policy_matvec(T, pi, w), T.policy_matrix(pi) @ w)
+        torch.testing.assert_close(policy_rmatvec(T, pi, w), T.policy_matrix(pi).T @ w)
+
+
+def test_from_coo_sums_duplicates_and_checks_indices():
+    rows = torch.tensor([0, 0, 0, 3, 5])
+    cols = torch.tensor([1, 1, 2, 0, 2])
+    vals = torch.tensor([0.25, 0.25, 0.5, 1.0, 0.0], dtype=DT)
+    T = Transitions.from_coo(rows, cols, vals, n_states=3, n_actions=2)
+    expected = torch.zeros(3, 2, 3, dtype=DT)
+    expected[0, 0, 1], expected[0, 0, 2], expected[1, 1, 0] = 0.5, 0.5, 1.0
+    torch.testing.assert_close(T.dense(), expected)
+    assert T.nnz == 3  # duplicates merged, explicit zero dropped
+    torch.testing.assert_close(T.row_sums(), expected.sum(-1))
+    with pytest.raises(ValueError, match="out of range"):
+        Transitions.from_coo(torch.tensor([6]), torch.tensor([0]), torch.ones(1), 3, 2)
+
+
+def test_auto_picks_storage_by_size_and_density():
+    small = random_P(10, 2, 0)
+    assert not Transitions.auto(small).is_sparse
+    S, A = 400, 8  # 1.28M entries, 1% dense
+    rows = torch.arange(S * A).repeat_interleave(4)
+    cols = torch.randint(0, S, (S * A * 4,), generator=torch.Generator().manual_seed(0))
+    vals = torch.full((S * A * 4,), 0.25, dtype=DT)
+    T = Transitions.auto((rows, cols, vals), S, A)
+    assert T.is_sparse
+    torch.testing.assert_close(T.row_sums(), torch.ones(S, A, dtype=DT))
+    assert Transitions.auto(T.dense()).is_sparse
+
+
+@pytest.mark.parametrize("gamma", [0.5, 0.9, 0.99])
+@pytest.mark.parametrize("tau", [1.0, 0.05])
+def test_value_iteration_reaches_the_soft_bellman_fixed_point(gamma, tau):
+    S, A = 25, 3
+    g = torch.Generator().manual_seed(7)
+    r = torch.randn(S, A, generator=g, dtype=DT)
+    for T in both(random_P(S, A, 6)):
+        V, iterations = soft_value_iteration(T, r, gamma, tau, tol=1e-11)
+        Q = soft_q(T, r, V, gamma)
+        torch.testing.assert_close(soft_bellman(T, r, V, gamma, tau), V, rtol=0, atol=1e-10)
+        pi = soft_policy(Q, tau)
+        # softmax temporal consistency and V* = V^{pi*} with the entropy bonus
+        torch.testing.assert_close(pi, torch.exp((Q - V[:, None]) / tau), rtol=1e-8, atol=0)
+        torch.testing.assert_close(policy_evaluation(T, r, pi, gamma, tau), V, rtol=0, atol=1e-9)
+        # warm start from the answer stops within a few rounding-limited steps
+        _, warm = soft_value_iteration(T, r, gamma, tau, V0=V, tol=1e-10)
+        assert warm <= min(30, iterations // 10)
+
+
+@pytest.mark.parametrize("tau", [0.0, 0.7])
+def test_policy_evaluation_matches_numpy(tau):
+    S, A, gamma = 20, 3, 0.95
+    P = random_P(S, A, 8, mass=0.9)
+    g = torch.Generator().manual_seed(9)
+    r = torch.randn(S, A, generator=g, dtype=DT)
+    pi = random_policy(S, A, 10)
+    Pn, rn, pn = P.numpy(), r.numpy(), pi.numpy()
+    P_pi = np.einsum("sa,sat->st", pn, Pn)
+    b = (pn * (rn - tau * np.log(pn))).sum(-1)
+    expected = np.linalg.solve(np.eye(S) - gamma * P_pi, b)
+    rho = np.full(S, 1.0 / S)
+    mu = np.linalg.solve((np.eye(S) - gamma * P_pi).T, rho)
+    for T in both(P):
+        for method in ("direct", "krylov", "fixed_point"):
+            V = policy_evaluation(T, r, pi, gamma, tau, method=method)
+            np.testing.assert_allclose(V.numpy(), expected, rtol=1e-10, atol=1e-10)
+            d = occupancy(T, pi, torch.from_numpy(rho), gamma, method=method)
+            np.testing.assert_allclose(d.numpy(), pn * mu[:, None], rtol=1e-10, atol=1e-12)
+            if tau == 0.0:  # sum d r = rho . V^pi
+                np.testing.assert_allclose((d * r).sum().item(), rho @ expected, rtol=1e-10)
+
+
+@pytest.mark.parametrize("method", ["direct", "krylov"])
+def test_policy_evaluation_and_occupancy_gradients(method):
+    S, A, gamma = 7, 3, 0.9
+    g = torch.Generator().manual_seed(11)
+    logits = torch.randn(S, A, generator=g, dtype=DT, requires_grad=True)
+    r = torch.randn(S, A, generator=g, dtype=DT, requires_grad=True)
+    rho = torch.rand(S, generator=g, dtype=DT, requires_grad=True)
+    for T in both(random_P(S, A, 12, density=0.5, mass=0.97)):
+        def value(r, logits, T=T):
+            return policy_evaluation(T, r, torch.softmax(logits, -1), gamma, 0.3, method=method)
+
+        def visits(logits, rho, T=T):
+            return occupancy(T, torch.softmax(logits, -1), rho, gamma, method=method)
+
+        def solve(pi, b, T=T):
+            return solve_policy_system(T, pi, b, gamma, transpose=True, method=method)
+
+        assert torch.autograd.gradcheck(value, (r, logits))
+        assert torch.autograd.gradcheck(visits, (logits, rho))
+        pi = random_policy(S, A, 13).requires_grad_(True)  # raw pi entries, not via softmax
+        assert torch.autograd.gradcheck(solve, (pi, rho))
+
+
+def test_extreme_temperature_and_rewards_stay_finite():
+    S, A, gamma, tau = 40, 5, 0.9, 1e-4
+    g = torch.Generator().manual_seed(14)
+    r = (1e4 * torch.randn(S, A, generator=g, dtype=DT)).requires_grad_(True)
+    for T in both(random_P(S, A, 15)):
+        V, _ = soft_value_iteration(T, r, gamma, tau)
+        Q = soft_q(T, r, V, gamma)
+        pi = soft_policy(Q, tau)
+        assert torch.isfinite(V).all() and torch.isfinite(pi).all()
+        assert (pi == 0).any()  # underflow really happens here
+        torch.testing.assert_close(soft_bellman(T, r, V, gamma, tau), V, rtol=1e-12, atol=1e-9)
+        value = policy_evaluation(T, r, pi, gamma, tau)
+        (grad,) = torch.autograd.grad(value.sum(), r)
+        assert torch.isfinite(value).all() and torch.isfinite(grad).all()
+        torch.testing.assert_close(value, V, rtol=1e-10, atol=1e-6)
+
+
+def test_substochastic_rows_and_undiscounted_episodes():
+    # a chain 0 -> 1 -> 2 -> end (all mass leaves the MDP from state 2), one action
+    S, A = 3, 1
+    rows, cols = torch.tensor([0, 1]), torch.tensor([1, 2])
+    T = Transitions.from_coo(rows, cols, torch.ones(2, dtype=DT), S, A)
+    torch.testing.assert_close(T.row_sums(), torch.tensor([[1.0], [1.0], [0.0]], dtype=DT))
+    r = torch.tensor([[1.0], [2.0], [4.0]], dtype=DT)
+    V, _ = soft_value_iteration(T, r, 1.0, 0.5)
+    torch.testing.assert_close(V, torch.tensor([7.0, 6.0, 4.0], dtype=DT))
+    pi = torch.ones(S, A, dtype=DT)
+    for method in ("direct", "krylov", "fixed_point"):
+        torch.testing.assert_close(policy_evaluation(T, r, pi, 1.0, method=method), V)
+    d = occupancy(T, pi, torch.tensor([1.0, 0.0, 0.0], dtype=DT), 1.0)
+    torch.testing.assert_close(d, torch.ones(S, A, dtype=DT))
