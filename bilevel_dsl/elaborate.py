@@ -396,11 +396,8 @@ class _Elaborator:
     def _let(self, decl: ir.LetDecl) -> None:
         let = LetDef(decl, tuple(self._dims(decl.dims)))
         self.names[decl.name] = let
-        if "policy" in ir.objective_features(decl.value) or any(
-            f in ir.objective_features(decl.value) for f in ir.POLICY_FUNCTIONALS
-            + ir.TRAJECTORY_FUNCTIONALS
-        ):
-            return  # checked where the upper objective uses it
+        if ir.objective_features(decl.value):
+            return  # uses the policy: checked where the upper objective uses it
         x = self.var.x0 if self.var is not None else None
         evaluate_val(ir.Name(decl.name_span, decl.name), self._scope(x))
 

@@ -79,12 +79,25 @@ class Scope:
 # ------------------------------------------------------------------ helpers
 
 
+_CONSTANTS_CACHE: dict[tuple[float, torch.device], torch.Tensor] = {}
+
+
 def scalar(value: float, device: torch.device, kind: str = "real") -> Val:
-    return Val(torch.tensor(value, dtype=DTYPE, device=device), kind=kind)
+    """A 0-d tensor; literals are cached (values are never modified in place)."""
+    key = (value, device)
+    t = _CONSTANTS_CACHE.get(key)
+    if t is None:
+        t = torch.tensor(value, dtype=DTYPE, device=device)
+        if len(_CONSTANTS_CACHE) < 4096:
+            _CONSTANTS_CACHE[key] = t
+    return Val(t, kind=kind)
 
 
 def align(values: list[Val], span: ir.Span) -> tuple[tuple[str, ...], list[torch.Tensor], tuple]:
     """Put values on a common set of named axes and broadcastable trailing dimensions."""
+    first = values[0]
+    if all(v.axes == first.axes and not v.dims for v in values):
+        return first.axes, [v.t for v in values], ()  # the common case: element-wise scalars
     axes: list[str] = []
     for v in values:
         for a in v.axes:
@@ -461,7 +474,10 @@ def _binary(node: ir.Binary, scope: Scope) -> Val:
     left = evaluate_val(node.left, scope)
     right = evaluate_val(node.right, scope)
     axes, (a, b), dims = align([left, right], node.span)
-    a, b = a.to(DTYPE), b.to(DTYPE)
+    if a.dtype != DTYPE:
+        a = a.to(DTYPE)
+    if b.dtype != DTYPE:
+        b = b.to(DTYPE)
     if node.op in _ARITH:
         kind = "int" if left.kind == right.kind == "int" and node.op in "+-*" else "real"
         if node.op == "^" and left.kind == "int" and right.kind == "int":

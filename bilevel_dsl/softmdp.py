@@ -284,8 +284,14 @@ def soft_bellman(P: Transitions, r: Tensor, V: Tensor, gamma: float, tau: float)
 
 
 def soft_policy(Q: Tensor, tau: float) -> Tensor:
-    """``pi[s,a] = softmax_a(Q[s,a] / tau)``."""
-    return torch.softmax(Q / tau, dim=-1)
+    """``pi[s,a] = softmax_a(Q[s,a] / tau)``, shifted by the (constant) row maximum.
+
+    Written out rather than ``torch.softmax``: on CPU that kernel opens a parallel region even
+    for a handful of rows, which costs milliseconds per call on a busy machine.
+    """
+    z = Q / tau
+    e = torch.exp(z - z.detach().amax(-1, keepdim=True))
+    return e / e.sum(-1, keepdim=True)
 
 
 def _scaled_steps(P: Transitions, r_scaled: Tensor, u: Tensor, gamma: float, n: int) -> Tensor:

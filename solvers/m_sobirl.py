@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from bilevel_dsl.instance import POLICY_FUNCTIONAL, TRAJECTORY, TabularProblem
-from bilevel_dsl.softmdp import Transitions, policy_matvec, soft_bellman_steps
+from bilevel_dsl.softmdp import Transitions, policy_matvec, soft_bellman_steps, soft_policy
 
 from .hypergrad import reward_vjp, upper_derivatives
 from .registry import Capabilities, Option, SolverSpec
@@ -73,7 +73,7 @@ def run(problem: TabularProblem, options: dict[str, Any], monitor: Monitor) -> S
                 # 2. adjoint step: w_{k+1}
                 w = adjoint_step(P, pi, g, w, gamma, zeta, options["adjoint"])
                 # 3. hyper-gradient estimate, pihat_k = softmax(Q_k / tau) held constant
-                pihat = torch.softmax(Q / tau, dim=-1)
+                pihat = soft_policy(Q, tau)
                 v = (g - pihat * w.unsqueeze(-1)) / tau
             h = grad_x + reward_vjp(x, r, v)
             with torch.no_grad():

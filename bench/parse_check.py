@@ -1,0 +1,87 @@
+"""Parse-and-check time of a generated 10,000-line .brl file (issue 2's target: <= 2 s).
+
+    python bench/parse_check.py [--lines 10000] [--repeat 3]
+
+Prints a table of the best of `--repeat` runs for each stage.  Not a test: it measures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import time
+
+from bilevel_dsl import SourceFile, parse_source
+from bilevel_dsl.elaborate import elaborate
+
+
+def generate(lines: int) -> str:
+    """A file that exercises every statement kind, scaled to about `lines` lines."""
+    out = [
+        "brl 1",
+        'problem generated "A generated stress file"',
+        "seed 1",
+        "set S = 0..19",
+        "set A = {left, right, stay}",
+        "mdp M = random_mdp(states = 20, actions = 3, discount = 0.9)",
+        "var x[M.S, M.A] = 0 in [-1, 1]",
+    ]
+    body = 0
+    while len(out) < lines - 8:
+        i = body
+        kind = i % 6
+        if kind == 0:
+            out.append(f"param p{i} = {i % 7} * 0.5 + {i % 3} ^ 2 - (1 + {i % 5}) / 3")
+        elif kind == 1:
+            out.append(f"param v{i}[s in S] = s * 0.01 + {i % 11}")
+        elif kind == 2:
+            out.append(f"param r{i}[M.S, M.A] ~ uniform(0, 1)")
+        elif kind == 3:
+            out.append(f"let l{i} = sum {{s in M.S, a in M.A}} x[s, a] * r{i - 1}[s, a]")
+        elif kind == 4:
+            out.append(f"check sum {{s in S}} v{i - 3}[s] >= 0, \"line {len(out) + 1}\"")
+        else:
+            out.append(f"# comment {i}: if then else")
+            out.append(f"param c{i} = if p{i - 5} > 1 then max(p{i - 5}, 2) else min(1, 3)")
+        body += 1
+    out += [
+        "lower M {",
+        "    temperature = 0.5",
+        "    reward[s, a] = x[s, a] + r2[s, a]",
+        "}",
+        "upper minimize norm2(x) - value(M, policy)",
+        "solve m_sobirl(outer = 10)",
+    ]
+    return "\n".join(out) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--lines", type=int, default=10_000)
+    parser.add_argument("--repeat", type=int, default=3)
+    args = parser.parse_args()
+    text = generate(args.lines)
+    source = SourceFile("generated.brl", text)
+    parse_source(SourceFile("warm-up.brl", "brl 1\nparam a = 1\n"))  # builds the parser once
+    best = {"parse": float("inf"), "check": float("inf"), "total": float("inf")}
+    for _ in range(args.repeat):
+        start = time.perf_counter()
+        program = parse_source(source)
+        parsed = time.perf_counter()
+        elaborate(program, source)
+        done = time.perf_counter()
+        best["parse"] = min(best["parse"], parsed - start)
+        best["check"] = min(best["check"], done - parsed)
+        best["total"] = min(best["total"], done - start)
+    lines = text.count("\n")
+    print(f"machine: {platform.processor() or platform.machine()}, python "
+          f"{platform.python_version()}")
+    print(f"file: {lines} lines, {len(text) / 1024:.0f} KiB, {len(program.statements)} statements")
+    print(f"{'stage':<8} {'best of ' + str(args.repeat):>12}")
+    for stage, seconds in best.items():
+        print(f"{stage:<8} {seconds:>10.3f} s")
+    print(f"target: total <= 2 s -> {'met' if best['total'] <= 2.0 else 'NOT met'}")
+
+
+if __name__ == "__main__":
+    main()
