@@ -61,9 +61,10 @@ def render(diag: Diagnostic, source: SourceFile | None) -> str:
         lines = [f"{name}:{span.line}:{span.column}: {diag.severity}[{diag.code}]: {diag.message}"]
         if source is not None:
             lines.extend(_excerpt(source, span))
-    lines.extend(f"  = note: {note}" for note in diag.notes)
+    indent = " " * (len(str(diag.span.line)) + 1 if diag.span is not None else 2)
+    lines.extend(f"{indent}= note: {note}" for note in diag.notes)
     if diag.hint:
-        lines.append(f"  = hint: {diag.hint}")
+        lines.append(f"{indent}= hint: {diag.hint}")
     return "\n".join(lines)
 
 

@@ -685,6 +685,8 @@ class _Elaborator:
             scope.policy = torch.full((mdp.states.size, mdp.actions.size),
                                       1.0 / mdp.actions.size, dtype=DTYPE)
         elif decl.features:
+            if self.program.first(ir.LowerDecl) is not None:
+                raise Cascade()  # the lower block failed and has been reported
             use = ir.first_policy_use(decl.objective)
             raise EvalError("E501", "the objective uses the follower's policy, but no `lower` "
                             "block defines a follower", use.span if use else decl.span,

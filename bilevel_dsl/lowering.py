@@ -39,7 +39,7 @@ def _on_device(names: dict[str, object], device: torch.device) -> dict[str, obje
 
 
 def lower(checked: CheckedProgram, device: str | torch.device | None = None) -> TabularProblem:
-    """The tabular instance of a checked program.  ``device`` overrides the file's `solve ... on`."""
+    """The tabular instance of a checked program; ``device`` overrides the file's `on ...`."""
     if checked.var is None or checked.lower is None or checked.upper is None:
         missing = [w for w, v in (("a `var`", checked.var), ("a `lower` block", checked.lower),
                                   ("an `upper` objective", checked.upper)) if v is None]
