@@ -7,6 +7,7 @@ must stay inside it (no absolute paths, no `..` escape, symbolic links resolved 
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -40,12 +41,30 @@ def load_array(name: str, base_dir: Path | None, span: Span) -> np.ndarray:
     try:
         if path.suffix.lower() == ".npy":
             array = np.load(path, allow_pickle=False)
+            if not isinstance(array, np.ndarray):  # an .npz archive under a .npy name
+                array.close()
+                raise EvalError("E602", f"`{name}` is an .npz archive, not a .npy array", span,
+                                "save one array with numpy.save")
         else:
-            array = np.loadtxt(path, delimiter=",", dtype=np.float64, ndmin=1, comments="#")
+            with warnings.catch_warnings():  # an empty file is reported below, not warned
+                warnings.simplefilter("ignore", UserWarning)
+                array = np.loadtxt(path, delimiter=",", dtype=np.float64, ndmin=1,
+                                   comments="#")
+    except MemoryError:  # a small file whose header claims a huge array
+        raise EvalError("E602", f"cannot read `{name}`: its array is too large", span) from None
     except (ValueError, OSError) as exc:
+        if "pickle" in str(exc):  # numpy's message suggests unpickling; brl never does
+            raise EvalError("E602", f"cannot read `{name}`: it is not a numeric .npy array "
+                            "(it holds Python objects, or is not a .npy file)", span,
+                            "brl never unpickles data; save a numeric array with numpy.save"
+                            ) from None
         raise EvalError("E602", f"cannot read `{name}`: {exc}", span) from None
-    if not np.issubdtype(array.dtype, np.number) and array.dtype != np.bool_:
-        raise EvalError("E602", f"`{name}` does not hold numbers (dtype {array.dtype})", span)
+    if (not np.issubdtype(array.dtype, np.number) and array.dtype != np.bool_) or \
+            np.iscomplexobj(array):
+        raise EvalError("E602", f"`{name}` does not hold real numbers (dtype {array.dtype})",
+                        span)
+    if array.size == 0:
+        raise EvalError("E602", f"`{name}` holds no numbers", span)
     array = array.astype(np.float64)
     if not np.all(np.isfinite(array)):
         raise EvalError("E602", f"`{name}` contains NaN or infinite values", span)

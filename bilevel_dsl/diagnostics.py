@@ -6,6 +6,7 @@ Every error a user can cause is one of these; the command line prints them and n
 from __future__ import annotations
 
 import difflib
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -13,6 +14,8 @@ from .ir import Span
 
 # Lines longer than this are shown as a window around the error, so a 10 MB line stays readable.
 _WINDOW = 100
+# Quoted text (`name`) longer than this is cut in messages: a 10 MB name stays one short line.
+_QUOTED = re.compile(r"`([^`\n]{77})[^`\n]+`")
 
 
 @dataclass(frozen=True)
@@ -54,18 +57,23 @@ class BrlError(Exception):
 def render(diag: Diagnostic, source: SourceFile | None) -> str:
     name = source.name if source is not None else "<input>"
     if diag.span is None:
-        head = f"{name}: {diag.severity}[{diag.code}]: {diag.message}"
+        head = f"{name}: {diag.severity}[{diag.code}]: {_shorten(diag.message)}"
         lines = [head]
     else:
         span = diag.span
-        lines = [f"{name}:{span.line}:{span.column}: {diag.severity}[{diag.code}]: {diag.message}"]
+        lines = [f"{name}:{span.line}:{span.column}: {diag.severity}[{diag.code}]: "
+                 f"{_shorten(diag.message)}"]
         if source is not None:
             lines.extend(_excerpt(source, span))
     indent = " " * (len(str(diag.span.line)) + 1 if diag.span is not None else 2)
-    lines.extend(f"{indent}= note: {note}" for note in diag.notes)
+    lines.extend(f"{indent}= note: {_shorten(note)}" for note in diag.notes)
     if diag.hint:
-        lines.append(f"{indent}= hint: {diag.hint}")
+        lines.append(f"{indent}= hint: {_shorten(diag.hint)}")
     return "\n".join(lines)
+
+
+def _shorten(text: str) -> str:
+    return _QUOTED.sub(lambda m: f"`{m.group(1)}...`", text)
 
 
 def _excerpt(source: SourceFile, span: Span) -> list[str]:

@@ -47,6 +47,7 @@ TABLE_ITEMS = ("states", "actions", "discount", "initial", "transition", "reward
 LOWER_ITEMS = ("temperature", "reward")
 DEVICES = ("cpu", "cuda", "auto")
 ROW_TOLERANCE = 1e-9
+MAX_ELEMENTS = 10**8  # numbers in one declared array (800 MB of float64)
 
 # Given a solver name and its options, a catalog returns problems as
 # (code, message, option name or None, hint or None).
@@ -177,11 +178,13 @@ class _Elaborator:
     def _only_one(self, stmt: ir.Statement, first: ir.Span) -> None:
         word = {
             ir.ProblemDecl: "`problem` statement", ir.SeedDecl: "`seed` statement",
-            ir.VarDecl: "`var` (the leader has one decision variable; make it an array)",
+            ir.VarDecl: "`var`",
             ir.LowerDecl: "`lower` block", ir.UpperDecl: "`upper` objective",
             ir.SolveDecl: "`solve` statement",
         }[type(stmt)]
-        self.bag.error("E202", f"only one {word} is allowed", stmt.span,
+        hint = "the leader has one decision variable; make it an array, e.g. `var x[2, 3]`" \
+            if isinstance(stmt, ir.VarDecl) else None
+        self.bag.error("E202", f"only one {word} is allowed", stmt.span, hint,
                        notes=(f"the first is on line {first.line}",))
 
     def _statement(self, stmt: ir.Statement) -> None:
@@ -210,6 +213,13 @@ class _Elaborator:
                 self.names[name] = POISONED
         except EvalError as err:
             self._report(err)
+            if name is not None:
+                self.names[name] = POISONED
+        except (MemoryError, RuntimeError) as exc:
+            if not _out_of_memory(exc):
+                raise
+            self.bag.error("E301", "this needs more memory than the machine has", stmt.span,
+                           "make the sets or dimensions smaller")
             if name is not None:
                 self.names[name] = POISONED
 
@@ -276,6 +286,12 @@ class _Elaborator:
                     raise EvalError("E202", f"index `{dim.index}` is used twice", dim.span)
                 seen.add(dim.index)
             out.append((dim.index, out_set, size))
+        if math.prod(size for _, _, size in out) > MAX_ELEMENTS:
+            raise EvalError("E301", f"a declaration holds at most {MAX_ELEMENTS:,} numbers, "
+                            f"but these dimensions make {math.prod(s for _, _, s in out):.3g}",
+                            dims[0].span if len(dims) == 1 else
+                            ir.Span(dims[0].span.line, dims[0].span.column,
+                                    dims[-1].span.end_line, dims[-1].span.end_column))
         return out
 
     def _declared_value(
@@ -745,6 +761,11 @@ class _Elaborator:
             notes.append(f"{failing} of {v.t.numel()} elements are false")
         message = "check failed" + (f": {decl.message}" if decl.message else "")
         raise EvalError("E702", message, decl.condition.span, None, tuple(notes))
+
+
+def _out_of_memory(exc: BaseException) -> bool:
+    """numpy's MemoryError, or torch's failure to allocate a tensor (a RuntimeError)."""
+    return isinstance(exc, MemoryError) or "allocate" in str(exc) or "out of memory" in str(exc)
 
 
 def _label(s: SetValue, position: int) -> str:

@@ -33,6 +33,7 @@ FUNCTIONALS = ir.POLICY_FUNCTIONALS + ir.TRAJECTORY_FUNCTIONALS
 OTHER_FUNCTIONS = ("norm", "norm1", "norm2", "dot", "quad", "card", "load")
 FUNCTIONS = tuple(ELEMENTWISE) + REDUCERS + DRAWS + FUNCTIONALS + OTHER_FUNCTIONS
 CONSTANTS = {"inf": math.inf, "true": 1.0, "false": 0.0}
+MAX_TERMS = 10**9  # terms of one reduction
 
 
 @dataclass
@@ -68,12 +69,65 @@ class Scope:
     load: Callable[[ir.Call, str], Val] | None = None
     let_cache: dict[str, Val] = field(default_factory=dict)
     exact_trajectories: bool = True  # False while checking: trajectory terms only type-check
+    constants: ConstantCache | None = None  # set by lowering: reuse what x and pi cannot change
 
     def bind(self, name: str, binding: Binding) -> Scope:
         inner = Scope(**{k: getattr(self, k) for k in self.__dataclass_fields__})
         inner.indices = {**self.indices, name: binding}
         inner.let_cache = {}
         return inner
+
+
+@dataclass
+class ConstantCache:
+    """Values of the sub-expressions that depend neither on the variable nor on the policy.
+
+    A lowered closure evaluates the same expressions with the same index bindings at every
+    call, so such a sub-expression (``maze.P[s, a, t]``, ``c[s, a]``) is computed once.
+    """
+
+    varying: set[int]  # ids of the nodes that do depend on x or the policy
+    values: dict[int, object] = field(default_factory=dict)
+
+
+def varying_nodes(roots: list[ir.Expr], names: dict[str, object]) -> set[int]:
+    """The nodes under `roots` whose value can change with the variable or the policy."""
+    varying: set[int] = set()
+    lets: dict[str, bool] = {}
+
+    def visit(node: object) -> bool:
+        moves = False
+        if isinstance(node, ir.Name):
+            obj = names.get(node.id)
+            if node.id == "policy" or isinstance(obj, VarRef):
+                moves = True
+            elif isinstance(obj, LetDef):
+                if node.id not in lets:
+                    lets[node.id] = False  # a let cannot refer to itself
+                    lets[node.id] = visit(obj.decl.value)
+                moves = lets[node.id]
+        elif isinstance(node, ir.Call) and node.function in FUNCTIONALS:
+            moves = True
+        for child in _children(node):
+            moves = visit(child) or moves
+        if moves:
+            varying.add(id(node))
+        return moves
+
+    for root in roots:
+        visit(root)
+    return varying
+
+
+def _children(node: object) -> list[object]:
+    out: list[object] = []
+    for name in getattr(node, "__dataclass_fields__", ()):
+        value = getattr(node, name)
+        if isinstance(value, tuple):
+            out.extend(v for v in value if hasattr(v, "__dataclass_fields__"))
+        elif hasattr(value, "__dataclass_fields__") and not isinstance(value, ir.Span):
+            out.append(value)
+    return out
 
 
 # ------------------------------------------------------------------ helpers
@@ -194,6 +248,12 @@ def evaluate(node: ir.Expr, scope: Scope) -> object:
     method = _DISPATCH.get(type(node))
     if method is None:  # pragma: no cover - every IR expression type is dispatched
         raise EvalError("E100", "unsupported expression", getattr(node, "span", None))
+    cache = scope.constants
+    if cache is not None and id(node) not in cache.varying:
+        value = cache.values.get(id(node))
+        if value is None:
+            value = cache.values[id(node)] = method(node, scope)
+        return value
     return method(node, scope)
 
 
@@ -243,6 +303,12 @@ def _name(node: ir.Name, scope: Scope) -> object:
     member = _member(node.id, scope)
     if member is not None:
         return member
+    owners = _member_sets(node.id, scope)
+    if owners:  # a member of several sets, at different positions
+        where = " and ".join(f"`{label}`" for label, _ in owners)
+        raise EvalError("E201", f"the member `{node.id}` is ambiguous: it is in {where}, at "
+                        "different positions", node.span,
+                        f"name its set, e.g. `{owners[0][0]}.{node.id}`")
     known = list(scope.names) + list(scope.indices) + list(CONSTANTS)
     if node.id in FUNCTIONS:
         raise EvalError("E305", f"`{node.id}` is a function: call it as `{node.id}(...)`",
@@ -252,18 +318,24 @@ def _name(node: ir.Name, scope: Scope) -> object:
 
 def _member(name: str, scope: Scope) -> Val | None:
     """A bare set member (`left`) means its position, when every set that has it agrees."""
-    found: set[int] = set()
-    for obj in scope.names.values():
-        sets = [obj] if isinstance(obj, SetValue) else []
-        if isinstance(obj, MdpValue):
-            sets = [obj.states, obj.actions]
-        for s in sets:
-            pos = s.member_position(name)
-            if pos is not None:
-                found.add(pos)
+    found = {pos for _, pos in _member_sets(name, scope)}
     if len(found) == 1:
         return scalar(float(found.pop()), scope.device, "int")
     return None
+
+
+def _member_sets(name: str, scope: Scope) -> list[tuple[str, int]]:
+    """(the set, as written in a file; the member's position) for each set that has `name`."""
+    found: list[tuple[str, int]] = []
+    for key, obj in scope.names.items():
+        sets = [(key, obj)] if isinstance(obj, SetValue) else []
+        if isinstance(obj, MdpValue):
+            sets = [(f"{key}.S", obj.states), (f"{key}.A", obj.actions)]
+        for label, s in sets:
+            pos = s.member_position(name)
+            if pos is not None:
+                found.append((label, pos))
+    return found
 
 
 def _let(node: ir.Name, let: LetDef, scope: Scope) -> Val:
@@ -384,7 +456,10 @@ def _index_one(base: Val, index_node: ir.Expr, scope: Scope, k: int, whole: ir.I
     if idx.dims:
         raise EvalError("E301", f"an index must be a single number, not {idx.describe_shape()}",
                         index_node.span)
-    if idx.index_set is not None:
+    # A bare index is matched to the dimension's set by position.  A dimension declared by a
+    # size is numbered from 0, so an index over a range that starts elsewhere (`i in 1..3`)
+    # indexes it by value, like any integer expression: v[i] and v[1] agree when i = 1.
+    if idx.index_set is not None and (dim_set is not None or idx.index_set.start == 0):
         iset = idx.index_set
         if dim_set is not None and iset is not dim_set:
             raise EvalError(
@@ -574,6 +649,10 @@ def _reduction(node: ir.Reduction, scope: Scope) -> Val:
         sizes.setdefault(a, body.t.shape[i])
     keep = tuple(a for a in body.axes if a not in names)
     axes = keep + tuple(names)
+    terms = math.prod(sizes[a] for a in axes) * math.prod(body.shape)
+    if terms > MAX_TERMS:  # a broadcast view costs nothing; summing it could take hours
+        raise EvalError("E301", f"this reduction has {terms:.3g} terms, more than "
+                        f"{MAX_TERMS:,}", node.span, "reduce over smaller sets")
     t = expand_axes(body, axes, sizes).to(DTYPE)
     mask = None
     if node.where is not None:

@@ -10,7 +10,7 @@ import torch
 
 from .diagnostics import BrlError, Diagnostic
 from .elaborate import CheckedProgram, lower_reward
-from .evaluate import VarRef, evaluate_val
+from .evaluate import ConstantCache, VarRef, evaluate_val, varying_nodes
 from .instance import TabularProblem
 from .values import DTYPE, EvalError, MdpValue, PolicyRef, Val
 
@@ -61,9 +61,12 @@ def lower(checked: CheckedProgram, device: str | torch.device | None = None) -> 
     upper = checked.upper
     sign = -1.0 if upper.sense == "maximize" else 1.0
 
+    constants = ConstantCache(varying_nodes([lower_info.reward, upper.objective], names))
+
     def scope(x: torch.Tensor, policy: torch.Tensor | None = None):
         s = checked.scope(dev, names, x=x, policy=policy)
         s.policy_ref = PolicyRef(follower)
+        s.constants = constants
         return s
 
     def reward(x: torch.Tensor) -> torch.Tensor:

@@ -25,6 +25,7 @@ from lark.exceptions import (
 from . import ir
 from .diagnostics import BrlError, Diagnostic, SourceFile
 
+_HEADER = re.compile(r"(?:[ \t\f\r\n]|#[^\n]*)*brl[ \t\f\r\n]+([0-9]+)")
 MAX_DEPTH = 200  # deepest expression nesting accepted; keeps every later stage's recursion safe
 
 # What each terminal is called in an error message.
@@ -147,9 +148,15 @@ def parse_source(source: SourceFile) -> ir.Program:
         )
     program = _parse(text, "start", source)
     if program.language_version != 1:
+        # The version number follows `brl`, after any leading comments and blank lines.
+        version = _HEADER.match(text)
+        at = version.start(1) if version else 0
+        line = text.count("\n", 0, at) + 1
+        column = at - (text.rfind("\n", 0, at) + 1) + 1
+        end = column + len(version.group(1)) if version else column + 1
         raise BrlError(
             [Diagnostic("E102", f"unsupported language version {program.language_version}",
-                        ir.Span(1, 1, 1, 2), "this compiler reads `brl 1`")],
+                        ir.Span(line, column, line, end), "this compiler reads `brl 1`")],
             source,
         )
     return dataclasses.replace(program, source=source.name)
@@ -191,7 +198,9 @@ def _syntax_diagnostic(exc: UnexpectedInput, text: str) -> Diagnostic:
     assert isinstance(exc, UnexpectedToken)
     token = exc.token
     value = str(token)
-    shown = value if len(value) <= 40 else value[:37] + "..."
+    shown = value.split("\n", 1)[0]  # a message is one line, even for a """ string
+    if shown != value or len(shown) > 40:
+        shown = shown[:37] + "..."
     expected = _expected(exc)
     message = f"unexpected `{shown}`"
     hint = f"expected {expected}" if expected else None
@@ -201,6 +210,11 @@ def _syntax_diagnostic(exc: UnexpectedInput, text: str) -> Diagnostic:
     elif exc.expected and "BRL" in exc.expected:
         message = f"unexpected `{shown}`: a .brl file starts with the header `brl 1`"
         hint = None
+    elif token.type == "IF":
+        hint = "inside a larger expression, put the conditional in parentheses: " \
+            "(if c then a else b)"
+    elif token.type == "EQUALS" and exc.expected and "CMP_OP" in exc.expected:
+        hint = "to compare two values, write `==`"
     return Diagnostic("E100", message, _span_of(token), hint)
 
 
@@ -347,7 +361,11 @@ class _ToIR(Transformer):
         return ir.Program(ir.IR_VERSION, header, "", tuple(statements))
 
     def header(self, meta, children):
-        return int(children[1])
+        version = str(children[1])
+        if len(version) > 18:  # not a version; and int() refuses over 4300 digits
+            raise _NodeError(Diagnostic("E102", f"unsupported language version {_short(version)}",
+                                        _span_of(children[1]), "this compiler reads `brl 1`"))
+        return int(version)
 
     def problem_stmt(self, meta, children):
         name = children[1]
@@ -355,7 +373,8 @@ class _ToIR(Transformer):
         return ir.ProblemDecl(self._span(meta), str(name), _span_of(name), title)
 
     def seed_stmt(self, meta, children):
-        value = int(children[1])
+        digits = str(children[1])
+        value = int(digits) if len(digits) <= 20 else 2**63
         if value >= 2**63:
             raise _NodeError(Diagnostic("E901", "seed is too large", _span_of(children[1]),
                                         "use a seed below 2^63"))

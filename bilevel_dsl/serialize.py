@@ -45,13 +45,18 @@ def from_json(text: str) -> ir.Program:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
         raise IRFormatError(f"not JSON: {exc}") from None
+    except RecursionError:
+        raise IRFormatError("not a brl IR document (nested too deeply)") from None
     if not isinstance(data, dict) or data.get("node") != "Program":
         raise IRFormatError("not a brl IR document (the top node must be a Program)")
     if data.get("ir_version") != ir.IR_VERSION:
         raise IRFormatError(
             f"IR version {data.get('ir_version')!r} is not supported (this library reads "
             f"version {ir.IR_VERSION})")
-    program = _build(data, ir.Program, "$")
+    try:
+        program = _build(data, ir.Program, "$")
+    except RecursionError:
+        raise IRFormatError("not a brl IR document (nested too deeply)") from None
     assert isinstance(program, ir.Program)
     return program
 
@@ -59,7 +64,7 @@ def from_json(text: str) -> ir.Program:
 def _build(data: Any, hint: Any, path: str) -> Any:
     origin = typing.get_origin(hint)
     if hint is ir.Span:
-        if not (isinstance(data, list) and len(data) == 4 and all(isinstance(v, int)
+        if not (isinstance(data, list) and len(data) == 4 and all(type(v) is int
                                                                    for v in data)):
             raise IRFormatError(f"{path}: a span is [line, column, end_line, end_column]")
         return ir.Span(*data)

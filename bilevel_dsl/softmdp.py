@@ -233,7 +233,7 @@ class Transitions:
         """``base + alpha * P v`` on flat ``(S*A,)`` vectors: the fused hot path, no autograd."""
         if self._flat is not None:
             return torch.addmv(base, self._flat, v, alpha=alpha)
-        return (self._csr @ v).mul_(alpha).add_(base)
+        return (self._csr @ (alpha * v)).add_(base)  # scale the shorter vector
 
     def dense(self) -> Tensor:
         """The ``(S, A, S)`` table (materialised for sparse storage)."""
@@ -302,7 +302,10 @@ def _scaled_steps(P: Transitions, r_scaled: Tensor, u: Tensor, gamma: float, n: 
     shape = (P.n_states, P.n_actions)
     flat = r_scaled.reshape(-1)
     for _ in range(n):
-        u = torch.logsumexp(P.affine(flat, u, gamma).view(shape), dim=-1)
+        q = P.affine(flat, u, gamma).view(shape)
+        u = q.amax(-1)
+        # logsumexp in place on the fresh q: no S*A-sized allocation per step
+        u += q.sub_(u.unsqueeze(-1)).exp_().sum(-1).log_()
     return u
 
 

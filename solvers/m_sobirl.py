@@ -4,6 +4,13 @@ One outer iteration makes one adjoint step, one hyper-gradient step on ``x`` and
 warm-started soft Bellman steps: ``N + 2`` products with ``P`` (``N + 3`` with the paper's
 least-squares adjoint step), element-wise work on ``S*A`` entries and one vector-Jacobian
 product through the reward, which is evaluated once per iteration and reused.
+
+By default ``pi_{k+1} = softmax(Q / tau)`` instead of the paper's ``exp((Q - V) / tau)``. The two
+agree once ``V`` has converged, but while ``V`` lags at a low temperature the paper's rows are far
+from summing to one, and objectives such as ``value(M, policy)`` are then evaluated at something
+that is not a policy: on problems/maze_nav.brl (tau = 0.05) the paper's form ends in NaN for
+every step size tried, while the softmax form reaches the exact solver's optimum (beta = 0.02).
+``policy = paper`` keeps the literal form.
 """
 
 from __future__ import annotations
@@ -15,7 +22,13 @@ import torch
 from torch import Tensor
 
 from bilevel_dsl.instance import POLICY_FUNCTIONAL, TRAJECTORY, TabularProblem
-from bilevel_dsl.softmdp import Transitions, policy_matvec, soft_bellman_steps, soft_policy
+from bilevel_dsl.softmdp import (
+    Transitions,
+    policy_matvec,
+    soft_bellman_steps,
+    soft_policy,
+    soft_q,
+)
 
 from .hypergrad import reward_vjp, upper_derivatives
 from .registry import Capabilities, Option, SolverSpec
@@ -43,16 +56,17 @@ def run(problem: TabularProblem, options: dict[str, Any], monitor: Monitor) -> S
     S, A = problem.n_states, problem.n_actions
     K, N, beta, zeta = options["outer"], options["inner"], options["beta"], options["zeta"]
     log_every = max(1, options["log_every"])
+    paper = options["policy"] == "paper"
     x0 = problem.x0.detach()
     dtype, device = x0.dtype, x0.device
 
     # state carried across outer iterations: x_k (a leaf for the reward's VJP), r_{x_k}, V_k,
-    # Q_k = r_{x_k} + gamma P V_k, pi_k and the adjoint w_k
+    # pi_k, pihat_k = softmax((r_{x_k} + gamma P V_k) / tau) and the adjoint w_k
     x = problem.project(x0.clone()).requires_grad_(True)
     with torch.enable_grad():
         r = problem.reward(x)
     V = torch.zeros(S, dtype=dtype, device=device)
-    Q = r.detach() + gamma * P.expect(V)
+    pihat = soft_policy(soft_q(P, r.detach(), V, gamma), tau)
     pi = torch.full((S, A), 1.0 / A, dtype=dtype, device=device)
     if options["init_w"] == "normal":  # drawn on the CPU so every device starts alike
         generator = torch.Generator().manual_seed(problem.seed)
@@ -72,8 +86,7 @@ def run(problem: TabularProblem, options: dict[str, Any], monitor: Monitor) -> S
             with torch.no_grad():
                 # 2. adjoint step: w_{k+1}
                 w = adjoint_step(P, pi, g, w, gamma, zeta, options["adjoint"])
-                # 3. hyper-gradient estimate, pihat_k = softmax(Q_k / tau) held constant
-                pihat = soft_policy(Q, tau)
+                # 3. hyper-gradient estimate, pihat_k held constant
                 v = (g - pihat * w.unsqueeze(-1)) / tau
             h = grad_x + reward_vjp(x, r, v)
             with torch.no_grad():
@@ -83,10 +96,11 @@ def run(problem: TabularProblem, options: dict[str, Any], monitor: Monitor) -> S
                 h_norm, mapping = torch.stack([torch.linalg.vector_norm(h),
                                                torch.linalg.vector_norm(x - x_next) / beta]
                                               ).tolist()
-            monitor.update(k, float(f), h_norm)
+            f = float(f)
+            monitor.update(k, f, h_norm)
             if k % log_every == 0:
                 history["iteration"].append(k)
-                history["objective"].append(float(f))
+                history["objective"].append(f)
                 history["hypergrad_norm"].append(h_norm)
                 history["stationarity"].append(mapping)
                 history["time"].append(time.perf_counter() - start)
@@ -98,10 +112,12 @@ def run(problem: TabularProblem, options: dict[str, Any], monitor: Monitor) -> S
             with torch.enable_grad():
                 r_next = problem.reward(x_next)
             with torch.no_grad():
-                # 5. N warm-started soft Bellman steps, then Q and pi_{k+1} = exp((Q - V) / tau)
-                V = soft_bellman_steps(P, r_next, V, gamma, tau, N)
-                Q = P.affine(r_next.reshape(-1), V, gamma).view(S, A)
-                x, r, pi = x_next, r_next, torch.exp((Q - V.unsqueeze(-1)) / tau)
+                # 5. N warm-started soft Bellman steps, then Q and pi_{k+1}
+                V_next = soft_bellman_steps(P, r_next, V, gamma, tau, N)
+                Q = P.affine(r_next.reshape(-1), V_next, gamma).view(S, A)
+                pihat_next = soft_policy(Q, tau)
+                pi_next = torch.exp((Q - V_next.unsqueeze(-1)) / tau) if paper else pihat_next
+            x, r, V, pi, pihat = x_next, r_next, V_next, pi_next, pihat_next
             k += 1
 
             if options["time_limit"] and time.perf_counter() - start >= options["time_limit"]:
@@ -127,7 +143,7 @@ def run(problem: TabularProblem, options: dict[str, Any], monitor: Monitor) -> S
 
 SPEC = SolverSpec(
     name="m_sobirl",
-    aliases=("msobirl", "m-sobirl", "algorithm2"),
+    aliases=("msobirl", "algorithm2"),
     summary="M-SoBiRL (Algorithm 2): single-loop model-based hyper-gradient descent",
     capabilities=Capabilities(
         model_based=True,
@@ -150,6 +166,10 @@ SPEC = SolverSpec(
         Option("init_w", str, "zeros", "initial adjoint: zeros, or normal (N(0, I) seeded "
                "from the problem's seed, as in the paper's synthetic run)",
                choices=("zeros", "normal")),
+        Option("policy", str, "softmax",
+               "pi_{k+1} after the inner loop: softmax (softmax(Q / tau), a distribution) or "
+               "paper (exp((Q - V) / tau), unnormalised while V lags; equal at convergence)",
+               choices=("softmax", "paper")),
         Option("log_every", int, 1, "record the history every this many iterations"),
     ),
     run=run,

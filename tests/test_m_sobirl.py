@@ -44,9 +44,11 @@ def options(solver, **given) -> dict:
 PAPER = {"outer": 1500, "beta": 8e-3, "zeta": 0.5, "inner": 10, "init_w": "normal"}
 
 
+@pytest.mark.parametrize("policy", ["softmax", "paper"])
 @pytest.mark.parametrize("adjoint", ["fixed_point", "lsq"])
-def test_synthetic_run_converges_to_the_known_answer(adjoint):
-    result = m_sobirl.run(synthetic(), options(m_sobirl, adjoint=adjoint, **PAPER), Monitor())
+def test_synthetic_run_converges_to_the_known_answer(adjoint, policy):
+    result = m_sobirl.run(synthetic(), options(m_sobirl, adjoint=adjoint, policy=policy, **PAPER),
+                          Monitor())
     norms = result.history["hypergrad_norm"]
     assert len(norms) == len(result.history["objective"]) == len(result.history["time"]) == 1500
     assert norms[0] > 10 and norms[-1] < 1e-2
@@ -68,6 +70,7 @@ def test_bounds_are_respected_and_exact_agrees():
     result = m_sobirl.run(problem, options(m_sobirl, outer=800, beta=8e-3), Watch())
     assert seen == list(range(800))
     assert float(result.x.min()) >= 0.02 and float(result.x.max()) <= 1.0
+    torch.testing.assert_close(result.policy.sum(-1), torch.ones(10, dtype=DT))
     reference = exact.run(problem, options(exact, outer=800, beta=8e-3, tol=1e-9), Monitor())
     assert reference.stopped_because == "converged"
     assert float(reference.x.min()) >= 0.02 and float(reference.x.max()) <= 1.0

@@ -1,0 +1,291 @@
+"""The `brl` command: help, exit codes, `solvers`, `compile`, and hostile input files.
+
+No input may produce a Python traceback or an "internal error": every bad file is exit 1 with a
+located `error[CODE]` line.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import PROBLEMS, ROOT
+
+from bilevel_dsl import from_json
+from bilevel_dsl.cli import main
+
+LOCATED = re.compile(r"^(?P<file>[^\n]+?):(?P<line>\d+):(?P<col>\d+): error\[E\d{3}\]: ", re.M)
+UNLOCATED = re.compile(r"^(?P<file>[^\n]+?): error\[E00[23]\]: ", re.M)
+
+
+@pytest.fixture(autouse=True)
+def no_debug(monkeypatch):
+    monkeypatch.delenv("BRL_DEBUG", raising=False)
+
+
+def run(args: list[str], capsys) -> tuple[int, str, str]:
+    code = main(args)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+# ------------------------------------------------------------------ help and listings
+
+
+@pytest.mark.parametrize("command", [[], ["check"], ["compile"], ["solve"], ["solvers"],
+                                     ["gradcheck"]])
+def test_help_exits_zero(command: list[str], capsys):
+    with pytest.raises(SystemExit) as info:
+        main([*command, "--help"])
+    assert info.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: brl")
+    if command:
+        assert f"brl {command[0]}" in out
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["--version"])
+    assert info.value.code == 0 and capsys.readouterr().out.startswith("brl ")
+
+
+def test_no_command_prints_help(capsys):
+    code, out, _ = run([], capsys)
+    assert code == 1 and "usage: brl" in out
+
+
+def test_unknown_command_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["chekc", "x.brl"])
+    assert info.value.code == 2
+    assert "invalid choice" in capsys.readouterr().err
+
+
+def test_solvers_table(capsys):
+    code, out, err = run(["solvers"], capsys)
+    assert code == 0 and not err
+    assert "m_sobirl" in out and "exact" in out
+    assert len(out.strip().split("\n")) >= 3  # a header and a row per solver
+    code, out, _ = run(["solvers", "exact"], capsys)
+    assert code == 0 and "exact" in out
+
+
+def test_unknown_solver_name_in_solvers(capsys):
+    code, _, err = run(["solvers", "m_sobrl"], capsys)
+    assert code == 1 and "m_sobirl" in err and "internal error" not in err
+
+
+# ------------------------------------------------------------------ check
+
+
+def test_check_examples_exit_zero(capsys):
+    code, out, err = run(["check", *map(str, PROBLEMS)], capsys)
+    assert code == 0, err
+    assert err == ""
+    assert len(re.findall(r": ok \(", out)) == len(PROBLEMS)
+
+
+def test_check_exit_one_and_keeps_going(tmp_path, capsys):
+    good, bad = tmp_path / "good.brl", tmp_path / "bad.brl"
+    good.write_text("brl 1\nparam a = 1\ncheck a == 1\n")
+    bad.write_text("brl 1\nparam a = b\nparam c = d\n")
+    code, out, err = run(["check", str(bad), str(good)], capsys)
+    assert code == 1
+    assert f"{good}: ok (2 statements, 1 checks passed" in out
+    assert len(LOCATED.findall(err)) == 2  # both errors of bad.brl, in one run
+    assert "undefined name `b`" in err and "undefined name `d`" in err
+
+
+def test_check_renders_like_the_golden_files(capsys):
+    golden = ROOT / "tests" / "golden"
+    source = golden / "undefined_name.brl"
+    code, _, err = run(["check", str(source)], capsys)
+    assert code == 1
+    expected = (golden / "undefined_name.txt").read_text(encoding="utf-8")
+    assert err == expected.replace("undefined_name.brl", str(source))
+
+
+def test_check_with_overrides(tmp_path, capsys):
+    path = tmp_path / "p.brl"
+    path.write_text("brl 1\nparam lam = 0.05\nparam n = 3\ncheck lam < 1\n")
+    assert run(["check", str(path), "-D", "lam=0.5", "-D", "n=4"], capsys)[0] == 0
+    code, _, err = run(["check", str(path), "-D", "lam=2"], capsys)
+    assert code == 1 and "error[E702]" in err
+    code, _, err = run(["check", str(path), "-D", "n=2.5"], capsys)
+    assert code == 1 and "error[E305]" in err and ":3:7:" in err
+    code, _, err = run(["check", str(path), "-D", "lamb=1"], capsys)
+    assert code == 1 and "did you mean `lam`?" in err
+    code, _, err = run(["check", str(path), "-D", "lam"], capsys)
+    assert code == 1 and "write -D name=value" in err
+    code, _, err = run(["check", str(path), "-D", "1x=2"], capsys)
+    assert code == 1 and "is not a name" in err
+
+
+def test_check_validates_solver_options(tmp_path, capsys):
+    path = tmp_path / "p.brl"
+    path.write_text("brl 1\nmdp M = random_mdp(states = 3, actions = 2)\nvar x[M.S, M.A]\n"
+                    "lower M { temperature = 1  reward[s, a] = x[s, a] }\n"
+                    "upper minimize norm2(x)\nsolve m_sobirl(outr = 5)\n")
+    code, _, err = run(["check", str(path)], capsys)
+    assert code == 1 and "error[E802]" in err and "did you mean `outer`?" in err
+
+
+# ------------------------------------------------------------------ compile and solve
+
+
+def test_compile_prints_json(capsys):
+    code, out, _ = run(["compile", str(PROBLEMS[0])], capsys)
+    assert code == 0
+    assert json.loads(out)["node"] == "Program"
+    assert from_json(out).statements
+
+
+def test_solve_refuses_a_broken_or_incomplete_file(tmp_path, capsys):
+    broken = tmp_path / "broken.brl"
+    broken.write_text("brl 1\nparam a = b\n")
+    code, _, err = run(["solve", str(broken), "--out", str(tmp_path / "run")], capsys)
+    assert code == 1 and "error[E201]" in err
+    incomplete = tmp_path / "incomplete.brl"
+    incomplete.write_text("brl 1\nmdp M = random_mdp(states = 3, actions = 2)\n")
+    code, _, err = run(["solve", str(incomplete), "--out", str(tmp_path / "run")], capsys)
+    assert code == 1 and "error[E503]" in err
+    assert not (tmp_path / "run").exists()
+
+
+# ------------------------------------------------------------------ hostile inputs
+
+
+def hostile_inputs() -> dict[str, bytes]:
+    rng = random.Random(1234)
+    huge_line = b"brl 1\nparam x = " + b"a" * (10 << 20)
+    return {
+        "empty": b"",
+        "only_comments": b"# one\n   # two\n\n",
+        "only_whitespace": b" \n\t\n\r\n",
+        "random_bytes": bytes(rng.randrange(256) for _ in range(4096)),
+        "random_ascii": bytes(rng.randrange(32, 127) for _ in range(4096)),
+        "nul_bytes": b"\x00" * 64,
+        "nul_in_code": b"brl 1\nparam a = 1\x00 + 2\n",
+        "invalid_utf8": b"brl 1\nparam a = 1 # \xc3\x28 \xff\n",
+        "utf16": "brl 1\nparam a = 1\n".encode("utf-16"),
+        "ten_megabyte_line": huge_line,
+        "ten_megabyte_spaces": b"brl 1\nparam x = 1" + b" " * (10 << 20) + b"$",
+        "nested_parentheses": b"brl 1\nparam x = " + b"(" * 10_000 + b"1" + b")" * 10_000,
+        "unbalanced_parentheses": b"brl 1\nparam x = " + b"(" * 10_000 + b"1",
+        "long_sum_chain": b"brl 1\nparam x = " + b"+".join([b"1"] * 10_000),
+        "long_product_chain": b"brl 1\nparam x = 2" + b" * 2" * 10_000,
+        "power_tower": b"brl 1\nparam x = 2" + b"^2" * 10_000,
+        "minus_chain": b"brl 1\nparam x = " + b"-" * 10_000 + b"1",
+        "not_chain": b"brl 1\ncheck " + b"not " * 10_000 + b"0",
+        "nested_brackets": b"brl 1\nparam x = " + b"[" * 10_000 + b"1" + b"]" * 10_000,
+        "nested_calls": b"brl 1\nparam x = " + b"abs(" * 10_000 + b"1" + b")" * 10_000,
+        "nested_sums": b"brl 1\nparam x = " + b"sum {i in 0..1} " * 5_000 + b"1",
+        "nested_if": b"brl 1\nparam x = " + b"if 1 then " * 5_000 + b"1" + b" else 0" * 5_000,
+        "attribute_chain": b"brl 1\nparam x = M" + b".S" * 10_000,
+        "index_chain": b"brl 1\nparam v[2] = 0\nparam x = v" + b"[0]" * 10_000,
+        "float_overflow": b"brl 1\nparam x = 1e999",
+        "huge_integer": b"brl 1\nparam x = " + b"9" * 5000,
+        "huge_seed": b"brl 1\nseed " + b"9" * 5000,
+        "huge_version": b"brl " + b"9" * 5000,
+        "huge_dimension": b"brl 1\nparam x[100000, 100000, 100000] = 0",
+        "huge_range": b"brl 1\nset S = 0..99999999999999999999",
+        "overflow_to_inf": b"brl 1\nparam x = 1e300 * 1e300",
+        "unterminated_string": b'brl 1\nproblem p "never closed\nparam a = 1\n',
+        "unterminated_triple": b'brl 1\nmdp m = gridworld(map = """\nS.G\n',
+        "unicode_identifier": "brl 1\nparam café = 1\n".encode(),
+        "unicode_operator": "brl 1\nparam a = 1 ≤ 2\n".encode(),
+        "emoji": "brl 1\nparam a = 1 # 🚀\nparam b = 🚀\n".encode(),
+        "bom_then_error": "\ufeffbrl 1\nparam a = b\n".encode(),
+        "lone_cr": b"brl 1\rparam a = b\r",
+        "missing_header": b"param a = 1\n",
+        "header_only_word": b"brl\n",
+        "wrong_version": b"brl 2\n",
+        "python_code": b"import os\nos.system('echo hi')\n",
+        "json": b'{"node": "Program", "ir_version": 1}',
+        "many_statements": b"brl 1\n" + b"".join(b"param p%d = %d\n" % (i, i)
+                                                 for i in range(5000)) + b"param q = p\n",
+        "gigantic_map": b'brl 1\nmdp m = gridworld(map = "' + b"S" + b"." * 5000 + b'G#")\n'
+                        + b"param x = undefined\n",
+    }
+
+
+HOSTILE = hostile_inputs()
+
+
+@pytest.mark.parametrize("name", sorted(HOSTILE))
+def test_hostile_input_is_a_located_error(name: str, tmp_path, capsys):
+    path = tmp_path / f"{name}.brl"
+    path.write_bytes(HOSTILE[name])
+    code, out, err = run(["check", str(path)], capsys)
+    assert code == 1, err
+    assert "Traceback" not in err and "internal error" not in err
+    found = LOCATED.findall(err)
+    assert found, err[:2000]
+    assert LOCATED.match(err) and LOCATED.match(err)["file"] == str(path)
+    # a diagnostic shows a window of a huge line, not the line
+    assert len(err) < 20_000
+
+
+def test_ten_megabyte_name_is_shortened_in_the_message(tmp_path, capsys):
+    path = tmp_path / "big.brl"
+    path.write_bytes(HOSTILE["ten_megabyte_line"])
+    code, _, err = run(["check", str(path)], capsys)
+    assert code == 1 and "error[E201]: undefined name `aaaa" in err
+    assert max(len(line) for line in err.split("\n")) < 400
+
+
+@pytest.mark.parametrize("kind", ["directory", "missing"])
+def test_unreadable_paths(kind: str, tmp_path, capsys):
+    path = tmp_path / "thing.brl"
+    if kind == "directory":
+        path.mkdir()
+    code, _, err = run(["check", str(path)], capsys)
+    assert code == 1
+    assert UNLOCATED.match(err) and UNLOCATED.match(err)["file"] == str(path)
+    assert "error[E002]" in err and "Traceback" not in err
+
+
+def test_valid_oddities_pass(tmp_path, capsys):
+    for name, data in {
+        "bom": "\ufeffbrl 1\nparam a = 1\n".encode(),
+        "crlf": b"brl 1\r\nparam a = 1\r\ncheck a == 1\r\n",
+        "header_only": b"brl 1",
+        "tabs": b"brl 1\n\tparam\ta\t=\t1\n",
+        "comment_after_header": b"brl 1 # version one\n",
+    }.items():
+        path = tmp_path / f"{name}.brl"
+        path.write_bytes(data)
+        code, _, err = run(["check", str(path)], capsys)
+        assert code == 0, (name, err)
+
+
+def test_hostile_inputs_in_a_real_process(tmp_path):
+    """The installed `brl` command, in a fresh process, on every hostile file at once."""
+    paths = []
+    for name, data in HOSTILE.items():
+        if name.startswith("ten_megabyte"):
+            continue  # covered in-process; keeps this test fast
+        path = tmp_path / f"{name}.brl"
+        path.write_bytes(data)
+        paths.append(str(path))
+    paths += [str(tmp_path), str(tmp_path / "missing.brl")]
+    good = tmp_path / "good.brl"
+    good.write_text("brl 1\nparam a = 1\n")
+    env = {k: v for k, v in os.environ.items() if k != "BRL_DEBUG"}
+    brl = Path(sys.executable).with_name("brl")
+    command = [str(brl)] if brl.exists() else [sys.executable, "-m", "bilevel_dsl.cli"]
+    result = subprocess.run([*command, "check", str(good), *paths], capture_output=True,
+                            text=True, env=env, timeout=120)
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr and "internal error" not in result.stderr
+    assert f"{good}: ok" in result.stdout
+    reported = {m["file"] for m in LOCATED.finditer(result.stderr)}
+    reported |= {m["file"] for m in UNLOCATED.finditer(result.stderr)}
+    assert reported == set(paths)

@@ -1,0 +1,458 @@
+"""Semantic analysis: names, sets, shapes, MDP parts, the bilevel blocks and `check`."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import codes, compile_ok, diagnostics, param, value
+
+MDP = "brl 1\nmdp M = random_mdp(states = 3, actions = 2, discount = 0.8)\n"
+FOLLOWER = MDP + "var x[M.S, M.A] = 0\nlower M { temperature = 1  reward[s, a] = x[s, a] }\n"
+
+
+def first(text: str, **kwargs):
+    found = diagnostics(text, **kwargs)
+    return found[0]
+
+
+# ------------------------------------------------------------------ names
+
+
+def test_undefined_name_suggests_a_close_one():
+    diag = first("brl 1\nparam discount_rate = 0.9\nparam r = discount_rat * 2")
+    assert diag.code == "E201" and diag.hint == "did you mean `discount_rate`?"
+    assert (diag.span.line, diag.span.column, diag.span.end_column) == (3, 11, 23)
+    assert first("brl 1\nparam r = zzz").hint is None  # nothing close: no guess
+
+
+def test_used_before_declaration_is_e203_not_e201():
+    diag = first("brl 1\nparam a = b + 1\nparam b = 2")
+    assert diag.code == "E203" and "line 3" in diag.message
+
+
+def test_duplicates_and_builtin_names():
+    assert codes("brl 1\nset S = 0..1\nparam S = 1") == ["E202"]
+    assert codes("brl 1\nparam exp = 1") == ["E202"]  # a function name
+    assert codes("brl 1\nparam policy = 1") == ["E202"]
+    assert codes("brl 1\nparam inf = 1") == ["E202"]
+    assert codes("brl 1\nseed 1\nseed 2") == ["E202"]
+    assert codes("brl 1\nproblem a\nproblem b") == ["E202"]
+    assert codes("brl 1\nset S = {a, b, a}") == ["E202"]
+    assert codes(FOLLOWER + "upper minimize norm2(x)\nupper minimize norm2(x)") == ["E202"]
+    assert codes(FOLLOWER + "lower M { temperature = 1  reward[s, a] = 0 }") == ["E202"]
+    assert codes("brl 1\nparam v[i in 2, i in 2] = 0") == ["E202"]
+    assert codes("brl 1\nparam v = sum {i in 0..1, i in 0..1} i") == ["E202"]
+    assert codes("brl 1\nparam v = sum {i in 0..1} sum {i in 0..1} i") == ["E202"]
+
+
+def test_function_used_as_a_name():
+    diag = first("brl 1\nparam a = exp + 1")
+    assert diag.code == "E305" and "exp(...)" in diag.message
+
+
+def test_unknown_function_and_arity():
+    assert first("brl 1\nparam a = expp(1)").hint == "did you mean `exp`?"
+    assert codes("brl 1\nparam a = exp(1, 2)") == ["E305"]
+    assert codes("brl 1\nparam a = card(1)") == ["E305"]
+    assert codes("brl 1\nparam a = dot([1, 2], [1, 2, 3])") == ["E301"]
+    assert codes("brl 1\nparam a = quad([1, 2], [[1, 2]])") == ["E301"]
+
+
+def test_members_positions_and_ambiguity():
+    prelude = "set Light = {red, amber, green}\nset Flag = {green, red}"
+    assert value("Light.green", prelude) == 2
+    assert value("amber", prelude) == 1  # unambiguous bare member
+    diag = first("brl 1\n" + prelude + "\nparam g = green")
+    assert diag.code == "E201" and "ambiguous" in diag.message
+    assert diag.hint == "name its set, e.g. `Light.green`"
+    assert first("brl 1\n" + prelude + "\nparam g = Light.purple").code == "E201"
+    # the actions of a grid world are members too
+    checked = compile_ok('brl 1\nmdp maze = gridworld(map = "S.G")\ncheck right == 3\n'
+                         "check maze.A.left == 2")
+    assert checked.checks == 2
+
+
+def test_a_set_or_mdp_used_as_a_number():
+    diag = first("brl 1\nset S = 0..3\nparam n = 2 * S")
+    assert diag.code == "E305" and diag.hint == "to count its elements write `card(S)`"
+    diag = first(MDP + "param n = M + 1")
+    assert diag.code == "E305" and "M.P" in diag.hint
+    assert codes('brl 1\nparam n = "text" * 2') == ["E305"]
+
+
+# ------------------------------------------------------------------ sets and indexing
+
+
+def test_index_from_another_set_is_e303_even_when_sizes_agree():
+    diag = first("brl 1\nset S = {a, b}\nset T = {c, d}\nparam v[S] = [1, 2]\n"
+                 "param w = sum {t in T} v[t]")
+    assert diag.code == "E303" and diag.hint == "use an index that ranges over `S`"
+    assert (diag.span.line, diag.span.column) == (5, 26)
+
+
+def test_integer_expressions_index_any_dimension():
+    prelude = "set S = 0..3\nparam v[S] = [10, 20, 30, 40]"
+    assert param(prelude + "\nparam result[i in S] = v[3 - i]").tolist() == [40, 30, 20, 10]
+    assert param(prelude + "\nparam result[i in S] = v[min(i + 1, 3)]").tolist() == [
+        20, 30, 40, 40]
+    assert value("v[1] + v[3]", prelude) == 60
+
+
+def test_ranges_index_by_value():
+    # a set that starts at 1 is indexed by its own values
+    assert value("v[1] + v[3]", "set S = 1..3\nparam v[S] = [10, 20, 30]") == 40
+    assert first("brl 1\nset S = 1..3\nparam v[S] = [10, 20, 30]\nparam a = v[0]").code == "E304"
+    # a dimension given by a size is numbered from 0: v[i] and v[1] agree when i is 1
+    prelude = "param v[3] = [10, 20, 30]"
+    assert value("sum {i in 1..2} v[i]", prelude) == value("v[1] + v[2]", prelude) == 50
+    assert first("brl 1\n" + prelude + "\nparam a = sum {i in 1..3} v[i]").code == "E304"
+    assert value("sum {i in 0..2} v[i]", prelude) == 60
+
+
+def test_index_errors():
+    prelude = "brl 1\nset S = 0..3\nparam v[S] = 1\n"
+    assert first(prelude + "param a = v[4]").code == "E304"
+    assert first(prelude + "param a = v[-1]").code == "E304"
+    assert first(prelude + "param a = v[0.5]").code == "E305"
+    assert first(prelude + "param a = v[0, 0]").code == "E302"
+    assert first(prelude + "param a = v[[0, 1]]").code == "E301"
+    assert first(prelude + "param a[i in S] = v[j]").code == "E201"
+
+
+def test_unbound_index_in_a_plain_declaration():
+    diag = first("brl 1\nset S = 0..2\nparam v[S] = sum {i in S} i * 0\nparam w[S] = v[i]")
+    assert diag.code == "E201"
+    checked = compile_ok("brl 1\nset S = 0..2\nparam a[s in S] = s\nparam b = a")
+    assert checked.names["b"].t.tolist() == [0.0, 1.0, 2.0]
+
+
+def test_ranges_must_be_integer_and_forward():
+    assert codes("brl 1\nset S = 0..2.5") == ["E305"]
+    assert codes("brl 1\nset S = 3..1") == ["E301"]
+    assert codes("brl 1\nset S = 0..100000000") == ["E301"]
+    assert compile_ok("brl 1\nset S = 3..2\ncheck card(S) == 0").checks == 1
+
+
+def test_dimensions():
+    assert codes("brl 1\nparam v[0] = 1") == ["E301"]
+    assert codes("brl 1\nparam v[2.5] = 1") == ["E305"]
+    assert codes("brl 1\nparam v[[1, 2]] = 1") == ["E305"]
+    assert param("param n = 2\nparam result[n, n + 1] = 7").shape == (2, 3)
+
+
+# ------------------------------------------------------------------ shapes and params
+
+
+def test_shape_errors():
+    assert first("brl 1\nparam w[3] = [1, 2]").code == "E301"
+    assert first("brl 1\nparam w[2, 2] = [1, 2]").code == "E301"
+    assert first("brl 1\nparam w = [1, 2] + [1, 2, 3]").code == "E301"
+    assert first("brl 1\nparam w = [[1, 2], [3]]").code == "E301"
+    assert first("brl 1\nparam w[s in 2] = [s, s]").code == "E301"
+
+
+def test_broadcasting_and_literals():
+    assert param("param result[2, 3] = 5").tolist() == [[5.0] * 3] * 2
+    assert param("param result = [1, 2] * 2 + [10, 20]").tolist() == [12.0, 24.0]
+    assert param("param result[i in 0..1, j in 0..2] = 10 * i + j").tolist() == [
+        [0.0, 1.0, 2.0], [10.0, 11.0, 12.0]]
+
+
+def test_params_must_be_finite_unless_infinity():
+    assert codes("brl 1\nparam a = log(0)") == ["E305"]
+    assert codes("brl 1\nparam a = 0 / 0") == ["E305"]
+    assert value("-inf") == float("-inf")
+
+
+def test_draw_errors():
+    assert codes("brl 1\nparam a = normal(0, 1)") == ["E305"]  # needs `~`
+    assert codes("brl 1\nparam a ~ normal(0)") == ["E305"]
+    assert codes("brl 1\nparam a ~ normal(0, -1)") == ["E305"]
+    assert codes("brl 1\nparam a ~ uniform(1, 0)") == ["E305"]
+    assert codes("brl 1\nparam a ~ bernoulli(2)") == ["E305"]
+    assert codes("brl 1\nparam a ~ normal([0, 1], 1)") == ["E301"]
+
+
+def test_overrides_replace_params():
+    checked = compile_ok("brl 1\nparam n = 3\nparam lam = 0.5\nparam w[3] = [1, 2, 3]\n"
+                         "param twice = 2 * lam",
+                         overrides={"n": "4", "lam": "1", "w": "[0, 0, 1]"})
+    assert float(checked.names["n"].t) == 4 and checked.names["n"].kind == "int"
+    assert float(checked.names["twice"].t) == 2.0  # later declarations see the new value
+    assert checked.names["w"].t.tolist() == [0.0, 0.0, 1.0]
+
+
+def test_override_errors():
+    base = "brl 1\nparam n = 3\nparam lam = 0.5\nparam w[3] = [1, 2, 3]\nset S = 0..1\n"
+    diag = first(base, overrides={"n": "2.5"})
+    assert diag.code == "E305" and "integer" in diag.message and diag.span.line == 2
+    diag = first(base, overrides={"lamb": "1"})
+    assert diag.code == "E201" and diag.hint == "did you mean `lam`?" and diag.span is None
+    assert first(base, overrides={"w": "[1, 2]"}).code == "E301"
+    assert first(base, overrides={"w": "[[1, 2, 3]]"}).code in ("E301", "E305")
+    assert first(base, overrides={"lam": "[1]"}).code == "E305"
+    assert first(base, overrides={"S": "1"}).code == "E201"
+    assert first(base, overrides={"lam": "1 +"}).code == "E100"
+
+
+# ------------------------------------------------------------------ variables and lets
+
+
+def test_var_errors():
+    assert codes("brl 1\nvar x[2] in [1, 0]") == ["E701"]
+    assert codes("brl 1\nvar x[2] in [[0, 2], [1, 1]]") == ["E701"]
+    assert codes("brl 1\nvar x[2] in [[0, 0, 0], 1]") == ["E301"]
+    assert codes("brl 1\nvar x[2] = [1, 2, 3]") == ["E301"]
+    assert codes("brl 1\nvar x[2] = log(0)") == ["E305"]
+    diag = first("brl 1\nvar x[2]\nvar y[2]")
+    assert diag.code == "E202" and "array" in diag.hint
+
+
+def test_bounds_error_names_the_entry():
+    diag = first("brl 1\nvar x[2, 2] = 0 in [[[0, 0], [0, 5]], 1]")
+    assert diag.code == "E701" and "x[1, 1]" in diag.message and "5" in diag.message
+
+
+def test_params_cannot_use_the_variable_but_lets_can():
+    diag = first("brl 1\nvar x[2] = [1, 2]\nparam p = x[0]")
+    assert diag.code == "E305" and "let" in diag.hint
+    checked = compile_ok("brl 1\nvar x[2] = [1, 2]\nlet p = x[0] + x[1]\ncheck p == 3")
+    assert checked.checks == 1
+
+
+def test_let_tables_and_errors():
+    checked = compile_ok(MDP + "let r[s in M.S, a in M.A] = s + 10 * a\ncheck r[2, 1] == 12")
+    assert checked.checks == 1
+    assert codes("brl 1\nlet r[s in 0..1] = t") == ["E201"]
+
+
+# ------------------------------------------------------------------ MDPs
+
+
+def test_table_parts():
+    checked = compile_ok(
+        "brl 1\nset Cell = 0..2\nset Move = {stay, go}\nmdp T = table {\n"
+        "  states = Cell\n  actions = Move\n  discount = 0.5\n"
+        "  initial[s] = if s == 0 then 1 else 0\n"
+        "  transition[s, a, t] = if a == go then (if t == min(s + 1, 2) then 1 else 0)\n"
+        "                        else (if t == s then 1 else 0)\n"
+        "  reward[s, a, t] = if t == 2 then 1 else 0\n  terminal = {2}\n}\n")
+    mdp = checked.names["T"]
+    assert (mdp.states.size, mdp.actions.members, mdp.discount) == (3, ("stay", "go"), 0.5)
+    assert mdp.initial.tolist() == [1.0, 0.0, 0.0]
+    assert mdp.terminal.tolist() == [False, False, True]
+    # reward[s, a, t] is averaged over the next state
+    assert mdp.reward.tolist() == [[0.0, 0.0], [0.0, 1.0], [1.0, 1.0]]
+
+
+def test_table_defaults():
+    mdp = compile_ok("brl 1\nmdp T = table { states = 4  actions = 2 "
+                     "transition[s, a, t] = 0.25 }").names["T"]
+    assert mdp.discount == 0.9 and mdp.initial.tolist() == [0.25] * 4
+    assert mdp.reward.abs().sum() == 0 and not mdp.terminal.any()
+
+
+def test_table_errors():
+    table = "brl 1\nmdp T = table {{ states = 2  actions = 1  {} }}"
+    assert codes(table.format("transition[s, a, t] = 0.4")) == ["E401"]
+    assert codes(table.format("transition[s, a, t] = 0.5  initial[s] = 0.3")) == ["E401"]
+    assert codes(table.format("transition[s, a, t] = 0.5  discount = 1")) == ["E402"]
+    assert codes(table.format("transition[s, a] = 0.5")) == ["E302"]
+    assert codes(table.format("transition[s, a, t] = 0.5  rewrd[s, a] = 1")) == ["E404"]
+    assert codes(table.format("transition[s, a, t] = 0.5  transition[s, a, t] = 0.5")) == [
+        "E202"]
+    assert codes(table.format("")) == ["E404"]
+    assert codes(table.format("transition[s, a, t] = 0.5  terminal = {7}")) == ["E201"]
+    assert codes(table.format("transition[s, a, t] = 0.5  terminal = [1]")) == ["E301"]
+    assert codes(table.format("transition[s, a, t] = 0.5  reward[s, a] = log(0)")) == ["E305"]
+    assert first(table.format("transition[s, a, t] = 0.5  rewrd[s, a] = 1")).hint == \
+        "did you mean `reward`?"
+
+
+def test_terminal_states_may_have_empty_rows():
+    good = ("brl 1\nmdp T = table { states = 3  actions = 1\n"
+            "  transition[s, a, t] = if s == 2 then 0 else 1 / 3\n  terminal = {2} }")
+    assert compile_ok(good).names["T"].terminal.tolist() == [False, False, True]
+    assert codes(good.replace("terminal = {2}", "")) == ["E401"]
+    vector = good.replace("terminal = {2}", "terminal = [0, 0, 1]")
+    assert compile_ok(vector).names["T"].terminal.tolist() == [False, False, True]
+
+
+def test_row_error_reports_the_first_bad_row():
+    diag = first("brl 1\nset S = {a, b, c}\nmdp T = table { states = S  actions = 2\n"
+                 "  transition[s, x, t] = if s == b and x == 1 then 0.25 else 1 / 3 }")
+    assert diag.code == "E401"
+    assert "(s = b, a = 1)" in diag.message and "0.75" in diag.message
+    assert "more" not in diag.message
+
+
+def test_generators_options():
+    assert codes("brl 1\nmdp M = random_mdp(4, 2)") == ["E404"]
+    assert codes("brl 1\nmdp M = random_mdp(states = 4)") == ["E404"]
+    assert codes("brl 1\nmdp M = random_mdp(states = 4, actions = 2, succesors = 2)") == [
+        "E404"]
+    assert codes("brl 1\nmdp M = random_mdp(states = 2.5, actions = 2)") == ["E305"]
+    assert codes("brl 1\nmdp M = random_mdp(states = 0, actions = 2)") == ["E301"]
+    assert codes("brl 1\nmdp M = random_mdp(states = 4, actions = 2, successors = 5)") == [
+        "E301"]
+    assert codes("brl 1\nmdp M = random_mdp(states = 600, actions = 2)") == ["E404"]
+    assert codes("brl 1\nmdp M = random_mdp(states = 600, actions = 2, successors = 300)") == [
+        "E301"]
+    assert codes("brl 1\nmdp M = random_mdp(states = 4, actions = 2, discount = 1)") == ["E402"]
+    assert codes("brl 1\nmdp M = mazeworld(map = \"S.G\")") == ["E404"]
+    assert first("brl 1\nmdp M = gridwrld(map = \"S.G\")").hint == "did you mean `gridworld`?"
+    assert codes("brl 1\nmdp M = table(states = 2)") == ["E404"]
+    assert codes("brl 1\nmdp M = gridworld { map = \"S.G\" }") == ["E404"]
+
+
+def test_gridworld_map_errors():
+    grid = 'brl 1\nmdp M = gridworld(map = {})'
+    assert codes(grid.format('"S#G"')) == ["E405"]  # unreachable goal
+    assert codes(grid.format('"SSG"')) == ["E405"]
+    assert codes(grid.format('"S.."')) == ["E405"]
+    assert codes(grid.format('""')) == ["E405"]
+    assert codes(grid.format('"S.G", slip = 1.5')) == ["E405"]
+    assert codes(grid.format("3")) == ["E305"]
+    assert codes("brl 1\nmdp M = gridworld()") == ["E404"]
+    diag = first('brl 1\nmdp M = gridworld(map = """\n  S..\n  ..G.\n""")')
+    assert diag.code == "E405" and (diag.span.line, diag.span.column) == (4, 3)
+    diag = first('brl 1\nmdp M = gridworld(map = "S.?G")')
+    assert (diag.span.line, diag.span.column) == (2, 28)  # under the `?`
+
+
+def test_mdp_parts():
+    checked = compile_ok(MDP + "check card(M.S) == 3 and card(M.A) == 2\n"
+                         "check M.discount == 0.8\ncheck sum {t in M.S} M.P[0, 1, t] == 1\n"
+                         "check sum {s in M.S} M.initial[s] == 1\ncheck sum(M.terminal) == 0\n"
+                         "check sum(M.R) == 0")
+    assert checked.checks == 6
+    diag = first(MDP + "param r = M.reward")
+    assert diag.code == "E201" and diag.hint.startswith("its parts are S, A, P, R,")
+    assert first(MDP + "param r = M.initail").hint == "did you mean `initial`?"
+
+
+# ------------------------------------------------------------------ the bilevel blocks
+
+
+def test_lower_block_checks():
+    assert codes(MDP + "var x[M.S, M.A] = 0\nlower M { temperature = 0  reward[s, a] = 0 }") == [
+        "E403"]
+    assert codes(MDP + "lower M { temperature = -1  reward[s, a] = 0 }") == ["E403"]
+    assert codes(MDP + "lower M { temperature = 1 }") == ["E404"]
+    assert codes(MDP + "lower M { reward[s, a] = 0 }") == ["E404"]
+    assert codes(MDP + "lower M { temperature = 1  reward[s, a] = 0  bonus = 1 }") == ["E404"]
+    assert codes(MDP + "lower M { temperature = 1  reward[s, a, t, u] = 0 }") == ["E302"]
+    assert codes(MDP + "lower M { temperature = 1  reward[s] = 0 }") == ["E302"]
+    assert codes(MDP + "lower M { temperature = 1  reward[s, s] = 0 }") == ["E202"]
+    assert codes(MDP + "lower N { temperature = 1  reward[s, a] = 0 }") == ["E201"]
+    assert codes(MDP + "set S = 0..1\nlower S { temperature = 1  reward[s, a] = 0 }") == ["E305"]
+    assert codes(MDP + "lower M { temperature = [1, 2]  reward[s, a] = 0 }") == ["E301"]
+    assert codes(MDP + "lower M { temperature[s] = 1  reward[s, a] = 0 }") == ["E302"]
+
+
+def test_reward_shape_and_index_errors():
+    assert codes(FOLLOWER.replace("x[s, a] }", "x[s] }")) == ["E301"]
+    assert codes(FOLLOWER.replace("x[s, a] }", "x[a, s] }")) == ["E303"]
+    assert codes(FOLLOWER.replace("x[s, a] }", "x[s, b] }")) == ["E201"]
+    assert codes(FOLLOWER.replace("x[s, a] }", "log(x[s, a]) }")) == ["E305"]
+
+
+def test_policy_outside_the_upper_objective():
+    assert codes(MDP + "param p[M.S, M.A] = policy") == ["E501"]
+    assert codes(FOLLOWER + "let e = entropy(policy)\ncheck e[0] > 0") == ["E501"]
+    diag = first(MDP + "var x[M.S, M.A] = 0\nupper maximize value(M, policy)")
+    assert diag.code == "E501" and (diag.span.line, diag.span.column) == (4, 16)
+    assert codes(MDP + "lower M { temperature = 1  reward[s, a] = policy[s, a] }") == ["E501"]
+
+
+def test_upper_objective_checks():
+    assert codes(FOLLOWER + "upper minimize x") == ["E306"]
+    assert codes(FOLLOWER + "upper minimize policy") == ["E306"]
+    assert codes(FOLLOWER + "upper maximize value(M, x)") == ["E305"]
+    assert codes(FOLLOWER + "upper maximize value(M, policy, x[0])") == ["E301"]
+    assert codes(FOLLOWER + "upper maximize value(M, policy, reward = M.R, horizon = 3)") == [
+        "E305"]
+    assert codes(FOLLOWER + "upper maximize expected_return(M, policy)") == ["E305"]
+    assert codes(FOLLOWER + "upper maximize expected_return(M, policy, horizon = 0)") == [
+        "E305"]
+    assert codes(FOLLOWER + "upper minimize preference_loss(M, policy, horizon = 3)") == [
+        "E305"]
+    assert codes(FOLLOWER + "upper minimize preference_loss(M, policy, truth = M.R, "
+                 "horizon = 3, noise = 0.9)") == ["E305"]
+    assert codes(FOLLOWER + "mdp K = random_mdp(states = 4, actions = 2)\n"
+                 "upper maximize value(K, policy)") == ["E301"]
+
+
+def test_upper_objective_forms_compile():
+    for objective in (
+        "value(M, policy)",
+        "value(M, policy, M.R + 1)",
+        "value(M, policy, reward = x)",
+        "sum {s in M.S, a in M.A} occupancy(M, policy)[s, a] * x[s, a]",
+        "sum {s in M.S} entropy(policy)[s]",
+        "sum {s in M.S, a in M.A} policy[s, a]^2",
+        "expected_return(M, policy, horizon = 5, reward = M.R)",
+        "preference_loss(M, policy, truth = M.R, horizon = 4, pairs = 8, scale = 1, "
+        "noise = 0.1, model = x)",
+    ):
+        checked = compile_ok(FOLLOWER + f"upper maximize {objective}")
+        assert checked.upper.sense == "maximize"
+
+
+def test_upper_may_come_before_what_it_uses():
+    checked = compile_ok("brl 1\nupper minimize norm2(x) - value(M, policy)\n"
+                         "solve exact\nmdp M = random_mdp(states = 3, actions = 2)\n"
+                         "var x[M.S, M.A] = 0\n"
+                         "lower M { temperature = 1  reward[s, a] = x[s, a] }")
+    assert checked.upper is not None and checked.solve.solver == "exact"
+
+
+def test_checks_see_the_variable_at_its_initial_value():
+    checked = compile_ok("brl 1\nvar x[2] = [3, 4] in [0, 3]\nlet n = norm2(x)\ncheck n == 18")
+    assert checked.checks == 1
+    diag = first("brl 1\nvar x[2] = [3, 4]\ncheck x[0] > x[1], \"ordered\"")
+    assert diag.code == "E702" and diag.message == "check failed: ordered"
+    assert diag.notes == ("left side = 3", "right side = 4")
+
+
+def test_checks_of_arrays_count_failures():
+    diag = first("brl 1\nparam w[4] = [1, -2, 3, -4]\ncheck w >= 0")
+    assert diag.notes[-1] == "2 of 4 elements are false"
+    assert compile_ok("brl 1\nparam w[2] = [1, 2]\ncheck w > 0").checks == 1
+
+
+def test_solve_statement_without_a_catalog_is_not_validated():
+    checked = compile_ok(FOLLOWER + "upper minimize norm2(x)\nsolve whatever(speed = fast)")
+    assert checked.solve.solver == "whatever" and checked.solve.options == {"speed": "fast"}
+
+
+def test_solve_options_are_validated_with_a_catalog():
+    from bilevel_dsl.cli import solver_catalog
+
+    base = FOLLOWER + "upper minimize norm2(x)\n"
+    found = diagnostics(base + "solve m_sobirl(outr = 1, beta = \"x\")",
+                        solver_catalog=solver_catalog)
+    assert [d.code for d in found] == ["E802", "E803"]
+    assert [d.span.column for d in found] == [16, 26]
+    diag = first(base + "solve m_sobrl", solver_catalog=solver_catalog)
+    assert diag.code == "E801" and "\n" not in diag.message
+    assert "did you mean `m_sobirl`" in diag.message
+    assert first(base + "solve exact on tpu").code == "E305"
+
+
+def test_reward_is_differentiable_through_lets():
+    checked = compile_ok(FOLLOWER.replace("x[s, a] }", "bonus[s, a] }").replace(
+        "lower M", "let bonus[s in M.S, a in M.A] = 2 * x[s, a]^2\nlower M"))
+    from bilevel_dsl.elaborate import lower_reward
+
+    x = torch.ones(3, 2, dtype=torch.float64, requires_grad=True)
+    reward = lower_reward(checked.lower, checked.scope(torch.device("cpu"), x=x))
+    (grad,) = torch.autograd.grad(reward.sum(), x)
+    assert torch.allclose(grad, torch.full((3, 2), 4.0, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("word", ["sum", "prod", "max", "min", "mean", "logsumexp"])
+def test_reducers_as_functions_of_one_array(word: str):
+    expected = {"sum": 6.0, "prod": 6.0, "max": 3.0, "min": 1.0, "mean": 2.0,
+                "logsumexp": float(torch.logsumexp(torch.tensor([1.0, 2.0, 3.0]), 0))}[word]
+    assert value(f"{word}([1, 2, 3])") == pytest.approx(expected)

@@ -1,0 +1,215 @@
+"""The IR's JSON form: lossless round trip, the JSON Schema, `brl compile`, and bad documents."""
+
+from __future__ import annotations
+
+import json
+
+import jsonschema
+import pytest
+from conftest import DOCS, PROBLEMS, brl_blocks
+
+from bilevel_dsl import (
+    IRFormatError,
+    compile_file,
+    from_json,
+    ir,
+    json_schema,
+    parse_file,
+    parse_source,
+    to_json,
+)
+from bilevel_dsl.cli import main
+from bilevel_dsl.diagnostics import SourceFile
+
+
+def doc_programs() -> list[tuple[str, ir.Program]]:
+    out = []
+    for doc in DOCS:
+        for line, text in brl_blocks(doc.read_text(encoding="utf-8")):
+            name = f"{doc.name}:{line}"
+            out.append((name, parse_source(SourceFile(name, text))))
+    return out
+
+
+def all_programs() -> list[tuple[str, ir.Program]]:
+    return [(p.name, parse_file(p)) for p in PROBLEMS] + doc_programs()
+
+
+@pytest.fixture(scope="module")
+def validator() -> jsonschema.Draft202012Validator:
+    schema = json_schema()
+    jsonschema.Draft202012Validator.check_schema(schema)
+    return jsonschema.Draft202012Validator(schema)
+
+
+def test_there_are_programs_to_check():
+    names = [name for name, _ in all_programs()]
+    assert len(PROBLEMS) >= 5 and sum(":" in n for n in names) >= 10
+
+
+@pytest.mark.parametrize(("name", "program"), all_programs(), ids=lambda v: getattr(v, "name", v))
+def test_round_trip(name: str, program: ir.Program, validator):
+    text = to_json(program)
+    assert from_json(text) == program
+    assert from_json(to_json(program, indent=None)) == program
+    document = json.loads(text)
+    errors = sorted(validator.iter_errors(document), key=str)
+    assert not errors, errors[0].message if errors else ""
+    # spans survive, so a tool reading the JSON can still point into the source
+    assert document["statements"][0]["span"] == list(
+        (lambda s: (s.line, s.column, s.end_line, s.end_column))(program.statements[0].span))
+
+
+def test_round_trip_keeps_every_number_exactly():
+    text = "brl 1\nparam a = [0.1, 1e-300, 1.7976931348623157e308, 123456789012345678, 3]"
+    program = parse_source(SourceFile("n.brl", text))
+    again = from_json(to_json(program))
+    items = again.statements[0].value.items
+    assert [i.value for i in items] == [0.1, 1e-300, 1.7976931348623157e308,
+                                       123456789012345678.0, 3.0]
+    assert [i.is_integer for i in items] == [False, False, False, True, True]
+
+
+def test_json_is_strict_json_and_names_node_types():
+    text = to_json(parse_file(PROBLEMS[0]))
+
+    def no_constants(token):
+        raise AssertionError(f"non-standard JSON constant {token}")
+
+    document = json.loads(text, parse_constant=no_constants)
+    assert document["node"] == "Program" and document["ir_version"] == ir.IR_VERSION
+    kinds = {s["node"] for s in document["statements"]}
+    assert {"MdpDecl", "VarDecl", "LowerDecl", "UpperDecl"} <= kinds
+
+
+def test_upper_form_and_features_are_in_the_json():
+    program = parse_file(next(p for p in PROBLEMS if p.name == "rlhf_chain.brl"))
+    upper = next(s for s in json.loads(to_json(program))["statements"] if s["node"] == "UpperDecl")
+    assert upper["form"] == "trajectory" and "preference_loss" in upper["features"]
+
+
+def test_schema_describes_every_node(validator):
+    schema = json_schema()
+    assert schema["$schema"] == "https://json-schema.org/draft/2020-12/schema"
+    defs = schema["$defs"]
+    for cls in (ir.Number, ir.Reduction, ir.MdpDecl, ir.UpperDecl, ir.Program, ir.Span):
+        assert cls.__name__ in defs
+    assert defs["Program"]["properties"]["ir_version"] == {"const": ir.IR_VERSION}
+
+
+def test_schema_rejects_what_from_json_rejects(validator):
+    document = json.loads(to_json(parse_file(PROBLEMS[0])))
+    bad_version = {**document, "ir_version": 99}
+    extra_field = {**document, "surprise": 1}
+    missing_field = {k: v for k, v in document.items() if k != "statements"}
+    for bad in (bad_version, extra_field, missing_field):
+        assert not validator.is_valid(bad)
+    for bad in (bad_version, missing_field):
+        with pytest.raises(IRFormatError):
+            from_json(json.dumps(bad))
+
+
+def corrupt(path: list, new) -> str:
+    document = json.loads(to_json(parse_file(PROBLEMS[0])))
+    node = document
+    for key in path[:-1]:
+        node = node[key]
+    node[path[-1]] = new
+    return json.dumps(document)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "",
+        "not json",
+        "[]",
+        "{}",
+        "null",
+        "NaN",
+        '{"node": "Program"}',
+        '{"node": "Program", "ir_version": 2}',
+        '{"node": "Program", "ir_version": "1"}',
+        '{"node": "Program", "ir_version": 1}',
+        '{"node": "Number", "ir_version": 1}',
+        "[" * 100_000 + "]" * 100_000,
+        '{"node": "Program", "ir_version": 1, "language_version": 1, "source": "x", '
+        '"statements": ' + "[" * 5000 + "]" * 5000 + "}",
+    ],
+    ids=lambda t: t[:30],
+)
+def test_from_json_rejects_garbage(text: str):
+    with pytest.raises(IRFormatError):
+        from_json(text)
+
+
+@pytest.mark.parametrize(
+    ("path", "new"),
+    [
+        (["statements", 0, "span"], [1, 2, 3]),
+        (["statements", 0, "span"], [1, 2, 3, True]),
+        (["statements", 0, "span"], "1:1"),
+        (["statements", 0, "node"], "Bogus"),
+        (["statements", 0, "node"], "Number"),
+        (["statements", 0], 5),
+        (["statements"], {}),
+        (["language_version"], "1"),
+        (["ir_version"], True),
+        (["source"], None),
+    ],
+)
+def test_from_json_rejects_corrupt_documents(path: list, new):
+    with pytest.raises(IRFormatError):
+        from_json(corrupt(path, new))
+
+
+def test_from_json_rejects_wrong_field_types_deep_inside():
+    program = parse_source(SourceFile("t.brl", "brl 1\nparam a = 1 + 2"))
+    document = json.loads(to_json(program))
+    document["statements"][0]["value"]["left"]["value"] = "1"
+    with pytest.raises(IRFormatError, match=r"value"):
+        from_json(json.dumps(document))
+    document["statements"][0]["value"]["left"] = {"node": "SetDecl"}
+    with pytest.raises(IRFormatError):
+        from_json(json.dumps(document))
+
+
+def test_deep_expressions_round_trip():
+    # the deepest expressions the parser accepts still serialise and read back
+    for depth in (150, 190):
+        text = "brl 1\nparam a = " + "-" * depth + "1"
+        program = parse_source(SourceFile("deep.brl", text))
+        assert from_json(to_json(program)) == program
+
+
+# ------------------------------------------------------------------ the command line
+
+
+def test_brl_compile_writes_json(tmp_path, capsys):
+    problem = next(p for p in PROBLEMS if p.name == "maze_nav.brl")
+    out = tmp_path / "out.json"
+    assert main(["compile", str(problem), "-o", str(out)]) == 0
+    program = from_json(out.read_text(encoding="utf-8"))
+    assert program == compile_file(problem).program
+    assert main(["compile", str(problem)]) == 0
+    printed = capsys.readouterr().out
+    assert from_json(printed) == program
+
+
+def test_brl_compile_schema(tmp_path, capsys):
+    assert main(["compile", "--schema"]) == 0
+    assert json.loads(capsys.readouterr().out) == json_schema()
+    out = tmp_path / "schema.json"
+    assert main(["compile", "--schema", "-o", str(out)]) == 0
+    jsonschema.Draft202012Validator.check_schema(json.loads(out.read_text(encoding="utf-8")))
+
+
+def test_brl_compile_errors(tmp_path, capsys):
+    bad = tmp_path / "bad.brl"
+    bad.write_text("brl 1\nparam a = b\n", encoding="utf-8")
+    out = tmp_path / "out.json"
+    assert main(["compile", str(bad), "-o", str(out)]) == 1
+    assert not out.exists()
+    assert "error[E201]" in capsys.readouterr().err
+    assert main(["compile"]) == 1
+    assert "give a .brl file" in capsys.readouterr().err

@@ -1,0 +1,357 @@
+"""Lowering: MDP generators, data files, the reward and objective closures, overrides, devices."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from conftest import PROBLEMS, codes, compile_ok
+
+from bilevel_dsl import BrlError, compile_file, lower
+
+DT = torch.float64
+UP, DOWN, LEFT, RIGHT = range(4)
+
+# S . #        states in reading order: 0 1 (wall)
+# . . G                                 2 3 4 (goal)
+GRID = '''brl 1
+mdp maze = gridworld(map = """
+    S.#
+    ..G
+""", slip = {slip}, discount = 0.9, goal_reward = 2, step_reward = -0.1{extra})
+var x[maze.S, maze.A] = 0 in [-1, 1]
+lower maze {{ temperature = 0.5  reward[s, a] = maze.R[s, a] + x[s, a] }}
+upper maximize value(maze, policy) - norm2(x)
+solve m_sobirl(outer = 3) on cpu
+'''
+# Where each move lands with no slip (blocked moves stay put).
+NEXT = {
+    0: {UP: 0, DOWN: 2, LEFT: 0, RIGHT: 1},
+    1: {UP: 1, DOWN: 3, LEFT: 0, RIGHT: 1},  # right is the wall
+    2: {UP: 0, DOWN: 2, LEFT: 2, RIGHT: 3},
+    3: {UP: 1, DOWN: 3, LEFT: 2, RIGHT: 4},
+    4: {UP: 4, DOWN: 4, LEFT: 3, RIGHT: 4},  # up is the wall
+}
+
+
+def grid(slip: float = 0.3, extra: str = ""):
+    return compile_ok(GRID.format(slip=slip, extra=extra))
+
+
+def expected_grid_P(slip: float) -> torch.Tensor:
+    P = torch.zeros(5, 4, 5, dtype=DT)
+    for s, moves in NEXT.items():
+        for a in range(4):
+            for b, t in moves.items():
+                P[s, a, t] += 1 - slip if b == a else slip / 3
+    return P
+
+
+# ------------------------------------------------------------------ grid worlds
+
+
+def test_gridworld_states_actions_and_parts():
+    checked = grid()
+    maze = checked.names["maze"]
+    assert maze.states.size == 5 and maze.actions.members == ("up", "down", "left", "right")
+    assert maze.extras["pos"].t.tolist() == [[0, 0], [0, 1], [1, 0], [1, 1], [1, 2]]
+    assert float(maze.extras["goal"].t) == 4 and float(maze.extras["start"].t) == 0
+    assert maze.extras["goal_pos"].t.tolist() == [1, 2]
+    assert maze.extras["start_pos"].t.tolist() == [0, 0]
+    assert maze.initial.tolist() == [1, 0, 0, 0, 0]
+    assert maze.discount == 0.9
+    assert maze.terminal.tolist() == [False, False, False, False, True]
+
+
+def test_gridworld_no_slip_moves_walls_and_edges():
+    P = grid(slip=0).names["maze"].transitions.dense()
+    for s, moves in NEXT.items():
+        for a, t in moves.items():
+            assert P[s, a, t] == 1, (s, a, t)
+
+
+def test_gridworld_slip_semantics():
+    for slip in (0.0, 0.1, 0.3, 1.0):
+        P = grid(slip=slip).names["maze"].transitions.dense()
+        assert torch.allclose(P, expected_grid_P(slip)), slip
+
+
+def test_gridworld_rows_sum_to_one_before_terminal_masking():
+    maze = grid().names["maze"]
+    assert torch.allclose(maze.transitions.row_sums(), torch.ones(5, 4, dtype=DT))
+
+
+def test_goal_is_terminal_in_the_lowered_problem():
+    problem = lower(grid(), device="cpu")
+    sums = problem.transitions.row_sums()
+    P = problem.transitions.dense()
+    assert torch.all(P[:, :, 4] == 0)  # no mass enters the goal
+    assert torch.all(sums[4] == 0)  # and the goal has no successors
+    # rows that could reach the goal lose that mass: s3 right reaches it w.p. 0.7
+    assert sums[3, RIGHT] == pytest.approx(0.3)
+    assert sums[3, UP] == pytest.approx(0.9)
+    for s in (0, 1, 2):
+        assert torch.allclose(sums[s], torch.ones(4, dtype=DT))
+
+
+def test_goal_reward_is_the_probability_of_entering_the_goal():
+    maze = grid().names["maze"]
+    P = expected_grid_P(0.3)
+    expected = 2 * P[:, :, 4] - 0.1
+    expected[4] = 0  # the terminal goal is worth nothing
+    assert torch.allclose(maze.reward, expected)
+
+
+def test_non_terminal_goal_keeps_its_rows():
+    checked = grid(extra=", terminal_goal = false")
+    problem = lower(checked, device="cpu")
+    assert not checked.names["maze"].terminal.any()
+    assert torch.allclose(problem.transitions.row_sums(), torch.ones(5, 4, dtype=DT))
+
+
+def test_gridworld_layout_is_passed_to_solvers():
+    problem = lower(grid(), device="cpu")
+    assert problem.grid is not None
+    assert (problem.grid.rows, problem.grid.cols) == (2, 3)
+    assert problem.grid.walls == ((0, 2),)
+    assert (problem.grid.start, problem.grid.goal) == (0, 4)
+
+
+# ------------------------------------------------------------------ random MDPs
+
+
+def random_P(text: str, name: str = "M", **kwargs) -> torch.Tensor:
+    return compile_ok("brl 1\n" + text, **kwargs).names[name].transitions.dense()
+
+
+def test_random_mdp_support_sizes():
+    P = random_P("seed 4\nmdp M = random_mdp(states = 12, actions = 3)")
+    support = (P > 0).sum(-1)
+    assert support.min() >= 1 and support.max() <= 11
+    assert len(torch.unique(support)) >= 4  # n ~ Uniform{1, ..., S-1}: sizes vary
+    assert torch.allclose(P.sum(-1), torch.ones(12, 3, dtype=DT))
+    assert P.min() >= 0
+
+
+def test_random_mdp_fixed_successors():
+    P = random_P("mdp M = random_mdp(states = 7, actions = 2, successors = 3)")
+    assert torch.all((P > 0).sum(-1) == 3)
+    P = random_P("mdp M = random_mdp(states = 600, actions = 2, successors = 5)")
+    assert torch.all((P > 0).sum(-1) == 5)  # distinct successors on the large-S path too
+    assert torch.allclose(P.sum(-1), torch.ones(600, 2, dtype=DT))
+
+
+def test_random_mdp_single_state():
+    assert random_P("mdp M = random_mdp(states = 1, actions = 2)").tolist() == [[[1.0], [1.0]]]
+
+
+def test_random_mdp_reproducible_and_seeded():
+    text = "seed 4\nmdp M = random_mdp(states = 8, actions = 2)"
+    same = random_P(text)
+    assert torch.equal(same, random_P(text))
+    assert not torch.equal(same, random_P(text.replace("seed 4", "seed 5")))
+    assert torch.equal(same, random_P(text.replace("seed 4", "seed 9"), seed=4))
+    # another declaration before it does not change it
+    assert torch.equal(same, random_P("seed 4\nmdp K = random_mdp(states = 3, actions = 2)\n"
+                                      "mdp M = random_mdp(states = 8, actions = 2)"))
+
+
+def test_random_mdp_defaults():
+    mdp = compile_ok("brl 1\nmdp M = random_mdp(states = 4, actions = 2)").names["M"]
+    assert mdp.discount == 0.9
+    assert mdp.initial.tolist() == [0.25] * 4
+    assert mdp.reward.abs().sum() == 0 and not mdp.terminal.any()
+
+
+def test_large_random_mdp_is_sparse():
+    mdp = compile_ok("brl 1\nmdp big = random_mdp(states = 10000, actions = 4, "
+                     "successors = 5, discount = 0.9)").names["big"]
+    assert mdp.transitions.is_sparse
+    assert torch.allclose(mdp.transitions.row_sums(), torch.ones(10000, 4, dtype=DT))
+
+
+# ------------------------------------------------------------------ data files
+
+
+def test_loaded_npy_and_csv(tmp_path):
+    costs = np.arange(6, dtype=np.float64).reshape(3, 2) / 10
+    np.save(tmp_path / "costs.npy", costs)
+    (tmp_path / "data").mkdir()
+    np.savetxt(tmp_path / "data" / "bonus.csv", costs.T * 2, delimiter=",")
+    (tmp_path / "p.brl").write_text(
+        "brl 1\nmdp M = random_mdp(states = 3, actions = 2)\n"
+        'param costs[M.S, M.A] = load("costs.npy")\nparam bonus = load("data/bonus.csv")\n'
+        "var x[M.S, M.A] = 0\nlower M { temperature = 1  reward[s, a] = x[s, a] - costs[s, a] "
+        "+ bonus[a, s] }\nupper minimize norm2(x)\ncheck bonus[1, 2] == 2 * costs[2, 1]\n",
+        encoding="utf-8")
+    checked = compile_file(tmp_path / "p.brl")
+    assert checked.checks == 1
+    assert np.allclose(checked.names["costs"].t.numpy(), costs)
+    assert checked.names["bonus"].t.shape == (2, 3)
+    problem = lower(checked, device="cpu")
+    assert torch.allclose(problem.reward(problem.x0), torch.from_numpy(costs))
+
+
+def test_loaded_data_shape_is_checked(tmp_path):
+    np.save(tmp_path / "costs.npy", np.zeros((2, 3)))
+    (tmp_path / "p.brl").write_text('brl 1\nparam c[3, 2] = load("costs.npy")\n')
+    with pytest.raises(BrlError) as info:
+        compile_file(tmp_path / "p.brl")
+    assert [d.code for d in info.value.diagnostics] == ["E602"]
+
+
+def test_table_part_given_whole_from_a_file(tmp_path):
+    P = np.zeros((2, 1, 2))
+    P[0, 0, 1] = P[1, 0, 0] = 1
+    np.save(tmp_path / "P.npy", P)
+    (tmp_path / "t.brl").write_text(
+        'brl 1\nmdp T = table { states = 2  actions = 1  transition = load("P.npy") }\n'
+        "check T.P[0, 0, 1] == 1\n")
+    assert compile_file(tmp_path / "t.brl").checks == 1
+
+
+# ------------------------------------------------------------------ the closures
+
+SMALL = '''brl 1
+seed 1
+mdp M = random_mdp(states = 4, actions = 3, discount = 0.8)
+param c[M.S, M.A] ~ uniform(0, 1)
+var x[M.S, M.A] ~ normal(0, 1)
+lower M {{ temperature = 0.5  reward[s, a] = c[s, a] * x[s, a]^2 }}
+upper {sense} 0.5 * norm2(x) - value(M, policy, M.R + 1)
+'''
+
+
+def uniform_policy(problem) -> torch.Tensor:
+    return torch.full((problem.n_states, problem.n_actions), 1 / problem.n_actions, dtype=DT)
+
+
+def test_reward_closure_is_differentiable():
+    checked = compile_ok(SMALL.format(sense="minimize"))
+    problem = lower(checked, device="cpu")
+    x = problem.x0.clone().requires_grad_(True)
+    reward = problem.reward(x)
+    assert reward.shape == (4, 3)
+    (grad,) = torch.autograd.grad(reward.sum(), x)
+    c = checked.names["c"].t
+    assert torch.allclose(grad, 2 * c * x.detach())
+
+
+def test_objective_closure_is_differentiable_in_x_and_policy():
+    problem = lower(compile_ok(SMALL.format(sense="minimize")), device="cpu")
+    x = problem.x0.clone().requires_grad_(True)
+    pi = uniform_policy(problem).requires_grad_(True)
+    f = problem.objective(x, pi)
+    assert f.shape == ()
+    gx, gpi = torch.autograd.grad(f, (x, pi))
+    assert torch.allclose(gx, x.detach())  # d/dx 0.5 ||x||^2
+    assert gpi.abs().sum() > 0  # the value depends on the policy
+
+
+def test_next_state_reward_is_averaged_over_transitions():
+    text = ("brl 1\nseed 2\nmdp M = random_mdp(states = 4, actions = 3)\n"
+            "param h[M.S] ~ normal(0, 1)\nparam k[M.S, M.A, M.S] ~ normal(0, 1)\n"
+            "var x[M.S, M.A] ~ normal(0, 1)\n"
+            "lower M { temperature = 1  reward[s, a, t] = x[s, a] * h[t] + k[s, a, t] }\n"
+            "upper minimize norm2(x)\n")
+    checked = compile_ok(text)
+    problem = lower(checked, device="cpu")
+    P = checked.names["M"].transitions.dense()
+    h, k, x = checked.names["h"].t, checked.names["k"].t, problem.x0
+    expected = (P * (x[:, :, None] * h[None, None, :] + k)).sum(-1)
+    assert torch.allclose(problem.reward(x), expected)
+    only_t = lower(compile_ok(text.replace("x[s, a] * h[t] + k[s, a, t]", "3 * h[t]")))
+    assert torch.allclose(only_t.reward(x), 3 * (P * h).sum(-1))
+
+
+def test_maximize_negates_the_objective():
+    low = lower(compile_ok(SMALL.format(sense="minimize")), device="cpu")
+    high = lower(compile_ok(SMALL.format(sense="maximize")), device="cpu")
+    pi = uniform_policy(low)
+    f_min, f_max = low.objective(low.x0, pi), high.objective(high.x0, pi)
+    assert float(f_min) != 0 and torch.allclose(f_max, -f_min)
+    assert (low.sense, low.sign, high.sense, high.sign) == ("minimize", 1.0, "maximize", -1.0)
+
+
+def test_objective_value_matches_a_direct_computation():
+    checked = compile_ok(SMALL.format(sense="minimize"))
+    problem = lower(checked, device="cpu")
+    mdp = checked.names["M"]
+    pi = uniform_policy(problem)
+    P = mdp.transitions.dense()
+    r = ((mdp.reward + 1) * pi).sum(-1)
+    P_pi = torch.einsum("sat,sa->st", P, pi)
+    v = torch.linalg.solve(torch.eye(4, dtype=DT) - mdp.discount * P_pi, r)
+    expected = 0.5 * (problem.x0**2).sum() - (mdp.initial * v).sum()
+    assert torch.allclose(problem.objective(problem.x0, pi), expected)
+
+
+def test_problem_fields():
+    problem = lower(grid(), device="cpu")
+    assert problem.name == "test"  # named after the file (it has no `problem` statement)
+    assert (problem.n_states, problem.n_actions) == (5, 4)
+    assert problem.temperature == 0.5 and problem.discount == 0.9
+    assert problem.initial.tolist() == [1, 0, 0, 0, 0]
+    assert problem.x0.shape == (5, 4) and problem.var_name == "x"
+    assert problem.solver == "m_sobirl" and problem.solver_options == {"outer": 3}
+    assert problem.features == frozenset({"policy", "value"})
+    assert problem.form == "policy_functional"
+    assert problem.device == torch.device("cpu")
+    clamped = problem.project(torch.full((5, 4), 3.0, dtype=DT))
+    assert torch.all(clamped == 1)
+
+
+def test_incomplete_problem_cannot_be_lowered():
+    checked = compile_ok("brl 1\nmdp M = random_mdp(states = 3, actions = 2)\nvar x[M.S, M.A]")
+    with pytest.raises(BrlError) as info:
+        lower(checked, device="cpu")
+    diag = info.value.diagnostics[0]
+    assert diag.code == "E503"
+    assert "no `lower` block and no `upper` objective" in diag.message
+
+
+def test_cuda_without_a_gpu_is_e804(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    checked = compile_ok(GRID.format(slip=0, extra="").replace("on cpu", "on cuda"))
+    with pytest.raises(BrlError) as info:
+        lower(checked)
+    assert info.value.diagnostics[0].code == "E804"
+    assert lower(checked, device="cpu").device == torch.device("cpu")
+    assert lower(compile_ok(GRID.format(slip=0, extra=""))).device == torch.device("cpu")
+
+
+# ------------------------------------------------------------------ -D overrides
+
+
+def test_overrides_reach_the_lowered_problem():
+    maze = next(p for p in PROBLEMS if p.name == "maze_nav.brl")
+    low = lower(compile_file(maze), device="cpu")
+    high = lower(compile_file(maze, overrides={"lam": "0.5"}), device="cpu")
+    x = low.x0 + torch.tensor([1.0, 0.0], dtype=DT)  # ||g - G||^2 = 1
+    pi = uniform_policy(low)
+    assert float(high.objective(x, pi) - low.objective(x, pi)) == pytest.approx(0.45)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "code", "needle"),
+    [
+        ({"lam": "0.5.1"}, "E100", ""),
+        ({"lamb": "0.1"}, "E201", "did you mean `lam`?"),
+        ({"maze": "1"}, "E201", ""),
+        ({"lam": "[0.1, 0.2]"}, "E305", "expected a number"),
+    ],
+)
+def test_override_errors_on_a_problem(overrides, code, needle):
+    maze = next(p for p in PROBLEMS if p.name == "maze_nav.brl")
+    with pytest.raises(BrlError) as info:
+        compile_file(maze, overrides=overrides)
+    diag = info.value.diagnostics[0]
+    assert diag.code == code
+    assert needle in (diag.message + " " + (diag.hint or ""))
+
+
+def test_integer_param_override_types():
+    text = "brl 1\nparam n = 3\nparam w[n] = 1\n"
+    assert compile_ok(text, overrides={"n": "5"}).names["w"].t.shape == (5,)
+    assert codes(text, overrides={"n": "5.0"}) == ["E305"]  # an int param given a real
+    assert codes(text, overrides={"n": "[5]"}) == ["E305"]
