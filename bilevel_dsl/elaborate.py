@@ -139,6 +139,7 @@ class _Elaborator:
         self.upper: ir.UpperDecl | None = None
         self.solve: SolveInfo | None = None
         self.checks = 0
+        self.policy_lets: set[str] = set()
         seed_decl = program.first(ir.SeedDecl)
         self.seed = seed if seed is not None else (seed_decl.seed if seed_decl else 0)
         self.device = torch.device("cpu")
@@ -412,8 +413,12 @@ class _Elaborator:
     def _let(self, decl: ir.LetDecl) -> None:
         let = LetDef(decl, tuple(self._dims(decl.dims)))
         self.names[decl.name] = let
-        if ir.objective_features(decl.value):
-            return  # uses the policy: checked where the upper objective uses it
+        if ir.objective_features(decl.value) or any(
+            name in self.policy_lets for name in ir.names_in(decl.value)
+        ):
+            # uses the policy, maybe through another let: checked where the objective uses it
+            self.policy_lets.add(decl.name)
+            return
         x = self.var.x0 if self.var is not None else None
         evaluate_val(ir.Name(decl.name_span, decl.name), self._scope(x))
 
@@ -705,7 +710,7 @@ class _Elaborator:
                 raise Cascade()  # the lower block failed and has been reported
             use = ir.first_policy_use(decl.objective)
             raise EvalError("E501", "the objective uses the follower's policy, but no `lower` "
-                            "block defines a follower", use.span if use else decl.span,
+                            "block defines a follower", use.span if use else decl.objective.span,
                             "add `lower M { temperature = ..., reward[s, a] = ... }`")
         scope.exact_trajectories = False
         v = evaluate_val(decl.objective, scope)

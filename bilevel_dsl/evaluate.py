@@ -34,6 +34,7 @@ OTHER_FUNCTIONS = ("norm", "norm1", "norm2", "dot", "quad", "card", "load")
 FUNCTIONS = tuple(ELEMENTWISE) + REDUCERS + DRAWS + FUNCTIONALS + OTHER_FUNCTIONS
 CONSTANTS = {"inf": math.inf, "true": 1.0, "false": 0.0}
 MAX_TERMS = 10**9  # terms of one reduction
+MAX_HORIZON = 100_000  # steps of expected_return and preference_loss
 
 
 @dataclass
@@ -70,6 +71,7 @@ class Scope:
     let_cache: dict[str, Val] = field(default_factory=dict)
     exact_trajectories: bool = True  # False while checking: trajectory terms only type-check
     constants: ConstantCache | None = None  # set by lowering: reuse what x and pi cannot change
+    lets: tuple[str, ...] = ()  # the lets being evaluated, innermost last
 
     def bind(self, name: str, binding: Binding) -> Scope:
         inner = Scope(**{k: getattr(self, k) for k in self.__dataclass_fields__})
@@ -342,9 +344,15 @@ def _let(node: ir.Name, let: LetDef, scope: Scope) -> Val:
     cached = scope.let_cache.get(node.id)
     if cached is not None:
         return cached
+    if node.id in scope.lets:
+        through = scope.lets[scope.lets.index(node.id) + 1:]
+        via = f" (through {', '.join(f'`{n}`' for n in through)})" if through else ""
+        raise EvalError("E203", f"`{node.id}` is defined in terms of itself{via}", node.span,
+                        "a definition can only use names declared before it")
     inner = Scope(**{k: getattr(scope, k) for k in scope.__dataclass_fields__})
     inner.indices = {}
     inner.let_cache = {}
+    inner.lets = (*scope.lets, node.id)
     names: list[str] = []
     for i, (index, set_value, size) in enumerate(let.dims):
         axis = index or f"#{node.id}{i}"
@@ -914,6 +922,9 @@ def _positive_int(kw: ir.Keyword | None, node: ir.Call, scope: Scope, name: str)
     value = _integer(kw.value, scope)
     if value < 1:
         raise EvalError("E305", f"`{name}` must be at least 1, got {value}", kw.value.span)
+    if name == "horizon" and value > MAX_HORIZON:  # one step per Python iteration
+        raise EvalError("E305", f"`horizon` must be at most {MAX_HORIZON:,}, got {value}",
+                        kw.value.span, "for an unbounded horizon use value(M, policy, R)")
     return value
 
 

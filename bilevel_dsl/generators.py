@@ -50,17 +50,23 @@ def gridworld(
         raise EvalError("E405", "the map is empty", span,
                         'draw it with `.` free cells, `#` walls, `S` start and `G` goal')
     width = len(rows[0][0])
+    # A one-line string with `\n` escapes has no source position per cell: point at all of it.
+    escaped = not triple_quoted and "\n" in text
+
+    def at(line: int, column: int, length: int) -> Span:
+        return span if escaped else Span(line, column, line, column + length)
+
     starts, goals = [], []
     cells: list[tuple[int, int]] = []
     walls: list[tuple[int, int]] = []
     for r, (row, line, column) in enumerate(rows):
         if len(row) != width:
             raise EvalError("E405", f"map row {r + 1} has {len(row)} cells but row 1 has {width}",
-                            Span(line, column, line, column + len(row)),
+                            at(line, column, len(row)),
                             "every row of the map must have the same width")
         for c, ch in enumerate(row):
             kind = GRID_CELLS.get(ch)
-            where = Span(line, column + c, line, column + c + 1)
+            where = at(line, column + c, 1)
             if kind is None:
                 raise EvalError("E405", f"unknown map cell `{ch}`", where,
                                 "cells are `.` free, `#` wall, `S` start, `G` goal")

@@ -7,7 +7,7 @@ is the contract with other tools (see docs/ir.md).  Numbers are produced later, 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Union
 
 IR_VERSION = 1
@@ -359,3 +359,46 @@ def objective_form(features: tuple[str, ...]) -> str:
     if any(f in TRAJECTORY_FUNCTIONALS for f in features):
         return "trajectory"
     return "policy_functional"
+
+
+def names_in(expr: Expr) -> set[str]:
+    """Every name an expression mentions."""
+    found: set[str] = set()
+    stack: list[object] = [expr]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, Name):
+            found.add(node.id)
+        for name in getattr(node, "__dataclass_fields__", ()):
+            value = getattr(node, name)
+            if isinstance(value, tuple):
+                stack.extend(value)
+            elif hasattr(value, "__dataclass_fields__"):
+                stack.append(value)
+    return found
+
+
+def with_let_features(program: Program) -> Program:
+    """The program with each objective's features and form counting what it uses through
+    `let`s (`let d = occupancy(M, policy)` ... `upper maximize sum(d)` uses `occupancy`)."""
+    lets = {s.name: s.value for s in program.statements if isinstance(s, LetDecl)}
+    if not lets:
+        return program
+    statements = []
+    for stmt in program.statements:
+        if isinstance(stmt, UpperDecl):
+            found = set(stmt.features)
+            seen: set[str] = set()
+            stack = [stmt.objective]
+            while stack:
+                expr = stack.pop()
+                found.update(objective_features(expr))
+                for name in names_in(expr):
+                    if name in lets and name not in seen:
+                        seen.add(name)
+                        stack.append(lets[name])
+            features = tuple(sorted(found))
+            if features != stmt.features:
+                stmt = replace(stmt, features=features, form=objective_form(features))
+        statements.append(stmt)
+    return replace(program, statements=tuple(statements))

@@ -159,7 +159,7 @@ def parse_source(source: SourceFile) -> ir.Program:
                         ir.Span(line, column, line, end), "this compiler reads `brl 1`")],
             source,
         )
-    return dataclasses.replace(program, source=source.name)
+    return ir.with_let_features(dataclasses.replace(program, source=source.name))
 
 
 def parse_expression(text: str, name: str = "<expression>") -> ir.Expr:

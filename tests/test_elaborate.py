@@ -456,3 +456,74 @@ def test_reducers_as_functions_of_one_array(word: str):
     expected = {"sum": 6.0, "prod": 6.0, "max": 3.0, "min": 1.0, "mean": 2.0,
                 "logsumexp": float(torch.logsumexp(torch.tensor([1.0, 2.0, 3.0]), 0))}[word]
     assert value(f"{word}([1, 2, 3])") == pytest.approx(expected)
+
+
+# ------------------------------------------------------------------ resource limits
+
+
+def test_huge_declarations_are_refused_before_allocation():
+    diag = first("brl 1\nparam x[100000, 100000, 100000] = 0")
+    assert diag.code == "E301" and "at most 100,000,000 numbers" in diag.message
+    assert (diag.span.column, diag.span.end_column) == (9, 31)  # under the dimensions
+    assert codes("brl 1\nvar x[100000, 100000]") == ["E301"]
+    assert codes("brl 1\nparam x[100000, 100000] ~ normal(0, 1)") == ["E301"]
+    assert codes("brl 1\nlet x[i in 0..99999, j in 0..99999] = i") == ["E301"]
+
+
+def test_huge_reductions_are_refused_not_run():
+    diag = first("brl 1\nparam x = sum {i in 0..49999999, j in 0..49999999} 1")
+    assert diag.code == "E301" and "terms" in diag.message
+    # a broadcast product that cannot be allocated is a diagnostic, not a crash
+    assert codes("brl 1\nparam x = sum {i in 0..49999999} sum {j in 0..49999999} i * j") == [
+        "E301"]
+
+
+def test_horizon_is_bounded():
+    diag = first(FOLLOWER + "upper maximize expected_return(M, policy, horizon = 100000000)")
+    assert diag.code == "E305" and "at most 100,000" in diag.message
+
+
+def test_a_definition_cannot_use_itself():
+    diag = first("brl 1\nlet a = a + 1")
+    assert diag.code == "E203" and diag.message == "`a` is defined in terms of itself"
+    assert (diag.span.line, diag.span.column) == (2, 9)
+    assert codes("brl 1\nlet a[i in 0..2] = a[i] + 1") == ["E203"]
+    assert codes("brl 1\nparam a = a + 1") == ["E203"]
+    assert codes("brl 1\nset S = S") == ["E203"]
+    # a cycle through lets that use the policy is found where the objective uses it
+    diag = first(FOLLOWER + "let v = w + value(M, policy)\nlet w = v\nupper minimize v")
+    assert diag.code == "E203" and "through `w`" in diag.message
+
+
+def test_lets_that_use_policy_lets_are_checked_in_the_objective():
+    checked = compile_ok(FOLLOWER + "let v = 2 * value(M, policy)\nlet w = v + v\n"
+                         "upper minimize w + v")
+    assert checked.upper.features == ("policy", "value")  # found through the lets
+    assert codes(FOLLOWER + "let v = value(M, policy)\nlet w = v\ncheck w > 0") == ["E501"]
+
+
+def test_escaped_newlines_in_a_one_line_map_point_at_the_string():
+    diag = first('brl 1\nmdp m = gridworld(map = "S.\\n.X")\nparam after = 1')
+    assert diag.code == "E405"
+    assert (diag.span.line, diag.span.column, diag.span.end_column) == (2, 25, 33)
+
+
+def test_features_and_form_count_what_lets_use():
+    checked = compile_ok(FOLLOWER + "let d = occupancy(M, policy)\n"
+                         "upper maximize sum {s in M.S, a in M.A} d[s, a] * x[s, a]")
+    assert checked.upper.features == ("occupancy", "policy")
+    assert checked.upper.form == "policy_functional"
+    checked = compile_ok(FOLLOWER + "let loss = preference_loss(M, policy, truth = M.R, "
+                         "horizon = 3)\nlet total = loss + norm2(x)\nupper minimize total")
+    assert checked.upper.form == "trajectory"
+    assert "preference_loss" in checked.upper.features
+    # the IR records them too, so `brl compile` and solvers see the same
+    from bilevel_dsl import ir
+
+    assert checked.program.first(ir.UpperDecl).form == "trajectory"
+
+
+def test_policy_through_a_let_without_a_follower():
+    diag = first(MDP + "var x[M.S, M.A] = 0\nlet v = value(M, policy)\nupper minimize v")
+    assert diag.code == "E501" and "no `lower` block" in diag.message
+    assert (diag.span.line, diag.span.column, diag.span.end_column) == (5, 16, 17)

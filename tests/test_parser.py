@@ -463,3 +463,16 @@ def test_parse_expression_errors_are_brl_errors():
         parse_expression("1 +", "-D x")
     assert info.value.diagnostics[0].code == "E100"
     assert info.value.render().startswith("-D x:1:")
+
+
+def test_syntax_error_messages_are_one_line():
+    found = diagnostics('brl 1\nparam a = 1 """first\nsecond"""')
+    assert found[0].message == 'unexpected `"""first...`'
+    assert (found[0].span.line, found[0].span.column) == (2, 13)
+
+
+def test_huge_numbers_in_the_header_and_seed():
+    assert codes("brl " + "9" * 5000) == ["E102"]
+    assert codes("brl 1\nseed " + "9" * 5000) == ["E901"]
+    assert codes("brl 1\nseed 9223372036854775808") == ["E901"]
+    assert compile_ok("brl 1\nseed 9223372036854775807").seed == 2**63 - 1
