@@ -69,7 +69,8 @@ class Scope:
     draw: Callable[[str, list[Val], ir.Call], Val] | None = None  # set inside `~` initialisers
     load: Callable[[ir.Call, str], Val] | None = None
     let_cache: dict[str, Val] = field(default_factory=dict)
-    exact_trajectories: bool = True  # False while checking: trajectory terms only type-check
+    # False: trajectory terms (expected_return, preference_loss) are checked and count as 0
+    exact_trajectories: bool = True
     constants: ConstantCache | None = None  # set by lowering: reuse what x and pi cannot change
     lets: tuple[str, ...] = ()  # the lets being evaluated, innermost last
 
@@ -179,6 +180,14 @@ def align(values: list[Val], span: ir.Span) -> tuple[tuple[str, ...], list[torch
             out_sizes[pos] = max(out_sizes[pos], n)
             if d is not None:
                 out_dims[pos] = d
+    axis_sizes: dict[str, int] = {}
+    for v in values:
+        for a, n in zip(v.axes, v.t.shape):
+            axis_sizes[a] = max(axis_sizes.get(a, 1), n)
+    total = math.prod(axis_sizes.values()) * math.prod(out_sizes)
+    if total > MAX_TERMS:  # refused before torch tries to allocate it
+        raise EvalError("E301", f"this expression would hold {total:.3g} numbers, more than "
+                        f"{MAX_TERMS:,}", span, "index over smaller sets")
     tensors = []
     for v in values:
         t = v.t
@@ -857,6 +866,8 @@ def _functional(node: ir.Call, scope: Scope) -> Val:
             v = softmdp.policy_evaluation(P, r, pi.t, mdp.discount)
             return Val((rho * v).sum())
         horizon = _positive_int(kw.get("horizon"), node, scope, "horizon")
+        if not scope.exact_trajectories:
+            return scalar(0.0, scope.device)  # checked; a trajectory term counts as 0 here
         return Val(_finite_horizon_return(P, r, pi.t, rho, mdp.discount, horizon))
     if f == "occupancy":
         d = softmdp.occupancy(P, pi.t, rho, mdp.discount)

@@ -32,6 +32,30 @@ class GridLayout:
     action_moves: tuple[tuple[int, int], ...]  # (d_row, d_col) of each action
 
 
+@dataclass(frozen=True)
+class TrajectoryTerm:
+    """One expectation over sampled trajectories in the upper objective (MATH.md, Section 5).
+
+    The minimised objective is ``sum(term.coefficient * E[l_term]) + policy_free(x)``.
+    ``expected_return``: ``l = sum_{t<H} gamma^t reward_x(s_t, a_t)`` over trajectories of the
+    upper MDP. ``preference_loss``: ``l = BCE(y, sigmoid(R_x(xi1) - R_x(xi2)))`` over pairs, with
+    ``R_x(xi) = sum_t model_x(s_t, a_t)`` and ``y ~ Bernoulli(sigmoid(scale * (R_true(xi1) -
+    R_true(xi2))))`` flipped with probability ``noise``.
+    """
+
+    kind: str  # "expected_return" | "preference_loss"
+    coefficient: float
+    transitions: Transitions  # the upper MDP's dynamics (sub-stochastic into terminal states)
+    initial: torch.Tensor  # (S,)
+    discount: float
+    horizon: int
+    reward: Callable[[torch.Tensor], torch.Tensor]  # x -> (S, A): return reward, or reward model
+    truth: torch.Tensor | None = None  # (S, A): the oracle's reward (preference_loss)
+    pairs: int = 64
+    scale: float = 1.0
+    noise: float = 0.0
+
+
 @dataclass
 class TabularProblem:
     """A bilevel problem over one tabular lower MDP, lowered onto a device.
@@ -58,6 +82,10 @@ class TabularProblem:
     solver_options: dict[str, Any] = field(default_factory=dict)
     seed: int = 0
     grid: GridLayout | None = None
+    # The objective's trajectory form, for model-free solvers: `trajectory_terms` plus the
+    # policy-free rest; None when the objective is not such a linear combination.
+    trajectory_terms: tuple[TrajectoryTerm, ...] | None = None
+    policy_free: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     @property
     def n_states(self) -> int:

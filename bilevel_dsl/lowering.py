@@ -8,10 +8,19 @@ from __future__ import annotations
 
 import torch
 
+from . import ir
 from .diagnostics import BrlError, Diagnostic
 from .elaborate import CheckedProgram, lower_reward
-from .evaluate import ConstantCache, VarRef, evaluate_val, varying_nodes
-from .instance import TabularProblem
+from .evaluate import (
+    ConstantCache,
+    LetDef,
+    VarRef,
+    evaluate,
+    evaluate_val,
+    expected_over_next,
+    varying_nodes,
+)
+from .instance import TabularProblem, TrajectoryTerm
 from .values import DTYPE, EvalError, MdpValue, PolicyRef, Val
 
 
@@ -80,6 +89,10 @@ def lower(checked: CheckedProgram, device: str | torch.device | None = None) -> 
         return None if t is None else t.to(dev)
 
     assert isinstance(names[var.name], VarRef)
+    terms = policy_free = None
+    if upper.form == "trajectory":
+        terms, policy_free = _trajectory_form(checked, upper, sign, scope, reward, names,
+                                               follower)
     solve = checked.solve
     return TabularProblem(
         name=checked.name,
@@ -100,6 +113,99 @@ def lower(checked: CheckedProgram, device: str | torch.device | None = None) -> 
         solver_options=dict(solve.options) if solve is not None else {},
         seed=checked.seed,
         grid=follower.grid,
+        trajectory_terms=terms,
+        policy_free=policy_free,
+    )
+
+
+def _trajectory_form(checked, upper, sign, scope, lower_reward_fn, names, follower):
+    """Split a trajectory objective into `coefficient * E[term]` pieces and a policy-free rest.
+
+    Only linear combinations with constant coefficients are split (`a - 2 * expected_return(...)
+    + lam * norm2(x)`); any other use of a trajectory term leaves the problem without a
+    trajectory form (None), and model-free solvers decline it.
+    """
+    found: list[tuple[float, ir.Call]] = []
+
+    def visit(node: ir.Expr, coefficient: float) -> bool:
+        if isinstance(node, ir.Call) and node.function in ir.TRAJECTORY_FUNCTIONALS:
+            found.append((coefficient, node))
+            return True
+        if not ir.objective_features(node):
+            return True
+        if isinstance(node, ir.Unary) and node.op in "+-":
+            return visit(node.operand, -coefficient if node.op == "-" else coefficient)
+        if isinstance(node, ir.Binary) and node.op in ("+", "-"):
+            return visit(node.left, coefficient) and visit(
+                node.right, -coefficient if node.op == "-" else coefficient)
+        if isinstance(node, ir.Binary) and node.op in ("*", "/"):
+            const, inner = (node.left, node.right) if node.op == "*" else (node.right, node.left)
+            if node.op == "*" and ir.objective_features(const):
+                const, inner = inner, const
+            if ir.objective_features(const) or not _constant(const, names):
+                return False
+            c = float(evaluate_val(const, scope(torch.zeros(0))).t)
+            return visit(inner, coefficient * c if node.op == "*" else coefficient / c)
+        return False
+
+    if not visit(upper.objective, sign):
+        return None, None
+    terms = []
+    for coefficient, call in found:
+        terms.append(_term(coefficient, call, scope, lower_reward_fn, names))
+
+    S, A = follower.states.size, follower.actions.size
+    uniform = torch.full((S, A), 1.0 / A, dtype=DTYPE, device=follower.initial.device)
+
+    def policy_free(x: torch.Tensor) -> torch.Tensor:
+        s = scope(x, uniform)  # the policy only appears inside the trajectory terms
+        s.exact_trajectories = False
+        value = _located(checked, lambda: evaluate_val(upper.objective, s))
+        return sign * value.t.to(DTYPE)
+
+    return tuple(terms), policy_free
+
+
+def _constant(node: ir.Expr, names: dict[str, object]) -> bool:
+    """True when `node` mentions neither the variable nor a `let` (so it can be folded)."""
+    return not any(isinstance(names.get(n), (VarRef, LetDef)) for n in ir.names_in(node))
+
+
+def _term(coefficient, call: ir.Call, scope, lower_reward_fn, names) -> TrajectoryTerm:
+    kw = {k.name: k.value for k in call.keywords}
+    probe = scope(torch.zeros(0))
+    mdp = evaluate(call.args[0], probe)
+    assert isinstance(mdp, MdpValue)
+
+    def number(key: str, default: float) -> float:
+        return float(evaluate_val(kw[key], probe).t) if key in kw else default
+
+    def table(node: ir.Expr):
+        def fn(x: torch.Tensor) -> torch.Tensor:
+            v = evaluate_val(node, scope(x))
+            t = v.t.to(DTYPE)
+            return expected_over_next(mdp.transitions, t) if t.dim() == 3 else t
+        return fn
+
+    if call.function == "expected_return":
+        reward_node = kw.get("reward", call.args[2] if len(call.args) > 2 else None)
+        reward = table(reward_node) if reward_node is not None else (lambda x: mdp.reward)
+        truth = None
+    else:
+        reward = table(kw["model"]) if "model" in kw else lower_reward_fn
+        truth = table(kw["truth"])(torch.zeros(0)).detach()
+    return TrajectoryTerm(
+        kind=call.function,
+        coefficient=coefficient,
+        transitions=mdp.dynamics(),
+        initial=mdp.initial,
+        discount=mdp.discount,
+        horizon=int(number("horizon", 1)),
+        reward=reward,
+        truth=truth,
+        pairs=int(number("pairs", 64)),
+        scale=number("scale", 1.0),
+        noise=number("noise", 0.0),
     )
 
 
