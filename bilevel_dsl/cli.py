@@ -168,7 +168,10 @@ def cmd_solve(args: argparse.Namespace) -> int:
     monitor = ProgressMonitor(total, time_limit=limit, sign=problem.sign,
                               stream=open(os.devnull, "w") if args.quiet else sys.stderr)
     start = time.perf_counter()
-    result = spec.run(problem, options, monitor)
+    try:
+        result = spec.run(problem, options, monitor)
+    finally:
+        monitor.close()
     timings["solve"] = time.perf_counter() - start
     out_dir = Path(args.out) if args.out else default_out_dir(problem.name)
     meta = {

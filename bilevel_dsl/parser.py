@@ -530,7 +530,7 @@ class _ToIR(Transformer):
         return ir.Range(self._span(meta), children[0], children[2])
 
     def reduction(self, meta, children):
-        op = children[0]
+        op = str(children[0])
         binders = tuple(c for c in children if isinstance(c, ir.Binder))
         where = None
         for i, child in enumerate(children):
@@ -539,7 +539,7 @@ class _ToIR(Transformer):
         return ir.Reduction(self._span(meta), op, binders, where, children[-1])
 
     def reducer(self, children):
-        return str(children[0])
+        return children[0]  # the token (a str): its position starts the reduction's span
 
     def binder(self, meta, children):
         return ir.Binder(self._span(meta), str(children[0]), children[2])

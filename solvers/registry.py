@@ -4,9 +4,9 @@ Every solver module defines a module-level ``SPEC: SolverSpec``. The registry im
 built-in modules on first use, in ``AUTO_ORDER``; ``--solver auto`` picks the first registered
 solver capable of the problem, so that order is the documented preference:
 
-    m_sobirl, exact
+    m_sobirl, exact, sobirl, stoc_sobirl, drlhf
 
-(future: sobirl, stoc_sobirl, drlhf, then deep solvers). A built-in module that does not exist
+(future: deep solvers). A built-in module that does not exist
 yet is skipped, so the registry always imports. Error messages here are for the user: the
 command line prints them without a traceback.
 """
@@ -25,7 +25,7 @@ from .result import Monitor, SolveResult
 if TYPE_CHECKING:
     from bilevel_dsl.instance import TabularProblem
 
-AUTO_ORDER: tuple[str, ...] = ("m_sobirl", "exact")
+AUTO_ORDER: tuple[str, ...] = ("m_sobirl", "exact", "sobirl", "stoc_sobirl", "drlhf")
 OPTION_TYPES: tuple[type, ...] = (int, float, str, bool)
 _TYPE_WORDS = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
 _TRUE = frozenset({"true", "yes", "on", "1"})

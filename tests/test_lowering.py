@@ -355,3 +355,27 @@ def test_integer_param_override_types():
     assert compile_ok(text, overrides={"n": "5"}).names["w"].t.shape == (5,)
     assert codes(text, overrides={"n": "5.0"}) == ["E305"]  # an int param given a real
     assert codes(text, overrides={"n": "[5]"}) == ["E305"]
+
+
+def test_closures_recompute_what_depends_on_x_and_the_policy():
+    text = ("brl 1\nseed 3\nmdp M = random_mdp(states = 4, actions = 2)\n"
+            "param c[M.S, M.A] ~ normal(0, 1)\nvar x[M.S, M.A] = 0\n"
+            "let bonus[s in M.S, a in M.A] = c[s, a] * x[s, a]\n"
+            "let pol = sum {s in M.S, a in M.A} policy[s, a] * c[s, a]\n"
+            "lower M { temperature = 1  reward[s, a] = bonus[s, a] + sum {t in M.S} "
+            "M.P[s, a, t] * c[t, 0] }\n"
+            "upper minimize pol + norm2(x)\n")
+    checked = compile_ok(text)
+    problem = lower(checked, device="cpu")
+    c, P = checked.names["c"].t, checked.names["M"].transitions.dense()
+    base = (P * c[:, 0]).sum(-1)
+    for scale in (0.0, 1.0, -2.0, 1.0):
+        x = torch.full((4, 2), scale, dtype=DT)
+        assert torch.allclose(problem.reward(x), c * x + base)
+    pi = uniform_policy(problem)
+    greedy = torch.zeros(4, 2, dtype=DT)
+    greedy[:, 0] = 1
+    x0 = problem.x0
+    assert torch.allclose(problem.objective(x0, pi), (pi * c).sum())
+    assert torch.allclose(problem.objective(x0, greedy), c[:, 0].sum())
+    assert torch.allclose(problem.objective(x0, pi), (pi * c).sum())

@@ -476,3 +476,32 @@ def test_huge_numbers_in_the_header_and_seed():
     assert codes("brl 1\nseed " + "9" * 5000) == ["E901"]
     assert codes("brl 1\nseed 9223372036854775808") == ["E901"]
     assert compile_ok("brl 1\nseed 9223372036854775807").seed == 2**63 - 1
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "sum {i in I} a[i]",
+        "min {i in I : i > 0} i",
+        "sum(x)",
+        "max(a, b)",
+        "f(x, k = 2)",
+        "-x",
+        "not a",
+        "x.y",
+        "a[0]",
+        "[1, 2]",
+        "1 + 2 * 3",
+        "2 * sum {i in I} a[i]",
+        "a == b",
+        "a or b",
+        "if a then b else c",
+        "x ^ 2",
+        "M.P[s, a, t]",
+    ],
+)
+def test_expression_spans_cover_their_text(text: str):
+    node = parse_expression(text)
+    span = node.span
+    assert (span.line, span.end_line) == (1, 1)
+    assert text[span.column - 1 : span.end_column - 1] == text

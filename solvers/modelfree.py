@@ -1,0 +1,385 @@
+"""The model-free hyper-gradient estimator (MATH.md, Section 5, eqs. 12-13), shared by the
+model-free solvers (sobirl, stoc_sobirl, drlhf).
+
+For the minimised objective ``phi(x) = sum_k c_k E[l_k(xi; x)] + policy_free(x)``::
+
+    grad phi ~ E[grad_x l(xi; x)]                                          (12)
+             + E[l(xi; x) sum_{t<H} grad_x log pi*_x(a_t|s_t)]             (13)
+    grad_x log pi(a|s) = (dQ(s,a)/dx - dV(s)/dx) / tau
+    dQ(s,a)/dx = E[sum_t gamma^t grad_x r_x(s_t,a_t) | s_0 = s, a_0 = a, a_t ~ pi]  (lower MDP)
+
+Everything is sampled through ``Simulator`` objects (never ``P``): trajectories of the upper
+MDP, and rollouts of length ``H'`` from chosen ``(s, a)`` in the lower MDP (a generative model).
+
+Reward gradients along trajectories are never formed one by one. ``grad_x sum_t w_t r_x(s_t,a_t)
+= J_r^T N`` with ``N[s,a] = sum_t w_t 1{(s_t,a_t) = (s,a)}``, and the estimate is linear in
+these tables, so every rollout is folded, with the scalar that multiplies it (its trajectory's
+loss, a sign, ``1/m``, ``gamma^t``), into one ``(S, A)`` table per reward function: one
+vector-Jacobian product for (13) through the follower's reward, and one per trajectory term
+for (12) through the term's reward (return reward or reward model).
+
+Two ways to place the rollouts (option ``share``):
+
+- ``visit`` (the paper): for every visited ``(s_t, a_t)``, ``m`` rollouts from ``(s_t, a_t)``
+  for ``dQ`` and ``m`` with ``a_0 ~ pi`` for ``dV``. The ``B`` trajectory tuples then contribute
+  i.i.d. terms, so the variance falls like ``1/B``.
+- ``pair`` (default): the visit weights are summed per distinct pair first, ``dV(s) = sum_a
+  pi(a|s) dQ(s,a)`` is taken in expectation, and ``m`` rollouts start from each pair with a
+  nonzero net weight ``W[s,a] - pi(a|s) sum_b W[s,b]``. Still unbiased (the rollouts are
+  independent of the trajectories), and at most ``S*A*m`` rollouts however long the batch.
+
+The only bias is the truncation of ``dQ`` at ``H'`` steps, of order ``gamma^H'``
+(``rollout_horizon = 0`` picks ``H'`` with ``gamma^H' <= 1e-4``).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from bilevel_dsl.instance import TabularProblem
+from bilevel_dsl.simulator import TabularSimulator, rollout, sample_actions, uniform
+from bilevel_dsl.softmdp import soft_bellman_steps, soft_policy, soft_q
+
+from .registry import Option
+from .result import Monitor, SolveResult
+
+# Options every model-free solver shares, appended to each SPEC's own.
+ESTIMATOR_OPTIONS = (
+    Option("batch", int, 0, "trajectories (pairs, for preference_loss) per estimate; 0: the "
+           "term's own `pairs` for preference_loss, 64 for expected_return"),
+    Option("rollouts", int, 4, "rollouts m per start pair for dQ/dx (and for Q estimates)"),
+    Option("rollout_horizon", int, 0, "rollout length H' (truncation bias ~ gamma^H'); 0: the "
+           "smallest H' with gamma^H' <= 1e-4"),
+    Option("share", str, "pair", "rollouts per distinct visited pair, shared by its visits "
+           "(pair), or per visit as in the paper (visit)", choices=("pair", "visit")),
+)
+
+# Options of the outer loop and of the follower's solver, shared by sobirl, stoc_sobirl, drlhf.
+LOOP_OPTIONS = (
+    Option("inner", int, 3, "lower-level iterations per outer iteration (warm-started)"),
+    Option("warm_start", int, 20, "extra lower-level iterations before the first outer one"),
+    Option("lower", str, "sampled", "follower's solver: sampled (policy mirror descent / soft "
+           "policy iteration on Monte-Carlo soft Q estimates from the simulator) or exact "
+           "(soft Bellman steps with the model, the deterministic setting)",
+           choices=("sampled", "exact")),
+    Option("q_rollouts", int, 8, "rollouts per pair for the sampled lower level's Q estimates"),
+    Option("pmd_step", float, 0.0, "policy mirror descent step eta of the sampled lower level "
+           "(0: infinite, i.e. soft policy iteration pi = softmax(Q / tau))"),
+    Option("time_limit", float, 0.0, "stop after this many seconds (0: off)"),
+    Option("log_every", int, 1, "record the history every this many iterations"),
+)
+
+
+def rollout_horizon(gamma: float, given: int, tol: float = 1e-4) -> int:
+    """``given``, or the smallest ``H'`` with ``gamma^H' <= tol`` (at least 1)."""
+    if given > 0:
+        return given
+    if gamma <= 0.0:
+        return 1
+    if gamma >= 1.0:
+        return 1000
+    return max(1, math.ceil(math.log(tol) / math.log(gamma)))
+
+
+class Streams:
+    """Two seeded generators: one for trajectories and labels, one for lower-level rollouts.
+
+    Kept apart so that ``state()`` / ``restore()`` can replay the same draws at two points
+    (STORM's correction term) even when the number of rollouts differs between them.
+    """
+
+    def __init__(self, seed: int, device: torch.device) -> None:
+        self.trajectories = torch.Generator(device=device).manual_seed(seed)
+        self.rollouts = torch.Generator(device=device).manual_seed(seed + 0x9E3779B9)
+
+    def state(self) -> tuple[Tensor, Tensor]:
+        return self.trajectories.get_state(), self.rollouts.get_state()
+
+    def restore(self, state: tuple[Tensor, Tensor]) -> None:
+        self.trajectories.set_state(state[0])
+        self.rollouts.set_state(state[1])
+
+
+@dataclass
+class Environment:
+    """Simulators for a problem: the lower MDP and each trajectory term's upper MDP."""
+
+    lower: TabularSimulator
+    upper: list[TabularSimulator] = field(default_factory=list)
+
+    @classmethod
+    def of(cls, problem: TabularProblem) -> Environment:
+        terms = problem.trajectory_terms or ()
+        return cls(TabularSimulator(problem.transitions, problem.initial),
+                   [TabularSimulator(t.transitions, t.initial) for t in terms])
+
+
+@dataclass
+class Estimate:
+    """One sample of the hyper-gradient and of the minimised objective."""
+
+    grad: Tensor
+    objective: float  # sum_k c_k mean(l_k) + policy_free(x)
+    losses: list[float]  # mean l per trajectory term
+
+
+def _vjp(output: Tensor, x: Tensor, weights: Tensor) -> Tensor:
+    if not output.requires_grad:
+        return torch.zeros_like(x)
+    (g,) = torch.autograd.grad(output, x, grad_outputs=weights, allow_unused=True)
+    return torch.zeros_like(x) if g is None else g
+
+
+def _table(index: Tensor, weights: Tensor, n: int) -> Tensor:
+    """``N[i] = sum_j weights[j] 1{index[j] = i}`` (a flat table of length ``n``)."""
+    out = torch.zeros(n, dtype=weights.dtype, device=weights.device)
+    return out.index_add_(0, index.reshape(-1), weights.reshape(-1))
+
+
+def reward_flow(simulator: TabularSimulator, pi: Tensor, states: Tensor, actions: Tensor | None,
+                weights: Tensor, horizon: int, gamma: float, generator: torch.Generator
+                ) -> Tensor:
+    """``sum_j weights[j] sum_{t<H'} gamma^t 1{(s_t,a_t)}`` over rollouts from each start.
+
+    ``J_r^T`` of the result is ``sum_j weights[j] * (a one-rollout estimate of dQ(s_j,a_j)/dx)``
+    (of ``dV(s_j)/dx`` where ``actions`` is None).
+    """
+    S, A = pi.shape
+    if states.numel() == 0:
+        return torch.zeros(S, A, dtype=pi.dtype, device=pi.device)
+    st, ac, alive = rollout(simulator, pi, states, actions, horizon, generator)
+    discount = gamma ** torch.arange(horizon, dtype=pi.dtype, device=pi.device)
+    w = discount.unsqueeze(-1) * weights.unsqueeze(0) * alive
+    return _table(st * A + ac, w, S * A).view(S, A)
+
+
+@dataclass
+class _Visits:
+    """Per-visit weights of the score term (13): ``sum over visits of weight * grad log pi``."""
+
+    states: list[Tensor] = field(default_factory=list)
+    actions: list[Tensor] = field(default_factory=list)
+    weights: list[Tensor] = field(default_factory=list)
+
+    def add(self, st: Tensor, ac: Tensor, alive: Tensor, weight: Tensor) -> None:
+        """Visits ``(H, n)`` of trajectories whose score is multiplied by ``weight`` ``(n,)``."""
+        mask = alive.reshape(-1)
+        self.states.append(st.reshape(-1)[mask])
+        self.actions.append(ac.reshape(-1)[mask])
+        self.weights.append(weight.unsqueeze(0).expand_as(st).reshape(-1)[mask])
+
+
+def _score_flow(problem: TabularProblem, env: Environment, pi: Tensor, visits: _Visits,
+                rollouts: int, horizon: int, share: str, generator: torch.Generator) -> Tensor:
+    """The ``(S, A)`` table ``T`` with ``J_r^T T / tau`` estimating term (13)."""
+    S, A = pi.shape
+    gamma = problem.discount
+    if not visits.states:
+        return torch.zeros(S, A, dtype=pi.dtype, device=pi.device)
+    st, ac, w = torch.cat(visits.states), torch.cat(visits.actions), torch.cat(visits.weights)
+    if share == "pair":
+        W = _table(st * A + ac, w, S * A).view(S, A)
+        net = (W - pi * W.sum(-1, keepdim=True)).reshape(-1)
+        starts = torch.nonzero(net).squeeze(-1).repeat_interleave(rollouts)
+        weights = net[starts] / rollouts
+        return reward_flow(env.lower, pi, torch.div(starts, A, rounding_mode="floor"),
+                           starts % A, weights, horizon, gamma, generator)
+    st, ac, w = (t.repeat_interleave(rollouts) for t in (st, ac, w))
+    w = w / rollouts
+    # dQ from (s_t, a_t) minus dV from (s_t, a ~ pi), in one batch of rollouts
+    other = sample_actions(pi, st, generator)
+    return reward_flow(env.lower, pi, torch.cat([st, st]), torch.cat([ac, other]),
+                       torch.cat([w, -w]), horizon, gamma, generator)
+
+
+def estimate(problem: TabularProblem, env: Environment, x: Tensor, pi: Tensor,
+             options: dict, streams: Streams, score: bool = True) -> Estimate:
+    """One sample of ``grad phi(x)`` at policy ``pi`` (eqs. 12-13) and of ``phi``.
+
+    ``score = False`` drops the follower's-response term (13): the plain gradient of the
+    sampled upper loss, as a method without implicit differentiation uses it.
+    """
+    terms = problem.trajectory_terms
+    if terms is None:
+        raise ValueError("the problem's objective has no trajectory form")
+    pi = pi.detach()
+    S, A = pi.shape
+    x = x.detach().requires_grad_(True)
+    grad = torch.zeros_like(x)
+    visits = _Visits()
+    losses: list[float] = []
+    objective = 0.0
+    with torch.enable_grad():
+        for term, sim in zip(terms, env.upper):
+            reward = term.reward(x)
+            flat = reward.detach().reshape(-1)
+            c, H = term.coefficient, term.horizon
+            if term.kind == "expected_return":
+                B = options["batch"] or 64
+                st, ac, alive = rollout(sim, pi, sim.reset(B, streams.trajectories), None, H,
+                                        streams.trajectories)
+                discount = term.discount ** torch.arange(H, dtype=pi.dtype, device=pi.device)
+                w = discount.unsqueeze(-1) * alive  # (H, B)
+                index = st * A + ac
+                loss = (w * flat[index]).sum(0)  # (B,)
+                exploit = _table(index, w * (c / B), S * A)
+                visits.add(st, ac, alive, loss * (c / B))
+            elif term.kind == "preference_loss":
+                B = options["batch"] or term.pairs
+                st, ac, alive = rollout(sim, pi, sim.reset(2 * B, streams.trajectories), None, H,
+                                        streams.trajectories)
+                index = st * A + ac
+                model = (alive * flat[index]).sum(0)
+                truth = (alive * term.truth.reshape(-1)[index]).sum(0)
+                d = model[:B] - model[B:]
+                p = torch.sigmoid(term.scale * (truth[:B] - truth[B:]))
+                u = uniform(2 * B, streams.trajectories, pi.dtype)
+                y = ((u[:B] < p) ^ (u[B:] < term.noise)).to(pi.dtype)
+                loss = torch.nn.functional.softplus(d) - y * d  # BCE(y, sigmoid(d))
+                slope = (torch.sigmoid(d) - y) * (c / B)  # dl/dd, per pair
+                exploit = _table(index, alive * torch.cat([slope, -slope]), S * A)
+                visits.add(st, ac, alive, torch.cat([loss, loss]) * (c / B))
+            else:
+                raise ValueError(f"unknown trajectory term {term.kind!r}")
+            grad += _vjp(reward, x, exploit.view(S, A))
+            losses.append(float(loss.mean()))
+            objective += c * losses[-1]
+        if problem.policy_free is not None:
+            rest = problem.policy_free(x)
+            objective += float(rest.detach())
+            grad += _vjp(rest, x, torch.ones_like(rest))
+        if score:
+            H_roll = rollout_horizon(problem.discount, options["rollout_horizon"])
+            flow = _score_flow(problem, env, pi, visits, options["rollouts"], H_roll,
+                               options["share"], streams.rollouts)
+            grad += _vjp(problem.reward(x), x, flow / problem.temperature)
+    return Estimate(grad.detach(), objective, losses)
+
+
+def sampled_q(problem: TabularProblem, env: Environment, r: Tensor, pi: Tensor, rollouts: int,
+              horizon: int, generator: torch.Generator) -> Tensor:
+    """Monte-Carlo soft ``Q^pi`` for every pair: ``m`` rollouts of ``H'`` steps from each.
+
+    ``Q(s,a) = r(s,a) + sum_{t>=1} gamma^t r_pi(s_t)`` with the per-state expectation
+    ``r_pi(s) = sum_a pi(a|s) (r(s,a) - tau log pi(a|s))`` taken exactly.
+    """
+    S, A = pi.shape
+    tau, gamma = problem.temperature, problem.discount
+    r = r.detach()
+    log_pi = torch.log(pi.clamp_min(torch.finfo(pi.dtype).tiny))
+    r_pi = (pi * (r - tau * log_pi)).sum(-1)
+    starts = torch.arange(S * A, device=pi.device).repeat(rollouts)
+    st, _, alive = rollout(env.lower, pi, torch.div(starts, A, rounding_mode="floor"),
+                           starts % A, horizon + 1, generator)
+    discount = gamma ** torch.arange(1, horizon + 1, dtype=pi.dtype, device=pi.device)
+    tail = (discount.unsqueeze(-1) * alive[1:] * r_pi[st[1:]]).sum(0)
+    return r + tail.view(rollouts, S, A).mean(0)
+
+
+def mirror_step(pi: Tensor, Q: Tensor, tau: float, step: float) -> Tensor:
+    """Entropy-regularised policy mirror descent: ``pi' ~ pi^(1/(1+eta tau)) exp(eta Q/(1+eta tau))``.
+
+    ``step = 0`` means ``eta = infinity``: soft policy iteration, ``pi' = softmax(Q / tau)``.
+    """
+    if step <= 0.0:
+        return soft_policy(Q, tau)
+    log_pi = torch.log(pi.clamp_min(torch.finfo(pi.dtype).tiny))
+    return soft_policy(tau * (log_pi + step * Q) / (1.0 + step * tau), tau)
+
+
+class Follower:
+    """The lower level as a model-free solver sees it: a policy improved a few steps at a time.
+
+    ``sampled``: each iteration estimates soft ``Q^pi`` by rollouts (``sampled_q``) and takes a
+    mirror step; ``exact``: soft Bellman steps on a warm-started ``V`` with the model.
+    """
+
+    def __init__(self, problem: TabularProblem, env: Environment, options: dict,
+                 generator: torch.Generator) -> None:
+        self.problem, self.env, self.options, self.generator = problem, env, options, generator
+        S, A = problem.n_states, problem.n_actions
+        dtype, device = problem.x0.dtype, problem.x0.device
+        self.pi = torch.full((S, A), 1.0 / A, dtype=dtype, device=device)
+        self.V = torch.zeros(S, dtype=dtype, device=device)
+        self.horizon = rollout_horizon(problem.discount, options["rollout_horizon"])
+
+    def improve(self, x: Tensor, steps: int) -> Tensor:
+        """``steps`` iterations towards ``pi*_x`` from the current policy; returns the policy."""
+        problem = self.problem
+        tau, gamma = problem.temperature, problem.discount
+        with torch.no_grad():
+            r = problem.reward(x.detach())
+            if self.options["lower"] == "exact":
+                P = problem.transitions
+                self.V = soft_bellman_steps(P, r, self.V, gamma, tau, steps)
+                self.pi = soft_policy(soft_q(P, r, self.V, gamma), tau)
+            else:
+                for _ in range(steps):
+                    Q = sampled_q(problem, self.env, r, self.pi, self.options["q_rollouts"],
+                                  self.horizon, self.generator)
+                    self.pi = mirror_step(self.pi, Q, tau, self.options["pmd_step"])
+        return self.pi
+
+
+# direction(k, x, pi) -> (step direction, objective estimate, ||hyper-gradient estimate||)
+Direction = Callable[[int, Tensor, Tensor], tuple[Tensor, float, float]]
+
+
+def outer_loop(problem: TabularProblem, options: dict[str, Any], monitor: Monitor,
+               follower: Follower, direction: Direction) -> SolveResult:
+    """``x <- project(x - beta d_k)`` with ``pi_k`` from the follower and ``d_k`` from
+    ``direction``; records ``objective`` (the sampled estimate of the minimised objective),
+    ``hypergrad_norm``, ``stationarity``, ``time`` and ``iteration``.
+
+    The returned ``objective`` is exact (``problem.objective``) where the objective has a
+    closed form (no ``preference_loss``), else the mean of the last ten sampled estimates.
+    """
+    x = problem.project(problem.x0.detach().clone())
+    history: dict[str, list[float]] = {"objective": [], "hypergrad_norm": [], "time": [],
+                                       "stationarity": [], "iteration": []}
+    log_every = max(1, options["log_every"])
+    beta = options["beta"]
+    start = time.perf_counter()
+    stopped, k = "max_iterations", 0
+    recent: list[float] = []
+    pi = follower.improve(x, options["warm_start"])
+    try:
+        while k < options["outer"]:
+            pi = follower.improve(x, options["inner"])
+            d, f, h_norm = direction(k, x, pi)
+            x_next = problem.project(x - beta * d)
+            mapping = float(torch.linalg.vector_norm(x - x_next)) / beta
+            monitor.update(k, f, h_norm)
+            recent = (recent + [f])[-10:]
+            if k % log_every == 0:
+                history["iteration"].append(k)
+                history["objective"].append(f)
+                history["hypergrad_norm"].append(h_norm)
+                history["stationarity"].append(mapping)
+                history["time"].append(time.perf_counter() - start)
+            x = x_next
+            k += 1
+            if options["time_limit"] and time.perf_counter() - start >= options["time_limit"]:
+                stopped = "time_limit"
+                break
+            if monitor.should_stop():
+                stopped = "stopped"
+                break
+    except KeyboardInterrupt:
+        stopped = "interrupted"
+    pi = follower.improve(x, options["inner"])
+    if "preference_loss" in problem.features or not recent:
+        objective = sum(recent) / len(recent) if recent else math.nan
+    else:
+        with torch.no_grad():
+            objective = float(problem.objective(x, pi))
+    return SolveResult(x=x.detach(), policy=pi.detach(), objective=objective, history=history,
+                       iterations=k, stopped_because=stopped,
+                       extra={"time": time.perf_counter() - start})

@@ -1,0 +1,69 @@
+"""SoBiRL (the paper's Algorithm 1): model-free hyper-gradient descent on trajectory objectives.
+
+Each outer iteration runs a few warm-started iterations of the follower's solver (policy mirror
+descent on sampled soft Q estimates, or soft Bellman steps with ``lower = exact``) to get
+``pi_k``, then steps ``x <- project(x - beta h_k)`` with ``h_k`` the sampled hyper-gradient of
+MATH.md's eqs. (12)-(13) at ``pi_k`` (``solvers.modelfree.estimate``). Only a simulator of the
+MDPs and reward gradients along sampled trajectories are used: the upper objective must be a
+linear combination of ``expected_return`` / ``preference_loss`` terms plus a policy-free rest.
+
+Randomness comes from generators seeded with the problem's ``seed``: the same seed gives the
+same run.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from bilevel_dsl.instance import TRAJECTORY, TabularProblem
+
+from .modelfree import (
+    ESTIMATOR_OPTIONS,
+    LOOP_OPTIONS,
+    Environment,
+    Follower,
+    Streams,
+    estimate,
+    outer_loop,
+)
+from .registry import Capabilities, Option, SolverSpec
+from .result import Monitor, SolveResult
+
+MODEL_FREE = Capabilities(
+    model_based=False,
+    environments=frozenset({"tabular"}),
+    forms=frozenset({TRAJECTORY}),
+    features=frozenset({"policy", "expected_return", "preference_loss"}),
+    devices=frozenset({"cpu", "cuda"}),
+)
+
+
+def run(problem: TabularProblem, options: dict[str, Any], monitor: Monitor) -> SolveResult:
+    """Algorithm 1 from ``x0`` and the uniform policy."""
+    env = Environment.of(problem)
+    streams = Streams(problem.seed, problem.device)
+    follower = Follower(problem, env, options, streams.rollouts)
+
+    def direction(k: int, x: torch.Tensor, pi: torch.Tensor) -> tuple[torch.Tensor, float, float]:
+        e = estimate(problem, env, x, pi, options, streams)
+        return e.grad, e.objective, float(torch.linalg.vector_norm(e.grad))
+
+    return outer_loop(problem, options, monitor, follower, direction)
+
+
+SPEC = SolverSpec(
+    name="sobirl",
+    aliases=("algorithm1",),
+    summary="SoBiRL (Algorithm 1): model-free hyper-gradient descent from sampled trajectories "
+            "and rollouts, a few follower iterations per step",
+    capabilities=MODEL_FREE,
+    options=(
+        Option("outer", int, 200, "outer iterations K"),
+        Option("beta", float, 0.05, "step size on x"),
+        *LOOP_OPTIONS,
+        *ESTIMATOR_OPTIONS,
+    ),
+    run=run,
+)

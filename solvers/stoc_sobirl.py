@@ -1,0 +1,82 @@
+"""Stoc-SoBiRL (the paper's Algorithms 3 and 4): SoBiRL's estimator with STORM momentum.
+
+Outer iteration ``k``: the follower's solver gives ``pi_k``; a sample ``xi_k`` (``B`` trajectory
+tuples in the upper MDP and ``m`` rollouts of ``H'`` steps per start pair in the lower MDP) gives
+``h(x_k; xi_k)`` at ``pi_k``, and the *same* sample gives ``h(x_{k-1}; xi_k)`` at ``pi_{k-1}``:
+both are drawn from the same generator states (common random numbers: inverse-CDF draws from the
+same uniforms, so trajectories coincide wherever the two policies agree closely). Then
+
+    d_k     = h(x_k; xi_k) + (1 - eta_k) (d_{k-1} - h(x_{k-1}; xi_k))      (d_0 = h(x_0; xi_0))
+    eta_k   = min(1, c / (k + 1)^(2/3))
+    x_{k+1} = project(x_k - beta d_k)
+
+``eta_k = 1`` is plain SoBiRL; smaller ``eta`` averages the noise of past samples away while the
+correction term tracks the drift of the hyper-gradient. Two estimates per iteration.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from bilevel_dsl.instance import TabularProblem
+
+from .modelfree import (
+    ESTIMATOR_OPTIONS,
+    LOOP_OPTIONS,
+    Environment,
+    Follower,
+    Streams,
+    estimate,
+    outer_loop,
+)
+from .registry import Option, SolverSpec
+from .result import Monitor, SolveResult
+from .sobirl import MODEL_FREE
+
+
+def momentum_weight(k: int, c: float) -> float:
+    """``eta_k = min(1, c / (k + 1)^(2/3))``."""
+    return min(1.0, c / (k + 1) ** (2.0 / 3.0))
+
+
+def run(problem: TabularProblem, options: dict[str, Any], monitor: Monitor) -> SolveResult:
+    """Algorithms 3 and 4 from ``x0`` and the uniform policy."""
+    env = Environment.of(problem)
+    streams = Streams(problem.seed, problem.device)
+    follower = Follower(problem, env, options, streams.rollouts)
+    state: dict[str, Any] = {"d": None, "x": None, "pi": None}
+
+    def direction(k: int, x: torch.Tensor, pi: torch.Tensor) -> tuple[torch.Tensor, float, float]:
+        sample = streams.state()
+        e = estimate(problem, env, x, pi, options, streams)
+        d = e.grad
+        if state["d"] is not None:
+            after = streams.state()
+            streams.restore(sample)  # the same xi_k at the previous point
+            previous = estimate(problem, env, state["x"], state["pi"], options, streams)
+            streams.restore(after)
+            eta = momentum_weight(k, options["momentum"])
+            d = e.grad + (1.0 - eta) * (state["d"] - previous.grad)
+        state.update(d=d, x=x.detach().clone(), pi=pi.detach().clone())
+        return d, e.objective, float(torch.linalg.vector_norm(e.grad))
+
+    return outer_loop(problem, options, monitor, follower, direction)
+
+
+SPEC = SolverSpec(
+    name="stoc_sobirl",
+    aliases=("stocsobirl", "algorithm3"),
+    summary="Stoc-SoBiRL (Algorithms 3-4): the model-free estimator with STORM momentum",
+    capabilities=MODEL_FREE,
+    options=(
+        Option("outer", int, 200, "outer iterations K"),
+        Option("beta", float, 0.05, "step size on x"),
+        Option("momentum", float, 1.0, "c in the STORM weight eta_k = min(1, c / (k+1)^(2/3)) "
+               "(c >= k^(2/3) for all k: no momentum)"),
+        *LOOP_OPTIONS,
+        *ESTIMATOR_OPTIONS,
+    ),
+    run=run,
+)
