@@ -11,10 +11,10 @@ from typing import Any
 
 import torch
 
-from bilevel_dsl.instance import POLICY_FUNCTIONAL, TRAJECTORY, TabularProblem
+from bilevel_dsl.instance import TabularProblem
 
-from .hypergrad import hypergradient
-from .registry import Capabilities, Option, SolverSpec
+from .hypergrad import MODEL_BASED, hypergradient
+from .registry import Option, SolverSpec
 from .result import Monitor, SolveResult
 
 
@@ -76,13 +76,7 @@ SPEC = SolverSpec(
     aliases=("reference", "exact_hypergradient"),
     summary="projected gradient descent with exact hyper-gradients (lower level and adjoint "
             "solved to tolerance): the reference for other solvers",
-    capabilities=Capabilities(
-        model_based=True,
-        environments=frozenset({"tabular"}),
-        forms=frozenset({POLICY_FUNCTIONAL, TRAJECTORY}),
-        features=frozenset({"policy", "value", "occupancy", "entropy", "expected_return"}),
-        devices=frozenset({"cpu", "cuda"}),
-    ),
+    capabilities=MODEL_BASED,
     options=(
         Option("outer", int, 500, "gradient steps"),
         Option("beta", float, 0.05, "step size on x"),

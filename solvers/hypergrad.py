@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from bilevel_dsl.instance import TabularProblem
+from bilevel_dsl.instance import POLICY_FUNCTIONAL, TRAJECTORY, TabularProblem
 from bilevel_dsl.softmdp import (
     Transitions,
     policy_evaluation,
@@ -20,6 +20,18 @@ from bilevel_dsl.softmdp import (
     soft_q,
     soft_value_iteration,
     solve_policy_system,
+)
+
+from .registry import Capabilities
+
+# What a solver built on the exact model-based hyper-gradient can handle: every closed-form
+# policy functional, on tabular problems, on any device.
+MODEL_BASED = Capabilities(
+    model_based=True,
+    environments=frozenset({"tabular"}),
+    forms=frozenset({POLICY_FUNCTIONAL, TRAJECTORY}),
+    features=frozenset({"policy", "value", "occupancy", "entropy", "expected_return"}),
+    devices=frozenset({"cpu", "cuda"}),
 )
 
 

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from bilevel_dsl.instance import POLICY_FUNCTIONAL, TRAJECTORY, TabularProblem
+from bilevel_dsl.instance import TabularProblem
 from bilevel_dsl.softmdp import (
     Transitions,
     policy_matvec,
@@ -30,8 +30,8 @@ from bilevel_dsl.softmdp import (
     soft_q,
 )
 
-from .hypergrad import reward_vjp, upper_derivatives
-from .registry import Capabilities, Option, SolverSpec
+from .hypergrad import MODEL_BASED, reward_vjp, upper_derivatives
+from .registry import Option, SolverSpec
 from .result import Monitor, SolveResult
 
 
@@ -145,13 +145,7 @@ SPEC = SolverSpec(
     name="m_sobirl",
     aliases=("msobirl", "algorithm2"),
     summary="M-SoBiRL (Algorithm 2): single-loop model-based hyper-gradient descent",
-    capabilities=Capabilities(
-        model_based=True,
-        environments=frozenset({"tabular"}),
-        forms=frozenset({POLICY_FUNCTIONAL, TRAJECTORY}),
-        features=frozenset({"policy", "value", "occupancy", "entropy", "expected_return"}),
-        devices=frozenset({"cpu", "cuda"}),
-    ),
+    capabilities=MODEL_BASED,
     options=(
         Option("outer", int, 500, "outer iterations K"),
         Option("inner", int, 10, "soft Bellman steps N per outer iteration"),
