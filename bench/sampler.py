@@ -41,7 +41,8 @@ def main() -> None:
     g = torch.Generator().manual_seed(0)
     states = sim.reset(args.batch, g)
     actions = sample_actions(pi, states, g)
-    sim.step(states, actions, g)  # warm-up
+    for _ in range(10):  # warm-up: first touches of the tables, allocator
+        states, _ = sim.step(states, actions, g)
     start = time.perf_counter()
     for _ in range(args.steps):
         states, _ = sim.step(states, actions, g)

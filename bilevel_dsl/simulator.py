@@ -57,7 +57,7 @@ def uniform(n: int, generator: torch.Generator, dtype: torch.dtype = torch.float
 
 def sample_actions(policy: Tensor, states: Tensor, generator: torch.Generator) -> Tensor:
     """One action per state from ``policy[s, :]`` (an ``(S, A)`` table), by inverse CDF."""
-    cumulative = policy.detach().cumsum(-1)[states]  # (n, A)
+    cumulative = torch.index_select(policy.detach().cumsum(-1), 0, states)  # (n, A)
     u = uniform(states.numel(), generator, cumulative.dtype) * cumulative[:, -1]
     actions = (cumulative <= u.unsqueeze(-1)).sum(-1)
     return actions.clamp_(max=policy.shape[-1] - 1)
@@ -88,6 +88,8 @@ class TabularSimulator:
         self._base = before[self._start]  # (S*A,) running sum where each row starts
         self._mass = before[self._end] - self._base  # (S*A,) row sums (< 1 into terminals)
         self._cols = cols
+        # (hot paths use take / index_select: advanced indexing opens a parallel region for a
+        # few thousand elements, which costs milliseconds per call on a busy machine)
         # one gather per step: (base, mass, first index, last index) of every row
         last = (self._end - 1).clamp(min=0)
         self._rows = torch.stack([self._base, self._mass, self._start.to(torch.float64),
@@ -122,17 +124,17 @@ class TabularSimulator:
         row = states * self.n_actions + actions
         u = uniform(states.numel(), generator)
         if self._width:
-            cdf = self._cdf[row]  # (n, K), +inf past the row's successors
-            done = u >= self._pmass[row]
-            index = torch.minimum((cdf <= u.unsqueeze(-1)).sum(-1), self._last[row])
-            next_states = torch.where(done, states, self._succ[row * self._width + index])
+            cdf = torch.index_select(self._cdf, 0, row)  # (n, K), +inf past the successors
+            done = u >= self._pmass.take(row)
+            index = torch.minimum((cdf <= u.unsqueeze(-1)).sum(-1), self._last.take(row))
+            next_states = torch.where(done, states, self._succ.take(row * self._width + index))
             return next_states, done
-        info = self._rows[row]  # (n, 4)
+        info = torch.index_select(self._rows, 0, row)  # (n, 4)
         done = u >= info[:, 1]
         index = torch.searchsorted(self._running, info[:, 0] + u, right=True)
         # rounding in the running sum may put a draw just outside its row's segment
         index = torch.clamp(index, min=info[:, 2].long(), max=info[:, 3].long())
-        next_states = torch.where(done, states, self._cols[index])
+        next_states = torch.where(done, states, self._cols.take(index))
         return next_states, done
 
 

@@ -28,6 +28,12 @@ Two ways to place the rollouts (option ``share``):
   nonzero net weight ``W[s,a] - pi(a|s) sum_b W[s,b]``. Still unbiased (the rollouts are
   independent of the trajectories), and at most ``S*A*m`` rollouts however long the batch.
 
+With ``baseline`` (default) each trajectory's loss in (13) is centred by the mean loss of the
+others in the batch: ``E[sum_t grad log pi(a_t|s_t)] = 0`` and the leave-one-out mean is
+independent of the trajectory it centres, so this stays unbiased. Without it, a loss that is
+nearly constant (``log 2`` for preference pairs at the start) multiplies a zero-mean score of
+large variance: pure noise in ``x``.
+
 The only bias is the truncation of ``dQ`` at ``H'`` steps, of order ``gamma^H'``
 (``rollout_horizon = 0`` picks ``H'`` with ``gamma^H' <= 1e-4``).
 """
@@ -57,6 +63,9 @@ ESTIMATOR_OPTIONS = (
     Option("rollouts", int, 4, "rollouts m per start pair for dQ/dx (and for Q estimates)"),
     Option("rollout_horizon", int, 0, "rollout length H' (truncation bias ~ gamma^H'); 0: the "
            "smallest H' with gamma^H' <= 1e-4"),
+    Option("baseline", bool, True, "subtract from each trajectory's loss, in the score term "
+           "(13), the mean loss of the other trajectories of the batch (leave-one-out: "
+           "still unbiased, as E[sum_t grad log pi(a_t|s_t)] = 0; far less variance)"),
     Option("share", str, "pair", "rollouts per distinct visited pair, shared by its visits "
            "(pair), or per visit as in the paper (visit)", choices=("pair", "visit")),
 )
@@ -65,13 +74,14 @@ ESTIMATOR_OPTIONS = (
 LOOP_OPTIONS = (
     Option("inner", int, 3, "lower-level iterations per outer iteration (warm-started)"),
     Option("warm_start", int, 20, "extra lower-level iterations before the first outer one"),
-    Option("lower", str, "sampled", "follower's solver: sampled (policy mirror descent / soft "
+    Option("follower", str, "sampled", "follower's solver: sampled (policy mirror descent / soft "
            "policy iteration on Monte-Carlo soft Q estimates from the simulator) or exact "
-           "(soft Bellman steps with the model, the deterministic setting)",
+           "(soft Bellman steps with the model, the deterministic setting; `lower` is a keyword "
+           "of the language, hence the name)",
            choices=("sampled", "exact")),
     Option("q_rollouts", int, 8, "rollouts per pair for the sampled lower level's Q estimates"),
-    Option("pmd_step", float, 0.0, "policy mirror descent step eta of the sampled lower level "
-           "(0: infinite, i.e. soft policy iteration pi = softmax(Q / tau))"),
+    Option("pmd_rate", float, 0.5, "policy mirror descent rate of the sampled lower level: "
+           "log pi <- (1 - rate) log pi + rate Q / tau, normalised (1: soft policy iteration)"),
     Option("time_limit", float, 0.0, "stop after this many seconds (0: off)"),
     Option("log_every", int, 1, "record the history every this many iterations"),
 )
@@ -199,6 +209,14 @@ def _score_flow(problem: TabularProblem, env: Environment, pi: Tensor, visits: _
                        torch.cat([w, -w]), horizon, gamma, generator)
 
 
+def _centred(loss: Tensor, baseline: bool) -> Tensor:
+    """``l_i - mean_{j != i} l_j`` (leave-one-out, so independent of sample ``i``), or ``l``."""
+    n = loss.numel()
+    if not baseline or n < 2:
+        return loss
+    return loss - (loss.sum() - loss) / (n - 1)
+
+
 def estimate(problem: TabularProblem, env: Environment, x: Tensor, pi: Tensor,
              options: dict, streams: Streams, score: bool = True) -> Estimate:
     """One sample of ``grad phi(x)`` at policy ``pi`` (eqs. 12-13) and of ``phi``.
@@ -230,7 +248,7 @@ def estimate(problem: TabularProblem, env: Environment, x: Tensor, pi: Tensor,
                 index = st * A + ac
                 loss = (w * flat[index]).sum(0)  # (B,)
                 exploit = _table(index, w * (c / B), S * A)
-                visits.add(st, ac, alive, loss * (c / B))
+                visits.add(st, ac, alive, _centred(loss, options["baseline"]) * (c / B))
             elif term.kind == "preference_loss":
                 B = options["batch"] or term.pairs
                 st, ac, alive = rollout(sim, pi, sim.reset(2 * B, streams.trajectories), None, H,
@@ -245,7 +263,8 @@ def estimate(problem: TabularProblem, env: Environment, x: Tensor, pi: Tensor,
                 loss = torch.nn.functional.softplus(d) - y * d  # BCE(y, sigmoid(d))
                 slope = (torch.sigmoid(d) - y) * (c / B)  # dl/dd, per pair
                 exploit = _table(index, alive * torch.cat([slope, -slope]), S * A)
-                visits.add(st, ac, alive, torch.cat([loss, loss]) * (c / B))
+                centred = _centred(loss, options["baseline"])
+                visits.add(st, ac, alive, torch.cat([centred, centred]) * (c / B))
             else:
                 raise ValueError(f"unknown trajectory term {term.kind!r}")
             grad += _vjp(reward, x, exploit.view(S, A))
@@ -283,15 +302,17 @@ def sampled_q(problem: TabularProblem, env: Environment, r: Tensor, pi: Tensor, 
     return r + tail.view(rollouts, S, A).mean(0)
 
 
-def mirror_step(pi: Tensor, Q: Tensor, tau: float, step: float) -> Tensor:
-    """Entropy-regularised policy mirror descent: ``pi' ~ pi^(1/(1+eta tau)) exp(eta Q/(1+eta tau))``.
+def mirror_step(pi: Tensor, Q: Tensor, tau: float, rate: float) -> Tensor:
+    """Entropy-regularised policy mirror descent: ``log pi' = (1 - rate) log pi + rate Q / tau``
+    (normalised), with ``rate = eta tau / (1 + eta tau)`` for the mirror step size ``eta``.
 
-    ``step = 0`` means ``eta = infinity``: soft policy iteration, ``pi' = softmax(Q / tau)``.
+    ``rate = 1`` is soft policy iteration, ``pi' = softmax(Q / tau)``; a smaller rate averages
+    the noise of sampled ``Q`` estimates over iterations (the fixed point is unchanged).
     """
-    if step <= 0.0:
+    if rate >= 1.0:
         return soft_policy(Q, tau)
     log_pi = torch.log(pi.clamp_min(torch.finfo(pi.dtype).tiny))
-    return soft_policy(tau * (log_pi + step * Q) / (1.0 + step * tau), tau)
+    return soft_policy((1.0 - rate) * tau * log_pi + rate * Q, tau)
 
 
 class Follower:
@@ -316,7 +337,7 @@ class Follower:
         tau, gamma = problem.temperature, problem.discount
         with torch.no_grad():
             r = problem.reward(x.detach())
-            if self.options["lower"] == "exact":
+            if self.options["follower"] == "exact":
                 P = problem.transitions
                 self.V = soft_bellman_steps(P, r, self.V, gamma, tau, steps)
                 self.pi = soft_policy(soft_q(P, r, self.V, gamma), tau)
@@ -324,7 +345,7 @@ class Follower:
                 for _ in range(steps):
                     Q = sampled_q(problem, self.env, r, self.pi, self.options["q_rollouts"],
                                   self.horizon, self.generator)
-                    self.pi = mirror_step(self.pi, Q, tau, self.options["pmd_step"])
+                    self.pi = mirror_step(self.pi, Q, tau, self.options["pmd_rate"])
         return self.pi
 
 

@@ -1,7 +1,7 @@
 """SoBiRL (the paper's Algorithm 1): model-free hyper-gradient descent on trajectory objectives.
 
 Each outer iteration runs a few warm-started iterations of the follower's solver (policy mirror
-descent on sampled soft Q estimates, or soft Bellman steps with ``lower = exact``) to get
+descent on sampled soft Q estimates, or soft Bellman steps with ``follower = exact``) to get
 ``pi_k``, then steps ``x <- project(x - beta h_k)`` with ``h_k`` the sampled hyper-gradient of
 MATH.md's eqs. (12)-(13) at ``pi_k`` (``solvers.modelfree.estimate``). Only a simulator of the
 MDPs and reward gradients along sampled trajectories are used: the upper objective must be a

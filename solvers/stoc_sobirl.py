@@ -12,6 +12,7 @@ same uniforms, so trajectories coincide wherever the two policies agree closely)
 
 ``eta_k = 1`` is plain SoBiRL; smaller ``eta`` averages the noise of past samples away while the
 correction term tracks the drift of the hyper-gradient. Two estimates per iteration.
+``history["hypergrad_norm"]`` records ``||d_k||``, the direction actually stepped along.
 """
 
 from __future__ import annotations
@@ -60,7 +61,7 @@ def run(problem: TabularProblem, options: dict[str, Any], monitor: Monitor) -> S
             eta = momentum_weight(k, options["momentum"])
             d = e.grad + (1.0 - eta) * (state["d"] - previous.grad)
         state.update(d=d, x=x.detach().clone(), pi=pi.detach().clone())
-        return d, e.objective, float(torch.linalg.vector_norm(e.grad))
+        return d, e.objective, float(torch.linalg.vector_norm(d))
 
     return outer_loop(problem, options, monitor, follower, direction)
 

@@ -216,3 +216,29 @@ def test_substochastic_rows_and_undiscounted_episodes():
         torch.testing.assert_close(policy_evaluation(T, r, pi, 1.0, method=method), V)
     d = occupancy(T, pi, torch.tensor([1.0, 0.0, 0.0], dtype=DT), 1.0)
     torch.testing.assert_close(d, torch.ones(S, A, dtype=DT))
+
+
+def test_stalled_gmres_is_finished_by_the_fixed_point(monkeypatch):
+    # Restarted GMRES can stagnate on (I - gamma P_pi)^T of a slowly mixing chain (on a 10^4-state
+    # maze at gamma = 0.99 it ran 10^5 iterations to a relative residual of 0.9). A restart cycle
+    # that does worse than gamma^m hands over to the fixed point, started from GMRES's answer.
+    # Here: a deterministic ring (it never mixes) and GMRES(2), which stalls on it.
+    from bilevel_dsl import softmdp
+
+    S, gamma = 40, 0.99
+    states = torch.arange(S)
+    T = Transitions.from_coo(states, (states + 1) % S, torch.ones(S, dtype=DT), S, 1)
+    pi = torch.ones(S, 1, dtype=DT)
+    b = torch.randn(S, generator=torch.Generator().manual_seed(7), dtype=DT)
+    M = torch.eye(S, dtype=DT) - gamma * T.policy_matrix(pi)
+    monkeypatch.setattr(softmdp, "_GMRES_RESTART", 2)
+    _, converged = softmdp._gmres(lambda v: M @ v, b, 1e-12, 1000, stall=gamma**2)
+    assert not converged
+    handed_over = []
+    original = softmdp._fixed_point
+    monkeypatch.setattr(softmdp, "_fixed_point",
+                        lambda *a, **k: handed_over.append(k.get("v0")) or original(*a, **k))
+    for transpose in (False, True):
+        v = softmdp._solve(T, pi, b, gamma, transpose, "krylov", 1e-12)
+        torch.testing.assert_close((M.mT if transpose else M) @ v, b, rtol=0, atol=1e-9)
+    assert len(handed_over) == 2 and all(v0 is not None for v0 in handed_over)

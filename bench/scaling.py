@@ -1,0 +1,187 @@
+"""M-SoBiRL on random sparse MDPs from 10^3 to 10^6 states (issue 3, item 2).
+
+    python bench/scaling.py [--sizes 1e3,1e4,1e5,1e6] [--objectives policy,value] [--quick]
+                            [--iterations N] [--threads N]
+
+Each (size, objective) runs in a fresh Python process, so the peak RSS (``ru_maxrss``) is that
+size's own (it includes compiling the file, which draws the MDP). The problem is brl source:
+
+    mdp M = random_mdp(states = S, actions = 4, successors = 5, discount = 0.9)
+    param c[M.S] ~ uniform(0, 1)
+    param R[M.S, M.A] ~ uniform(0, 1)
+    var x[M.S] = 0
+    lower M { temperature = 1   reward[s, a, t] = x[t] + c[t] }   # r_x = P (x + c): sparse
+    upper minimize 0.5 * norm2(x) + 0.5 * norm2(policy)          # objective "policy"
+    upper minimize 0.5 * norm2(x) - value(M, policy, R)           # objective "value"
+
+"policy" needs no linear solve, so an iteration is the solver's own work; "value" adds the
+policy evaluation in ``(I - gamma P_pi)`` (GMRES) and its adjoint solve in the backward pass,
+every iteration. ms/iter is the median over the timed iterations of the time between two
+successive iterations (the first, which sets up, is left out). The floor, measured in the same
+process just before, is the time of the N + 2 bare sparse products with P that an iteration
+cannot avoid (N + 1 ``P.expect`` and one ``P.pull``, N = 10 inner steps). Targets: within 1.5x
+of the floor from 10^5 states up; 10^6 states in under 4 GB. Not a test: it measures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+
+import common
+
+SIZES = (1_000, 10_000, 100_000, 1_000_000)
+INNER = 10
+# timed iterations per size (the 10^6 run is kept to a few so that the script ends in minutes)
+ITERATIONS = {1_000: 100, 10_000: 40, 100_000: 10, 1_000_000: 3}
+OBJECTIVES = {
+    "policy": "0.5 * norm2(x) + 0.5 * norm2(policy)",
+    "value": "0.5 * norm2(x) - value(M, policy, R)",
+}
+MEMORY_TARGET_MIB = 4096
+FLOOR_TARGET = 1.5
+
+
+def source(states: int, objective: str) -> str:
+    return f"""brl 1
+problem scaling "random sparse MDP, {states} states"
+seed 0
+mdp M = random_mdp(states = {states}, actions = 4, successors = 5, discount = 0.9)
+param c[M.S] ~ uniform(0, 1)
+param R[M.S, M.A] ~ uniform(0, 1)
+var x[M.S] = 0
+lower M {{
+    temperature = 1
+    reward[s, a, t] = x[t] + c[t]
+}}
+upper minimize {OBJECTIVES[objective]}
+"""
+
+
+def child(states: int, objective: str, iterations: int, threads: int) -> None:
+    """Measure one size in this (fresh) process and print the result as JSON."""
+    import torch
+
+    import bilevel_dsl as brl
+    from bilevel_dsl.softmdp import soft_bellman_steps
+    from solvers import solve
+
+    common.set_threads(threads)
+    start = time.perf_counter()
+    problem = brl.lower(brl.compile_source(source(states, objective), "scaling.brl"),
+                        device="cpu")
+    compile_s = time.perf_counter() - start
+    P = problem.transitions
+    S, A = problem.n_states, problem.n_actions
+    g = torch.Generator().manual_seed(1)
+    v = torch.rand(S, generator=g, dtype=torch.float64)
+    y = torch.rand(S, A, generator=g, dtype=torch.float64)
+
+    def floor() -> None:
+        with torch.no_grad():
+            for _ in range(INNER + 1):
+                P.expect(v)
+            P.pull(y)
+
+    repeats = 3 if states >= 1_000_000 else 7
+    floor_ms = statistics.median(common.time_call(floor, repeats)) * 1e3
+    with torch.no_grad():
+        r = problem.reward(problem.x0)
+    step_ms = statistics.median(common.time_call(
+        lambda: soft_bellman_steps(P, r, v, problem.discount, problem.temperature, INNER),
+        repeats)) / INNER * 1e3
+
+    start = time.perf_counter()
+    _, result = solve(problem, "m_sobirl", {"outer": iterations + 1, "inner": INNER,
+                                            "beta": 0.5, "log_every": 1})
+    wall = time.perf_counter() - start
+    times = result.history["time"]
+    per_iter = [b - a for a, b in zip(times, times[1:])]
+    common.emit({
+        "states": S, "objective": objective, "nnz": P.nnz, "P_MiB": P.nbytes() / 2**20,
+        "compile_s": compile_s, "floor_ms": floor_ms, "step_ms": step_ms,
+        "iter_ms": statistics.median(per_iter) * 1e3, "iterations": len(per_iter),
+        "solve_s": wall, "peak_rss_MiB": common.peak_rss_mib(),
+        "h_first": result.history["hypergrad_norm"][0],
+        "h_last": result.history["hypergrad_norm"][-1],
+    })
+
+
+def parse_sizes(text: str) -> list[int]:
+    return [int(float(part)) for part in text.split(",") if part]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", default=",".join(str(s) for s in SIZES),
+                        help="comma-separated numbers of states (1e5 is fine)")
+    parser.add_argument("--objectives", default="policy,value",
+                        help="comma-separated: policy, value")
+    parser.add_argument("--iterations", type=int, default=0,
+                        help="timed iterations per size (default: 100 at 10^3 down to 3 at 10^6)")
+    parser.add_argument("--quick", action="store_true",
+                        help="10^3 to 10^5 states, fewer iterations")
+    parser.add_argument("--child", nargs=3, metavar=("STATES", "OBJECTIVE", "ITERATIONS"),
+                        help=argparse.SUPPRESS)
+    common.add_machine_options(parser)
+    args = parser.parse_args()
+    if args.child:
+        child(int(args.child[0]), args.child[1], int(args.child[2]), args.threads)
+        return
+
+    sizes = parse_sizes(args.sizes)
+    if args.quick and args.sizes == parser.get_default("sizes"):
+        sizes = [s for s in sizes if s <= 100_000]
+    objectives = [o for o in args.objectives.split(",") if o]
+    for o in objectives:
+        if o not in OBJECTIVES:
+            parser.error(f"unknown objective {o!r}: use {', '.join(OBJECTIVES)}")
+    common.set_threads(args.threads)
+    common.print_machine()
+    print(f"random_mdp(actions = 4, successors = 5, discount = 0.9), temperature 1, "
+          f"m_sobirl inner = {INNER}, adjoint = fixed_point; each row a fresh process")
+    print()
+
+    rows, results = [], []
+    for objective in objectives:
+        for states in sizes:
+            iterations = args.iterations or ITERATIONS.get(
+                states, max(3, min(100, 10**7 // (4 * 5 * states))))
+            if args.quick:
+                iterations = max(3, iterations // 3)
+            child_args = ["--child", str(states), objective, str(iterations),
+                          "--threads", str(args.threads)]
+            try:
+                res = common.run_child(__file__, child_args)
+            except RuntimeError as err:
+                print(f"{objective} {states}: failed\n{err}", file=sys.stderr)
+                continue
+            results.append(res)
+            ratio = res["iter_ms"] / res["floor_ms"]
+            rows.append([
+                objective, f"{res['states']:,}", f"{res['nnz']:,}", f"{res['compile_s']:.2f}",
+                f"{res['floor_ms']:.2f}", f"{res['step_ms']:.2f}", f"{res['iter_ms']:.2f}",
+                f"{ratio:.2f}x", res["iterations"], f"{res['peak_rss_MiB']:,.0f}",
+            ])
+            print(f"  done: {objective}, {states:,} states", file=sys.stderr, flush=True)
+    print(common.table(
+        ["objective", "states", "nnz(P)", "compile s", "floor ms (N+2 products)",
+         "Bellman step ms", "ms/iter", "iter/floor", "timed iters", "peak RSS MiB"], rows))
+    print()
+    for res in results:
+        if res["states"] >= 100_000:
+            ratio = res["iter_ms"] / res["floor_ms"]
+            verdict = "met" if ratio <= FLOOR_TARGET else "NOT met"
+            print(f"target: ms/iter within {FLOOR_TARGET}x of the floor "
+                  f"({res['objective']}, {res['states']:,} states): {verdict} ({ratio:.2f}x)")
+        if res["states"] >= 1_000_000:
+            verdict = "met" if res["peak_rss_MiB"] < MEMORY_TARGET_MIB else "NOT met"
+            print(f"target: 10^6 states in under 4 GB ({res['objective']}): {verdict} "
+                  f"(peak RSS {res['peak_rss_MiB']:,.0f} MiB)")
+    common.print_load_at_end()
+
+
+if __name__ == "__main__":
+    main()

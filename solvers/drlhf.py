@@ -1,0 +1,66 @@
+"""DRLHF: the decoupled RLHF baseline, with no implicit (follower's-response) term.
+
+Alternates fitting the reward model to preferences and solving the follower: each outer
+iteration improves the follower's policy for the current reward model (a few warm-started
+iterations, as in sobirl), samples ``B`` trajectory pairs from it, and takes a gradient step on
+the sampled Bradley-Terry loss with the policy held fixed, i.e. only term (12) of MATH.md's
+model-free hyper-gradient. It is what sobirl and stoc_sobirl improve on by adding term (13).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from bilevel_dsl.instance import TRAJECTORY, TabularProblem
+
+from .modelfree import (
+    ESTIMATOR_OPTIONS,
+    LOOP_OPTIONS,
+    Environment,
+    Follower,
+    Streams,
+    estimate,
+    outer_loop,
+)
+from .registry import Capabilities, Option, SolverSpec
+from .result import Monitor, SolveResult
+
+
+def run(problem: TabularProblem, options: dict[str, Any], monitor: Monitor) -> SolveResult:
+    """Alternating reward fitting and follower improvement from ``x0`` and the uniform policy."""
+    env = Environment.of(problem)
+    streams = Streams(problem.seed, problem.device)
+    follower = Follower(problem, env, options, streams.rollouts)
+
+    def direction(k: int, x: torch.Tensor, pi: torch.Tensor) -> tuple[torch.Tensor, float, float]:
+        e = estimate(problem, env, x, pi, options, streams, score=False)
+        return e.grad, e.objective, float(torch.linalg.vector_norm(e.grad))
+
+    return outer_loop(problem, options, monitor, follower, direction)
+
+
+# rollouts, rollout_horizon: for the sampled follower; share, baseline: unused (no term 13)
+_ESTIMATOR = ESTIMATOR_OPTIONS
+
+SPEC = SolverSpec(
+    name="drlhf",
+    aliases=("rlhf", "decoupled_rlhf"),
+    summary="decoupled RLHF baseline: alternate reward-model fitting on sampled preference "
+            "pairs and follower improvement, without the implicit term",
+    capabilities=Capabilities(
+        model_based=False,
+        environments=frozenset({"tabular"}),
+        forms=frozenset({TRAJECTORY}),
+        features=frozenset({"policy", "preference_loss"}),
+        devices=frozenset({"cpu", "cuda"}),
+    ),
+    options=(
+        Option("outer", int, 200, "outer iterations K"),
+        Option("beta", float, 0.05, "step size on x"),
+        *LOOP_OPTIONS,
+        *_ESTIMATOR,
+    ),
+    run=run,
+)
