@@ -35,7 +35,7 @@ import common
 SIZES = (1_000, 10_000, 100_000, 1_000_000)
 INNER = 10
 # timed iterations per size (the 10^6 run is kept to a few so that the script ends in minutes)
-ITERATIONS = {1_000: 100, 10_000: 40, 100_000: 10, 1_000_000: 3}
+ITERATIONS = {1_000: 100, 10_000: 40, 100_000: 10, 1_000_000: 5}
 OBJECTIVES = {
     "policy": "0.5 * norm2(x) + 0.5 * norm2(policy)",
     "value": "0.5 * norm2(x) - value(M, policy, R)",
@@ -73,6 +73,7 @@ def child(states: int, objective: str, iterations: int, threads: int) -> None:
     problem = brl.lower(brl.compile_source(source(states, objective), "scaling.brl"),
                         device="cpu")
     compile_s = time.perf_counter() - start
+    compile_rss = common.peak_rss_mib()
     P = problem.transitions
     S, A = problem.n_states, problem.n_actions
     g = torch.Generator().manual_seed(1)
@@ -85,7 +86,7 @@ def child(states: int, objective: str, iterations: int, threads: int) -> None:
                 P.expect(v)
             P.pull(y)
 
-    repeats = 3 if states >= 1_000_000 else 7
+    repeats = 5 if states >= 1_000_000 else 7
     floor_ms = statistics.median(common.time_call(floor, repeats)) * 1e3
     with torch.no_grad():
         r = problem.reward(problem.x0)
@@ -101,9 +102,10 @@ def child(states: int, objective: str, iterations: int, threads: int) -> None:
     per_iter = [b - a for a, b in zip(times, times[1:])]
     common.emit({
         "states": S, "objective": objective, "nnz": P.nnz, "P_MiB": P.nbytes() / 2**20,
+        "storage": "sparse" if P.is_sparse else "dense",
         "compile_s": compile_s, "floor_ms": floor_ms, "step_ms": step_ms,
         "iter_ms": statistics.median(per_iter) * 1e3, "iterations": len(per_iter),
-        "solve_s": wall, "peak_rss_MiB": common.peak_rss_mib(),
+        "solve_s": wall, "peak_rss_MiB": common.peak_rss_mib(), "compile_rss_MiB": compile_rss,
         "h_first": result.history["hypergrad_norm"][0],
         "h_last": result.history["hypergrad_norm"][-1],
     })
@@ -120,7 +122,7 @@ def main() -> None:
     parser.add_argument("--objectives", default="policy,value",
                         help="comma-separated: policy, value")
     parser.add_argument("--iterations", type=int, default=0,
-                        help="timed iterations per size (default: 100 at 10^3 down to 3 at 10^6)")
+                        help="timed iterations per size (default: 100 at 10^3 down to 5 at 10^6)")
     parser.add_argument("--quick", action="store_true",
                         help="10^3 to 10^5 states, fewer iterations")
     parser.add_argument("--child", nargs=3, metavar=("STATES", "OBJECTIVE", "ITERATIONS"),
@@ -161,14 +163,17 @@ def main() -> None:
             results.append(res)
             ratio = res["iter_ms"] / res["floor_ms"]
             rows.append([
-                objective, f"{res['states']:,}", f"{res['nnz']:,}", f"{res['compile_s']:.2f}",
+                objective, f"{res['states']:,}", f"{res['nnz']:,} {res['storage']}",
+                f"{res['P_MiB']:,.1f}", f"{res['compile_s']:.2f}",
                 f"{res['floor_ms']:.2f}", f"{res['step_ms']:.2f}", f"{res['iter_ms']:.2f}",
-                f"{ratio:.2f}x", res["iterations"], f"{res['peak_rss_MiB']:,.0f}",
+                f"{ratio:.2f}x", res["iterations"], f"{res['compile_rss_MiB']:,.0f}",
+                f"{res['peak_rss_MiB']:,.0f}",
             ])
             print(f"  done: {objective}, {states:,} states", file=sys.stderr, flush=True)
     print(common.table(
-        ["objective", "states", "nnz(P)", "compile s", "floor ms (N+2 products)",
-         "Bellman step ms", "ms/iter", "iter/floor", "timed iters", "peak RSS MiB"], rows))
+        ["objective", "states", "nnz(P), storage", "P MiB", "compile s", "floor ms (N+2 products)",
+         "Bellman step ms", "ms/iter", "iter/floor", "timed iters", "peak RSS after compile MiB",
+         "peak RSS MiB"], rows))
     print()
     for res in results:
         if res["states"] >= 100_000:

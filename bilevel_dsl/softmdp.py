@@ -31,6 +31,12 @@ _DIRECT_MAX_STATES_SPARSE = 500
 
 _GMRES_RESTART = 30
 
+# Exponents of shifted rows (at most 0) are raised to this before exp: on CPU, exp is 5-20 times
+# slower for arguments below about -708, whose results are subnormal or zero, and at low
+# temperatures most entries land there. exp(-700) ~ 1e-304 is nothing next to the row maximum's
+# exp(0) = 1, so sums, logs and normalised policies come out the same.
+_EXP_FLOOR = -700.0
+
 
 class _CsrProduct(torch.autograd.Function):
     """``M v`` for a constant CSR matrix; the backward is a product with the stored ``M^T``.
@@ -301,7 +307,7 @@ def soft_policy(Q: Tensor, tau: float) -> Tensor:
     for a handful of rows, which costs milliseconds per call on a busy machine.
     """
     z = Q / tau
-    e = torch.exp(z - z.detach().amax(-1, keepdim=True))
+    e = torch.exp((z - z.detach().amax(-1, keepdim=True)).clamp(min=_EXP_FLOOR))
     return e / e.sum(-1, keepdim=True)
 
 
@@ -316,7 +322,7 @@ def _scaled_steps(P: Transitions, r_scaled: Tensor, u: Tensor, gamma: float, n: 
         q = P.affine(flat, u, gamma).view(shape)
         u = q.amax(-1)
         # logsumexp in place on the fresh q: no S*A-sized allocation per step
-        u += q.sub_(u.unsqueeze(-1)).exp_().sum(-1).log_()
+        u += q.sub_(u.unsqueeze(-1)).clamp_(min=_EXP_FLOOR).exp_().sum(-1).log_()
     return u
 
 
@@ -358,8 +364,8 @@ def soft_value_iteration(
             iterations += 1
             change, size = torch.stack([(new - u).abs().max(), new.abs().max()]).tolist()
             u = new
-            if factor * change * tau <= tol:
-                break
+            if factor * change * tau <= tol or not math.isfinite(change):
+                break  # converged, or NaN/inf in the reward or P: no iteration will help
             if change <= floor * (size + r_max) and change >= previous:
                 break
             previous = change
@@ -395,6 +401,8 @@ def _gmres(matvec: Callable[[Tensor], Tensor], b: Tensor, tol: float, max_iter: 
     x = torch.zeros_like(b)
     if b_norm == 0.0:
         return x, True
+    if not math.isfinite(b_norm):
+        return _not_finite(b), True
     m = min(_GMRES_RESTART, b.numel())
     basis = b.new_empty(m + 1, b.numel())
     residual, beta, done = b, b_norm, 0
@@ -436,6 +444,8 @@ def _gmres(matvec: Callable[[Tensor], Tensor], b: Tensor, tol: float, max_iter: 
         previous, beta = beta, float(torch.linalg.vector_norm(residual))
         if beta <= tol * b_norm:
             return x, True
+        if not math.isfinite(beta):  # NaN or inf in the operator: no iteration will help
+            return _not_finite(x), True
         if done >= max_iter:
             warnings.warn(f"GMRES stopped after {done} iterations at relative residual "
                           f"{beta / b_norm:.2e} (tolerance {tol:.0e})", stacklevel=3)
@@ -456,7 +466,16 @@ def _fixed_point(apply: Callable[[Tensor], Tensor], b: Tensor, gamma: float, tol
         v = new
         if factor * change <= tol * size:
             return v
+        if not math.isfinite(change):
+            return _not_finite(v)
     warnings.warn(f"fixed-point solve stopped after {max_iter} iterations", stacklevel=3)
+    return v
+
+
+def _not_finite(v: Tensor) -> Tensor:
+    """Give up on a system with NaN or inf in it (say, a policy that diverged) at once."""
+    warnings.warn("a linear system in (I - gamma P_pi) has non-finite entries: its solution is "
+                  "not finite", stacklevel=4)
     return v
 
 
