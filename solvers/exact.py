@@ -15,7 +15,7 @@ from bilevel_dsl.instance import TabularProblem
 
 from .hypergrad import MODEL_BASED, hypergradient
 from .registry import Option, SolverSpec
-from .result import Monitor, SolveResult
+from .result import Monitor, SolveResult, stop_reason
 
 
 def run(problem: TabularProblem, options: dict[str, Any], monitor: Monitor) -> SolveResult:
@@ -47,11 +47,9 @@ def run(problem: TabularProblem, options: dict[str, Any], monitor: Monitor) -> S
                 break
             if k == options["outer"]:
                 break
-            if options["time_limit"] and time.perf_counter() - start >= options["time_limit"]:
-                stopped = "time_limit"
-                break
-            if monitor.should_stop():
-                stopped = "stopped"
+            reason = stop_reason(options, start, monitor)
+            if reason is not None:
+                stopped = reason
                 break
             k += 1
     except KeyboardInterrupt:

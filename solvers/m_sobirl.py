@@ -33,7 +33,7 @@ from bilevel_dsl.softmdp import (
 
 from .hypergrad import MODEL_BASED, reward_vjp, upper_derivatives
 from .registry import Option, SolverSpec
-from .result import Monitor, SolveResult
+from .result import Monitor, SolveResult, stop_reason
 
 
 def adjoint_step(P: Transitions, pi: Tensor, g: Tensor, w: Tensor, gamma: float, zeta: float,
@@ -123,11 +123,9 @@ def run(problem: TabularProblem, options: dict[str, Any], monitor: Monitor) -> S
             x, r, V, pi, pihat = x_next, r_next, V_next, pi_next, pihat_next
             k += 1
 
-            if options["time_limit"] and time.perf_counter() - start >= options["time_limit"]:
-                stopped = "time_limit"
-                break
-            if monitor.should_stop():
-                stopped = "stopped"
+            reason = stop_reason(options, start, monitor)
+            if reason is not None:
+                stopped = reason
                 break
     except KeyboardInterrupt:
         stopped = "interrupted"

@@ -53,8 +53,9 @@ from bilevel_dsl.instance import TabularProblem
 from bilevel_dsl.simulator import TabularSimulator, rollout, sample_actions, uniform
 from bilevel_dsl.softmdp import soft_bellman_steps, soft_policy, soft_q
 
+from .hypergrad import reward_vjp
 from .registry import Option
-from .result import Monitor, SolveResult
+from .result import Monitor, SolveResult, stop_reason
 
 # Options every model-free solver shares, appended to each SPEC's own.
 ESTIMATOR_OPTIONS = (
@@ -138,13 +139,6 @@ class Estimate:
     grad: Tensor
     objective: float  # sum_k c_k mean(l_k) + policy_free(x)
     losses: list[float]  # mean l per trajectory term
-
-
-def _vjp(output: Tensor, x: Tensor, weights: Tensor) -> Tensor:
-    if not output.requires_grad:
-        return torch.zeros_like(x)
-    (g,) = torch.autograd.grad(output, x, grad_outputs=weights, allow_unused=True)
-    return torch.zeros_like(x) if g is None else g
 
 
 def _table(index: Tensor, weights: Tensor, n: int) -> Tensor:
@@ -267,18 +261,18 @@ def estimate(problem: TabularProblem, env: Environment, x: Tensor, pi: Tensor,
                 visits.add(st, ac, alive, torch.cat([centred, centred]) * (c / B))
             else:
                 raise ValueError(f"unknown trajectory term {term.kind!r}")
-            grad += _vjp(reward, x, exploit.view(S, A))
+            grad += reward_vjp(x, reward, exploit.view(S, A))
             losses.append(float(loss.mean()))
             objective += c * losses[-1]
         if problem.policy_free is not None:
             rest = problem.policy_free(x)
             objective += float(rest.detach())
-            grad += _vjp(rest, x, torch.ones_like(rest))
+            grad += reward_vjp(x, rest, torch.ones_like(rest))
         if score:
             H_roll = rollout_horizon(problem.discount, options["rollout_horizon"])
             flow = _score_flow(problem, env, pi, visits, options["rollouts"], H_roll,
                                options["share"], streams.rollouts)
-            grad += _vjp(problem.reward(x), x, flow / problem.temperature)
+            grad += reward_vjp(x, problem.reward(x), flow / problem.temperature)
     return Estimate(grad.detach(), objective, losses)
 
 
@@ -387,11 +381,9 @@ def outer_loop(problem: TabularProblem, options: dict[str, Any], monitor: Monito
                 history["time"].append(time.perf_counter() - start)
             x = x_next
             k += 1
-            if options["time_limit"] and time.perf_counter() - start >= options["time_limit"]:
-                stopped = "time_limit"
-                break
-            if monitor.should_stop():
-                stopped = "stopped"
+            reason = stop_reason(options, start, monitor)
+            if reason is not None:
+                stopped = reason
                 break
     except KeyboardInterrupt:
         stopped = "interrupted"

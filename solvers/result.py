@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -49,3 +50,14 @@ class Monitor:
 
     def close(self) -> None:
         """Finish any output (a progress bar's line) once the run has ended."""
+
+
+def stop_reason(options: dict[str, Any], start: float, monitor: Monitor) -> str | None:
+    """Why a solver loop should end now, if it should: its own `time_limit` option (seconds
+    since `start`, a `time.perf_counter()` reading; 0 is off) or the monitor's request."""
+    limit = options.get("time_limit") or 0.0
+    if limit and time.perf_counter() - start >= limit:
+        return "time_limit"
+    if monitor.should_stop():
+        return "stopped"
+    return None
