@@ -36,13 +36,23 @@ large variance: pure noise in ``x``.
 
 The only bias is the truncation of ``dQ`` at ``H'`` steps, of order ``gamma^H'``
 (``rollout_horizon = 0`` picks ``H'`` with ``gamma^H' <= 1e-4``).
+
+Preference data (option ``queue``, default 3,000 pairs). RLHF fits its reward model to every
+pair labelled so far, not only to the pairs of the current policy; so do these solvers. The
+minimised loss is then the mean BCE over the dataset ``D`` (the last ``queue`` pairs), in which
+only the ``B`` fresh pairs were drawn from the current ``pi_x``: its gradient is (12) over all of
+``D`` plus (13) over the fresh pairs with weight ``B / |D|``, which is what ``estimate`` returns
+when given the data. With ``queue = 0`` the loss is the expectation over the current policy's
+pairs alone, as MATH.md writes it; descending that one drives the follower, at low temperature,
+towards nearly deterministic policies whose pairs are identical (loss ``log 2``, zero gradient:
+a stationary point, often one that never reaches the goal).
 """
 
 from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -57,34 +67,48 @@ from .hypergrad import reward_vjp
 from .registry import Option
 from .result import Monitor, SolveResult, stop_reason
 
+# Preferences keeps pairs as dense visit-count rows while S*A <= this * 2H.
+DENSE_PREFERENCES = 4
+
 # Options every model-free solver shares, appended to each SPEC's own.
 ESTIMATOR_OPTIONS = (
     Option("batch", int, 0, "trajectories (pairs, for preference_loss) per estimate; 0: the "
-           "term's own `pairs` for preference_loss, 64 for expected_return"),
-    Option("rollouts", int, 4, "rollouts m per start pair for dQ/dx (and for Q estimates)"),
+           "term's own `pairs` for preference_loss, 64 for expected_return", valid="[0, inf)"),
+    Option("rollouts", int, 4, "rollouts m per start pair for dQ/dx (and for Q estimates)",
+           valid="[1, inf)"),
     Option("rollout_horizon", int, 0, "rollout length H' (truncation bias ~ gamma^H'); 0: the "
-           "smallest H' with gamma^H' <= 1e-4"),
+           "smallest H' with gamma^H' <= 1e-4", valid="[0, inf)"),
     Option("baseline", bool, True, "subtract from each trajectory's loss, in the score term "
            "(13), the mean loss of the other trajectories of the batch (leave-one-out: "
            "still unbiased, as E[sum_t grad log pi(a_t|s_t)] = 0; far less variance)"),
+    Option("queue", int, 3000, "preference pairs kept (the last `queue` queried): term (12) "
+           "fits all of them, as RLHF fits a reward model to its whole dataset; 0: only "
+           "the current batch", valid="[0, inf)"),
     Option("share", str, "pair", "rollouts per distinct visited pair, shared by its visits "
            "(pair), or per visit as in the paper (visit)", choices=("pair", "visit")),
 )
 
 # Options of the outer loop and of the follower's solver, shared by sobirl, stoc_sobirl, drlhf.
 LOOP_OPTIONS = (
-    Option("inner", int, 3, "lower-level iterations per outer iteration (warm-started)"),
-    Option("warm_start", int, 20, "extra lower-level iterations before the first outer one"),
+    Option("inner", int, 3, "lower-level iterations per outer iteration (warm-started)",
+           valid="[1, inf)"),
+    Option("warm_start", int, 20, "extra lower-level iterations before the first outer one",
+           valid="[0, inf)"),
     Option("follower", str, "sampled", "follower's solver: sampled (policy mirror descent / soft "
            "policy iteration on Monte-Carlo soft Q estimates from the simulator) or exact "
            "(soft Bellman steps with the model, the deterministic setting; `lower` is a keyword "
            "of the language, hence the name)",
            choices=("sampled", "exact")),
-    Option("q_rollouts", int, 8, "rollouts per pair for the sampled lower level's Q estimates"),
+    Option("q_rollouts", int, 8, "rollouts per pair for the sampled lower level's Q estimates",
+           valid="[1, inf)"),
     Option("pmd_rate", float, 0.5, "policy mirror descent rate of the sampled lower level: "
-           "log pi <- (1 - rate) log pi + rate Q / tau, normalised (1: soft policy iteration)"),
-    Option("time_limit", float, 0.0, "stop after this many seconds (0: off)"),
-    Option("log_every", int, 1, "record the history every this many iterations"),
+           "log pi <- (1 - rate) log pi + rate Q / tau, normalised (1: soft policy iteration)",
+           valid="(0, 1]"),
+    Option("query_budget", int, 0, "stop once this many preference pairs have been labelled "
+           "(0: off)", valid="[0, inf)"),
+    Option("time_limit", float, 0.0, "stop after this many seconds (0: off)", valid="[0, inf)"),
+    Option("log_every", int, 1, "record the history every this many iterations",
+           valid="[1, inf)"),
 )
 
 
@@ -120,10 +144,17 @@ class Streams:
 
 @dataclass
 class Environment:
-    """Simulators for a problem: the lower MDP and each trajectory term's upper MDP."""
+    """Simulators for a problem (the lower MDP and each trajectory term's upper MDP), and the
+    number of preference queries made so far (labelled pairs)."""
 
     lower: TabularSimulator
     upper: list[TabularSimulator] = field(default_factory=list)
+    queries: int = 0
+
+    @property
+    def transitions(self) -> int:
+        """Transitions drawn from all simulators so far."""
+        return sum(sim.transitions_drawn for sim in (self.lower, *self.upper))
 
     @classmethod
     def of(cls, problem: TabularProblem) -> Environment:
@@ -139,6 +170,80 @@ class Estimate:
     grad: Tensor
     objective: float  # sum_k c_k mean(l_k) + policy_free(x)
     losses: list[float]  # mean l per trajectory term
+    # per preference term, the fresh pairs' visits (pairs, 2H), -1 past an episode's end: each
+    # row is one labelled pair, i.e. one preference query
+    pairs: list[Tensor] = field(default_factory=list)
+
+
+class Preferences:
+    """A preference term's dataset: the last ``capacity`` labelled pairs, as in RLHF practice.
+
+    The loss needs of a pair only its label and ``D``, the first trajectory's visit counts
+    minus the second's: the model's score difference is ``d = <model, D>`` whatever the reward
+    model. ``D`` is kept as a dense ``(capacity, S*A)`` matrix where ``S*A`` is small (a fit is
+    then two matrix-vector products), else as the ``2H`` visited indices with signs (+1 along
+    the first trajectory, -1 along the second, 0 past an episode's end): ``O(capacity * H)``
+    memory whatever the MDP's size.
+    """
+
+    def __init__(self, capacity: int, n_pairs: int, width: int, dtype: torch.dtype,
+                 device: torch.device) -> None:
+        self.capacity, self.n_pairs = capacity, n_pairs
+        self.dense = n_pairs <= DENSE_PREFERENCES * width
+        if self.dense:
+            self.counts = torch.zeros(capacity, n_pairs, dtype=dtype, device=device)
+        else:
+            self.index = torch.zeros(capacity, width, dtype=torch.int64, device=device)
+            self.sign = torch.zeros(capacity, width, dtype=dtype, device=device)
+        self.label = torch.zeros(capacity, dtype=dtype, device=device)
+        self.size = 0
+        self._head = 0
+
+    def add(self, index: Tensor, sign: Tensor, label: Tensor) -> None:
+        """Append pairs ``(n, 2H)``, ``(n, 2H)``, ``(n,)``; the oldest fall out when full."""
+        n = min(label.numel(), self.capacity)
+        index, sign, label = index[-n:], sign[-n:], label[-n:]
+        positions = (self._head + torch.arange(n, device=index.device)) % self.capacity
+        if self.dense:
+            counts = torch.zeros(n, self.n_pairs, dtype=sign.dtype, device=sign.device)
+            self.counts[positions] = counts.scatter_add_(1, index, sign)
+        else:
+            self.index[positions] = index
+            self.sign[positions] = sign
+        self.label[positions] = label
+        self._head = (self._head + n) % self.capacity
+        self.size = min(self.size + n, self.capacity)
+
+    def fit_table(self, flat: Tensor, weight: float) -> Tensor:
+        """The flat table ``T`` with ``J_model^T T = weight * grad mean BCE`` over the data."""
+        label = self.label[: self.size]
+        if self.dense:
+            counts = self.counts[: self.size]
+            slope = (torch.sigmoid(counts @ flat) - label) * (weight / self.size)
+            return slope @ counts
+        index, sign = self.index[: self.size].view(-1), self.sign[: self.size]
+        # index_select / index_add_: far cheaper than advanced indexing at this size
+        d = (torch.index_select(flat, 0, index).view_as(sign) * sign).sum(-1)
+        slope = (torch.sigmoid(d) - label) * (weight / self.size)
+        return _table(index, sign * slope.unsqueeze(-1), flat.numel())
+
+
+def preference_data(problem: TabularProblem, options: dict) -> list[Preferences | None] | None:
+    """An empty dataset per preference term when ``queue`` is on, else None."""
+    capacity = options["queue"]
+    terms = problem.trajectory_terms or ()
+    if capacity <= 0 or not any(t.kind == "preference_loss" for t in terms):
+        return None
+    dtype, device = problem.x0.dtype, problem.x0.device
+    n_pairs = problem.n_states * problem.n_actions
+    return [Preferences(capacity, n_pairs, 2 * t.horizon, dtype, device)
+            if t.kind == "preference_loss" else None for t in terms]
+
+
+def _gather(flat: Tensor, index: Tensor) -> Tensor:
+    """``flat[index]`` by ``index_select``: advanced indexing opens a parallel region for a few
+    thousand elements, which costs milliseconds whenever another process holds a core."""
+    return torch.index_select(flat, 0, index.reshape(-1)).view(index.shape)
 
 
 def _table(index: Tensor, weights: Tensor, n: int) -> Tensor:
@@ -192,7 +297,7 @@ def _score_flow(problem: TabularProblem, env: Environment, pi: Tensor, visits: _
         W = _table(st * A + ac, w, S * A).view(S, A)
         net = (W - pi * W.sum(-1, keepdim=True)).reshape(-1)
         starts = torch.nonzero(net).squeeze(-1).repeat_interleave(rollouts)
-        weights = net[starts] / rollouts
+        weights = torch.index_select(net, 0, starts) / rollouts
         return reward_flow(env.lower, pi, torch.div(starts, A, rounding_mode="floor"),
                            starts % A, weights, horizon, gamma, generator)
     st, ac, w = (t.repeat_interleave(rollouts) for t in (st, ac, w))
@@ -212,11 +317,20 @@ def _centred(loss: Tensor, baseline: bool) -> Tensor:
 
 
 def estimate(problem: TabularProblem, env: Environment, x: Tensor, pi: Tensor,
-             options: dict, streams: Streams, score: bool = True) -> Estimate:
+             options: dict, streams: Streams, score: bool = True,
+             data: Sequence[Preferences | None] | None = None, record: bool = True
+             ) -> Estimate:
     """One sample of ``grad phi(x)`` at policy ``pi`` (eqs. 12-13) and of ``phi``.
 
     ``score = False`` drops the follower's-response term (13): the plain gradient of the
     sampled upper loss, as a method without implicit differentiation uses it.
+
+    ``data`` (one entry per trajectory term, ``None`` for non-preference terms): term (12) of
+    a preference term then fits the whole dataset instead of the fresh pairs alone, and term
+    (13), which only the fresh pairs (drawn from ``pi``) carry, gets their share of the data,
+    ``B / size``: the gradient of the dataset's mean loss. ``record``: the fresh pairs are new
+    queries: count them in ``env.queries`` and append them to ``data`` (stoc_sobirl's replay of
+    a sample at the previous point counts its own, see ``new_queries``).
     """
     terms = problem.trajectory_terms
     if terms is None:
@@ -227,9 +341,10 @@ def estimate(problem: TabularProblem, env: Environment, x: Tensor, pi: Tensor,
     grad = torch.zeros_like(x)
     visits = _Visits()
     losses: list[float] = []
+    pairs: list[Tensor] = []
     objective = 0.0
     with torch.enable_grad():
-        for term, sim in zip(terms, env.upper):
+        for i, (term, sim) in enumerate(zip(terms, env.upper)):
             reward = term.reward(x)
             flat = reward.detach().reshape(-1)
             c, H = term.coefficient, term.horizon
@@ -240,7 +355,7 @@ def estimate(problem: TabularProblem, env: Environment, x: Tensor, pi: Tensor,
                 discount = term.discount ** torch.arange(H, dtype=pi.dtype, device=pi.device)
                 w = discount.unsqueeze(-1) * alive  # (H, B)
                 index = st * A + ac
-                loss = (w * flat[index]).sum(0)  # (B,)
+                loss = (w * _gather(flat, index)).sum(0)  # (B,)
                 exploit = _table(index, w * (c / B), S * A)
                 visits.add(st, ac, alive, _centred(loss, options["baseline"]) * (c / B))
             elif term.kind == "preference_loss":
@@ -248,17 +363,31 @@ def estimate(problem: TabularProblem, env: Environment, x: Tensor, pi: Tensor,
                 st, ac, alive = rollout(sim, pi, sim.reset(2 * B, streams.trajectories), None, H,
                                         streams.trajectories)
                 index = st * A + ac
-                model = (alive * flat[index]).sum(0)
-                truth = (alive * term.truth.reshape(-1)[index]).sum(0)
+                model = (alive * _gather(flat, index)).sum(0)
+                truth = (alive * _gather(term.truth.reshape(-1), index)).sum(0)
                 d = model[:B] - model[B:]
                 p = torch.sigmoid(term.scale * (truth[:B] - truth[B:]))
                 u = uniform(2 * B, streams.trajectories, pi.dtype)
                 y = ((u[:B] < p) ^ (u[B:] < term.noise)).to(pi.dtype)
                 loss = torch.nn.functional.softplus(d) - y * d  # BCE(y, sigmoid(d))
-                slope = (torch.sigmoid(d) - y) * (c / B)  # dl/dd, per pair
-                exploit = _table(index, alive * torch.cat([slope, -slope]), S * A)
+                pair_index = torch.cat([index[:, :B], index[:, B:]]).T  # (B, 2H)
+                live = alive.to(pi.dtype)
+                sign = torch.cat([live[:, :B], -live[:, B:]]).T
+                pairs.append(torch.where(sign != 0, pair_index, -1))
+                if record:
+                    env.queries += B
+                dataset = data[i] if data is not None else None
+                share = 1.0  # the fresh pairs' share of the fitted loss
+                if dataset is None:
+                    slope = (torch.sigmoid(d) - y) * (c / B)  # dl/dd, per pair
+                    exploit = _table(index, alive * torch.cat([slope, -slope]), S * A)
+                else:
+                    if record:
+                        dataset.add(pair_index, sign, y)
+                    exploit = dataset.fit_table(flat, c)
+                    share = min(1.0, B / dataset.size)  # only the fresh pairs depend on pi
                 centred = _centred(loss, options["baseline"])
-                visits.add(st, ac, alive, torch.cat([centred, centred]) * (c / B))
+                visits.add(st, ac, alive, torch.cat([centred, centred]) * (c * share / B))
             else:
                 raise ValueError(f"unknown trajectory term {term.kind!r}")
             grad += reward_vjp(x, reward, exploit.view(S, A))
@@ -273,7 +402,13 @@ def estimate(problem: TabularProblem, env: Environment, x: Tensor, pi: Tensor,
             flow = _score_flow(problem, env, pi, visits, options["rollouts"], H_roll,
                                options["share"], streams.rollouts)
             grad += reward_vjp(x, problem.reward(x), flow / problem.temperature)
-    return Estimate(grad.detach(), objective, losses)
+    return Estimate(grad.detach(), objective, losses, pairs)
+
+
+def new_queries(fresh: Estimate, replay: Estimate) -> int:
+    """Pairs of ``replay`` (the same random numbers at another point) that differ from
+    ``fresh``'s: only those need a new label, the others repeat a labelled pair exactly."""
+    return sum(int((a != b).any(-1).sum()) for a, b in zip(fresh.pairs, replay.pairs))
 
 
 def sampled_q(problem: TabularProblem, env: Environment, r: Tensor, pi: Tensor, rollouts: int,
@@ -292,7 +427,8 @@ def sampled_q(problem: TabularProblem, env: Environment, r: Tensor, pi: Tensor, 
     st, _, alive = rollout(env.lower, pi, torch.div(starts, A, rounding_mode="floor"),
                            starts % A, horizon + 1, generator)
     discount = gamma ** torch.arange(1, horizon + 1, dtype=pi.dtype, device=pi.device)
-    tail = (discount.unsqueeze(-1) * alive[1:] * r_pi[st[1:]]).sum(0)
+    visited = torch.index_select(r_pi, 0, st[1:].reshape(-1)).view(horizon, -1)
+    tail = discount @ (visited * alive[1:])
     return r + tail.view(rollouts, S, A).mean(0)
 
 
@@ -345,22 +481,29 @@ class Follower:
 
 # direction(k, x, pi) -> (step direction, objective estimate, ||hyper-gradient estimate||)
 Direction = Callable[[int, Tensor, Tensor], tuple[Tensor, float, float]]
+# observer(k, x_k, pi_k, env): called once pi_k is computed, before the step of iteration k,
+# for benchmarks that evaluate the follower as the run goes (env: queries, transitions so far)
+Observer = Callable[[int, Tensor, Tensor, Environment], None]
 
 
 def outer_loop(problem: TabularProblem, options: dict[str, Any], monitor: Monitor,
-               follower: Follower, direction: Direction) -> SolveResult:
+               follower: Follower, direction: Direction, observer: Observer | None = None
+               ) -> SolveResult:
     """``x <- project(x - beta d_k)`` with ``pi_k`` from the follower and ``d_k`` from
     ``direction``; records ``objective`` (the sampled estimate of the minimised objective),
-    ``hypergrad_norm``, ``stationarity``, ``time`` and ``iteration``.
+    ``hypergrad_norm``, ``stationarity``, ``time``, ``iteration``, and the cumulative
+    ``queries`` (preference pairs labelled) and ``transitions`` (simulator draws) after it.
 
     The returned ``objective`` is exact (``problem.objective``) where the objective has a
     closed form (no ``preference_loss``), else the mean of the last ten sampled estimates.
     """
+    env = follower.env
     x = problem.project(problem.x0.detach().clone())
     history: dict[str, list[float]] = {"objective": [], "hypergrad_norm": [], "time": [],
-                                       "stationarity": [], "iteration": []}
+                                       "stationarity": [], "iteration": [], "queries": [],
+                                       "transitions": []}
     log_every = max(1, options["log_every"])
-    beta = options["beta"]
+    beta, budget = options["beta"], options["query_budget"]
     start = time.perf_counter()
     stopped, k = "max_iterations", 0
     recent: list[float] = []
@@ -368,6 +511,8 @@ def outer_loop(problem: TabularProblem, options: dict[str, Any], monitor: Monito
     try:
         while k < options["outer"]:
             pi = follower.improve(x, options["inner"])
+            if observer is not None:
+                observer(k, x, pi, env)
             d, f, h_norm = direction(k, x, pi)
             x_next = problem.project(x - beta * d)
             mapping = float(torch.linalg.vector_norm(x - x_next)) / beta
@@ -379,9 +524,13 @@ def outer_loop(problem: TabularProblem, options: dict[str, Any], monitor: Monito
                 history["hypergrad_norm"].append(h_norm)
                 history["stationarity"].append(mapping)
                 history["time"].append(time.perf_counter() - start)
+                history["queries"].append(env.queries)
+                history["transitions"].append(env.transitions)
             x = x_next
             k += 1
             reason = stop_reason(options, start, monitor)
+            if budget and env.queries >= budget:
+                reason = "query_budget"
             if reason is not None:
                 stopped = reason
                 break
@@ -395,4 +544,5 @@ def outer_loop(problem: TabularProblem, options: dict[str, Any], monitor: Monito
             objective = float(problem.objective(x, pi))
     return SolveResult(x=x.detach(), policy=pi.detach(), objective=objective, history=history,
                        iterations=k, stopped_because=stopped,
-                       extra={"time": time.perf_counter() - start})
+                       extra={"time": time.perf_counter() - start, "queries": env.queries,
+                              "transitions": env.transitions})

@@ -10,9 +10,12 @@ same uniforms, so trajectories coincide wherever the two policies agree closely)
     eta_k   = min(1, c / (k + 1)^(2/3))
     x_{k+1} = project(x_k - beta d_k)
 
-``eta_k = 1`` is plain SoBiRL; smaller ``eta`` averages the noise of past samples away while the
-correction term tracks the drift of the hyper-gradient. Two estimates per iteration.
-``history["hypergrad_norm"]`` records ``||d_k||``, the direction actually stepped along.
+``eta_k = 1`` is plain SoBiRL (and the replay is skipped); smaller ``eta`` averages the noise of
+past samples away while the correction term tracks the drift of the hyper-gradient. Two
+estimates per iteration once ``eta_k < 1``. With a preference dataset, both fit the same data
+``D_k`` (the replay adds nothing to it); the replay's pairs need labels of their own wherever
+they differ from the fresh pairs, and are counted as queries. ``history["hypergrad_norm"]``
+records ``||d_k||``, the direction actually stepped along.
 """
 
 from __future__ import annotations
@@ -26,11 +29,14 @@ from bilevel_dsl.instance import TabularProblem
 from .modelfree import (
     ESTIMATOR_OPTIONS,
     LOOP_OPTIONS,
+    Direction,
     Environment,
     Follower,
     Streams,
     estimate,
+    new_queries,
     outer_loop,
+    preference_data,
 )
 from .registry import Option, SolverSpec
 from .result import Monitor, SolveResult
@@ -42,28 +48,36 @@ def momentum_weight(k: int, c: float) -> float:
     return min(1.0, c / (k + 1) ** (2.0 / 3.0))
 
 
-def run(problem: TabularProblem, options: dict[str, Any], monitor: Monitor) -> SolveResult:
-    """Algorithms 3 and 4 from ``x0`` and the uniform policy."""
+def setup(problem: TabularProblem, options: dict[str, Any]) -> tuple[Follower, Direction]:
+    """Algorithms 3-4's follower and momentum direction (``outer_loop`` runs them)."""
     env = Environment.of(problem)
     streams = Streams(problem.seed, problem.device)
     follower = Follower(problem, env, options, streams.rollouts)
+    data = preference_data(problem, options)
     state: dict[str, Any] = {"d": None, "x": None, "pi": None}
 
     def direction(k: int, x: torch.Tensor, pi: torch.Tensor) -> tuple[torch.Tensor, float, float]:
         sample = streams.state()
-        e = estimate(problem, env, x, pi, options, streams)
+        e = estimate(problem, env, x, pi, options, streams, data=data)
         d = e.grad
-        if state["d"] is not None:
+        eta = momentum_weight(k, options["momentum"])
+        if state["d"] is not None and eta < 1.0:  # (eta = 1: the correction has weight 0)
             after = streams.state()
             streams.restore(sample)  # the same xi_k at the previous point
-            previous = estimate(problem, env, state["x"], state["pi"], options, streams)
+            previous = estimate(problem, env, state["x"], state["pi"], options, streams,
+                                data=data, record=False)
             streams.restore(after)
-            eta = momentum_weight(k, options["momentum"])
+            env.queries += new_queries(e, previous)
             d = e.grad + (1.0 - eta) * (state["d"] - previous.grad)
         state.update(d=d, x=x.detach().clone(), pi=pi.detach().clone())
         return d, e.objective, float(torch.linalg.vector_norm(d))
 
-    return outer_loop(problem, options, monitor, follower, direction)
+    return follower, direction
+
+
+def run(problem: TabularProblem, options: dict[str, Any], monitor: Monitor) -> SolveResult:
+    """Algorithms 3 and 4 from ``x0`` and the uniform policy."""
+    return outer_loop(problem, options, monitor, *setup(problem, options))
 
 
 SPEC = SolverSpec(
@@ -72,10 +86,10 @@ SPEC = SolverSpec(
     summary="Stoc-SoBiRL (Algorithms 3-4): the model-free estimator with STORM momentum",
     capabilities=MODEL_FREE,
     options=(
-        Option("outer", int, 200, "outer iterations K"),
-        Option("beta", float, 0.05, "step size on x"),
+        Option("outer", int, 200, "outer iterations K", valid="[1, inf)"),
+        Option("beta", float, 0.05, "step size on x", valid="(0, inf)"),
         Option("momentum", float, 1.0, "c in the STORM weight eta_k = min(1, c / (k+1)^(2/3)) "
-               "(c >= k^(2/3) for all k: no momentum)"),
+               "(c >= k^(2/3) for all k: no momentum)", valid="(0, inf)"),
         *LOOP_OPTIONS,
         *ESTIMATOR_OPTIONS,
     ),

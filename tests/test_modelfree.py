@@ -19,7 +19,7 @@ from bilevel_dsl import compile_file, compile_source
 from bilevel_dsl.instance import TabularProblem, TrajectoryTerm
 from bilevel_dsl.lowering import lower
 from bilevel_dsl.softmdp import Transitions, policy_evaluation, soft_q, soft_value_iteration
-from solvers import REGISTRY, ProblemFeatures, solve
+from solvers import REGISTRY, ProblemFeatures, modelfree, solve
 from solvers.hypergrad import hypergradient, phi, solve_lower
 from solvers.modelfree import (
     Environment,
@@ -218,7 +218,8 @@ def test_sampled_q_and_mirror_step():
     V = policy_evaluation(P, r, pi, gamma, tau)
     exact = soft_q(P, r, V, gamma)
     g = torch.Generator().manual_seed(0)
-    Q = sampled_q(problem, Environment.of(problem), r, pi, 1000, 30, g)
+    # 4,000 rollouts: the largest error over seeds 0-9 is 0.011-0.019 (unbiased: 0.004 at 40,000)
+    Q = sampled_q(problem, Environment.of(problem), r, pi, 4000, 30, g)
     assert torch.allclose(Q, exact, atol=0.04)
     # rate 1 is soft policy iteration; any rate keeps pi* fixed
     V_star, _ = soft_value_iteration(P, r, gamma, tau, tol=1e-13)
@@ -305,15 +306,113 @@ def optimal_true_return(problem) -> float:
     return float((problem.initial * V).sum())
 
 
+def true_return(problem, pi) -> float:
+    truth = problem.trajectory_terms[0].truth
+    V = policy_evaluation(problem.transitions, truth, pi, problem.discount)
+    return float((problem.initial * V).sum())
+
+
+def soft_optimal_policy(problem, x):
+    """The follower trained to convergence on the learned reward model ``r_x``."""
+    r = problem.reward(x).detach()
+    P, gamma, tau = problem.transitions, problem.discount, problem.temperature
+    V, _ = soft_value_iteration(P, r, gamma, tau, tol=1e-12)
+    return torch.softmax(soft_q(P, r, V, gamma) / tau, -1)
+
+
 @pytest.mark.parametrize("name", ["rlhf_chain", "rlhf_grid"])
-def test_rlhf_policy_reaches_ninety_percent_of_the_optimal_true_return(name):
-    """drlhf (reward fitting + follower, no implicit term) learns a reward whose soft-optimal
-    policy earns >= 90% of the best true return. sobirl and stoc_sobirl are not held to this:
-    descending the policy-dependent preference loss can also collapse the follower onto
-    identical trajectories (loss log 2), a stationary point of phi (see the report)."""
+def test_drlhf_reaches_ninety_percent_of_the_optimal_true_return(name):
+    """The baseline, with the exact follower and a large step."""
     problem = lower(compile_file(ROOT / "problems" / f"{name}.brl"), device="cpu")
     _, result = solve(problem, "drlhf", {"outer": 100, "beta": 0.5, "follower": "exact",
                                          "inner": 5})
-    truth = problem.trajectory_terms[0].truth
-    V = policy_evaluation(problem.transitions, truth, result.policy, problem.discount)
-    assert float((problem.initial * V).sum()) >= 0.9 * optimal_true_return(problem)
+    assert true_return(problem, result.policy) >= 0.9 * optimal_true_return(problem)
+
+
+@pytest.mark.parametrize("solver", ["sobirl", "stoc_sobirl"])
+@pytest.mark.parametrize("name", ["rlhf_chain", "rlhf_grid"])
+def test_bilevel_rlhf_reaches_ninety_percent_of_the_optimal_true_return(name, solver):
+    """The files' settings (``solve stoc_sobirl(outer = 60, beta = 0.2)``, given to sobirl
+    too) on top of the defaults (sampled follower, a dataset of the last 3,000 labelled pairs),
+    the files' seeds: both the follower's policy and the policy trained to convergence on the
+    learned reward earn >= 90% of the best true return. Seeds 0-9 all pass too, and so do the
+    solvers' plain defaults (200 iterations, beta = 0.05); docs/benchmarks.md, section 4."""
+    problem = lower(compile_file(ROOT / "problems" / f"{name}.brl"), device="cpu")
+    _, result = solve(problem, solver, {"outer": 60, "beta": 0.2})
+    best = optimal_true_return(problem)
+    assert true_return(problem, result.policy) >= 0.9 * best
+    assert true_return(problem, soft_optimal_policy(problem, result.x)) >= 0.9 * best
+    history = result.history
+    assert history["queries"][0] == 64 and history["transitions"][0] > 0
+    assert all(b > a for a, b in zip(history["queries"], history["queries"][1:]))
+    assert result.extra["queries"] == history["queries"][-1]
+
+
+def test_query_budget_and_counts():
+    problem = lower(compile_file(ROOT / "problems" / "rlhf_chain.brl"), device="cpu")
+    options = {"outer": 50, "batch": 16, "follower": "exact", "query_budget": 100}
+    _, result = solve(problem, "sobirl", options)
+    assert result.stopped_because == "query_budget" and result.iterations == 7
+    assert result.history["queries"] == [16 * (k + 1) for k in range(7)]
+    # the follower is exact: only the estimates draw transitions, (H - 1) per trajectory
+    per_iteration = 2 * 16 * 11
+    assert result.history["transitions"][0] >= per_iteration
+    # stoc_sobirl labels, besides its fresh pairs, those of the replay at the previous point
+    # that differ from them (the others repeat a labelled pair)
+    _, stoc = solve(problem, "stoc_sobirl", options)
+    steps = [b - a for a, b in zip(stoc.history["queries"], stoc.history["queries"][1:])]
+    assert stoc.history["queries"][0] == 16 and all(16 <= q <= 32 for q in steps)
+
+
+@pytest.mark.parametrize("dense", [True, False])
+def test_preference_dataset_fits_its_pairs(dense, monkeypatch):
+    """``fit_table`` is the gradient of the mean BCE over the stored pairs (by autograd), and
+    the dataset keeps the last ``capacity`` pairs."""
+    monkeypatch.setattr(modelfree, "DENSE_PREFERENCES", 100 if dense else 0)
+    g = torch.Generator().manual_seed(0)
+    n, width, capacity = 12, 6, 20
+    data = modelfree.Preferences(capacity, n, width, DT, torch.device("cpu"))
+    assert data.dense == dense
+    batches = []
+    for _ in range(3):  # 24 pairs: the first 4 fall out
+        index = torch.randint(0, n, (8, width), generator=g)
+        sign = torch.cat([torch.ones(8, width // 2), -torch.ones(8, width // 2)], 1).to(DT)
+        sign[0, -1] = 0.0  # an ended episode
+        label = (torch.rand(8, generator=g) < 0.5).to(DT)
+        data.add(index, sign, label)
+        batches.append((index, sign, label))
+    assert data.size == capacity
+    index, sign, label = (torch.cat(t)[-capacity:] for t in zip(*batches))
+    model = torch.randn(n, generator=g, dtype=DT, requires_grad=True)
+    d = (model[index] * sign).sum(-1)
+    loss = (torch.nn.functional.softplus(d) - label * d).mean()
+    (expected,) = torch.autograd.grad(2.5 * loss, model)
+    assert torch.allclose(data.fit_table(model.detach(), 2.5), expected, atol=1e-14)
+
+
+def test_estimate_with_a_dataset_of_only_the_fresh_pairs_is_the_plain_estimate():
+    """With the fresh batch as the whole dataset, the dataset path (term 12 over the data, term
+    13 weighted by the fresh pairs' share B / size = 1) must give the plain estimate."""
+    problem, _ = preference_problem()
+    env = Environment.of(problem)
+    _, pi, _ = solve_lower(problem, problem.reward(problem.x0), None, 1e-13)
+    opts = {"batch": 16, "rollouts": 2, "rollout_horizon": 10, "share": "pair",
+            "baseline": True, "queue": 16}
+    plain = estimate(problem, env, problem.x0, pi, opts, Streams(3, problem.device))
+    data = modelfree.preference_data(problem, opts)
+    with_data = estimate(problem, env, problem.x0, pi, opts, Streams(3, problem.device),
+                         data=data)
+    assert data[0].size == 16 and env.queries == 32
+    assert torch.allclose(plain.grad, with_data.grad, atol=1e-12)
+    # a second batch in the data halves the weight of the fresh pairs' score term (13)
+    fresh = estimate(problem, env, problem.x0, pi, opts, Streams(4, problem.device))
+    fresh_fit = estimate(problem, env, problem.x0, pi, opts, Streams(4, problem.device),
+                         score=False)
+    both = modelfree.preference_data(problem, {**opts, "queue": 32})
+    estimate(problem, env, problem.x0, pi, opts, Streams(3, problem.device), data=both)
+    full = estimate(problem, env, problem.x0, pi, opts, Streams(4, problem.device), data=both)
+    fit = estimate(problem, env, problem.x0, pi, opts, Streams(4, problem.device), score=False,
+                   data=both, record=False)
+    assert both[0].size == 32
+    assert torch.allclose(full.grad - fit.grad, 0.5 * (fresh.grad - fresh_fit.grad), atol=1e-12)
+    assert not torch.allclose(full.grad, fresh.grad, atol=1e-6)

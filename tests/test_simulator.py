@@ -54,15 +54,39 @@ def assert_matches(counts: torch.Tensor, P: torch.Tensor, n: int) -> None:
 
 
 @pytest.mark.parametrize("storage", ["dense", "sparse"])
-@pytest.mark.parametrize("padded", [True, False])
-def test_successor_frequencies_match_P(storage, padded, monkeypatch):
-    if not padded:  # force the binary search in the global running sum
-        monkeypatch.setattr(simulator, "PADDED_MAX_WIDTH", 0)
+@pytest.mark.parametrize("alias", [True, False])
+def test_successor_frequencies_match_P(storage, alias, monkeypatch):
+    if not alias:  # force the binary search in the global running sum
+        monkeypatch.setattr(simulator, "ALIAS_MAX_WIDTH", 0)
     P = random_P(0)
     sim = TabularSimulator(storages(P)[storage], torch.full((6,), 1 / 6, dtype=DT))
-    assert (sim._width > 0) == padded
+    assert (sim._width <= simulator.ALIAS_MAX_WIDTH) == alias
     n = 20_000
     assert_matches(outcome_counts(sim, n, seed=1), P, n)
+    assert sim.transitions_drawn == n * 6 * 3
+
+
+def test_alias_tables_reproduce_the_distribution_exactly():
+    """The distribution a table implies, ``sum_j (1/W) (t_j 1{pick_j0 = o} + (1 - t_j)
+    1{pick_j1 = o})``, is the input to rounding; outcomes of probability zero are never
+    reachable, not even as an alias."""
+    g = torch.Generator().manual_seed(0)
+    R, W = 500, 7
+    p = torch.rand(R, W, generator=g, dtype=DT) ** 4 * (torch.rand(R, W, generator=g) < 0.7)
+    p[:, 0] += 1e-3
+    p[0] = torch.tensor([0, 0, 1, 0, 0, 0, 0], dtype=DT)  # a certain outcome
+    p = p / p.sum(-1, keepdim=True)
+    outcomes = torch.arange(W).expand(R, W)
+    threshold, pick = simulator.alias_tables(p, outcomes)
+    assert bool(((threshold >= 0) & (threshold <= 1 + 1e-12)).all())
+    implied = torch.zeros(R, W, dtype=DT)
+    implied.scatter_add_(1, pick[..., 0], threshold / W)
+    implied.scatter_add_(1, pick[..., 1], (1 - threshold) / W)
+    assert torch.allclose(implied, p, atol=1e-14, rtol=0)
+    reachable = torch.zeros(R, W, dtype=torch.int64)
+    reachable.scatter_add_(1, pick[..., 0], (threshold > 0).long())
+    reachable.scatter_add_(1, pick[..., 1], (threshold < 1).long())
+    assert not bool(reachable[p == 0].any())
 
 
 def test_terminal_handling():
@@ -80,10 +104,10 @@ def test_terminal_handling():
     assert bool(alive[0].all()) and not bool(alive[1].any()) and not bool(alive[2].any())
 
 
-@pytest.mark.parametrize("padded", [True, False])
-def test_sparse_and_dense_storage_sample_alike(padded, monkeypatch):
-    if not padded:
-        monkeypatch.setattr(simulator, "PADDED_MAX_WIDTH", 0)
+@pytest.mark.parametrize("alias", [True, False])
+def test_sparse_and_dense_storage_sample_alike(alias, monkeypatch):
+    if not alias:
+        monkeypatch.setattr(simulator, "ALIAS_MAX_WIDTH", 0)
     P = random_P(3)
     sims = {k: TabularSimulator(t, torch.full((6,), 1 / 6, dtype=DT))
             for k, t in storages(P).items()}
@@ -123,6 +147,27 @@ def test_same_seed_same_rollouts():
     for x, y in zip(run(1), run(1)):
         assert torch.equal(x, y)
     assert not torch.equal(run(1)[0], run(2)[0])
+
+
+@pytest.mark.parametrize("chunk", [333, 10**6])
+def test_rollout_follows_the_law_of_the_chain_in_chunks_or_not(chunk, monkeypatch):
+    """The law of ``(s_t, alive_t)`` at t = 3 matches the exact propagation of rho through
+    ``pi`` and ``P`` (episodes end with the rows' missing mass), however the batch is split."""
+    monkeypatch.setattr(simulator, "ROLLOUT_CHUNK", chunk)
+    P = random_P(7)
+    rho = torch.full((6,), 1 / 6, dtype=DT)
+    sim = TabularSimulator(Transitions.from_dense(P), rho)
+    pi = torch.softmax(torch.randn(6, 3, generator=torch.Generator().manual_seed(1),
+                                   dtype=DT), -1)
+    n, t = 30_000, 3
+    g = torch.Generator().manual_seed(2)
+    st, _, alive = rollout(sim, pi, sim.reset(n, g), None, t + 1, g)
+    law = rho
+    for _ in range(t):
+        law = torch.einsum("s,sa,sat->t", law, pi, P)
+    seen = torch.bincount(st[t][alive[t]], minlength=6).to(DT) / n
+    assert torch.allclose(seen, law, atol=0.01), (seen, law)
+    assert bool((alive[1:] <= alive[:-1]).all())  # once ended, an episode stays ended
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
