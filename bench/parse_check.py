@@ -2,12 +2,14 @@
 
     python bench/parse_check.py [--lines 10000] [--repeat 3]
 
-Prints a table of the best of `--repeat` runs for each stage.  Not a test: it measures.
+Prints the best of `--repeat` runs for each stage, in wall-clock and CPU time, with the load
+average (on a busy machine, compare CPU times).  Not a test: it measures.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import time
 
@@ -63,24 +65,32 @@ def main() -> None:
     text = generate(args.lines)
     source = SourceFile("generated.brl", text)
     parse_source(SourceFile("warm-up.brl", "brl 1\nparam a = 1\n"))  # builds the parser once
-    best = {"parse": float("inf"), "check": float("inf"), "total": float("inf")}
+    # Wall-clock time is the target; CPU time (this process only) is what stays comparable on
+    # a machine that other work keeps busy (see the load average).
+    clocks = {"wall": time.perf_counter, "cpu": time.process_time}
+    best = {(stage, clock): float("inf") for stage in ("parse", "check", "total")
+            for clock in clocks}
     for _ in range(args.repeat):
-        start = time.perf_counter()
+        start = {clock: now() for clock, now in clocks.items()}
         program = parse_source(source)
-        parsed = time.perf_counter()
+        parsed = {clock: now() for clock, now in clocks.items()}
         elaborate(program, source)
-        done = time.perf_counter()
-        best["parse"] = min(best["parse"], parsed - start)
-        best["check"] = min(best["check"], done - parsed)
-        best["total"] = min(best["total"], done - start)
+        done = {clock: now() for clock, now in clocks.items()}
+        for clock in clocks:
+            for stage, seconds in (("parse", parsed[clock] - start[clock]),
+                                   ("check", done[clock] - parsed[clock]),
+                                   ("total", done[clock] - start[clock])):
+                best[stage, clock] = min(best[stage, clock], seconds)
     lines = text.count("\n")
-    print(f"machine: {platform.processor() or platform.machine()}, python "
-          f"{platform.python_version()}")
+    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+          f"python {platform.python_version()}")
+    print("load average: " + ", ".join(f"{load:.2f}" for load in os.getloadavg())
+          + " (1, 5, 15 min)")
     print(f"file: {lines} lines, {len(text) / 1024:.0f} KiB, {len(program.statements)} statements")
-    print(f"{'stage':<8} {'best of ' + str(args.repeat):>12}")
-    for stage, seconds in best.items():
-        print(f"{stage:<8} {seconds:>10.3f} s")
-    print(f"target: total <= 2 s -> {'met' if best['total'] <= 2.0 else 'NOT met'}")
+    print(f"{'stage':<8} {'wall, best of ' + str(args.repeat):>18} {'cpu':>9}")
+    for stage in ("parse", "check", "total"):
+        print(f"{stage:<8} {best[stage, 'wall']:>16.3f} s {best[stage, 'cpu']:>7.3f} s")
+    print(f"target: total <= 2 s -> {'met' if best['total', 'wall'] <= 2.0 else 'NOT met'}")
 
 
 if __name__ == "__main__":

@@ -45,6 +45,7 @@ def solver_catalog(solver: str, options: dict[str, Any]) -> list[tuple[str, str,
     """Validate a `solve` statement against the solver registry (the language imports no
     solver; the command line connects the two)."""
     from solvers import REGISTRY, OptionError, UnknownSolverError
+    from solvers.registry import OptionRangeError
 
     try:
         spec = REGISTRY.get(solver)
@@ -63,6 +64,8 @@ def solver_catalog(solver: str, options: dict[str, Any]) -> list[tuple[str, str,
             continue
         try:
             REGISTRY.validate_options(spec, {name: value})
+        except OptionRangeError as exc:
+            problems.append(("E805", str(exc), name, exc.hint))
         except OptionError as exc:
             message, _, rest = str(exc).partition("\n")
             problems.append(("E803", message, name, rest.strip() or None))
@@ -143,7 +146,10 @@ def _set_options(spec, pairs: list[str] | None) -> dict[str, Any]:
         if key not in by_name:
             hint = did_you_mean(key, by_name) or "its options are " + ", ".join(sorted(by_name))
             raise OptionError(f"--set {key}: solver `{spec.name}` has no option `{key}`; {hint}")
-        options[key] = parse_option_value(by_name[key], value)
+        try:
+            options[key] = parse_option_value(by_name[key], value)
+        except OptionError as exc:  # one line, saying which flag
+            raise OptionError(f"--set {pair.strip()}: {exc}") from None
     return options
 
 
@@ -158,6 +164,10 @@ def cmd_solve(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     problem = lower(checked, device=args.device)
     timings["compile"] += time.perf_counter() - start
+    deep = getattr(problem, "environment", "tabular") == "gymnasium"
+    if args.resume and not deep:
+        raise solvers.SolverError("--resume continues deep (gym) runs; tabular runs are not "
+                          "checkpointed")
     requested = args.solver
     spec, _ = solvers.resolve(problem, requested)
     options = _set_options(spec, args.set)
@@ -167,13 +177,16 @@ def cmd_solve(args: argparse.Namespace) -> int:
     limit = options.get("time_limit") or None
     monitor = ProgressMonitor(total, time_limit=limit, sign=problem.sign,
                               stream=open(os.devnull, "w") if args.quiet else sys.stderr)
+    out_dir = Path(args.resume or args.out or default_out_dir(problem.name))
+    extra: dict[str, Any] = {}
+    if deep:  # checkpoints go to the output folder as the run goes
+        extra = {"out": out_dir, "resume": _checkpoint(args.resume)}
     start = time.perf_counter()
     try:
-        result = spec.run(problem, options, monitor)
+        result = spec.run(problem, options, monitor, **extra)
     finally:
         monitor.close()
     timings["solve"] = time.perf_counter() - start
-    out_dir = Path(args.out) if args.out else default_out_dir(problem.name)
     meta = {
         "solver": spec.name,
         "options": options,
@@ -184,9 +197,29 @@ def cmd_solve(args: argparse.Namespace) -> int:
         "source": str(args.file),
         "out_dir": str(out_dir),
     }
-    write_run(out_dir, problem, result, meta)
-    print(summary_table(problem, result, meta))
+    if deep:
+        from solvers.deep.output import deep_summary, write_deep_run
+
+        write_deep_run(out_dir, problem, result, meta)
+        print(deep_summary(problem, result, meta))
+    else:
+        write_run(out_dir, problem, result, meta)
+        print(summary_table(problem, result, meta))
     return EXIT_INTERRUPTED if result.stopped_because == "interrupted" else EXIT_OK
+
+
+def _checkpoint(resume: str | None) -> Path | None:
+    """The checkpoint inside a ``--resume`` folder, or a clear error when there is none."""
+    if resume is None:
+        return None
+    from solvers import SolverError
+    from solvers.deep.sobirl_sac import CHECKPOINT
+
+    path = Path(resume) / CHECKPOINT
+    if not (path / "progress.json").is_file():
+        raise SolverError(f"--resume {resume}: no checkpoint there (expected {path}/); a run "
+                          "saves one every `checkpoint_every` outer iterations")
+    return path
 
 
 def cmd_gradcheck(args: argparse.Namespace) -> int:
@@ -254,6 +287,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", metavar="OPTION=VALUE",
                    help="override a solver option, e.g. --set outer=1000")
     p.add_argument("--out", metavar="DIR", help="output folder (default runs/<problem>-<time>)")
+    p.add_argument("--resume", metavar="DIR",
+                   help="continue a deep run from the checkpoint in its output folder DIR")
     p.add_argument("--seed", type=int, default=None, help="override the file's seed")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     defines(p)

@@ -30,9 +30,16 @@ class Diagnostic:
 
 @dataclass
 class SourceFile:
+    """A file's name and text.  A leading byte-order mark is dropped, so that it is neither a
+    syntax error nor a shift of the first line's columns."""
+
     name: str
     text: str
     _lines: list[str] | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.text.startswith("\ufeff"):
+            self.text = self.text[1:]
 
     def line(self, number: int) -> str:
         if self._lines is None:

@@ -20,9 +20,19 @@ import torch
 
 from . import ir
 from .data import load_array
+from .deep import (
+    DeepLower,
+    GymMdp,
+    deep_lower,
+    gym_mdp,
+    is_reward_net,
+    preference_objective,
+    reward_net_var,
+)
 from .diagnostics import DiagnosticBag, SourceFile, did_you_mean
 from .evaluate import (
     CONSTANTS,
+    FUNCTIONALS,
     FUNCTIONS,
     Binding,
     LetDef,
@@ -52,6 +62,9 @@ MAX_ELEMENTS = 10**8  # numbers in one declared array (800 MB of float64)
 # Given a solver name and its options, a catalog returns problems as
 # (code, message, option name or None, hint or None).
 SolverCatalog = Callable[[str, dict[str, Any]], list[tuple[str, str, str | None, str | None]]]
+# A catalog problem with one of these codes (a value out of its range) is about the option's
+# value, and points at it; the others point at the whole `name = value`.
+VALUE_CODES = ("E805",)
 
 
 @dataclass
@@ -95,6 +108,8 @@ class CheckedProgram:
     solve: SolveInfo | None
     base_dir: Path | None = None
     checks: int = 0
+    deep: DeepLower | None = None  # a gym MDP's follower (then var and lower are None)
+    preferences: Any = None  # its RLHF objective (solvers.deep.problem.PreferenceSpec)
 
     @property
     def name(self) -> str:
@@ -139,6 +154,8 @@ class _Elaborator:
         self.upper: ir.UpperDecl | None = None
         self.solve: SolveInfo | None = None
         self.checks = 0
+        self.deep: DeepLower | None = None
+        self.preferences: Any = None
         self.policy_lets: set[str] = set()
         seed_decl = program.first(ir.SeedDecl)
         self.seed = seed if seed is not None else (seed_decl.seed if seed_decl else 0)
@@ -174,7 +191,8 @@ class _Elaborator:
                                None, did_you_mean(name, params))
         self.bag.raise_if_any()
         return CheckedProgram(self.program, self.source, self.names, self.seed, self.var,
-                              self.lower, self.upper, self.solve, self.base_dir, self.checks)
+                              self.lower, self.upper, self.solve, self.base_dir, self.checks,
+                              self.deep, self.preferences)
 
     def _only_one(self, stmt: ir.Statement, first: ir.Span) -> None:
         word = {
@@ -249,6 +267,9 @@ class _Elaborator:
         self.declared_at[name] = stmt.name_span
         return True
 
+    def _value(self, node: ir.Expr) -> Val:
+        return evaluate_val(node, self._scope())
+
     def _scope(self, x: torch.Tensor | None = None) -> Scope:
         scope = Scope(self.names, self.device, x=x)
         scope.load = self._loader
@@ -266,6 +287,8 @@ class _Elaborator:
         self.names[decl.name] = value
 
     def _dims(self, dims: tuple[ir.Dim, ...]) -> list[tuple[str | None, SetValue | None, int]]:
+        if not dims:  # a single number: most declarations
+            return []
         out = []
         scope = self._scope()
         seen: set[str] = set()
@@ -369,12 +392,15 @@ class _Elaborator:
                                 f"`{decl.name}` is declared here")
         else:
             v = self._declared_value(decl.name, dims, value_node, decl.random)
-        if not bool(torch.isfinite(v.t).all()) and not _is_infinity_literal(value_node):
+        if not _all_finite(v.t) and not _is_infinity_literal(value_node):
             raise EvalError("E305", f"param `{decl.name}` is not finite (NaN or infinity)",
                             value_node.span)
         self.names[decl.name] = v
 
     def _var(self, decl: ir.VarDecl) -> None:
+        if is_reward_net(decl.value):
+            self.names[decl.name] = reward_net_var(decl, self.names, self._value)
+            return
         dims = self._dims(decl.dims)
         shape = tuple(n for _, _, n in dims)
         if decl.value is None:
@@ -413,9 +439,7 @@ class _Elaborator:
     def _let(self, decl: ir.LetDecl) -> None:
         let = LetDef(decl, tuple(self._dims(decl.dims)))
         self.names[decl.name] = let
-        if ir.objective_features(decl.value) or any(
-            name in self.policy_lets for name in ir.names_in(decl.value)
-        ):
+        if _uses_policy(decl.value, self.policy_lets):
             # uses the policy, maybe through another let: checked where the objective uses it
             self.policy_lets.add(decl.name)
             return
@@ -464,6 +488,9 @@ class _Elaborator:
         if decl.block:
             raise EvalError("E404", f"`{decl.kind} {{ ... }}` is not an MDP form", decl.kind_span,
                             "use `table { ... }`, or a generator like gridworld(...)")
+        if decl.kind == "gym":
+            self.names[decl.name] = gym_mdp(decl, self._value)
+            return
         if decl.kind == "gridworld":
             opts = self._options(decl, GRIDWORLD_OPTIONS)
             if "map" not in opts:
@@ -518,8 +545,8 @@ class _Elaborator:
                              seed_for(self.seed, decl.name))
         else:
             raise EvalError("E404", f"unknown MDP kind `{decl.kind}`", decl.kind_span,
-                            did_you_mean(decl.kind, ("gridworld", "random_mdp", "table"))
-                            or "use gridworld(...), random_mdp(...) or table { ... }")
+                            did_you_mean(decl.kind, ("gridworld", "random_mdp", "table", "gym"))
+                            or "use gridworld(...), random_mdp(...), gym(...) or table { ... }")
         self.names[decl.name] = mdp
 
     def _table(self, decl: ir.MdpDecl) -> MdpValue:
@@ -652,9 +679,9 @@ class _Elaborator:
         mdp = self.names.get(decl.mdp)
         if mdp is POISONED:
             raise Cascade()
-        if not isinstance(mdp, MdpValue):
+        if not isinstance(mdp, (MdpValue, GymMdp)):
             if mdp is None:
-                mdps = [k for k, v in self.names.items() if isinstance(v, MdpValue)]
+                mdps = [k for k, v in self.names.items() if isinstance(v, (MdpValue, GymMdp))]
                 raise EvalError("E201", f"undefined MDP `{decl.mdp}`", decl.mdp_span,
                                 did_you_mean(decl.mdp, mdps))
             raise EvalError("E305", f"`{decl.mdp}` is not an MDP", decl.mdp_span)
@@ -673,6 +700,9 @@ class _Elaborator:
                     "reward[s, a] = ..."
                 raise EvalError("E404", f"the lower block needs `{required}`", decl.span,
                                 f"add `{example}`")
+        if isinstance(mdp, GymMdp):
+            self.deep = deep_lower(decl, mdp, items, self.names, self._value)
+            return
         temp_item = items["temperature"]
         self._no_indices(temp_item)
         tau = self._number(ir.Keyword(temp_item.span, "temperature", temp_item.value), None,
@@ -699,6 +729,10 @@ class _Elaborator:
         self.lower = info
 
     def _upper(self, decl: ir.UpperDecl) -> None:
+        if self.deep is not None:
+            self.preferences = preference_objective(decl, self.deep, self._value)
+            self.upper = decl
+            return
         scope = self._scope(self.var.x0 if self.var is not None else None)
         if self.lower is not None:
             mdp = self.lower.mdp
@@ -725,6 +759,7 @@ class _Elaborator:
     def _solve(self, decl: ir.SolveDecl) -> None:
         options: dict[str, Any] = {}
         spans: dict[str, ir.Span] = {}
+        value_spans: dict[str, ir.Span] = {}
         for kw in decl.options:
             value = kw.value
             if isinstance(value, ir.Name) and value.id not in self.names \
@@ -740,12 +775,14 @@ class _Elaborator:
                 number = float(v.t)
                 options[kw.name] = int(number) if v.kind == "int" else number
             spans[kw.name] = kw.span
+            value_spans[kw.name] = value.span
         if decl.device is not None and decl.device not in DEVICES:
             raise EvalError("E305", f"unknown device `{decl.device}`", decl.device_span,
                             did_you_mean(decl.device, DEVICES) or "use cpu, cuda or auto")
         if self.catalog is not None:
             for code, message, option, hint in self.catalog(decl.solver, options):
-                span = spans.get(option, decl.solver_span) if option else decl.solver_span
+                at = value_spans if code in VALUE_CODES else spans
+                span = at.get(option, decl.solver_span) if option else decl.solver_span
                 self.bag.error(code, message, span, hint)
         self.solve = SolveInfo(decl, decl.solver, options, decl.device)
 
@@ -766,6 +803,41 @@ class _Elaborator:
             notes.append(f"{failing} of {v.t.numel()} elements are false")
         message = "check failed" + (f": {decl.message}" if decl.message else "")
         raise EvalError("E702", message, decl.condition.span, None, tuple(notes))
+
+
+def _all_finite(t: torch.Tensor) -> bool:
+    """``torch.isfinite(t).all()``, without three tensor operations for a single number."""
+    return math.isfinite(t.item()) if t.dim() == 0 else bool(torch.isfinite(t).all())
+
+
+_CHILD_FIELDS: dict[type, tuple[str, ...]] = {}
+
+
+def _uses_policy(expr: ir.Expr, policy_lets: set[str]) -> bool:
+    """Whether `expr` uses the follower's policy: `policy`, a policy functional, or a `let` in
+    `policy_lets`.  One walk that stops at the first use (what ir.objective_features and
+    ir.names_in together tell, for a tenth of the time)."""
+    stack: list[Any] = [expr]
+    while stack:
+        node = stack.pop()
+        kind = type(node)
+        if kind is ir.Name:
+            if node.id == "policy" or node.id in policy_lets:
+                return True
+            continue
+        if kind is ir.Call and node.function in FUNCTIONALS:
+            return True
+        fields = _CHILD_FIELDS.get(kind)
+        if fields is None:
+            fields = _CHILD_FIELDS[kind] = tuple(
+                name for name in getattr(kind, "__dataclass_fields__", ()) if name != "span")
+        for name in fields:
+            value = getattr(node, name)
+            if type(value) is tuple:
+                stack.extend(value)
+            elif hasattr(value, "__dataclass_fields__"):
+                stack.append(value)
+    return False
 
 
 def _out_of_memory(exc: BaseException) -> bool:

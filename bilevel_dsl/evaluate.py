@@ -98,24 +98,38 @@ def varying_nodes(roots: list[ir.Expr], names: dict[str, object]) -> set[int]:
     varying: set[int] = set()
     lets: dict[str, bool] = {}
 
-    def visit(node: object) -> bool:
-        moves = False
+    def own(node: object) -> bool:
         if isinstance(node, ir.Name):
             obj = names.get(node.id)
             if node.id == "policy" or isinstance(obj, VarRef):
-                moves = True
-            elif isinstance(obj, LetDef):
+                return True
+            if isinstance(obj, LetDef):
                 if node.id not in lets:
                     lets[node.id] = False  # a let cannot refer to itself
                     lets[node.id] = visit(obj.decl.value)
-                moves = lets[node.id]
-        elif isinstance(node, ir.Call) and node.function in FUNCTIONALS:
-            moves = True
-        for child in _children(node):
-            moves = visit(child) or moves
-        if moves:
-            varying.add(id(node))
-        return moves
+                return lets[node.id]
+        return isinstance(node, ir.Call) and node.function in FUNCTIONALS
+
+    def visit(root: object) -> bool:
+        # Children before parents, on an explicit stack: a chain `a1 + ... + an` is a tree as
+        # deep as it is long, deeper than Python's recursion allows.
+        done: list[bool] = []  # whether each finished node moves, in finishing order
+        stack: list[tuple[object, int]] = [(root, -1)]
+        while stack:
+            node, count = stack.pop()
+            if count < 0:
+                children = _children(node)
+                stack.append((node, len(children)))
+                stack.extend((child, -1) for child in reversed(children))
+                continue
+            moves = own(node)
+            if count:
+                moves = any(done[-count:]) or moves
+                del done[-count:]
+            if moves:
+                varying.add(id(node))
+            done.append(moves)
+        return done[0]
 
     for root in roots:
         visit(root)
@@ -563,8 +577,25 @@ _COMPARE = {
 
 
 def _binary(node: ir.Binary, scope: Scope) -> Val:
-    left = evaluate_val(node.left, scope)
-    right = evaluate_val(node.right, scope)
+    # A chain `a1 + a2 + ... + an` leans left as deep as it is long: walk its left spine in a
+    # loop, not by recursion, computing (and caching) each link as evaluate() would.
+    cache = scope.constants
+    spine = [node]
+    left_node = node.left
+    while type(left_node) is ir.Binary and (
+        cache is None or id(left_node) in cache.varying or id(left_node) not in cache.values
+    ):
+        spine.append(left_node)
+        left_node = left_node.left
+    left = evaluate_val(left_node, scope)
+    for link in reversed(spine):
+        left = _binary_values(link, left, evaluate_val(link.right, scope))
+        if link is not node and cache is not None and id(link) not in cache.varying:
+            cache.values[id(link)] = left
+    return left
+
+
+def _binary_values(node: ir.Binary, left: Val, right: Val) -> Val:
     axes, (a, b), dims = align([left, right], node.span)
     if a.dtype != DTYPE:
         a = a.to(DTYPE)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from . import ir
+from .deep import lower_deep
 from .diagnostics import BrlError, Diagnostic
 from .elaborate import CheckedProgram, lower_reward
 from .evaluate import (
@@ -47,8 +48,17 @@ def _on_device(names: dict[str, object], device: torch.device) -> dict[str, obje
     return moved
 
 
+def _device(checked: CheckedProgram, device: str | torch.device | None) -> torch.device:
+    if isinstance(device, torch.device):
+        return device
+    file_device = checked.solve.device if checked.solve is not None else None
+    return resolve_device(device or file_device)
+
+
 def lower(checked: CheckedProgram, device: str | torch.device | None = None) -> TabularProblem:
     """The tabular instance of a checked program; ``device`` overrides the file's `on ...`."""
+    if checked.deep is not None:
+        return lower_deep(checked, _device(checked, device))
     if checked.var is None or checked.lower is None or checked.upper is None:
         missing = [w for w, v in (("a `var`", checked.var), ("a `lower` block", checked.lower),
                                   ("an `upper` objective", checked.upper)) if v is None]
@@ -57,11 +67,7 @@ def lower(checked: CheckedProgram, device: str | torch.device | None = None) -> 
             + " and no ".join(m.split(" ", 1)[1] for m in missing), None,
             "a problem declares a `var`, a `lower` block and an `upper` objective",
         )], checked.source)
-    if isinstance(device, torch.device):
-        dev = device
-    else:
-        file_device = checked.solve.device if checked.solve is not None else None
-        dev = resolve_device(device or file_device)
+    dev = _device(checked, device)
     names = _on_device(checked.names, dev)
     lower_info = checked.lower
     follower = names[lower_info.decl.mdp]

@@ -1,4 +1,13 @@
-"""Stage 1: text -> IR.  Lark LALR parse (grammar/brl.lark), then a Transformer into `ir` nodes.
+"""Stage 1: text -> IR.
+
+Lark compiles grammar/brl.lark into LALR(1) tables (strict mode: conflict-free).  This module
+tokenises with one regular expression built from the grammar's terminals and runs those tables
+itself, building `ir` nodes as it reduces.  Running the tables here rather than in Lark's generic
+loop is what keeps a 10,000-line file well under a second: a chain of unit reductions
+(`?rule: other`, most of an LALR parse of nested precedence levels) is taken in one memoised
+step, and spans and nesting depths ride on a stack beside the values instead of being
+recomputed per node.  The tables, and so the language and the "expected ..." of every syntax
+error, are Lark's.
 
 Syntax errors become located diagnostics; no input (empty, binary, huge, deeply nested) escapes as
 a Python exception.
@@ -7,26 +16,28 @@ a Python exception.
 from __future__ import annotations
 
 import dataclasses
+import gc
 import math
 import re
+from collections.abc import Callable
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
 
-from lark import Lark, Token, Transformer, Tree
-from lark.exceptions import (
-    UnexpectedCharacters,
-    UnexpectedEOF,
-    UnexpectedInput,
-    UnexpectedToken,
-    VisitError,
-)
+from lark import Lark
+from lark.parsers.lalr_analysis import Shift
 
 from . import ir
 from .diagnostics import BrlError, Diagnostic, SourceFile
 
 _HEADER = re.compile(r"(?:[ \t\f\r\n]|#[^\n]*)*brl[ \t\f\r\n]+([0-9]+)")
-MAX_DEPTH = 200  # deepest expression nesting accepted; keeps every later stage's recursion safe
+# Deepest nesting of an expression (parentheses, calls, indices, unary operators, powers...).
+# Continuing a chain `a1 + a2 + ...` is not nesting: such a chain may have MAX_CHAIN operators
+# (counting those of chains nested in it).  Together the two bound the height of an IR tree,
+# which keeps the later, partly recursive, stages safe.
+MAX_DEPTH = 200
+MAX_CHAIN = 5_000
+_STARTS = ("start", "expr")
 
 # What each terminal is called in an error message.
 TERMINAL_NAMES = {
@@ -72,49 +83,12 @@ def grammar_text() -> str:
         return here.read_text(encoding="utf-8")
 
 
-_TRANSFORMER: _ToIR | None = None
-
-
-@lru_cache(maxsize=1)
-def _lark() -> Lark:
-    """The parser, with the IR transformer applied during the LALR parse (no parse tree)."""
-    global _TRANSFORMER
-    _TRANSFORMER = _ToIR()
-    return Lark(
-        grammar_text(),
-        parser="lalr",
-        strict=True,
-        start=["start", "expr"],
-        maybe_placeholders=False,
-        lexer="basic",  # keywords are reserved everywhere; 1.5x faster than the contextual lexer
-        transformer=_TRANSFORMER,
-    )
-
-
-def _parse(text: str, start: str, source: SourceFile):
-    lark = _lark()
-    assert _TRANSFORMER is not None
-    _TRANSFORMER.reset()
-    try:
-        return lark.parse(text, start=start)
-    except UnexpectedInput as exc:
-        raise BrlError([_syntax_diagnostic(exc, text)], source) from None
-    except _NodeError as exc:
-        raise BrlError([exc.diagnostic], source) from None
-    except VisitError as exc:
-        if isinstance(exc.orig_exc, _NodeError):
-            raise BrlError([exc.orig_exc.diagnostic], source) from None
-        raise
-    finally:
-        _TRANSFORMER.reset()
-
-
 def decode(data: bytes, name: str) -> SourceFile:
     """Bytes -> text, rejecting what is not UTF-8 text with a located error."""
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
-        before = data[: exc.start].decode("utf-8", errors="replace")
+        before = data[: exc.start].decode("utf-8", errors="replace").removeprefix("\ufeff")
         line = before.count("\n") + 1
         column = len(before) - (before.rfind("\n") + 1) + 1
         source = SourceFile(name, before)
@@ -124,9 +98,7 @@ def decode(data: bytes, name: str) -> SourceFile:
                         "a .brl file is plain text that starts with `brl 1`")],
             source,
         ) from None
-    if text.startswith("\ufeff"):
-        text = text[1:]
-    return SourceFile(name, text)
+    return SourceFile(name, text)  # SourceFile drops a byte-order mark
 
 
 def parse_source(source: SourceFile) -> ir.Program:
@@ -164,62 +136,310 @@ def parse_source(source: SourceFile) -> ir.Program:
 
 def parse_expression(text: str, name: str = "<expression>") -> ir.Expr:
     """Parse one expression (used for `-D name=value` overrides)."""
-    return _parse(text, "expr", SourceFile(name, text))
+    source = SourceFile(name, text)
+    return _parse(source.text, "expr", source)
 
 
 def _has_code(text: str) -> bool:
     return any(line.strip() and not line.strip().startswith("#") for line in text.splitlines())
 
 
-def _syntax_diagnostic(exc: UnexpectedInput, text: str) -> Diagnostic:
-    line, column = exc.line, exc.column
-    if isinstance(exc, UnexpectedToken) and exc.token.type == "$END" or isinstance(
-        exc, UnexpectedEOF
-    ):
+def _parse(text: str, start: str, source: SourceFile):
+    tables = _tables()
+    collecting = gc.isenabled()
+    # The parse allocates a node per rule and frees nothing: the cyclic collector would only
+    # rescan the growing tree (40% of the time of a large file).  Nodes hold no cycles.
+    gc.disable()
+    try:
+        return tables.run(text, start)
+    except _NodeError as exc:
+        raise BrlError([exc.diagnostic], source) from None
+    finally:
+        if collecting:
+            gc.enable()
+
+
+# ---------------------------------------------------------------- the tables and their driver
+
+# A stack entry's location: (line, column, end_line, end_column, depth, links, chain).  The
+# position is that of the value (a parenthesised expression is the expression inside, as its
+# span says).  Depth counts nesting; links, the operators that continue a chain (`+ c` in
+# `a + b + c`), on the longest path; `chain` names the rule whose chain produced the value.
+# An IR tree is at most depth + links high.
+_Loc = tuple
+_LEAF, _STAR, _PLAIN, _CHAIN = range(4)
+# Rules whose value does not cover all of their text: its position comes from these children
+# (None: the header's number has no position).
+_VALUE_FROM = {"parens": (1, 1), "assign": (1, 1), "draw": (1, 1), "bounds": (2, 4),
+               "dims": (1, -2), "item_indices": (1, -2), "header": None}
+_CATCH_ALL = "_BAD"
+
+
+class _Items(list):
+    """The items of a repetition (`statement*`, the `COMMA dim` of `dims`...), with their
+    locations."""
+
+    __slots__ = ("locs",)
+
+
+class _Tables:
+    """Lark's LALR(1) tables for the grammar, the tokeniser, and the driver that runs them."""
+
+    def __init__(self) -> None:
+        lark = Lark(grammar_text(), parser="lalr", strict=True, start=list(_STARTS),
+                    maybe_placeholders=False, lexer="basic")
+        confs = {s: lark.parse_interactive(start=s).parser_state.parse_conf for s in _STARTS}
+        infos = {rule: _rule_info(rule) for rule in lark.rules}
+        # state -> symbol -> action: a shift (or goto) is the next state, an int; a reduction
+        # is the rule's info tuple; a unit reduction is the name of the rule it makes, a str.
+        self.states: dict[int, dict[str, int | str | tuple]] = {
+            state: {str(symbol): arg if action is Shift else infos[arg] or str(arg.origin.name)
+                    for symbol, (action, arg) in row.items()}
+            for state, row in confs["start"].states.items()
+        }
+        self.start_states = {s: c.start_state for s, c in confs.items()}
+        self.end_states = {s: c.end_state for s, c in confs.items()}
+        self.units: dict = {}  # (state below, state, terminal) -> state after unit reductions
+        self._tokeniser(lark)
+
+    def _tokeniser(self, lark: Lark) -> None:
+        """One regular expression over the terminals, in the order Lark's basic lexer tries them;
+        a keyword is a name whose text is a keyword's (as in Lark, keywords are reserved)."""
+        terminals = sorted(lark.terminals, key=lambda t: (
+            -t.priority, -t.pattern.max_width, -len(t.pattern.value), t.name))
+        words = [t for t in terminals if t.pattern.type == "str"]
+        self.keywords: dict[str, dict[str, str]] = {}
+        embedded = set()
+        for t in terminals:
+            if t.pattern.type != "re":
+                continue
+            for word in words:
+                if word.priority == t.priority and re.fullmatch(
+                        t.pattern.to_regexp(), word.pattern.value):
+                    self.keywords.setdefault(t.name, {})[word.pattern.value] = word.name
+                    if word.pattern.flags <= t.pattern.flags:
+                        embedded.add(word.name)
+        alternatives = [f"(?P<{t.name}>{t.pattern.to_regexp()})" for t in terminals
+                        if t.name not in embedded]
+        self.scan = re.compile("|".join([*alternatives, rf"(?P<{_CATCH_ALL}>[\s\S])"])).finditer
+        self.ignore = frozenset(lark.ignore_tokens)
+
+    def run(self, text: str, start: str):
+        """Parse `text` from `start`; the IR value, or _NodeError with a diagnostic."""
+        states = self.states
+        units = self.units
+        ignore = self.ignore
+        keywords = self.keywords
+        state_stack = [self.start_states[start]]
+        values: list = []
+        locs: list[_Loc] = []
+        line, line_start = 1, 0
+        for match in self.scan(text):
+            kind = match.lastgroup
+            value = match.group()
+            if kind in ignore:
+                if "\n" in value:
+                    line += value.count("\n")
+                    line_start = match.start() + value.rindex("\n") + 1
+                continue
+            pos = match.start()
+            column = pos - line_start + 1
+            if "\n" in value:  # a """ string
+                end_line = line + value.count("\n")
+                line_start = pos + value.rindex("\n") + 1
+                end_column = match.end() - line_start + 1
+            else:
+                end_line, end_column = line, column + len(value)
+            loc = (line, column, end_line, end_column, 0, 0, None)
+            line = end_line
+            if kind == _CATCH_ALL:
+                raise _NodeError(_bad_character(text, pos, loc))
+            if kind in keywords:
+                kind = keywords[kind].get(value, kind)
+            while True:
+                state = state_stack[-1]
+                action = states[state].get(kind)
+                if action.__class__ is int:
+                    state_stack.append(action)
+                    values.append(value)
+                    locs.append(loc)
+                    break
+                if action.__class__ is str:  # unit reductions: only the state changes
+                    key = (state_stack[-2], state, kind)
+                    after = units.get(key)
+                    if after is None:
+                        after = units[key] = self._after_units(key)
+                    state_stack[-1] = after
+                elif action is None:
+                    self._unexpected(state, kind, value, loc, text)
+                else:
+                    self._reduce(action, state_stack, values, locs)
+        end_state = self.end_states[start]
+        while state_stack[-1] != end_state:
+            state = state_stack[-1]
+            action = states[state].get("$END")
+            if action.__class__ is str:
+                state_stack[-1] = states[state_stack[-2]][action]
+            elif action is None:
+                self._unexpected(state, "$END", "", None, text)
+            else:
+                self._reduce(action, state_stack, values, locs)
+        return values[-1]
+
+    def _after_units(self, key: tuple) -> int:
+        below, state, kind = key
+        while True:
+            action = self.states[state].get(kind)
+            if action.__class__ is not str:
+                return state
+            state = self.states[below][action]
+
+    def _reduce(self, info: tuple, state_stack: list, values: list, locs: list) -> None:
+        size, origin, build, kind, first, last = info
+        children = values[-size:]
+        where = locs[-size:]
+        del values[-size:], locs[-size:], state_stack[-size:]
+        if kind == _LEAF:  # one token: its position, no depth
+            value = build(children, where, where[0])
+            loc = where[0]
+        else:
+            left = where[0]
+            depth = links = 0
+            for child in where[kind == _CHAIN:]:
+                if child[4] > depth:
+                    depth = child[4]
+                if child[5] > links:
+                    links = child[5]
+            meta = None
+            if kind == _STAR:  # a list of items is no level of the tree
+                value = build(children, where, meta)
+            else:
+                if kind == _PLAIN:
+                    depth += 1
+                elif left[6] == origin:  # continuing a chain (`a + b` + c) is a link
+                    depth, links = max(depth + 1, left[4]), max(links, left[5] + 1)
+                else:  # starting one (`(a) + b`) is nesting, as any other rule
+                    depth, links = max(depth, left[4]) + 1, max(links, left[5])
+                meta = _meta(where)
+                if depth > MAX_DEPTH:
+                    raise _NodeError(Diagnostic(
+                        "E902", f"expression nested more than {MAX_DEPTH} levels deep",
+                        _span(meta), "split it with `let` definitions, or use `sum {i in I} ...`"))
+                if links >= MAX_CHAIN:  # a chain has one operator more than links
+                    raise _NodeError(Diagnostic(
+                        "E902", f"expression chain longer than {MAX_CHAIN:,} operators",
+                        _span(meta), "split it with `let` definitions, or use `sum {i in I} ...`"))
+                value = build(children, where, meta)
+            chain = origin if kind == _CHAIN else None
+            if first is None:
+                loc = (None, None, None, None, depth, links, chain)
+            else:
+                a, b = where[first], where[last]
+                loc = (a[0], a[1], b[2], b[3], depth, links, chain)
+        state_stack.append(self.states[state_stack[-1]][origin])
+        values.append(value)
+        locs.append(loc)
+
+    def _unexpected(self, state: int, kind: str, value: str, loc: _Loc | None, text: str):
+        expected = {t for t in self.states[state] if t.isupper()}
+        raise _NodeError(_syntax_diagnostic(kind, value, loc, expected, text))
+
+
+def _rule_info(rule) -> tuple | None:
+    """How the driver reduces a rule: None for a unit rule that passes its child on unchanged;
+    else (size, origin, build, kind, first, last), `first`/`last` the children whose positions
+    make the value's (None: no position)."""
+    size = len(rule.expansion)
+    origin = str(rule.origin.name)
+    name = str(rule.alias or origin)
+    if any(symbol.is_term and symbol.filter_out for symbol in rule.expansion):
+        # Lark drops an anonymous terminal from a rule's children; the builders count them.
+        raise ValueError(f"grammar rule `{rule}` has an anonymous terminal: name every terminal")
+    if size == 1 and rule.options.expand1 and not rule.alias:
+        return None
+    if origin.startswith("_"):  # a repetition Lark made from `x*`: collect the items
+        left_recursive = rule.expansion[0].name == origin
+        return (size, origin, _repeat if left_recursive else _first_item, _STAR,
+                0 if left_recursive else -1, -1)
+    if size == 1 and rule.expansion[0].is_term:
+        kind = _LEAF
+    elif rule.expansion[0].name == origin and name in ("binary", "logical"):
+        kind = _CHAIN
+    else:
+        kind = _PLAIN
+    first, last = _VALUE_FROM.get(name, (0, -1)) or (None, None)
+    return (size, origin, _BUILDERS[name], kind, first, last)
+
+
+@lru_cache(maxsize=1)
+def _tables() -> _Tables:
+    return _Tables()
+
+
+def _meta(where: list[_Loc]) -> _Loc:
+    """The text a rule covers: from its first child's position to its last child's."""
+    a, b = where[0], where[-1]
+    if a[0] is None or b[0] is None:
+        placed = [loc for loc in where if loc[0] is not None] or [(1, 1, 1, 2)]
+        a, b = placed[0], placed[-1]
+    return a[:4] if a is b else (a[0], a[1], b[2], b[3])
+
+
+def _span(loc: _Loc) -> ir.Span:
+    return ir.Span(loc[0], loc[1], loc[2], loc[3])
+
+
+# ---------------------------------------------------------------- syntax errors
+
+
+class _NodeError(Exception):
+    def __init__(self, diagnostic: Diagnostic):
+        self.diagnostic = diagnostic
+
+
+def _bad_character(text: str, pos: int, loc: _Loc) -> Diagnostic:
+    char = text[pos]
+    shown = char if char.isprintable() else repr(char)
+    hint = None
+    if char == '"':
+        hint = 'strings are written "like this" on one line, or """like this""" over several'
+    return Diagnostic("E100", f"unexpected character `{shown}`",
+                      ir.Span(loc[0], loc[1], loc[0], loc[1] + 1), hint)
+
+
+def _syntax_diagnostic(kind: str, value: str, loc: _Loc | None, expected_terminals: set[str],
+                       text: str) -> Diagnostic:
+    expected = _expected(expected_terminals)
+    if loc is None:  # the end of the input
         lines = text.rstrip().split("\n")
         line, column = len(lines), len(lines[-1]) + 1
-        expected = _expected(exc)
         return Diagnostic(
             "E100",
             "the file ends in the middle of a statement",
             ir.Span(line, column, line, column + 1),
             f"expected {expected}" if expected else None,
         )
-    if isinstance(exc, UnexpectedCharacters):
-        char = text[exc.pos_in_stream] if exc.pos_in_stream < len(text) else "?"
-        shown = char if char.isprintable() else repr(char)
-        hint = None
-        if char == '"':
-            hint = 'strings are written "like this" on one line, or """like this""" over several'
-        return Diagnostic(
-            "E100", f"unexpected character `{shown}`",
-            ir.Span(line, column, line, column + 1), hint,
-        )
-    assert isinstance(exc, UnexpectedToken)
-    token = exc.token
-    value = str(token)
     shown = value.split("\n", 1)[0]  # a message is one line, even for a """ string
     if shown != value or len(shown) > 40:
         shown = shown[:37] + "..."
-    expected = _expected(exc)
     message = f"unexpected `{shown}`"
     hint = f"expected {expected}" if expected else None
-    if token.type in STATEMENT_KEYWORDS and exc.expected and "BRL" in exc.expected:
+    if kind in STATEMENT_KEYWORDS and "BRL" in expected_terminals:
         message = "missing language header"
         hint = "start the file with `brl 1`"
-    elif exc.expected and "BRL" in exc.expected:
+    elif "BRL" in expected_terminals:
         message = f"unexpected `{shown}`: a .brl file starts with the header `brl 1`"
         hint = None
-    elif token.type == "IF":
+    elif kind == "IF":
         hint = "inside a larger expression, put the conditional in parentheses: " \
             "(if c then a else b)"
-    elif token.type == "EQUALS" and exc.expected and "CMP_OP" in exc.expected:
+    elif kind == "EQUALS" and "CMP_OP" in expected_terminals:
         hint = "to compare two values, write `==`"
-    return Diagnostic("E100", message, _span_of(token), hint)
+    return Diagnostic("E100", message, _span(loc), hint)
 
 
-def _expected(exc: UnexpectedInput) -> str:
-    terminals = set(getattr(exc, "expected", None) or ())
+def _expected(expected_terminals: set[str]) -> str:
+    terminals = set(expected_terminals)
     if {"NAME", "INT", "LPAR"} <= terminals:
         terminals -= {"NAME", "INT", "FLOAT", "STRING", "LPAR", "LSQB", "ADD_OP", "NOT", "IF",
                       "SUM", "PROD", "MAX", "MIN", "MEAN", "LOGSUMEXP"}
@@ -236,22 +456,34 @@ def _expected(exc: UnexpectedInput) -> str:
     return others[0] if len(others) == 1 else ", ".join(others[:-1]) + " or " + others[-1]
 
 
-def _span_of(node: Tree | Token) -> ir.Span:
-    if isinstance(node, Token):
-        line = node.line or 1
-        column = node.column or 1
-        end_line = node.end_line or line
-        end_column = node.end_column or column + 1
-        return ir.Span(line, column, end_line, end_column)
-    meta = node.meta
-    if getattr(meta, "empty", True):
-        return ir.Span(1, 1, 1, 2)
-    return ir.Span(meta.line, meta.column, meta.end_line, meta.end_column)
+# ---------------------------------------------------------------- building the IR
+#
+# One function per rule (or alias) of the grammar, called with the rule's children (a token is
+# its text; a repetition is an _Items list), their locations, and the rule's own location.
+
+_Build = Callable[[list, list, _Loc], object]
+_BUILDERS: dict[str, _Build] = {}
 
 
-class _NodeError(Exception):
-    def __init__(self, diagnostic: Diagnostic):
-        self.diagnostic = diagnostic
+def _rule(*names: str) -> Callable[[_Build], _Build]:
+    def register(build: _Build) -> _Build:
+        for name in names:
+            _BUILDERS[name] = build
+        return build
+    return register
+
+
+def _first_item(c: list, locs: list, meta: _Loc) -> _Items:
+    items = _Items([c[-1]])
+    items.locs = [locs[-1]]
+    return items
+
+
+def _repeat(c: list, locs: list, meta: _Loc) -> _Items:
+    items = c[0]
+    items.append(c[-1])
+    items.locs.append(locs[-1])
+    return items
 
 
 _ESCAPES = {"n": "\n", "t": "\t", '"': '"', "\\": "\\"}
@@ -263,340 +495,316 @@ def _unescape(body: str) -> str:
     return _ESCAPE.sub(lambda m: _ESCAPES.get(m.group(1), m.group(1)), body)
 
 
-def _string_value(token: Token) -> str:
-    text = str(token)
+def _string_value(text: str) -> str:
     if text.startswith('"""'):
         return text[3:-3]
     return _unescape(text[1:-1])
 
 
-def _start(child) -> tuple[int, int] | None:
-    if isinstance(child, Token):
-        return (child.line, child.column)
-    span = getattr(child, "span", None)
-    if span is not None:
-        return (span.line, span.column)
-    if isinstance(child, (tuple, list)):
-        for item in child:
-            found = _start(item)
-            if found is not None:
-                return found
-    return None
-
-
-def _end(child) -> tuple[int, int] | None:
-    if isinstance(child, Token):
-        return (child.end_line, child.end_column)
-    span = getattr(child, "span", None)
-    if span is not None:
-        return (span.end_line, span.end_column)
-    if isinstance(child, (tuple, list)):
-        for item in reversed(child):
-            found = _end(item)
-            if found is not None:
-                return found
-    return None
-
-
-class _Meta:
-    """The span of a rule's text, from its first and last child (Lark's propagate_positions
-    doubled the parse time of large files)."""
-
-    __slots__ = ("line", "column", "end_line", "end_column")
-
-    def __init__(self, children: list):
-        start = _start(children[0]) if children else None
-        if start is None:
-            start = _start(children) or (1, 1)
-        end = _end(children[-1]) if children else None
-        if end is None:
-            end = _end(children) or (start[0], start[1] + 1)
-        self.line, self.column = start
-        self.end_line, self.end_column = end
-
-
-def _with_span(method):
-    """Give a rule method its span, and keep every expression at most MAX_DEPTH deep so that
-    later (recursive) stages are safe."""
-
-    def wrapper(self, children):
-        meta = _Meta(children)
-        get = self.depth.get
-        depth = 1
-        for c in children:
-            d = get(id(c), 0)
-            if d >= depth:
-                depth = d + 1
-        if depth > MAX_DEPTH:
-            raise _NodeError(Diagnostic(
-                "E902", f"expression nested more than {MAX_DEPTH} levels deep",
-                _ToIR._span(meta), "split it with `let` definitions, or use `sum {i in I} ...`"))
-        result = method(self, meta, children)
-        self.depth[id(result)] = depth
-        self.keep.append(result)  # ids stay unique while the parse runs
-        return result
-
-    wrapper.__name__ = method.__name__
-    return wrapper
-
-
-class _ToIR(Transformer):
-    """Parse tree -> IR; every node gets the span of the text it came from."""
-
-    def __init__(self) -> None:
-        super().__init__(visit_tokens=False)
-        self.reset()
-
-    def reset(self) -> None:
-        self.depth: dict[int, int] = {}
-        self.keep: list[object] = []
-
-    @staticmethod
-    def _span(meta) -> ir.Span:
-        return ir.Span(meta.line, meta.column, meta.end_line, meta.end_column)
-
-    # ---- program and statements
-    def start(self, meta, children):
-        header, *statements = children
-        return ir.Program(ir.IR_VERSION, header, "", tuple(statements))
-
-    def header(self, meta, children):
-        version = str(children[1])
-        if len(version) > 18:  # not a version; and int() refuses over 4300 digits
-            raise _NodeError(Diagnostic("E102", f"unsupported language version {_short(version)}",
-                                        _span_of(children[1]), "this compiler reads `brl 1`"))
-        return int(version)
-
-    def problem_stmt(self, meta, children):
-        name = children[1]
-        title = _string_value(children[2]) if len(children) > 2 else None
-        return ir.ProblemDecl(self._span(meta), str(name), _span_of(name), title)
-
-    def seed_stmt(self, meta, children):
-        digits = str(children[1])
-        value = int(digits) if len(digits) <= 20 else 2**63
-        if value >= 2**63:
-            raise _NodeError(Diagnostic("E901", "seed is too large", _span_of(children[1]),
-                                        "use a seed below 2^63"))
-        return ir.SeedDecl(self._span(meta), value)
-
-    def param_stmt(self, meta, children):
-        name = children[1]
-        dims = children[2] if len(children) == 4 else ()
-        random, value = children[-1]
-        return ir.ParamDecl(self._span(meta), str(name), _span_of(name), dims, value, random)
-
-    def set_stmt(self, meta, children):
-        name = children[1]
-        return ir.SetDecl(self._span(meta), str(name), _span_of(name), children[3])
-
-    def var_stmt(self, meta, children):
-        name = children[1]
-        dims: tuple = ()
-        value = None
-        random = False
-        lower = upper = None
-        for child in children[2:]:
-            if isinstance(child, tuple) and child and isinstance(child[0], ir.Dim):
-                dims = child
-            elif isinstance(child, tuple) and len(child) == 2 and isinstance(child[0], bool):
-                random, value = child
-            elif isinstance(child, tuple) and len(child) == 3 and child[0] == "bounds":
-                lower, upper = child[1], child[2]
-        return ir.VarDecl(
-            self._span(meta), str(name), _span_of(name), dims, value, random, lower, upper
-        )
-
-    def let_stmt(self, meta, children):
-        name = children[1]
-        dims = children[2] if len(children) == 5 else ()
-        return ir.LetDecl(self._span(meta), str(name), _span_of(name), dims, children[-1])
-
-    def mdp_generator(self, meta, children):
-        name, kind = children[1], children[3]
-        args, keywords = self._split_arguments(children[5] if len(children) == 7 else [])
-        return ir.MdpDecl(self._span(meta), str(name), _span_of(name), str(kind), _span_of(kind),
-                          False, args, keywords, ())
-
-    def mdp_block(self, meta, children):
-        name, kind = children[1], children[3]
-        items = tuple(c for c in children[5:-1])
-        return ir.MdpDecl(self._span(meta), str(name), _span_of(name), str(kind), _span_of(kind),
-                          True, (), (), items)
-
-    def lower_stmt(self, meta, children):
-        mdp = children[1]
-        items = tuple(children[3:-1])
-        return ir.LowerDecl(self._span(meta), str(mdp), _span_of(mdp), items)
-
-    def upper_stmt(self, meta, children):
-        sense, objective = children[1], children[2]
-        features = ir.objective_features(objective)
-        return ir.UpperDecl(self._span(meta), sense, objective, ir.objective_form(features),
-                            features)
-
-    def sense(self, children):
-        return str(children[0])
-
-    def solve_stmt(self, meta, children):
-        solver = children[1]
-        options: tuple = ()
-        device = device_span = None
-        rest = children[2:]
-        if rest and isinstance(rest[0], Token) and rest[0].type == "LPAR":
-            if len(rest) > 2 and isinstance(rest[1], list):
-                args, options = self._split_arguments(rest[1])
-                if args:
-                    raise _NodeError(Diagnostic(
-                        "E100", "solver options are written `name = value`", args[0].span,
-                        "for example: solve m_sobirl(outer = 500, beta = 0.05)"))
-            rest = rest[3:] if len(rest) > 2 and isinstance(rest[1], list) else rest[2:]
-        if rest:
-            device, device_span = str(rest[1]), _span_of(rest[1])
-        return ir.SolveDecl(self._span(meta), str(solver), _span_of(solver), options, device,
-                            device_span)
-
-    def check_stmt(self, meta, children):
-        message = _string_value(children[3]) if len(children) == 4 else None
-        return ir.CheckDecl(self._span(meta), children[1], message)
-
-    def assign(self, meta, children):
-        return (False, children[1])
-
-    def draw(self, meta, children):
-        return (True, children[1])
-
-    def bounds(self, meta, children):
-        return ("bounds", children[2], children[4])
-
-    def dims(self, meta, children):
-        return tuple(c for c in children if isinstance(c, ir.Dim))
-
-    def named_dim(self, meta, children):
-        return ir.Dim(self._span(meta), str(children[0]), children[2])
-
-    def plain_dim(self, meta, children):
-        return ir.Dim(self._span(meta), None, children[0])
-
-    def item(self, meta, children):
-        key = children[0]
-        indices = children[1] if len(children) == 4 else ()
-        return ir.Item(self._span(meta), str(key), _span_of(key), indices, children[-1])
-
-    def item_indices(self, meta, children):
-        return tuple(ir.Name(_span_of(t), str(t)) for t in children if t.type == "NAME")
-
-    def members(self, meta, children):
-        return ir.Members(self._span(meta), tuple(c for c in children if isinstance(c, ir.Member)))
-
-    def member(self, children):
-        return ir.Member(_span_of(children[0]), str(children[0]))
-
-    # ---- arguments
-    def arguments(self, meta, children):
-        return [c for c in children if not isinstance(c, Token)]
-
-    def keyword(self, meta, children):
-        return ir.Keyword(self._span(meta), str(children[0]), children[2])
-
-    def _split_arguments(self, arguments):
-        args = tuple(a for a in arguments if not isinstance(a, ir.Keyword))
-        keywords = tuple(a for a in arguments if isinstance(a, ir.Keyword))
-        seen: set[str] = set()
-        for kw in keywords:
-            if kw.name in seen:
-                raise _NodeError(Diagnostic("E202", f"argument `{kw.name}` is given twice",
-                                            kw.span))
-            seen.add(kw.name)
-        return args, keywords
-
-    # ---- expressions
-    def conditional(self, meta, children):
-        return ir.Conditional(self._span(meta), children[1], children[3], children[5])
-
-    def logical(self, meta, children):
-        return ir.Binary(self._span(meta), str(children[1]), children[0], children[2])
-
-    def unary(self, meta, children):
-        return ir.Unary(self._span(meta), str(children[0]), children[1])
-
-    def comparison(self, meta, children):
-        return ir.Binary(self._span(meta), str(children[1]), children[0], children[2])
-
-    def binary(self, meta, children):
-        return ir.Binary(self._span(meta), str(children[1]), children[0], children[2])
-
-    def range(self, meta, children):
-        return ir.Range(self._span(meta), children[0], children[2])
-
-    def reduction(self, meta, children):
-        op = str(children[0])
-        binders = tuple(c for c in children if isinstance(c, ir.Binder))
-        where = None
-        for i, child in enumerate(children):
-            if isinstance(child, Token) and child.type == "COLON":
-                where = children[i + 1]
-        return ir.Reduction(self._span(meta), op, binders, where, children[-1])
-
-    def reducer(self, children):
-        return children[0]  # the token (a str): its position starts the reduction's span
-
-    def binder(self, meta, children):
-        return ir.Binder(self._span(meta), str(children[0]), children[2])
-
-    def index(self, meta, children):
-        args, keywords = self._split_arguments(children[2])
-        if keywords:
-            raise _NodeError(Diagnostic("E100", "an index cannot be a keyword argument",
-                                        keywords[0].span))
-        return ir.Index(self._span(meta), children[0], args)
-
-    def attribute(self, meta, children):
-        return ir.Attribute(self._span(meta), children[0], str(children[2]))
-
-    def call(self, meta, children):
-        function = str(children[0])
-        arguments = children[2] if len(children) == 4 else []
-        args, keywords = self._split_arguments(arguments)
-        return ir.Call(self._span(meta), function, args, keywords)
-
-    def integer(self, children):
-        token = children[0]
-        value = float(int(str(token))) if len(str(token)) < 309 else math.inf
-        return self._number(token, value, True)
-
-    def real(self, children):
-        return self._number(children[0], float(str(children[0])), False)
-
-    def _number(self, token: Token, value: float, is_integer: bool) -> ir.Number:
-        if not math.isfinite(value):
-            raise _NodeError(Diagnostic(
-                "E901", f"the number `{_short(str(token))}` is too large to represent",
-                _span_of(token), "numbers must be below about 1.8e308; use `inf` for infinity"))
-        return ir.Number(_span_of(token), value, is_integer)
-
-    def string(self, children):
-        return ir.String(_span_of(children[0]), _string_value(children[0]))
-
-    def name(self, children):
-        return ir.Name(_span_of(children[0]), str(children[0]))
-
-    def parens(self, meta, children):
-        return children[1]
-
-    def array(self, meta, children):
-        args, keywords = self._split_arguments(children[1])
-        if keywords:
-            raise _NodeError(Diagnostic("E100", "an array literal cannot hold `name = value`",
-                                        keywords[0].span))
-        return ir.ArrayLiteral(self._span(meta), args)
-
-
-_LEAVES = {"integer", "real", "string", "name", "member", "sense", "reducer", "reset"}
-for _name, _method in list(vars(_ToIR).items()):
-    if not _name.startswith("_") and _name not in _LEAVES and callable(_method):
-        setattr(_ToIR, _name, _with_span(_method))
-
-
 def _short(text: str) -> str:
     return text if len(text) <= 30 else text[:27] + "..."
+
+
+# ---- program and statements
+
+
+@_rule("start")
+def _start(c, locs, meta):
+    statements = tuple(c[1]) if len(c) > 1 else ()
+    return ir.Program(ir.IR_VERSION, c[0], "", statements)
+
+
+@_rule("header")
+def _header(c, locs, meta):
+    version = c[1]
+    if len(version) > 18:  # not a version; and int() refuses over 4300 digits
+        raise _NodeError(Diagnostic("E102", f"unsupported language version {_short(version)}",
+                                    _span(locs[1]), "this compiler reads `brl 1`"))
+    return int(version)
+
+
+@_rule("problem_stmt")
+def _problem(c, locs, meta):
+    title = _string_value(c[2]) if len(c) > 2 else None
+    return ir.ProblemDecl(_span(meta), c[1], _span(locs[1]), title)
+
+
+@_rule("seed_stmt")
+def _seed(c, locs, meta):
+    digits = c[1]
+    value = int(digits) if len(digits) <= 20 else 2**63
+    if value >= 2**63:
+        raise _NodeError(Diagnostic("E901", "seed is too large", _span(locs[1]),
+                                    "use a seed below 2^63"))
+    return ir.SeedDecl(_span(meta), value)
+
+
+@_rule("param_stmt")
+def _param(c, locs, meta):
+    dims = c[2] if len(c) == 4 else ()
+    random, value = c[-1]
+    return ir.ParamDecl(_span(meta), c[1], _span(locs[1]), dims, value, random)
+
+
+@_rule("set_stmt")
+def _set(c, locs, meta):
+    return ir.SetDecl(_span(meta), c[1], _span(locs[1]), c[3])
+
+
+@_rule("var_stmt")
+def _var(c, locs, meta):
+    dims: tuple = ()
+    value = None
+    random = False
+    lower = upper = None
+    for child in c[2:]:
+        if child[0] == "bounds":
+            lower, upper = child[1], child[2]
+        elif isinstance(child[0], bool):
+            random, value = child
+        else:
+            dims = child
+    return ir.VarDecl(_span(meta), c[1], _span(locs[1]), dims, value, random, lower, upper)
+
+
+@_rule("let_stmt")
+def _let(c, locs, meta):
+    dims = c[2] if len(c) == 5 else ()
+    return ir.LetDecl(_span(meta), c[1], _span(locs[1]), dims, c[-1])
+
+
+@_rule("mdp_generator")
+def _mdp_generator(c, locs, meta):
+    args, keywords = _split_arguments(c[5] if len(c) == 7 else [])
+    return ir.MdpDecl(_span(meta), c[1], _span(locs[1]), c[3], _span(locs[3]), False, args,
+                      keywords, ())
+
+
+@_rule("mdp_block")
+def _mdp_block(c, locs, meta):
+    items = tuple(c[5]) if len(c) == 7 else ()
+    return ir.MdpDecl(_span(meta), c[1], _span(locs[1]), c[3], _span(locs[3]), True, (), (),
+                      items)
+
+
+@_rule("lower_stmt")
+def _lower(c, locs, meta):
+    items = tuple(c[3]) if len(c) == 5 else ()
+    return ir.LowerDecl(_span(meta), c[1], _span(locs[1]), items)
+
+
+@_rule("upper_stmt")
+def _upper(c, locs, meta):
+    objective = c[2]
+    features = ir.objective_features(objective)
+    return ir.UpperDecl(_span(meta), c[1], objective, ir.objective_form(features), features)
+
+
+@_rule("sense", "reducer")
+def _token_text(c, locs, meta):
+    return c[0]
+
+
+@_rule("solve_stmt")
+def _solve(c, locs, meta):
+    # SOLVE NAME (LPAR arguments? RPAR)? (ON NAME)?
+    options: tuple = ()
+    device = device_span = None
+    at = 2
+    if at < len(c) and c[at] == "(":
+        if isinstance(c[at + 1], list):
+            args, options = _split_arguments(c[at + 1])
+            if args:
+                raise _NodeError(Diagnostic(
+                    "E100", "solver options are written `name = value`", args[0].span,
+                    "for example: solve m_sobirl(outer = 500, beta = 0.05)"))
+            at += 1
+        at += 2
+    if at < len(c):
+        device, device_span = c[at + 1], _span(locs[at + 1])
+    return ir.SolveDecl(_span(meta), c[1], _span(locs[1]), options, device, device_span)
+
+
+@_rule("check_stmt")
+def _check(c, locs, meta):
+    message = _string_value(c[3]) if len(c) == 4 else None
+    return ir.CheckDecl(_span(meta), c[1], message)
+
+
+@_rule("assign")
+def _assign(c, locs, meta):
+    return (False, c[1])
+
+
+@_rule("draw")
+def _draw(c, locs, meta):
+    return (True, c[1])
+
+
+@_rule("bounds")
+def _bounds(c, locs, meta):
+    return ("bounds", c[2], c[4])
+
+
+@_rule("dims")
+def _dims(c, locs, meta):
+    return (c[1], *c[2]) if len(c) == 4 else (c[1],)
+
+
+@_rule("named_dim")
+def _named_dim(c, locs, meta):
+    return ir.Dim(_span(meta), c[0], c[2])
+
+
+@_rule("plain_dim")
+def _plain_dim(c, locs, meta):
+    return ir.Dim(_span(meta), None, c[0])
+
+
+@_rule("item")
+def _item(c, locs, meta):
+    indices = c[1] if len(c) == 4 else ()
+    return ir.Item(_span(meta), c[0], _span(locs[0]), indices, c[-1])
+
+
+@_rule("item_indices")
+def _item_indices(c, locs, meta):
+    names = [ir.Name(_span(locs[1]), c[1])]
+    if len(c) == 4:
+        names += [ir.Name(_span(loc), name) for name, loc in zip(c[2], c[2].locs)]
+    return tuple(names)
+
+
+@_rule("members")
+def _members(c, locs, meta):
+    members = (c[1], *c[2]) if len(c) == 4 else (c[1],)
+    return ir.Members(_span(meta), members)
+
+
+@_rule("member")
+def _member(c, locs, meta):
+    return ir.Member(_span(meta), c[0])
+
+
+# ---- arguments
+
+
+@_rule("arguments")
+def _arguments(c, locs, meta):
+    return [c[0], *c[1]] if len(c) == 2 else [c[0]]
+
+
+@_rule("keyword")
+def _keyword(c, locs, meta):
+    return ir.Keyword(_span(meta), c[0], c[2])
+
+
+def _split_arguments(arguments: list) -> tuple[tuple, tuple]:
+    args = tuple(a for a in arguments if not isinstance(a, ir.Keyword))
+    keywords = tuple(a for a in arguments if isinstance(a, ir.Keyword))
+    seen: set[str] = set()
+    for kw in keywords:
+        if kw.name in seen:
+            raise _NodeError(Diagnostic("E202", f"argument `{kw.name}` is given twice", kw.span))
+        seen.add(kw.name)
+    return args, keywords
+
+
+# ---- expressions
+
+
+@_rule("conditional")
+def _conditional(c, locs, meta):
+    return ir.Conditional(_span(meta), c[1], c[3], c[5])
+
+
+@_rule("binary", "logical", "comparison")
+def _binary(c, locs, meta):
+    return ir.Binary(_span(meta), c[1], c[0], c[2])
+
+
+@_rule("unary")
+def _unary(c, locs, meta):
+    return ir.Unary(_span(meta), c[0], c[1])
+
+
+@_rule("range")
+def _range(c, locs, meta):
+    return ir.Range(_span(meta), c[0], c[2])
+
+
+@_rule("reduction")
+def _reduction(c, locs, meta):
+    # reducer LBRACE binder (COMMA binder)* (COLON expr)? RBRACE body: 5 to 8 children
+    binders = (c[2], *c[3]) if len(c) in (6, 8) else (c[2],)
+    where = c[-3] if len(c) in (7, 8) else None
+    return ir.Reduction(_span(meta), c[0], binders, where, c[-1])
+
+
+@_rule("binder")
+def _binder(c, locs, meta):
+    return ir.Binder(_span(meta), c[0], c[2])
+
+
+@_rule("index")
+def _index(c, locs, meta):
+    args, keywords = _split_arguments(c[2])
+    if keywords:
+        raise _NodeError(Diagnostic("E100", "an index cannot be a keyword argument",
+                                    keywords[0].span))
+    return ir.Index(_span(meta), c[0], args)
+
+
+@_rule("attribute")
+def _attribute(c, locs, meta):
+    return ir.Attribute(_span(meta), c[0], c[2])
+
+
+@_rule("call")
+def _call(c, locs, meta):
+    args, keywords = _split_arguments(c[2] if len(c) == 4 else [])
+    return ir.Call(_span(meta), c[0], args, keywords)
+
+
+@_rule("integer")
+def _integer(c, locs, meta):
+    digits = c[0]
+    value = float(int(digits)) if len(digits) < 309 else math.inf
+    return _number(digits, meta, value, True)
+
+
+@_rule("real")
+def _real(c, locs, meta):
+    return _number(c[0], meta, float(c[0]), False)
+
+
+def _number(text: str, loc: _Loc, value: float, is_integer: bool) -> ir.Number:
+    if not math.isfinite(value):
+        raise _NodeError(Diagnostic(
+            "E901", f"the number `{_short(text)}` is too large to represent",
+            _span(loc), "numbers must be below about 1.8e308; use `inf` for infinity"))
+    return ir.Number(_span(loc), value, is_integer)
+
+
+@_rule("string")
+def _string(c, locs, meta):
+    return ir.String(_span(meta), _string_value(c[0]))
+
+
+@_rule("name")
+def _name(c, locs, meta):
+    return ir.Name(_span(meta), c[0])
+
+
+@_rule("parens")
+def _parens(c, locs, meta):
+    return c[1]
+
+
+@_rule("array")
+def _array(c, locs, meta):
+    args, keywords = _split_arguments(c[1])
+    if keywords:
+        raise _NodeError(Diagnostic("E100", "an array literal cannot hold `name = value`",
+                                    keywords[0].span))
+    return ir.ArrayLiteral(_span(meta), args)

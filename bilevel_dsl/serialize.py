@@ -5,11 +5,21 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import sys
 import types
 import typing
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from . import ir
+from .parser import MAX_CHAIN, MAX_DEPTH
+
+# An expression chain (`a1 + ... + an`) is a tree as deep as it is long, and its JSON nests as
+# deep: writing and reading it takes a few Python frames per level, more than the default
+# recursion limit of 1,000 allows for the longest chains the parser accepts.
+_FRAMES = 4 * (MAX_CHAIN + MAX_DEPTH + 100)
 
 _NODES: dict[str, type] = {
     cls.__name__: cls
@@ -36,11 +46,76 @@ def to_dict(node: Any) -> Any:
     return node
 
 
+@contextmanager
+def _frames() -> Iterator[None]:
+    """Room for _FRAMES more Python frames while the block runs (a C stack of the default
+    8 MiB holds them; a deeper document is refused with a RecursionError, not a crash)."""
+    limit = sys.getrecursionlimit()
+    sys.setrecursionlimit(limit + _FRAMES)
+    try:
+        yield
+    finally:
+        sys.setrecursionlimit(limit)
+
+
 def to_json(program: ir.Program, indent: int | None = 2) -> str:
-    return json.dumps(to_dict(program), indent=indent, allow_nan=False)
+    with _frames():
+        data = to_dict(program)
+        if indent is None:
+            return json.dumps(data, allow_nan=False)
+        return _indented(data, indent)
+
+
+def _indented(data: Any, indent: int) -> str:
+    """``json.dumps(data, indent=indent, allow_nan=False)``, in one pass over a stack: the
+    standard encoder nests a generator per level, which makes a long chain's JSON quadratic."""
+    out: list[str] = []
+    stack: list[Any] = [(data, 0)]  # (value, depth) to write, or text to copy
+    while stack:
+        item = stack.pop()
+        if type(item) is str:
+            out.append(item)
+            continue
+        value, depth = item
+        if type(value) is dict or type(value) is list:
+            is_dict = type(value) is dict
+            if not value:
+                out.append("{}" if is_dict else "[]")
+                continue
+            out.append("{" if is_dict else "[")
+            pad = "\n" + " " * (indent * (depth + 1))
+            stack.append("\n" + " " * (indent * depth) + ("}" if is_dict else "]"))
+            entries = list(value.items()) if is_dict else list(enumerate(value))
+            for n, (key, child) in enumerate(reversed(entries)):
+                stack.append((child, depth + 1))
+                label = f"{_encode_string(key)}: " if is_dict else ""
+                stack.append(("," if n < len(entries) - 1 else "") + pad + label)
+        else:
+            out.append(_leaf(value))
+    return "".join(out)
+
+
+_encode_string = json.encoder.encode_basestring_ascii
+
+
+def _leaf(value: Any) -> str:
+    if value is None:
+        return "null"
+    if value is True or value is False:
+        return "true" if value else "false"
+    if type(value) is str:
+        return _encode_string(value)
+    if type(value) is float and not math.isfinite(value):
+        raise ValueError(f"Out of range float values are not JSON compliant: {value!r}")
+    return repr(value)
 
 
 def from_json(text: str) -> ir.Program:
+    with _frames():
+        return _from_json(text)
+
+
+def _from_json(text: str) -> ir.Program:
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:

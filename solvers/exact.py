@@ -76,12 +76,14 @@ SPEC = SolverSpec(
             "solved to tolerance): the reference for other solvers",
     capabilities=MODEL_BASED,
     options=(
-        Option("outer", int, 500, "gradient steps"),
-        Option("beta", float, 0.05, "step size on x"),
+        Option("outer", int, 500, "gradient steps", valid="[1, inf)"),
+        Option("beta", float, 0.05, "step size on x", valid="[0, inf)"),
         Option("tol", float, 0.0, "stop when ||x - project(x - beta grad)|| / beta (||grad|| "
-               "without bounds) is below this (0: off)"),
-        Option("time_limit", float, 0.0, "stop after this many seconds (0: off)"),
-        Option("inner_tol", float, 1e-10, "sup-norm accuracy of the lower-level soft values"),
+               "without bounds) is below this (0: off)", valid="[0, inf)"),
+        Option("time_limit", float, 0.0, "stop after this many seconds (0: off)",
+               valid="[0, inf)"),
+        Option("inner_tol", float, 1e-10, "sup-norm accuracy of the lower-level soft values",
+               valid="(0, inf)"),
         Option("adjoint_method", str, "auto", "linear solver for the adjoint: direct (dense LU) "
                "or krylov (GMRES); auto picks direct for small state spaces",
                choices=("auto", "direct", "krylov")),

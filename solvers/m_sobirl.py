@@ -148,20 +148,23 @@ SPEC = SolverSpec(
     summary="M-SoBiRL (Algorithm 2): single-loop model-based hyper-gradient descent",
     capabilities=MODEL_BASED,
     options=(
-        Option("outer", int, 500, "outer iterations K"),
-        Option("inner", int, 10, "soft Bellman steps N per outer iteration"),
-        Option("beta", float, 0.05, "step size on x"),
-        Option("zeta", float, 0.5, "step size of the least-squares adjoint update"),
+        Option("outer", int, 500, "outer iterations K", valid="[1, inf)"),
+        Option("inner", int, 10, "soft Bellman steps N per outer iteration", valid="[1, inf)"),
+        Option("beta", float, 0.05, "step size on x", valid="[0, inf)"),
+        Option("zeta", float, 0.5, "step size of the least-squares adjoint update",
+               valid="(0, inf)"),
         Option("adjoint", str, "fixed_point",
                "adjoint update: fixed_point (w <- b + gamma P_pi^T w) or lsq (the paper's "
                "least-squares gradient step)", choices=("fixed_point", "lsq")),
         Option("adjoint_steps", int, 1,
                "adjoint updates per outer iteration, at least 1 (Algorithm 2: 1), one product "
                "with P^T each; with gamma near 1 a single step lets the adjoint, and so h, lag "
-               "(docs/benchmarks.md: 10 steps reach a 10^4-state maze's optimum 4x sooner)"),
+               "(docs/benchmarks.md: 10 steps reach a 10^4-state maze's optimum 4x sooner)",
+               valid="[1, inf)"),
         Option("tol", float, 0.0, "stop when ||x - project(x - beta h)|| / beta (||h|| without "
-               "bounds) is below this (0: off)"),
-        Option("time_limit", float, 0.0, "stop after this many seconds (0: off)"),
+               "bounds) is below this (0: off)", valid="[0, inf)"),
+        Option("time_limit", float, 0.0, "stop after this many seconds (0: off)",
+               valid="[0, inf)"),
         Option("init_w", str, "zeros", "initial adjoint: zeros, or normal (N(0, I) seeded "
                "from the problem's seed, as in the paper's synthetic run)",
                choices=("zeros", "normal")),
@@ -169,7 +172,8 @@ SPEC = SolverSpec(
                "pi_{k+1} after the inner loop: softmax (softmax(Q / tau), a distribution) or "
                "paper (exp((Q - V) / tau), unnormalised while V lags; equal at convergence)",
                choices=("softmax", "paper")),
-        Option("log_every", int, 1, "record the history every this many iterations"),
+        Option("log_every", int, 1, "record the history every this many iterations",
+               valid="[1, inf)"),
     ),
     run=run,
 )

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import difflib
 import importlib
+import math
+import re
 import textwrap
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -25,7 +27,8 @@ from .result import Monitor, SolveResult
 if TYPE_CHECKING:
     from bilevel_dsl.instance import TabularProblem
 
-AUTO_ORDER: tuple[str, ...] = ("m_sobirl", "exact", "sobirl", "stoc_sobirl", "drlhf")
+AUTO_ORDER: tuple[str, ...] = ("m_sobirl", "exact", "sobirl", "stoc_sobirl", "drlhf", "sobirl_sac",
+                               "drlhf_sac", "sac_true")
 OPTION_TYPES: tuple[type, ...] = (int, float, str, bool)
 _TYPE_WORDS = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
 _TRUE = frozenset({"true", "yes", "on", "1"})
@@ -49,23 +52,89 @@ class NoCapableSolverError(SolverError):
 
 
 class OptionError(SolverError):
-    """A solver option is unknown or has a value of the wrong type."""
+    """A solver option is unknown, has a value of the wrong type, or one out of its range."""
+
+
+class OptionRangeError(OptionError):
+    """A numeric solver option's value lies outside the option's valid range."""
+
+    def __init__(self, option: Option, value: Any) -> None:
+        valid = option.valid
+        assert isinstance(valid, Interval)
+        shown = f"{value:g}" if isinstance(value, float) else _show(value)
+        super().__init__(f"option `{option.name}` must be {valid.describe()}, got {shown}")
+        self.hint = f"`{option.name}` takes {_TYPE_WORDS[option.type]} in {valid}"
+
+
+_INTERVAL = re.compile(r"\s*([\[(])\s*([^,\s]+)\s*,\s*([^\])\s]+)\s*([\])])\s*")
+
+
+@dataclass(frozen=True)
+class Interval:
+    """The valid values of a numeric option, in interval notation: ``[1, inf)``, ``(0, 1]``."""
+
+    low: float
+    high: float
+    low_closed: bool
+    high_closed: bool
+
+    @classmethod
+    def parse(cls, text: str) -> Interval:
+        """``[a, b]``, ``(a, b)``, ``[a, b)`` or ``(a, b]``; ``inf`` and ``-inf`` for no end."""
+        match = _INTERVAL.fullmatch(text)
+        try:
+            if match is None:
+                raise ValueError
+            low, high = float(match[2]), float(match[3])
+            if not low <= high:
+                raise ValueError
+        except ValueError:
+            message = f"not an interval: {text!r} (write it like [1, inf) or (0, 1])"
+            raise ValueError(message) from None
+        return cls(low, high, match[1] == "[", match[4] == "]")
+
+    def __contains__(self, value: float) -> bool:
+        above = value >= self.low if self.low_closed else value > self.low
+        below = value <= self.high if self.high_closed else value < self.high
+        return above and below  # NaN is in no interval
+
+    def __str__(self) -> str:
+        return (f"{'[' if self.low_closed else '('}{self.low:g}, "
+                f"{self.high:g}{']' if self.high_closed else ')'}")
+
+    def describe(self) -> str:
+        """The interval in words, for an error message: "at least 1", "in (0, 1]"."""
+        if self.high == math.inf:
+            return f"at least {self.low:g}" if self.low_closed else f"greater than {self.low:g}"
+        if self.low == -math.inf:
+            return f"at most {self.high:g}" if self.high_closed else f"less than {self.high:g}"
+        return f"in {self}"
 
 
 @dataclass(frozen=True)
 class Option:
-    """One solver option; ``default=None`` makes it optional (``none`` is then a valid value)."""
+    """One solver option; ``default=None`` makes it optional (``none`` is then a valid value).
+
+    ``valid`` is the range of a numeric option, as an ``Interval`` or its notation
+    (``"[1, inf)"``): a value outside it is an error where the user wrote it, not a failure deep
+    inside the solver.
+    """
 
     name: str
     type: type
     default: Any
     doc: str
     choices: tuple | None = None
+    valid: Interval | str | None = None
 
     def __post_init__(self) -> None:
         # Fail where the solver is written, not when a user first runs it.
         if self.type not in OPTION_TYPES:
             raise TypeError(f"option {self.name!r}: type must be one of int, float, str, bool")
+        if isinstance(self.valid, str):
+            object.__setattr__(self, "valid", Interval.parse(self.valid))
+        if self.valid is not None and self.type not in (int, float):
+            raise TypeError(f"option {self.name!r}: only a number has a valid range")
         if self.default is not None:
             _check_type(self, self.default)
 
@@ -104,8 +173,9 @@ class ProblemFeatures:
 
     @classmethod
     def of(cls, problem: TabularProblem) -> ProblemFeatures:
-        """The demands of a lowered tabular problem."""
-        return cls("tabular", problem.form, frozenset(problem.features), problem.device.type)
+        """The demands of a lowered problem (tabular, or deep with ``environment``)."""
+        return cls(getattr(problem, "environment", "tabular"), problem.form,
+                   frozenset(problem.features), problem.device.type)
 
 
 @dataclass(frozen=True)
@@ -288,12 +358,13 @@ def describe(spec: SolverSpec) -> str:
     ]
     if not spec.options:
         return "\n".join([*lines, "no options"])
-    rows = [("option", "type", "default", "description")]
+    rows = [("option", "type", "default", "valid", "description")]
     for option in spec.options:
         doc = option.doc
         if option.choices:
             doc += f" (one of: {', '.join(map(str, option.choices))})"
-        rows.append((option.name, option.type.__name__, _show(option.default), _wrap(doc, 60)))
+        rows.append((option.name, option.type.__name__, _show(option.default),
+                     str(option.valid or "-"), _wrap(doc, 56)))
     return "\n".join([*lines, "options (set with --set name=value):", _table(rows)])
 
 
@@ -315,6 +386,8 @@ def _check_type(option: Option, value: Any) -> Any:
             f"option `{option.name}` must be one of {', '.join(map(_show, option.choices))}; "
             f"got {_show(value)}{_did_you_mean(str(value), map(str, option.choices))}"
         )
+    if isinstance(option.valid, Interval) and value not in option.valid:
+        raise OptionRangeError(option, value)
     return value
 
 

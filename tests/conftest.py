@@ -9,6 +9,11 @@ import torch
 
 from bilevel_dsl import BrlError, compile_source
 
+# One torch thread: the tests' tensors are small, and with two threads a test waits for a
+# descheduled thread whenever another process holds a core (one m_sobirl test ran 1 s alone and
+# over 70 s on a busy machine).
+torch.set_num_threads(1)
+
 ROOT = Path(__file__).resolve().parent.parent
 PROBLEMS = sorted((ROOT / "problems").glob("*.brl"))
 DOCS = sorted((ROOT / "docs").glob("*.md"))

@@ -137,6 +137,49 @@ def test_check_validates_solver_options(tmp_path, capsys):
     assert code == 1 and "error[E802]" in err and "did you mean `outer`?" in err
 
 
+def test_check_reports_solver_options_out_of_range(tmp_path, capsys):
+    path = tmp_path / "p.brl"
+    path.write_text("brl 1\nmdp M = random_mdp(states = 3, actions = 2)\nvar x[M.S, M.A]\n"
+                    "lower M { temperature = 1  reward[s, a] = x[s, a] }\n"
+                    "upper minimize norm2(x)\nsolve m_sobirl(outer = 0, beta = 0.1)\n")
+    code, _, err = run(["check", str(path)], capsys)
+    assert code == 1
+    assert err.split("\n")[:4] == [
+        f"{path}:6:24: error[E805]: option `outer` must be at least 1, got 0",
+        "6 | solve m_sobirl(outer = 0, beta = 0.1)",
+        "  |                        ^",
+        "  = hint: `outer` takes an integer in [1, inf)",
+    ]
+
+
+SOLVABLE = ("brl 1\nmdp M = random_mdp(states = 3, actions = 2)\nvar x[M.S, M.A] = 0\n"
+            "lower M { temperature = 1  reward[s, a] = x[s, a] }\n"
+            "upper minimize norm2(x) - value(M, policy)\nsolve m_sobirl(outer = 2)\n")
+
+
+@pytest.mark.parametrize(("setting", "message"), [
+    ("outer=-5", "error: --set outer=-5: option `outer` must be at least 1, got -5"),
+    ("zeta=0", "error: --set zeta=0: option `zeta` must be greater than 0, got 0"),
+    ("outer=many", "error: --set outer=many: option `outer` expects an integer, got `many`"),
+])
+def test_solve_set_out_of_range_is_one_line(setting: str, message: str, tmp_path, capsys):
+    path = tmp_path / "p.brl"
+    path.write_text(SOLVABLE)
+    out = tmp_path / "run"
+    code, _, err = run(["solve", str(path), "--quiet", "--out", str(out), "--set", setting],
+                       capsys)
+    assert code == 1 and err == message + "\n"
+    assert not out.exists()
+
+
+def test_solve_set_at_the_end_of_a_range_runs(tmp_path, capsys):
+    path = tmp_path / "p.brl"
+    path.write_text(SOLVABLE)
+    code, _, err = run(["solve", str(path), "--quiet", "--out", str(tmp_path / "run"),
+                        "--set", "outer=1", "--set", "tol=0"], capsys)
+    assert code == 0, err
+
+
 # ------------------------------------------------------------------ compile and solve
 
 

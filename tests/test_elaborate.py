@@ -440,6 +440,22 @@ def test_solve_options_are_validated_with_a_catalog():
     assert first(base + "solve exact on tpu").code == "E305"
 
 
+def test_solve_options_out_of_range_point_at_the_value():
+    from bilevel_dsl.cli import solver_catalog
+
+    base = FOLLOWER + "upper minimize norm2(x)\n"
+    found = diagnostics(base + "solve exact(outer = 2 - 3, inner_tol = 0, beta = -(1))",
+                        solver_catalog=solver_catalog)
+    assert [(d.code, d.span.column, d.span.end_column) for d in found] == [
+        ("E805", 21, 26), ("E805", 40, 41), ("E805", 50, 53)]
+    assert found[1].message == "option `inner_tol` must be greater than 0, got 0"
+    assert found[1].hint == "`inner_tol` takes a number in (0, inf)"
+    # the ends of the ranges: x held still, no tolerance, one step
+    checked = compile_ok(base + "solve m_sobirl(outer = 1, beta = 0, tol = 0, time_limit = 0)",
+                         solver_catalog=solver_catalog)
+    assert checked.solve.options == {"outer": 1, "beta": 0, "tol": 0, "time_limit": 0}
+
+
 def test_reward_is_differentiable_through_lets():
     checked = compile_ok(FOLLOWER.replace("x[s, a] }", "bonus[s, a] }").replace(
         "lower M", "let bonus[s in M.S, a in M.A] = 2 * x[s, a]^2\nlower M"))

@@ -3,23 +3,28 @@
 from __future__ import annotations
 
 import json
+import sys
 
 import jsonschema
 import pytest
+import torch
 from conftest import DOCS, PROBLEMS, brl_blocks
 
 from bilevel_dsl import (
     IRFormatError,
     compile_file,
+    compile_source,
     from_json,
     ir,
     json_schema,
+    lower,
     parse_file,
     parse_source,
     to_json,
 )
 from bilevel_dsl.cli import main
 from bilevel_dsl.diagnostics import SourceFile
+from bilevel_dsl.parser import MAX_CHAIN
 
 
 def doc_programs() -> list[tuple[str, ir.Program]]:
@@ -180,6 +185,49 @@ def test_deep_expressions_round_trip():
         text = "brl 1\nparam a = " + "-" * depth + "1"
         program = parse_source(SourceFile("deep.brl", text))
         assert from_json(to_json(program)) == program
+
+
+@pytest.mark.parametrize("terms", [1000, MAX_CHAIN + 1])
+def test_long_chains_compile_round_trip_and_evaluate(terms: int):
+    """A chain `a + a + ... + a` is a tree as deep as it is long: every stage takes it."""
+    limit = sys.getrecursionlimit()
+    text = ("brl 1\nparam a = 2\nvar x = 1\nmdp M = random_mdp(states = 2, actions = 2)\n"
+            "lower M { temperature = 1  reward[s, a] = x }\n"
+            f"param p = {' + '.join(['a'] * terms)}\n"
+            f"upper minimize {' - '.join(['x * x'] * (terms - 1))} + value(M, policy, M.R)\n"
+            f"check {' and '.join(['a > 1'] * terms)}\n")
+    checked = compile_source(text, "chain.brl")
+    assert float(checked.names["p"].t) == 2 * terms
+    assert checked.checks == 1
+    # indented, the JSON of a chain n deep holds about n^2 spaces: the longest go compact
+    indent = 2 if terms <= 1000 else None
+    document = to_json(checked.program, indent=indent)
+    again = from_json(document)
+    assert to_json(again, indent=indent) == document
+    assert sys.getrecursionlimit() == limit  # restored
+    problem = lower(checked)
+    pi = torch.full((2, 2), 0.5, dtype=torch.float64)
+    at = {x: problem.objective(torch.tensor(x, dtype=torch.float64), pi) for x in (0.0, 3.0)}
+    assert float(at[3.0] - at[0.0]) == pytest.approx((3 - terms) * 9.0)  # x*x - x*x - ...
+    sys.setrecursionlimit(limit + 20_000)  # dataclass equality recurses through the chain
+    try:
+        assert again == checked.program
+    finally:
+        sys.setrecursionlimit(limit)
+
+
+def test_a_long_constant_chain_is_cached_by_the_lowered_objective():
+    # `a + ... + a` does not move with x or the policy: the lowered closure computes it once
+    terms = 2000
+    checked = compile_source(
+        "brl 1\nparam a = 2\nvar x = 1\nmdp M = random_mdp(states = 2, actions = 2)\n"
+        "lower M { temperature = 1  reward[s, a] = x }\n"
+        f"upper minimize {' + '.join(['a'] * terms)} + x * x\n", "chain.brl")
+    problem = lower(checked)
+    pi = torch.full((2, 2), 0.5, dtype=torch.float64)
+    for x in (3.0, 1.0, 3.0):
+        value = problem.objective(torch.tensor(x, dtype=torch.float64), pi)
+        assert float(value) == 2 * terms + x * x
 
 
 # ------------------------------------------------------------------ the command line

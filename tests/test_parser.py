@@ -7,13 +7,25 @@ an S-expression) and the numbers the interpreter computes from it.
 from __future__ import annotations
 
 import math
+import random
 
 import pytest
 import torch
-from conftest import codes, compile_ok, diagnostics, param, value
+from conftest import DOCS, PROBLEMS, brl_blocks, codes, compile_ok, diagnostics, param, value
+from lark import Lark
+from lark.exceptions import UnexpectedCharacters, UnexpectedToken
 
 from bilevel_dsl import BrlError, ir, parse_expression, parse_source
 from bilevel_dsl.diagnostics import SourceFile
+from bilevel_dsl.parser import (
+    MAX_CHAIN,
+    _bad_character,
+    _NodeError,
+    _syntax_diagnostic,
+    _tables,
+    decode,
+    grammar_text,
+)
 
 
 def parse(text: str) -> ir.Program:
@@ -505,3 +517,135 @@ def test_expression_spans_cover_their_text(text: str):
     span = node.span
     assert (span.line, span.end_line) == (1, 1)
     assert text[span.column - 1 : span.end_column - 1] == text
+
+
+# ------------------------------------------------------------------ long chains and deep nesting
+
+
+@pytest.mark.parametrize(("op", "term", "expected"), [
+    ("+", "a", 1000.0), ("-", "a", -998.0), ("*", "b", 1.0), ("/", "b", 1.0),
+    ("and", "a", 1.0), ("or", "a", 1.0),
+])
+def test_flat_chains_of_a_thousand_terms_compile(op: str, term: str, expected: float):
+    text = f" {op} ".join([term] * 1000)
+    assert value(text, "param a = 1\nparam b = 1") == expected
+    tree = parse_expression(text)
+    for _ in range(999):  # left-associative: ((a op a) op a) ...
+        assert isinstance(tree, ir.Binary) and tree.op == op and isinstance(tree.right, ir.Name)
+        tree = tree.left
+    assert isinstance(tree, ir.Name)
+
+
+def test_chain_limit_counts_operators():
+    assert value(" + ".join(["1"] * (MAX_CHAIN + 1))) == MAX_CHAIN + 1
+    found = diagnostics("brl 1\nparam p = " + " + ".join(["1"] * (MAX_CHAIN + 2)))
+    assert [d.code for d in found] == ["E902"]
+    assert found[0].message == f"expression chain longer than {MAX_CHAIN:,} operators"
+    assert (found[0].span.line, found[0].span.column) == (2, 11)
+
+
+def test_chain_of_products_and_mixed_operators():
+    assert value(" + ".join(["2 * 3"] * 1500)) == 9000.0
+    assert value(" - ".join(["(1 + 1)"] * 1200)) == -2 * 1198.0
+
+
+def test_parentheses_still_count_as_nesting_inside_a_chain():
+    deep = "(" * 199 + "1" + ")" * 199
+    assert codes(f"brl 1\nparam p = {deep} + 1 + 1") == ["E902"]
+    assert value("(" * 150 + "1" + ")" * 150 + " + 1" * 1000) == 1001.0
+    # a chain nested in parentheses, in a chain: each chain is flat
+    inner = "(" + " + ".join(["1"] * 500) + ")"
+    assert value(" + ".join([inner] * 4)) == 2000.0
+
+
+def test_ten_thousand_parentheses_are_a_located_error():
+    found = diagnostics("brl 1\nparam p = " + "(" * 10_000 + "1" + ")" * 10_000)
+    assert [d.code for d in found] == ["E902"]
+    assert found[0].message == "expression nested more than 200 levels deep"
+    assert found[0].span.line == 2
+
+
+# ------------------------------------------------------------------ byte-order mark
+
+
+def test_a_byte_order_mark_is_ignored_without_shifting_columns():
+    assert compile_ok("\ufeffbrl 1\nparam a = 1\n").names["a"].t == 1
+    found = diagnostics("\ufeffbrl 1 param a = b")
+    assert [(d.code, d.span.line, d.span.column) for d in found] == [("E201", 1, 17)]
+    with pytest.raises(BrlError) as info:
+        parse(" \ufeffbrl 1")  # only a leading mark is one
+    assert info.value.diagnostics[0].message == "unexpected character `'\\ufeff'`"
+    with pytest.raises(BrlError) as info:
+        parse("\ufeffbrl 2")
+    assert info.value.render().split("\n")[:3] == [
+        "test.brl:1:5: error[E102]: unsupported language version 2",
+        "1 | brl 2",
+        "  |     ^",
+    ]
+    assert parse_expression("\ufeff1 + x").span.column == 1
+    # read from a file: the mark is three bytes, and a byte that is not UTF-8 is still located
+    assert decode(b"\xef\xbb\xbfbrl 1\n", "f.brl").text == "brl 1\n"
+    with pytest.raises(BrlError) as info:
+        decode(b"\xef\xbb\xbfbrl 1 \xff", "f.brl")
+    assert info.value.diagnostics[0].span.column == 7
+
+
+# ------------------------------------------------------------------ the driver runs Lark's tables
+
+
+def _lark_outcome(lark, text: str, start: str):
+    """What Lark's own LALR parser says of `text`: None if it parses, else the diagnostic the
+    compiler makes of its syntax error."""
+    try:
+        lark.parse(text, start=start)
+    except UnexpectedCharacters as exc:
+        return _bad_character(text, exc.pos_in_stream, (exc.line, exc.column))
+    except UnexpectedToken as exc:
+        token = exc.token
+        loc = None if token.type == "$END" else (
+            token.line, token.column, token.end_line, token.end_column)
+        return _syntax_diagnostic(token.type, str(token), loc, set(exc.expected), text)
+    return None
+
+
+def _mutants(count: int) -> list[str]:
+    rng = random.Random(2)
+    texts = [p.read_text(encoding="utf-8") for p in PROBLEMS]
+    pieces = ["(", ")", "[", "]", "{", "}", ",", "=", "==", "+", "-", "*", "^", "..", ".", ":",
+              "~", "<", "sum", "if", "then", "else", "not", "and", "in", "param", "x", "1",
+              "2.5e3", '"s"', '"""a\nb"""', "\n", "#c\n", "$", "on", "solve"]
+    out = []
+    for _ in range(count):
+        text = rng.choice(texts)
+        for _ in range(rng.randint(1, 3)):
+            at = rng.randrange(len(text) + 1)
+            if rng.random() < 0.5:
+                text = text[:at] + text[at + rng.randint(1, 6):]
+            else:
+                text = text[:at] + rng.choice(pieces) + text[at:]
+        out.append(text)
+    return out
+
+
+def test_the_driver_accepts_and_rejects_exactly_what_lark_does():
+    """The parser runs Lark's LALR tables with its own loop and tokeniser: on valid files and on
+    broken ones, it must agree with Lark's parser on where the first syntax error is and what
+    was expected there."""
+    lark = Lark(grammar_text(), parser="lalr", strict=True, start=["start", "expr"],
+                maybe_placeholders=False, lexer="basic")
+    texts = [p.read_text(encoding="utf-8") for p in PROBLEMS]
+    texts += [text for doc in DOCS for _, text in brl_blocks(doc.read_text(encoding="utf-8"))]
+    texts += _mutants(400)
+    checked = 0
+    for text in texts:
+        for start, source in (("start", text), ("expr", text.split("\n")[-2])):
+            try:
+                _tables().run(source, start)
+                mine = None
+            except _NodeError as exc:
+                mine = exc.diagnostic
+            if mine is not None and mine.code != "E100":
+                continue  # a semantic error (too deep, too large) stops the parse first
+            assert mine == _lark_outcome(lark, source, start), source
+            checked += 1
+    assert checked > 500

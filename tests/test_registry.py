@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import re
 from types import SimpleNamespace
 
@@ -27,6 +29,7 @@ from solvers import (
     resolve,
     solve,
 )
+from solvers.registry import Interval, OptionRangeError
 
 POLICY_FEATURES = frozenset({"policy", "value", "occupancy", "entropy"})
 
@@ -320,3 +323,104 @@ def test_solve_runs_the_solver_and_closes_the_monitor(registry: Registry) -> Non
     assert spec.name == "m_sobirl"
     assert result.stopped_because == "ran 3 outer iterations"
     assert monitor.seen == [1, 2, 3] and monitor.closed
+
+
+# ------------------------------------------------------------------ valid ranges of options
+
+
+@pytest.mark.parametrize(
+    ("text", "inside", "outside", "words"),
+    [
+        ("[1, inf)", [1, 2, 10**9], [0, -1, 0.5, math.inf, math.nan], "at least 1"),
+        ("(0, inf)", [1e-300, 5.0], [0.0, -1.0, math.inf, math.nan], "greater than 0"),
+        ("(0, 1]", [0.5, 1.0], [0.0, 1.5, math.nan], "in (0, 1]"),
+        ("[0, 1]", [0.0, 1.0], [-1e-9, 1.0000001], "in [0, 1]"),
+        ("(-inf, 0]", [-5.0, 0.0], [0.1], "at most 0"),
+        (" ( -1 , 1e-3 ) ", [0.0], [-1.0, 1e-3], "in (-1, 0.001)"),
+    ],
+)
+def test_interval_notation(text: str, inside: list, outside: list, words: str) -> None:
+    interval = Interval.parse(text)
+    assert all(v in interval for v in inside)
+    assert not any(v in interval for v in outside)
+    assert interval.describe() == words
+    assert Interval.parse(str(interval)) == interval
+
+
+@pytest.mark.parametrize("text", ["1, 2", "[1, 2", "[a, 2]", "[2, 1]", "[nan, 1]", "(1)", ""])
+def test_interval_notation_rejects_what_is_not_one(text: str) -> None:
+    with pytest.raises(ValueError, match="not an interval"):
+        Interval.parse(text)
+
+
+def test_option_ranges_are_declared_and_checked() -> None:
+    option = Option("outer", int, 10, "steps", valid="[1, inf)")
+    assert option.valid == Interval(1, math.inf, True, False)
+    with pytest.raises(OptionRangeError):
+        Option("outer", int, 0, "a default out of range", valid="[1, inf)")
+    with pytest.raises(TypeError):
+        Option("method", str, "a", "a string has no range", valid="[0, 1]")
+    with pytest.raises(ValueError):
+        Option("beta", float, 0.1, "bad notation", valid="0 < beta")
+    assert Option("limit", float, None, "optional", valid="(0, inf)").default is None
+
+
+def range_registry() -> Registry:
+    spec = make_spec("m_sobirl")
+    spec = dataclasses.replace(spec, options=(
+        Option("outer", int, 500, "outer iterations", valid="[1, inf)"),
+        Option("rate", float, 0.5, "a rate", valid="(0, 1]"),
+        Option("limit", float, None, "seconds", valid="(0, inf)"),
+    ))
+    reg = Registry()
+    reg.register(spec)
+    return reg
+
+
+@pytest.mark.parametrize(
+    ("options", "message", "hint"),
+    [
+        ({"outer": 0}, "option `outer` must be at least 1, got 0",
+         "`outer` takes an integer in [1, inf)"),
+        ({"outer": -5}, "option `outer` must be at least 1, got -5",
+         "`outer` takes an integer in [1, inf)"),
+        ({"rate": 0}, "option `rate` must be in (0, 1], got 0", "`rate` takes a number in (0, 1]"),
+        ({"rate": 1.5}, "option `rate` must be in (0, 1], got 1.5",
+         "`rate` takes a number in (0, 1]"),
+        ({"limit": -1.0}, "option `limit` must be greater than 0, got -1",
+         "`limit` takes a number in (0, inf)"),
+    ],
+)
+def test_validate_options_rejects_values_out_of_range(options: dict, message: str,
+                                                      hint: str) -> None:
+    reg = range_registry()
+    with pytest.raises(OptionRangeError) as info:
+        reg.validate_options(reg.get("m_sobirl"), options)
+    assert str(info.value) == message and info.value.hint == hint
+
+
+def test_values_at_the_ends_of_a_range_are_valid() -> None:
+    reg = range_registry()
+    typed = reg.validate_options(reg.get("m_sobirl"), {"outer": 1, "rate": 1, "limit": None})
+    assert typed == {"outer": 1, "rate": 1.0, "limit": None}
+    option = {o.name: o for o in reg.get("m_sobirl").options}["outer"]
+    assert parse_option_value(option, "1") == 1
+    with pytest.raises(OptionRangeError, match=re.escape("must be at least 1, got 0")):
+        parse_option_value(option, "0")
+
+
+def test_describe_shows_the_valid_ranges() -> None:
+    text = describe(range_registry().get("m_sobirl"))
+    rows = {line.split()[0]: line.split() for line in text.splitlines() if line}
+    assert rows["option"][:5] == ["option", "type", "default", "valid", "description"]
+    assert rows["outer"][:5] == ["outer", "int", "500", "[1,", "inf)"]
+    assert rows["rate"][3:5] == ["(0,", "1]"]
+
+
+@pytest.mark.parametrize("name", ["m_sobirl", "exact", "sobirl", "stoc_sobirl", "drlhf"])
+def test_built_in_solvers_declare_a_range_for_every_number(name: str) -> None:
+    for option in REGISTRY.get(name).options:
+        if option.type in (int, float):
+            assert option.valid is not None, f"{name}: option `{option.name}` has no range"
+            if option.default is not None:
+                assert option.default in option.valid

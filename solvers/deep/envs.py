@@ -1,0 +1,154 @@
+"""Gymnasium environments for deep problems: MuJoCo and classic control, and Atari.
+
+A `.brl` file names an environment by its id (``gym("HalfCheetah-v5")``). The id is data: it
+must already be in gymnasium's registry (after ale_py registers the Atari games), and ids of the
+``module:Name`` form, which would make gymnasium import a module, are refused. Vector
+environments reset in the same step (``AutoresetMode.SAME_STEP``): the observation that ends an
+episode arrives in ``info["final_obs"]`` and the one returned is already the next episode's, so a
+stored transition never links two episodes.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+
+ATARI_PREFIX = "ALE/"
+
+_registered = False
+
+
+def _register() -> None:
+    """Make the Atari ids known to gymnasium (MuJoCo and classic control are built in)."""
+    global _registered
+    if not _registered:
+        import ale_py
+
+        gym.register_envs(ale_py)
+        _registered = True
+
+
+def known_ids() -> list[str]:
+    """Every environment id a `.brl` file may name."""
+    _register()
+    return sorted(name for name in gym.registry if ":" not in name)
+
+
+def check_id(env_id: str) -> str | None:
+    """Why ``env_id`` cannot be used, or None when it can."""
+    if ":" in env_id:
+        return "ids of the form `module:Name` are not allowed (they would import a module)"
+    _register()
+    if env_id not in gym.registry:
+        return "not a registered gymnasium environment"
+    return None
+
+
+def is_atari(env_id: str) -> bool:
+    return env_id.startswith(ATARI_PREFIX)
+
+
+def atari_game(env_id: str) -> str:
+    """``ALE/BeamRider-v5`` -> ``beam_rider``, the name ale_py's vector environment takes."""
+    name = env_id[len(ATARI_PREFIX):].split("-")[0]
+    return re.sub(r"(?<!^)(?=[A-Z])", "_", name).lower()
+
+
+@dataclass(frozen=True)
+class EnvSpec:
+    """How to build an environment: the id and, for Atari, the usual preprocessing.
+
+    The defaults are the preprocessing of the paper's Atari runs: grey 84 x 84 frames, 4
+    frames skipped (max-pooled over the last two) and 4 stacked, up to 30 no-op starts, sticky
+    actions with probability 0.25 (the v5 games' default). ``max_episode_steps`` overrides the
+    registered time limit (None keeps it).
+    """
+
+    env_id: str
+    frame_skip: int = 4
+    frame_stack: int = 4
+    screen: int = 84
+    grey: bool = True
+    noop_max: int = 30
+    sticky: float = 0.25
+    max_episode_steps: int | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def atari(self) -> bool:
+        return is_atari(self.env_id)
+
+
+def make_vector_env(spec: EnvSpec, n_envs: int, seed: int) -> gym.vector.VectorEnv:
+    """``n_envs`` copies of the environment, reset with seeds ``seed, seed + 1, ...``.
+
+    Atari uses ale_py's own vector environment (preprocessing in C++, one thread per core);
+    everything else gymnasium's synchronous vector environment. Rewards are never clipped here:
+    the oracle decides whether it sees clipped rewards.
+    """
+    problem = check_id(spec.env_id)
+    if problem is not None:
+        raise ValueError(f"environment `{spec.env_id}`: {problem}")
+    if spec.atari:
+        from ale_py.vector_env import AtariVectorEnv
+
+        frames = (spec.max_episode_steps or 27_000) * spec.frame_skip
+        env = AtariVectorEnv(
+            atari_game(spec.env_id), n_envs,
+            frameskip=spec.frame_skip, stack_num=spec.frame_stack,
+            img_height=spec.screen, img_width=spec.screen, grayscale=spec.grey,
+            noop_max=spec.noop_max, repeat_action_probability=spec.sticky,
+            reward_clipping=False, max_num_frames_per_episode=frames,
+            autoreset_mode=gym.vector.AutoresetMode.SAME_STEP, num_threads=min(n_envs, 2),
+            **spec.extra,
+        )
+    else:
+        kwargs = dict(spec.extra)
+        if spec.max_episode_steps is not None:
+            kwargs["max_episode_steps"] = spec.max_episode_steps
+        env = gym.vector.SyncVectorEnv(
+            [partial(gym.make, spec.env_id, **kwargs) for _ in range(n_envs)],
+            autoreset_mode=gym.vector.AutoresetMode.SAME_STEP,
+        )
+    env.reset(seed=seed)
+    return env
+
+
+def make_env(spec: EnvSpec) -> gym.Env:
+    """One environment with the same observations as ``make_vector_env``'s copies, for
+    evaluation. Atari games are ale_py's vector environment with one copy behind the
+    single-environment interface, so the preprocessing is the very same code."""
+    if not spec.atari:
+        problem = check_id(spec.env_id)
+        if problem is not None:
+            raise ValueError(f"environment `{spec.env_id}`: {problem}")
+        kwargs = dict(spec.extra)
+        if spec.max_episode_steps is not None:
+            kwargs["max_episode_steps"] = spec.max_episode_steps
+        return gym.make(spec.env_id, **kwargs)
+    return _OneCopy(make_vector_env(spec, 1, 0))
+
+
+class _OneCopy(gym.Env):
+    """A one-copy vector environment seen as a plain environment."""
+
+    def __init__(self, vector: gym.vector.VectorEnv) -> None:
+        self.vector = vector
+        self.observation_space = vector.single_observation_space
+        self.action_space = vector.single_action_space
+
+    def reset(self, *, seed: int | None = None, options: dict | None = None):
+        obs, info = self.vector.reset(seed=seed, options=options)
+        return obs[0], info
+
+    def step(self, action):
+        obs, reward, terminated, truncated, info = self.vector.step(np.asarray([action]))
+        return obs[0], float(reward[0]), bool(terminated[0]), bool(truncated[0]), info
+
+    def close(self) -> None:
+        self.vector.close()

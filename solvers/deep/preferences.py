@@ -1,0 +1,191 @@
+"""Preference data for deep RLHF: trajectory fragments, a Bradley-Terry oracle, a queue.
+
+Fragments are cut from rollouts of the follower's current (stochastic) policy in their own
+vector environment, so the pairs a solver queries are samples from pi_theta, as the implicit term
+of the hyper-gradient assumes, and their environment steps are counted apart from SAC's.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import gymnasium as gym
+import numpy as np
+import torch
+from torch import Tensor
+from torch.nn import functional as F
+
+from .reward_model import RewardNet
+
+
+@dataclass
+class Fragments:
+    """``n`` fragments of ``length`` steps: observations, actions and the true rewards."""
+
+    obs: Tensor      # (n, length, *obs_shape)
+    actions: Tensor  # (n, length, *action_shape)
+    rewards: Tensor  # (n, length), the environment's reward, seen only by the oracle
+
+    def __len__(self) -> int:
+        return self.obs.shape[0]
+
+
+class FragmentCollector:
+    """Cuts fragments of ``length`` consecutive steps from one episode out of running rollouts.
+
+    Episodes continue across calls; a partial fragment is dropped when its episode ends.
+    """
+
+    def __init__(self, env: gym.vector.VectorEnv, length: int, device: torch.device) -> None:
+        self.env, self.length, self.device = env, length, device
+        self.obs, _ = env.reset()
+        self.partial: list[list[tuple[np.ndarray, np.ndarray, float]]] = [
+            [] for _ in range(env.num_envs)]
+        self.steps = 0
+
+    def reset(self, seed: int) -> None:
+        self.obs, _ = self.env.reset(seed=seed)
+        self.partial = [[] for _ in range(self.env.num_envs)]
+
+    def collect(self, count: int, policy: Callable[[Tensor], Tensor]) -> Fragments:
+        """``count`` fragments under ``policy`` (batched observations -> actions)."""
+        done_fragments: list[list[tuple[np.ndarray, np.ndarray, float]]] = []
+        while len(done_fragments) < count:
+            actions = policy(torch.as_tensor(self.obs, device=self.device)).cpu().numpy()
+            next_obs, reward, terminated, truncated, info = self.env.step(actions)
+            self.steps += self.env.num_envs
+            ended = np.logical_or(terminated, truncated)
+            for i in range(self.env.num_envs):
+                self.partial[i].append((self.obs[i], actions[i], float(reward[i])))
+                if len(self.partial[i]) == self.length:
+                    done_fragments.append(self.partial[i])
+                    self.partial[i] = []
+                elif ended[i]:
+                    self.partial[i] = []
+            self.obs = next_obs
+        chosen = done_fragments[:count]
+        obs = np.stack([np.stack([step[0] for step in frag]) for frag in chosen])
+        actions = np.stack([np.stack([step[1] for step in frag]) for frag in chosen])
+        rewards = np.array([[step[2] for step in frag] for frag in chosen], dtype=np.float64)
+        return Fragments(torch.as_tensor(obs, device=self.device),
+                         torch.as_tensor(actions, device=self.device),
+                         torch.as_tensor(rewards, device=self.device))
+
+
+@dataclass(frozen=True)
+class Oracle:
+    """A synthetic Bradley-Terry labeller on the environment's true reward.
+
+    ``P(first preferred) = sigmoid((R_1 - R_2) / scale)`` with ``R`` a fragment's summed
+    (optionally sign-clipped) true reward; ``scale = 0`` prefers the larger return outright (ties
+    half and half); with probability ``noise`` the label is a fair coin instead.
+    """
+
+    scale: float = 0.0
+    noise: float = 0.0
+    clip: bool = False
+
+    def returns(self, rewards: Tensor) -> Tensor:
+        return (rewards.sign() if self.clip else rewards).sum(-1)
+
+    def label(self, first: Fragments, second: Fragments, generator: torch.Generator) -> Tensor:
+        """Labels in [0, 1]: the probability mass on ``first`` being preferred, sampled."""
+        difference = (self.returns(first.rewards) - self.returns(second.rewards)).cpu()
+        if self.scale > 0:
+            p = torch.sigmoid(difference / self.scale)
+            y = (torch.rand(p.shape, generator=generator, dtype=p.dtype) < p).to(p.dtype)
+        else:
+            y = (difference > 0).double() + 0.5 * (difference == 0).double()
+        if self.noise > 0:
+            coin = (torch.rand(y.shape, generator=generator, dtype=y.dtype) < 0.5).to(y.dtype)
+            flip = torch.rand(y.shape, generator=generator, dtype=y.dtype) < self.noise
+            y = torch.where(flip, coin, y)
+        return y.to(first.rewards.device)
+
+
+class PreferenceQueue:
+    """The last ``capacity`` labelled pairs (first in, first out), kept on the device."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.first: Fragments | None = None
+        self.second: Fragments | None = None
+        self.labels: Tensor | None = None
+        self.true_better: Tensor | None = None
+
+    def __len__(self) -> int:
+        return 0 if self.labels is None else self.labels.shape[0]
+
+    def push(self, first: Fragments, second: Fragments, labels: Tensor, oracle: Oracle) -> None:
+        better = (oracle.returns(first.rewards) > oracle.returns(second.rewards)).double() + \
+            0.5 * (oracle.returns(first.rewards) == oracle.returns(second.rewards)).double()
+        if self.labels is None:
+            self.first, self.second, self.labels, self.true_better = first, second, labels, better
+        else:
+            self.first = _cat(self.first, first)
+            self.second = _cat(self.second, second)
+            self.labels = torch.cat([self.labels, labels])
+            self.true_better = torch.cat([self.true_better, better])
+        if len(self) > self.capacity:
+            keep = slice(len(self) - self.capacity, None)
+            self.first, self.second = _slice(self.first, keep), _slice(self.second, keep)
+            self.labels, self.true_better = self.labels[keep], self.true_better[keep]
+
+    def batch(self, index: Tensor) -> tuple[Fragments, Fragments, Tensor]:
+        return _slice(self.first, index), _slice(self.second, index), self.labels[index]
+
+    def tensors(self) -> dict[str, Tensor]:
+        """Everything as plain tensors, for a checkpoint."""
+        if self.labels is None:
+            return {}
+        out = {"labels": self.labels, "true_better": self.true_better}
+        for name, frags in (("first", self.first), ("second", self.second)):
+            out |= {f"{name}_obs": frags.obs, f"{name}_actions": frags.actions,
+                    f"{name}_rewards": frags.rewards}
+        return out
+
+    def load_tensors(self, tensors: dict[str, Tensor]) -> None:
+        if not tensors:
+            return
+        self.labels, self.true_better = tensors["labels"], tensors["true_better"]
+        self.first, self.second = (
+            Fragments(tensors[f"{n}_obs"], tensors[f"{n}_actions"], tensors[f"{n}_rewards"])
+            for n in ("first", "second"))
+
+
+def _cat(a: Fragments, b: Fragments) -> Fragments:
+    return Fragments(torch.cat([a.obs, b.obs]), torch.cat([a.actions, b.actions]),
+                     torch.cat([a.rewards, b.rewards]))
+
+
+def _slice(a: Fragments, index: slice | Tensor) -> Fragments:
+    return Fragments(a.obs[index], a.actions[index], a.rewards[index])
+
+
+def fragment_returns(net: RewardNet, frags: Fragments) -> Tensor:
+    """``sum_t r_theta(s_t, a_t)`` of each fragment, one batched forward pass."""
+    n, length = frags.rewards.shape
+    flat_obs = frags.obs.reshape(n * length, *frags.obs.shape[2:])
+    flat_actions = frags.actions.reshape(n * length, *frags.actions.shape[2:])
+    return net(flat_obs, flat_actions).view(n, length).sum(-1)
+
+
+def preference_losses(net: RewardNet, first: Fragments, second: Fragments, labels: Tensor
+                      ) -> Tensor:
+    """Bradley-Terry cross-entropy of each pair under the reward model (not averaged)."""
+    logits = fragment_returns(net, first) - fragment_returns(net, second)
+    return F.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype), reduction="none")
+
+
+def preference_accuracy(net: RewardNet, queue: PreferenceQueue) -> float:
+    """How often the model ranks a pair as the true reward does (ties count as agreement)."""
+    if len(queue) == 0:
+        return math.nan
+    with torch.no_grad():
+        predicted = fragment_returns(net, queue.first) - fragment_returns(net, queue.second)
+    truth = queue.true_better
+    agree = torch.where(truth == 0.5, torch.ones_like(truth), ((predicted > 0).double() == truth)
+                        .double())
+    return float(agree.mean())

@@ -1,0 +1,138 @@
+"""Reward networks ``r_theta``: the leader's decision variable in deep RLHF problems.
+
+Both kinds can say what a state-action pair is worth and what the follower's policy expects a
+state to be worth, ``sum_a' pi(a'|s) r(s, a')``, which the implicit term of the hyper-gradient
+needs. With discrete actions the network outputs one reward per action, so the expectation is
+exact and costs nothing; with continuous actions it takes the action as an input and the
+expectation is a Monte-Carlo average over actions sampled from the policy.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+ACTIVATIONS = {"relu": nn.ReLU, "leaky_relu": lambda: nn.LeakyReLU(0.01), "tanh": nn.Tanh,
+               "elu": nn.ELU}
+
+
+@dataclass(frozen=True)
+class RewardNetSpec:
+    """A reward network and its optimiser, as a `.brl` file declares it.
+
+    ``kind`` is ``mlp`` (over the flattened observation and the action) or ``atari_cnn`` (the
+    paper's Atari reward network: four convolutions of 16 filters, 7x7/3, 5x5/2, 3x3/1, 3x3/1,
+    each with batch norm, LeakyReLU(0.01) and dropout, then 64 units).
+    """
+
+    kind: str = "mlp"
+    hidden: tuple[int, ...] = (256, 256)
+    activation: str = "leaky_relu"
+    dropout: float = 0.0
+    lr: float = 3e-4
+    weight_decay: float = 0.0
+    batch: int = 64
+
+
+class RewardNet(nn.Module):
+    """``r_theta(s, a)`` for a batch; ``discrete`` nets output one value per action."""
+
+    discrete: bool
+
+    def forward(self, obs: Tensor, action: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def expected(self, obs: Tensor, probs: Tensor | None = None,
+                 actions: Tensor | None = None) -> Tensor:
+        """``E_{a' ~ pi(.|s)} r(s, a')``: from ``probs`` (B, |A|) when discrete, else from sampled
+        ``actions`` (n, B, dim), averaged over the n samples."""
+        raise NotImplementedError
+
+
+class _DiscreteHead(RewardNet):
+    discrete = True
+
+    def __init__(self, body: nn.Module) -> None:
+        super().__init__()
+        self.body = body
+
+    def all_actions(self, obs: Tensor) -> Tensor:
+        return self.body(obs)
+
+    def forward(self, obs: Tensor, action: Tensor) -> Tensor:
+        return self.body(obs).gather(-1, action.long().reshape(-1, 1)).squeeze(-1)
+
+    def expected(self, obs: Tensor, probs: Tensor | None = None,
+                 actions: Tensor | None = None) -> Tensor:
+        return (self.body(obs) * probs).sum(-1)
+
+
+def _mlp(sizes: list[int], activation: str, dropout: float) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    for i in range(len(sizes) - 1):
+        layers.append(nn.Linear(sizes[i], sizes[i + 1]))
+        if i < len(sizes) - 2:
+            layers.append(ACTIVATIONS[activation]())
+            if dropout > 0:
+                layers.append(nn.Dropout(dropout))
+    return nn.Sequential(*layers)
+
+
+class MLPReward(RewardNet):
+    """``r(s, a) = MLP([s, a])`` for continuous actions."""
+
+    discrete = False
+
+    def __init__(self, obs_dim: int, action_dim: int, spec: RewardNetSpec) -> None:
+        super().__init__()
+        self.net = _mlp([obs_dim + action_dim, *spec.hidden, 1], spec.activation, spec.dropout)
+
+    def forward(self, obs: Tensor, action: Tensor) -> Tensor:
+        return self.net(torch.cat([obs.flatten(1).float(), action.float()], -1)).squeeze(-1)
+
+    def expected(self, obs: Tensor, probs: Tensor | None = None,
+                 actions: Tensor | None = None) -> Tensor:
+        n = actions.shape[0]
+        repeated = obs.flatten(1).float().unsqueeze(0).expand(n, *obs.flatten(1).shape)
+        values = self.net(torch.cat([repeated, actions.float()], -1)).squeeze(-1)
+        return values.mean(0)
+
+
+class _FlatFloat(nn.Module):
+    def forward(self, obs: Tensor) -> Tensor:
+        return obs.flatten(1).float()
+
+
+class AtariRewardCNN(nn.Sequential):
+    """The paper's Atari reward body over uint8 frame stacks, one output per action."""
+
+    def __init__(self, frames: int, n_actions: int, spec: RewardNetSpec, screen: int = 84) -> None:
+        layers: list[nn.Module] = []
+        channels = frames
+        for kernel, stride in ((7, 3), (5, 2), (3, 1), (3, 1)):
+            layers += [nn.Conv2d(channels, 16, kernel, stride), nn.BatchNorm2d(16),
+                       nn.LeakyReLU(0.01), nn.Dropout(spec.dropout)]
+            channels = 16
+        with torch.no_grad():
+            flat = nn.Sequential(*layers)(torch.zeros(1, frames, screen, screen)).numel()
+        layers += [nn.Flatten(), nn.Linear(flat, 64), nn.LeakyReLU(0.01), nn.Linear(64, n_actions)]
+        super().__init__(*layers)
+
+    def forward(self, obs: Tensor) -> Tensor:  # type: ignore[override]
+        return super().forward(obs.float() / 255.0)
+
+
+def build_reward_net(spec: RewardNetSpec, obs_shape: tuple[int, ...], n_actions: int | None,
+                     action_dim: int | None) -> RewardNet:
+    """The network for an environment: ``n_actions`` for discrete actions, else ``action_dim``."""
+    if spec.kind == "atari_cnn":
+        if n_actions is None or len(obs_shape) != 3:
+            raise ValueError("atari_cnn needs stacked image observations and discrete actions")
+        return _DiscreteHead(AtariRewardCNN(obs_shape[0], n_actions, spec, obs_shape[-1]))
+    obs_dim = int(torch.tensor(obs_shape).prod())
+    if n_actions is not None:
+        body = _mlp([obs_dim, *spec.hidden, n_actions], spec.activation, spec.dropout)
+        return _DiscreteHead(nn.Sequential(_FlatFloat(), body))
+    return MLPReward(obs_dim, action_dim, spec)

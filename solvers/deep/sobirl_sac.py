@@ -1,0 +1,352 @@
+"""Deep SoBiRL (the paper's Algorithm 5) and its baselines on gymnasium environments.
+
+One outer iteration:
+
+1. the follower, SAC, takes a block of environment steps, learning from rewards that the current
+   reward network ``r_theta`` assigns to the replayed transitions;
+2. new fragment pairs are cut from rollouts of the follower's policy and labelled by the oracle;
+3. ``r_theta`` takes gradient steps on the Bradley-Terry loss over the queue of pairs, plus the
+   implicit term once the warm-up is over:
+
+       loss = mean(BCE) + mean(stopgrad(BCE) * (1/alpha) * sum_t [r(s_t,a_t) - E_pi r(s_t,.)])
+
+   (``implicit = public``, the paper's code: ``dQ*/dtheta`` replaced by ``grad r_theta``), or the
+   same with ``r`` replaced by its discounted sum over the rest of the fragment
+   (``implicit = fragment``, a Monte-Carlo ``dQ/dtheta`` truncated at the fragment's end).
+
+``drlhf_sac`` is the same loop without the implicit term (Christiano et al.'s DRLHF) and
+``sac_true`` trains SAC on the true reward (the ceiling). Every ``checkpoint_every`` iterations
+the whole state is saved; the environments are reset with seeds derived from the run's seed and
+the iteration at those points, in resumed and uninterrupted runs alike, so a resumed run
+reproduces the uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ..result import Monitor, SolveResult, stop_reason
+from .envs import make_env, make_vector_env
+from .preferences import (
+    FragmentCollector,
+    Fragments,
+    Oracle,
+    PreferenceQueue,
+    preference_accuracy,
+    preference_losses,
+)
+from .problem import DeepProblem
+from .reward_model import RewardNet, build_reward_net
+from .sac import SACAgent, SACConfig, SACLearner
+
+CHECKPOINT = "checkpoint"
+
+
+def _action_shape(space) -> tuple[int | None, int | None]:
+    """(number of discrete actions, None) or (None, action dimension)."""
+    if hasattr(space, "n"):
+        return int(space.n), None
+    return None, int(np.prod(space.shape))
+
+
+class RewardModel:
+    """``r_theta``, its optimiser, and the standardisation SAC sees (mean 0, std 1 over the
+    states in the queue), refreshed after every reward update."""
+
+    def __init__(self, problem: DeepProblem, obs_shape: tuple[int, ...], action_space,
+                 device: torch.device) -> None:
+        n_actions, action_dim = _action_shape(action_space)
+        spec = problem.reward_net
+        self.net: RewardNet = build_reward_net(spec, obs_shape, n_actions, action_dim).to(device)
+        self.optimiser = torch.optim.AdamW(self.net.parameters(), lr=spec.lr,
+                                           weight_decay=spec.weight_decay)
+        self.shift = torch.zeros((), device=device)
+        self.scale = torch.ones((), device=device)
+
+    def __call__(self, obs: Tensor, action: Tensor) -> Tensor:
+        """Standardised rewards for SAC: no gradient, evaluation mode (no dropout)."""
+        self.net.train(False)
+        with torch.no_grad():
+            return (self.net(obs, action) - self.shift) / self.scale
+
+    def restandardise(self, frags: Fragments) -> None:
+        self.net.train(False)
+        with torch.no_grad():
+            n, length = frags.rewards.shape
+            values = self.net(frags.obs.reshape(n * length, *frags.obs.shape[2:]),
+                              frags.actions.reshape(n * length, *frags.actions.shape[2:]))
+        self.shift = values.mean()
+        self.scale = values.std().clamp(min=1e-6)
+
+    def state(self) -> dict[str, Any]:
+        return {"net": self.net.state_dict(), "optimiser": self.optimiser.state_dict(),
+                "shift": self.shift, "scale": self.scale}
+
+    def load(self, state: dict[str, Any]) -> None:
+        self.net.load_state_dict(state["net"])
+        self.optimiser.load_state_dict(state["optimiser"])
+        self.shift, self.scale = state["shift"], state["scale"]
+
+
+def implicit_term(model: RewardModel, agent: SACAgent, frags: Fragments, kind: str,
+                  gamma: float, samples: int) -> Tensor:
+    """``(1/alpha) sum_t [r(s_t, a_t) - E_{a'~pi} r(s_t, a')]`` per fragment (differentiable in
+    theta), with ``r`` summed discounted over the rest of the fragment when ``kind = fragment``."""
+    n, length = frags.rewards.shape
+    obs = frags.obs.reshape(n * length, *frags.obs.shape[2:])
+    actions = frags.actions.reshape(n * length, *frags.actions.shape[2:])
+    taken = model.net(obs, actions)
+    with torch.no_grad():
+        if model.net.discrete:
+            probs, sampled = agent.action_probs(obs), None
+        else:
+            probs, sampled = None, agent.sample_actions(obs, samples)[0]
+    advantage = (taken - model.net.expected(obs, probs=probs, actions=sampled)).view(n, length)
+    if kind == "fragment":  # sum_{t' >= t} gamma^(t'-t) of the advantage, then summed over t
+        weights = (1 - gamma ** torch.arange(length, 0, -1, device=advantage.device,
+                                             dtype=advantage.dtype)) / (1 - gamma)
+        advantage = advantage * weights
+    return advantage.sum(-1) / agent.alpha
+
+
+def run(problem: DeepProblem, options: dict[str, Any], monitor: Monitor,
+        variant: str = "sobirl", resume: Path | None = None, out: Path | None = None
+        ) -> SolveResult:
+    """Algorithm 5 (``variant = sobirl``), DRLHF (``drlhf``) or SAC on the true reward
+    (``sac_true``), from scratch or from the checkpoint in ``resume``."""
+    device = problem.device
+    seed = problem.seed
+    torch.manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)
+    envs = make_vector_env(problem.env, options["envs"], seed)
+    obs_shape = envs.single_observation_space.shape
+    changes = sac_overrides(options, problem)
+    config = SACConfig.atari(**changes) if problem.env.atari else SACConfig(**changes)
+    learner = SACLearner(envs, config, device)
+    agent = learner.agent
+    model = RewardModel(problem, obs_shape, envs.single_action_space, device)
+    spec = problem.preferences
+    oracle = Oracle(spec.scale, spec.noise, spec.clip)
+    queue, heldout = PreferenceQueue(spec.queue), PreferenceQueue(max(1, spec.queue // 10))
+    collector = FragmentCollector(make_vector_env(problem.env, 1, seed + 10_007),
+                                  spec.fragment, device)
+    learned = variant != "sac_true"
+    implicit = options.get("implicit", "off") if variant == "sobirl" else "off"
+
+    history: dict[str, list[float]] = {
+        "iteration": [], "objective": [], "hypergrad_norm": [], "time": [], "env_steps": [],
+        "query_steps": [], "queries": [], "train_return": [], "eval_return": [],
+        "eval_step": [], "preference_accuracy": [], "alpha": []}
+    k, queries, wall_before = 0, 0, 0.0
+    if resume is not None:
+        k, queries, wall_before, history = _load(resume, learner, model, queue, heldout,
+                                                 generator)
+        _reset(learner, collector, seed, k)
+    elif learned:  # warm-up: initial pairs from random rollouts, trained for many epochs
+        # (the action space's own sampler is seeded apart from the run: draw from ours)
+        warmup = torch.Generator(device).manual_seed(seed + 30_011)
+        queries += _query(collector, lambda o: agent.random_actions(o.shape[0], warmup),
+                          spec.initial_pairs, oracle, queue, heldout, generator,
+                          spec.heldout_every, queries)
+        _train_reward(model, agent, queue, options, epochs=spec.warmup_epochs, implicit="off",
+                      gamma=problem.discount, generator=generator)
+
+    start = time.perf_counter() - wall_before
+    stopped = "max_iterations"
+    reward_fn = model if learned else None
+    try:
+        while k < options["outer"]:
+            # 1. a block of SAC steps on the current reward model
+            learner.train(options["sac_steps"], reward_fn)
+            loss, grad_norm = math.nan, math.nan
+            if learned:
+                # 2. new pairs from the current policy, labelled by the oracle
+                queries += _query(collector, lambda o: agent.act(o), spec.pairs_per_iteration,
+                                  oracle, queue, heldout, generator, spec.heldout_every,
+                                  queries)
+                # 3. reward-model steps: BCE plus the implicit term after the warm-up
+                on = "off" if implicit == "off" or learner.steps < options["implicit_warmup"] \
+                    else implicit
+                loss, grad_norm = _train_reward(model, agent, queue, options,
+                                                epochs=options["reward_epochs"], implicit=on,
+                                                gamma=problem.discount, generator=generator)
+            k += 1
+            _record(history, k, loss, grad_norm, start, learner, collector, queries,
+                    heldout, model, agent)
+            if options["eval_every"] and k % options["eval_every"] == 0:
+                history["eval_step"].append(learner.steps)
+                history["eval_return"].append(learner.evaluate(
+                    partial(make_env, problem.env), options["eval_episodes"],
+                    seed + 20_011 + k))
+            monitor.update(k, loss if learned else -_last(history["train_return"]), grad_norm)
+            if out is not None and options["checkpoint_every"] and \
+                    k % options["checkpoint_every"] == 0:
+                _reset(learner, collector, seed, k)
+                _save(out / CHECKPOINT, k, queries, time.perf_counter() - start, history,
+                      learner, model, queue, heldout, generator)
+            reason = stop_reason(options, start, monitor)
+            if reason is not None:
+                stopped = reason
+                break
+    except KeyboardInterrupt:
+        stopped = "interrupted"
+    finally:
+        envs.close()
+        collector.env.close()
+
+    parameters = torch.cat([p.detach().flatten().cpu() for p in model.net.parameters()])
+    final = history["objective"][-1] if history["objective"] else math.nan
+    return SolveResult(
+        x=parameters, policy=torch.empty(0), objective=final, history=history,
+        iterations=k, stopped_because=stopped,
+        extra={"reward_net": model.net.state_dict(), "env_steps": learner.steps,
+               "queries": queries, "time": time.perf_counter() - start})
+
+
+def sac_overrides(options: dict[str, Any], problem: DeepProblem) -> dict[str, Any]:
+    """SACConfig fields set by the problem and the solver options (0 keeps the default)."""
+    out: dict[str, Any] = {"gamma": problem.discount, "seed": problem.seed}
+    names = {"sac_batch": ("batch_size",), "sac_lr": ("actor_lr", "critic_lr", "alpha_lr"),
+             "learning_starts": ("learning_starts",), "buffer": ("buffer_size",),
+             "update_every": ("update_every",), "target_update": ("target_update_interval",)}
+    for name, fields in names.items():
+        if options.get(name):
+            out |= dict.fromkeys(fields, options[name])
+    if options.get("sac_width"):
+        out["hidden"] = (options["sac_width"],) * 2
+    if problem.temperature is not None:  # a fixed-temperature follower
+        out |= {"autotune_alpha": False, "init_alpha": problem.temperature}
+    return out
+
+
+def _last(values: list[float]) -> float:
+    return values[-1] if values else math.nan
+
+
+def _query(collector: FragmentCollector, policy, pairs: int, oracle: Oracle,
+           queue: PreferenceQueue, heldout: PreferenceQueue, generator: torch.Generator,
+           heldout_every: int, asked: int) -> int:
+    """Collect and label ``pairs`` new pairs; every ``heldout_every``-th query of the run
+    (``asked`` were made before) goes to ``heldout``."""
+    if pairs == 0:
+        return 0
+    frags = collector.collect(2 * pairs, policy)
+    first = Fragments(frags.obs[0::2], frags.actions[0::2], frags.rewards[0::2])
+    second = Fragments(frags.obs[1::2], frags.actions[1::2], frags.rewards[1::2])
+    labels = oracle.label(first, second, generator)
+    index = torch.arange(asked, asked + pairs)
+    held = index % heldout_every == heldout_every - 1 if heldout_every else index < 0
+    train = ~held
+    if bool(train.any()):
+        queue.push(_take(first, train), _take(second, train), labels[train], oracle)
+    if bool(held.any()):
+        heldout.push(_take(first, held), _take(second, held), labels[held], oracle)
+    return pairs
+
+
+def _take(frags: Fragments, mask: Tensor) -> Fragments:
+    index = mask.nonzero().squeeze(-1).to(frags.obs.device)
+    return Fragments(frags.obs[index], frags.actions[index], frags.rewards[index])
+
+
+def _train_reward(model: RewardModel, agent: SACAgent, queue: PreferenceQueue,
+                  options: dict[str, Any], epochs: int, implicit: str, gamma: float,
+                  generator: torch.Generator) -> tuple[float, float]:
+    """``epochs`` passes over the queue in minibatches; returns the last mean BCE and the norm
+    of the last gradient."""
+    batch = options["reward_batch"]
+    loss_value, grad_norm = math.nan, math.nan
+    model.net.train()
+    for _ in range(epochs):
+        order = torch.randperm(len(queue), generator=generator)
+        for begin in range(0, len(queue), batch):
+            first, second, labels = queue.batch(order[begin:begin + batch])
+            bce = preference_losses(model.net, first, second, labels)
+            loss = bce.mean()
+            if implicit != "off":
+                weight = bce.detach()
+                term = implicit_term(model, agent, first, implicit, gamma, options["samples"]) \
+                    + implicit_term(model, agent, second, implicit, gamma, options["samples"])
+                loss = loss + (weight * term).mean()
+            model.optimiser.zero_grad(set_to_none=True)
+            loss.backward()
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(model.net.parameters(),
+                                                             options["clip_grad"]))
+            model.optimiser.step()
+            loss_value = float(bce.detach().mean())
+    if len(queue):
+        model.restandardise(queue.first)
+    return loss_value, grad_norm
+
+
+def _record(history, k, loss, grad_norm, start, learner, collector, queries, heldout, model,
+            agent) -> None:
+    history["iteration"].append(k)
+    history["objective"].append(loss)
+    history["hypergrad_norm"].append(grad_norm)
+    history["time"].append(time.perf_counter() - start)
+    history["env_steps"].append(learner.steps)
+    history["query_steps"].append(collector.steps)
+    history["queries"].append(queries)
+    recent = learner.episode_returns[-10:]
+    history["train_return"].append(float(np.mean(recent)) if recent else math.nan)
+    history["preference_accuracy"].append(preference_accuracy(model.net, heldout))
+    history["alpha"].append(float(agent.alpha))
+
+
+def _reset(learner: SACLearner, collector: FragmentCollector, seed: int, k: int) -> None:
+    """Fresh episodes at a checkpoint, with seeds fixed by the run's seed and the iteration."""
+    learner.reset_envs(seed + 1_000 * k + 1)
+    collector.reset(seed + 1_000 * k + 2)
+
+
+def _save(path: Path, k: int, queries: int, wall: float, history, learner: SACLearner,
+          model: RewardModel, queue: PreferenceQueue, heldout: PreferenceQueue,
+          generator: torch.Generator) -> None:
+    """Everything a resumed run needs; tensors only (``torch.load(weights_only=True)``) and
+    JSON, written to a temporary folder and renamed so a kill never leaves half a checkpoint."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.mkdir(parents=True, exist_ok=True)
+    torch.save({"model": model.state(), "queue": queue.tensors(), "heldout": heldout.tensors(),
+                "generator": generator.get_state(), "torch_rng": torch.get_rng_state()},
+               tmp / "state.pt")
+    learner.save(tmp / "learner")
+    (tmp / "progress.json").write_text(json.dumps(
+        {"iteration": k, "queries": queries, "wall": wall, "history": history}))
+    if path.exists():
+        old = path.with_name(path.name + ".old")
+        path.rename(old)
+        tmp.rename(path)
+        _remove_tree(old)
+    else:
+        tmp.rename(path)
+
+
+def _remove_tree(path: Path) -> None:
+    for child in sorted(path.rglob("*"), reverse=True):
+        child.rmdir() if child.is_dir() else child.unlink()
+    path.rmdir()
+
+
+def _load(path: Path, learner: SACLearner, model: RewardModel, queue: PreferenceQueue,
+          heldout: PreferenceQueue, generator: torch.Generator):
+    state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
+    learner.load(path / "learner")
+    device = learner.device
+    model.load(state["model"])
+    model.shift, model.scale = model.shift.to(device), model.scale.to(device)
+    queue.load_tensors({k: v.to(device) for k, v in state["queue"].items()})
+    heldout.load_tensors({k: v.to(device) for k, v in state["heldout"].items()})
+    generator.set_state(state["generator"])
+    torch.set_rng_state(state["torch_rng"])  # dropout in the reward network draws from it
+    progress = json.loads((path / "progress.json").read_text())
+    return progress["iteration"], progress["queries"], progress["wall"], progress["history"]

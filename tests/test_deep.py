@@ -1,0 +1,195 @@
+"""Deep RLHF problems (issue 5): the language forms, the implicit term, end-to-end runs, resume."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from bilevel_dsl import BrlError, compile_file, compile_source, lower
+from solvers import REGISTRY, ProblemFeatures
+from solvers.deep.preferences import Fragments, Oracle, PreferenceQueue, preference_losses
+from solvers.deep.reward_model import RewardNetSpec, build_reward_net
+from solvers.deep.sobirl_sac import RewardModel, implicit_term
+
+ROOT = Path(__file__).resolve().parent.parent
+SIX = ["beamrider", "seaquest", "spaceinvaders", "halfcheetah", "walker2d", "hopper"]
+
+TINY = """brl 1
+problem tiny_pendulum "RLHF on Pendulum, small enough for a test"
+seed 3
+mdp env = gym("Pendulum-v1", discount = 0.9)
+var r = reward_net(env, hidden = [16], lr = 1e-3, batch = 8)
+lower env {
+    temperature = auto
+    reward[s, a] = r[s, a]
+}
+upper minimize preference_loss(env, policy, truth = env.reward, fragment = 10,
+                               initial_pairs = 6, pairs = 2, queue = 50, warmup_epochs = 2)
+solve sobirl_sac(outer = 4, sac_steps = 60, learning_starts = 40, sac_batch = 16,
+                 sac_width = 16, implicit_warmup = 0, eval_every = 2, eval_episodes = 1,
+                 checkpoint_every = 2)
+"""
+
+
+@pytest.mark.parametrize("name", SIX)
+def test_the_six_problem_files_lower_to_deep_problems(name):
+    problem = lower(compile_file(ROOT / "problems" / f"rlhf_{name}.brl"), device="cpu")
+    atari = name in ("beamrider", "seaquest", "spaceinvaders")
+    assert problem.env.atari == atari
+    assert problem.reward_net.kind == ("atari_cnn" if atari else "mlp")
+    assert problem.temperature is None and problem.preferences.fragment == 25
+    assert REGISTRY.auto(ProblemFeatures.of(problem)).name == "sobirl_sac"
+
+
+@pytest.mark.parametrize("text, code, where", [
+    ('mdp env = gym("HalfCheetah-v9")', "E406", '"HalfCheetah-v9"'),
+    ('mdp env = gym("os:system")', "E406", '"os:system"'),
+    ('mdp env = gym("HalfCheetah-v5", frame_skip = 4)', "E404", "frame_skip = 4"),
+    ('mdp env = gym("HalfCheetah-v5", discount = 1)', "E402", "1"),
+])
+def test_gym_declaration_errors_are_located(text, code, where):
+    source = f"brl 1\n{text}\n"
+    with pytest.raises(BrlError) as info:
+        compile_source(source, "bad.brl")
+    diag = info.value.diagnostics[0]
+    assert diag.code == code
+    line = source.split("\n")[diag.span.line - 1]
+    assert line[diag.span.column - 1:].startswith(where)
+
+
+def test_deep_lower_and_upper_errors():
+    base = TINY.split("lower env")[0]
+    bad_temperature = base + "lower env { temperature = -1   reward[s, a] = r[s, a] }\n"
+    with pytest.raises(BrlError) as info:
+        compile_source(bad_temperature, "bad.brl")
+    assert info.value.diagnostics[0].code == "E403"
+    bad_reward = base + "lower env { temperature = auto   reward[s, a] = 1 }\n"
+    with pytest.raises(BrlError) as info:
+        compile_source(bad_reward, "bad.brl")
+    assert "reward network" in info.value.diagnostics[0].message
+    bad_upper = base + ("lower env { temperature = auto   reward[s, a] = r[s, a] }\n"
+                        "upper minimize entropy(policy)\n")
+    with pytest.raises(BrlError) as info:
+        compile_source(bad_upper, "bad.brl")
+    assert info.value.diagnostics[0].code == "E502"
+
+
+def test_implicit_term_matches_the_score_function_of_a_softmax_follower():
+    """With pi = softmax(r_theta(s, .) / alpha) (the one-step soft-optimal policy), the term's
+    gradient is stopgrad(BCE) * sum_t grad log pi(a_t | s_t), computed here by autograd."""
+    torch.manual_seed(0)
+    n_obs, n_actions, length, alpha = 5, 3, 4, 0.7
+    spec = RewardNetSpec(hidden=(8,), activation="tanh")
+    net = build_reward_net(spec, (n_obs,), n_actions, None)
+    model = RewardModel.__new__(RewardModel)  # only its network is used
+    model.net = net
+
+    class SoftmaxFollower:
+        def __init__(self) -> None:
+            self.alpha = torch.tensor(alpha)
+
+        def action_probs(self, obs):
+            return torch.softmax(net.all_actions(obs) / alpha, -1).detach()
+
+    def fragments(seed):
+        g = torch.Generator().manual_seed(seed)
+        return Fragments(torch.randn(6, length, n_obs, generator=g, dtype=torch.float32),
+                         torch.randint(0, n_actions, (6, length), generator=g),
+                         torch.randn(6, length, generator=g, dtype=torch.float32))
+
+    first, second = fragments(1), fragments(2)
+    labels = torch.tensor([1.0, 0.0, 1.0, 0.5, 0.0, 1.0])
+    bce = preference_losses(net, first, second, labels).detach()
+    follower = SoftmaxFollower()
+    ours = (bce * (implicit_term(model, follower, first, "public", 0.9, 1)
+                   + implicit_term(model, follower, second, "public", 0.9, 1))).mean()
+    grad_ours = torch.autograd.grad(ours, list(net.parameters()))
+
+    def log_pi(frags):
+        logits = net.all_actions(frags.obs.reshape(-1, n_obs)) / alpha
+        taken = torch.log_softmax(logits, -1).gather(-1, frags.actions.reshape(-1, 1))
+        return taken.view(6, length).sum(-1)
+
+    reference = (bce * (log_pi(first) + log_pi(second))).mean()
+    grad_reference = torch.autograd.grad(reference, list(net.parameters()))
+    for a, b in zip(grad_ours, grad_reference):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_oracle_and_queue():
+    g = torch.Generator().manual_seed(0)
+    frags = Fragments(torch.zeros(4, 2, 1), torch.zeros(4, 2, 1),
+                      torch.tensor([[1.0, 1.0], [0.0, 0.0], [2.0, -1.0], [1.0, 0.0]]))
+    first = Fragments(frags.obs[:2], frags.actions[:2], frags.rewards[:2])
+    second = Fragments(frags.obs[2:], frags.actions[2:], frags.rewards[2:])
+    labels = Oracle().label(first, second, g)
+    assert labels.tolist() == [1.0, 0.0]  # returns 2 vs 1, 0 vs 1
+    clipped = Oracle(clip=True).label(first, second, g)
+    assert clipped.tolist() == [1.0, 0.0]  # signs: 2 vs 0, 0 vs 1
+    queue = PreferenceQueue(capacity=3)
+    for _ in range(2):
+        queue.push(first, second, labels, Oracle())
+    assert len(queue) == 3 and queue.labels.tolist() == [0.0, 1.0, 0.0]
+
+
+def _brl(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "bilevel_dsl.cli", *args], cwd=cwd,
+                          capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.parametrize("name, options", [
+    ("halfcheetah", ["--set", "outer=2", "--set", "sac_steps=40", "--set", "learning_starts=30",
+                     "--set", "sac_batch=16", "--set", "sac_width=32", "--set",
+                     "implicit_warmup=0", "--set", "eval_every=2", "--set", "eval_episodes=1",
+                     "-D", "initial_pairs=3", "-D", "warmup_epochs=1"]),
+    ("beamrider", ["--set", "outer=2", "--set", "sac_steps=32", "--set", "learning_starts=16",
+                   "--set", "sac_batch=8", "--set", "implicit_warmup=0", "--set",
+                   "eval_every=0", "-D", "initial_pairs=2", "-D", "warmup_epochs=1"]),
+])
+def test_a_tiny_end_to_end_run(tmp_path, name, options):
+    out = tmp_path / "run"
+    done = _brl("solve", str(ROOT / "problems" / f"rlhf_{name}.brl"), "--quiet", "--out",
+                str(out), *options, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "Traceback" not in done.stderr
+    record = json.loads((out / "result.json").read_text())
+    assert record["iterations"] == 2 and record["solver"]["name"] == "sobirl_sac"
+    assert record["queries"] > 0 and record["env_steps"] >= 64
+    assert (out / "curve.png").stat().st_size > 0
+    state = torch.load(out / "reward_net.pt", weights_only=True)
+    assert all(torch.isfinite(t).all() for t in state.values() if t.is_floating_point())
+
+
+def test_resume_reproduces_the_uninterrupted_run(tmp_path):
+    source = tmp_path / "tiny.brl"
+    source.write_text(TINY)
+    whole = _brl("solve", str(source), "--quiet", "--out", str(tmp_path / "whole"),
+                 cwd=tmp_path)
+    assert whole.returncode == 0, whole.stderr
+    half = _brl("solve", str(source), "--quiet", "--out", str(tmp_path / "half"),
+                "--set", "outer=2", cwd=tmp_path)
+    assert half.returncode == 0, half.stderr
+    resumed = _brl("solve", str(source), "--quiet", "--resume", str(tmp_path / "half"),
+                   cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    a = torch.load(tmp_path / "whole" / "reward_net.pt", weights_only=True)
+    b = torch.load(tmp_path / "half" / "reward_net.pt", weights_only=True)
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    history_a = json.loads((tmp_path / "whole" / "result.json").read_text())["history"]
+    history_b = json.loads((tmp_path / "half" / "result.json").read_text())["history"]
+    assert history_a["objective"] == history_b["objective"]
+    assert history_a["eval_return"] == history_b["eval_return"]
+
+
+def test_resume_without_a_checkpoint_is_a_clear_error(tmp_path):
+    source = tmp_path / "tiny.brl"
+    source.write_text(TINY)
+    done = _brl("solve", str(source), "--resume", str(tmp_path), cwd=tmp_path)
+    assert done.returncode == 1 and "no checkpoint there" in done.stderr
+    assert "Traceback" not in done.stderr
