@@ -416,3 +416,33 @@ def test_estimate_with_a_dataset_of_only_the_fresh_pairs_is_the_plain_estimate()
     assert both[0].size == 32
     assert torch.allclose(full.grad - fit.grad, 0.5 * (fresh.grad - fresh_fit.grad), atol=1e-12)
     assert not torch.allclose(full.grad, fresh.grad, atol=1e-6)
+
+
+def _trajectory_variant(name: str) -> str:
+    """problems/NAME.brl with its `value(...)` objective replaced by the finite-horizon return
+    of the trajectory form, which the model-free solvers (and exact) accept."""
+    text = (ROOT / "problems" / f"{name}.brl").read_text(encoding="utf-8")
+    if name == "reward_shaping":
+        return text.replace("value(world, policy)", "expected_return(world, policy, horizon = 40)")
+    return (text.replace("- value(maze, policy)", "- expected_return(maze, policy, horizon = 40)")
+            .replace("var g[2] = maze.goal_pos in [0, 7]", "var g[2] = [2, 4] in [0, 7]"))
+
+
+@pytest.mark.parametrize("name, exact_options, options", [
+    ("reward_shaping", {"outer": 400, "beta": 0.5}, {"outer": 60, "beta": 0.5}),
+    ("maze_nav", {"outer": 300, "beta": 0.2}, {"outer": 100, "beta": 0.5}),
+])
+def test_model_free_solvers_reach_exact_on_the_shaping_and_maze_problems(name, exact_options,
+                                                                           options):
+    """sobirl and stoc_sobirl (exact follower, sampled hyper-gradient) make at least 90% of the
+    improvement of phi that exact makes on problems/reward_shaping.brl and maze_nav.brl (the
+    maze's goal starting away from the optimum), both with a 40-step return as objective."""
+    problem = lower(compile_source(_trajectory_variant(name), f"{name}.brl"), device="cpu")
+    _, reference = solve(problem, "exact", exact_options)
+    start, best = phi(problem, problem.x0), phi(problem, reference.x)
+    assert best < start - 0.05
+    for solver, extra in (("sobirl", {}), ("stoc_sobirl", {"momentum": 3.0})):
+        _, result = solve(problem, solver, {**options, "batch": 64, "follower": "exact",
+                                            **extra})
+        reached = phi(problem, result.x)
+        assert reached <= best + 0.1 * (start - best), (solver, start, reached, best)
