@@ -116,8 +116,12 @@ def summary_table(problem: TabularProblem, result: SolveResult, meta: dict[str, 
         ("objective", f"{problem.sign * result.objective:.6g}"),
         ("||h|| final", f"{norms[-1]:.3g}" if norms else "-"),
         (problem.var_name, _abbreviate(result.x)),
-        ("times", ", ".join(f"{k} {v:.3g} s" for k, v in timings.items()) or "-"),
     ]
+    # model-free solvers count what they asked of the oracle and the simulator
+    rows += [(label, f"{result.extra[key]:,}") for key, label in
+             (("queries", "preference queries"), ("transitions", "simulator transitions"))
+             if isinstance(result.extra.get(key), int)]
+    rows.append(("times", ", ".join(f"{k} {v:.3g} s" for k, v in timings.items()) or "-"))
     if meta.get("out_dir") is not None:
         rows.append(("output", str(meta["out_dir"])))
     width = max(len(label) for label, _ in rows)

@@ -190,6 +190,17 @@ def test_summary_table(tmp_path: Path) -> None:
     assert "..." in rows["g"] and "(shape (50,))" in rows["g"]
     assert "parse 0.01 s" in rows["times"]
     assert str(tmp_path) in rows["output"]
+    assert "preference queries" not in table  # a model-based run counts none
+
+
+def test_summary_table_shows_model_free_counts() -> None:
+    x = torch.zeros(4, dtype=torch.float64)
+    result = fake_result(x)
+    result.extra.update(queries=1280, transitions=3_500_000)
+    table = summary_table(grid_problem(x), result, META)
+    rows = {line.split("  ")[0]: line for line in table.splitlines()}
+    assert rows["preference queries"].split()[-1] == "1,280"
+    assert rows["simulator transitions"].split()[-1] == "3,500,000"
 
 
 @pytest.mark.parametrize("solver", ["m_sobirl", "exact"])
