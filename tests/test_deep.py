@@ -193,3 +193,20 @@ def test_resume_without_a_checkpoint_is_a_clear_error(tmp_path):
     done = _brl("solve", str(source), "--resume", str(tmp_path), cwd=tmp_path)
     assert done.returncode == 1 and "no checkpoint there" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_atari_evaluation_env_matches_the_training_copies():
+    """Evaluation builds one environment; for Atari it is ale_py's vector env with one copy, so
+    observations have exactly the training copies' preprocessing (no cv2 needed)."""
+    from solvers.deep.envs import EnvSpec, make_env, make_vector_env
+
+    spec = EnvSpec("ALE/Pong-v5")
+    one, many = make_env(spec), make_vector_env(spec, 2, seed=0)
+    obs, _ = one.reset(seed=5)
+    assert obs.shape == many.single_observation_space.shape == (4, 84, 84)
+    assert obs.dtype == many.single_observation_space.dtype
+    obs, reward, terminated, truncated, _ = one.step(0)
+    assert obs.shape == (4, 84, 84) and isinstance(reward, float)
+    assert isinstance(terminated, bool) and isinstance(truncated, bool)
+    one.close()
+    many.close()
