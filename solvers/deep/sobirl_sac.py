@@ -34,6 +34,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ..registry import SolverError
 from ..result import Monitor, SolveResult, stop_reason
 from .envs import make_env, make_vector_env
 from .preferences import (
@@ -127,6 +128,9 @@ def run(problem: DeepProblem, options: dict[str, Any], monitor: Monitor,
     seed = problem.seed
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
+    if options["sac_steps"] % options["envs"]:
+        raise SolverError(f"sac_steps ({options['sac_steps']}) must be a multiple of envs "
+                          f"({options['envs']}): each vector step advances every copy")
     envs = make_vector_env(problem.env, options["envs"], seed)
     obs_shape = envs.single_observation_space.shape
     changes = sac_overrides(options, problem)
