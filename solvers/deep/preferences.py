@@ -31,6 +31,10 @@ class Fragments:
     def __len__(self) -> int:
         return self.obs.shape[0]
 
+    def steps(self) -> tuple[Tensor, Tensor]:
+        """Observations and actions of every step, fragments laid end to end (one batch)."""
+        return self.obs.flatten(0, 1), self.actions.flatten(0, 1)
+
 
 class FragmentCollector:
     """Cuts fragments of ``length`` consecutive steps from one episode out of running rollouts.
@@ -166,10 +170,7 @@ def _slice(a: Fragments, index: slice | Tensor) -> Fragments:
 
 def fragment_returns(net: RewardNet, frags: Fragments) -> Tensor:
     """``sum_t r_theta(s_t, a_t)`` of each fragment, one batched forward pass."""
-    n, length = frags.rewards.shape
-    flat_obs = frags.obs.reshape(n * length, *frags.obs.shape[2:])
-    flat_actions = frags.actions.reshape(n * length, *frags.actions.shape[2:])
-    return net(flat_obs, flat_actions).view(n, length).sum(-1)
+    return net(*frags.steps()).view(frags.rewards.shape).sum(-1)
 
 
 def preference_losses(net: RewardNet, first: Fragments, second: Fragments, labels: Tensor

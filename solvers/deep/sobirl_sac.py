@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import time
 from functools import partial
 from pathlib import Path
@@ -82,9 +83,7 @@ class RewardModel:
     def restandardise(self, frags: Fragments) -> None:
         self.net.train(False)
         with torch.no_grad():
-            n, length = frags.rewards.shape
-            values = self.net(frags.obs.reshape(n * length, *frags.obs.shape[2:]),
-                              frags.actions.reshape(n * length, *frags.actions.shape[2:]))
+            values = self.net(*frags.steps())
         self.shift = values.mean()
         self.scale = values.std().clamp(min=1e-6)
 
@@ -103,8 +102,7 @@ def implicit_term(model: RewardModel, agent: SACAgent, frags: Fragments, kind: s
     """``(1/alpha) sum_t [r(s_t, a_t) - E_{a'~pi} r(s_t, a')]`` per fragment (differentiable in
     theta), with ``r`` summed discounted over the rest of the fragment when ``kind = fragment``."""
     n, length = frags.rewards.shape
-    obs = frags.obs.reshape(n * length, *frags.obs.shape[2:])
-    actions = frags.actions.reshape(n * length, *frags.actions.shape[2:])
+    obs, actions = frags.steps()
     taken = model.net(obs, actions)
     with torch.no_grad():
         if model.net.discrete:
@@ -330,15 +328,9 @@ def _save(path: Path, k: int, queries: int, wall: float, history, learner: SACLe
         old = path.with_name(path.name + ".old")
         path.rename(old)
         tmp.rename(path)
-        _remove_tree(old)
+        shutil.rmtree(old)
     else:
         tmp.rename(path)
-
-
-def _remove_tree(path: Path) -> None:
-    for child in sorted(path.rglob("*"), reverse=True):
-        child.rmdir() if child.is_dir() else child.unlink()
-    path.rmdir()
 
 
 def _load(path: Path, learner: SACLearner, model: RewardModel, queue: PreferenceQueue,
