@@ -91,6 +91,24 @@ def _build_csr(rows: Tensor, cols: Tensor, values: Tensor, n_rows: int, n_cols: 
         )
 
 
+def _rows_by_action(csr: Tensor, n_states: int, n_actions: int) -> Tensor:
+    """The CSR matrix with row ``s*A + a`` moved to ``a*S + s`` (no sort: rows are copied)."""
+    crow = csr.crow_indices().long()
+    n_rows = crow.numel() - 1
+    old_row = torch.arange(n_rows, device=crow.device).view(n_states, n_actions).T.reshape(-1)
+    length = crow.diff()[old_row]
+    new_crow = torch.zeros_like(crow)
+    torch.cumsum(length, 0, out=new_crow[1:])
+    # element k of new row i comes from old position crow[old_row[i]] + k
+    source = torch.repeat_interleave(crow[:-1][old_row] - new_crow[:-1], length)
+    source += torch.arange(source.numel(), device=crow.device)
+    index_dtype = csr.col_indices().dtype
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+        return torch.sparse_csr_tensor(new_crow.to(index_dtype), csr.col_indices()[source],
+                                       csr.values()[source], csr.shape, check_invariants=False)
+
+
 class Transitions:
     """P of a tabular MDP: a dense ``(S, A, S)`` tensor, or CSR ``(S*A, S)`` plus its transpose.
 
@@ -114,6 +132,7 @@ class Transitions:
         self._flat = None if dense is None else dense.view(n_states * n_actions, n_states)
         self._csr = csr
         self._csr_t = csr_t
+        self._csr_by_action: Tensor | None = None  # built on first use, see by_action
 
     # construction -------------------------------------------------------------------------
 
@@ -217,7 +236,7 @@ class Transitions:
             return self._dense.numel() * self._dense.element_size()
         return sum(
             t.numel() * t.element_size()
-            for m in (self._csr, self._csr_t)
+            for m in (self._csr, self._csr_t, self._csr_by_action) if m is not None
             for t in (m.crow_indices(), m.col_indices(), m.values())
         )
 
@@ -251,6 +270,21 @@ class Transitions:
         if self._flat is not None:
             return torch.addmv(base, self._flat, v, alpha=alpha)
         return (self._csr @ (alpha * v)).add_(base)  # scale the shorter vector
+
+    def affine_by_action(self, base: Tensor, v: Tensor, alpha: float) -> Tensor:
+        """``base + alpha * P v`` with rows in action-major order ``a*S + s``; ``(A*S,)``.
+
+        The soft Bellman loop works in this layout: its reductions over actions then run over
+        ``A`` contiguous rows of ``S`` values, which vectorises, instead of over rows of ``A``
+        values, which does not (at ``A = 4`` the logsumexp costs about half as much). Sparse
+        storage keeps a third CSR copy of ``P`` for it, built on first use.
+        """
+        if self._dense is not None:
+            out = torch.matmul(self._dense.transpose(0, 1), alpha * v)
+            return out.add_(base.view(self.n_actions, self.n_states)).view(-1)
+        if self._csr_by_action is None:
+            self._csr_by_action = _rows_by_action(self._csr, self.n_states, self.n_actions)
+        return (self._csr_by_action @ (alpha * v)).add_(base)
 
     def dense(self) -> Tensor:
         """The ``(S, A, S)`` table (materialised for sparse storage)."""
@@ -311,18 +345,23 @@ def soft_policy(Q: Tensor, tau: float) -> Tensor:
     return e / e.sum(-1, keepdim=True)
 
 
-def _scaled_steps(P: Transitions, r_scaled: Tensor, u: Tensor, gamma: float, n: int) -> Tensor:
+def _by_action(table: Tensor) -> Tensor:
+    """An ``(S, A)`` table as a flat action-major ``(A*S,)`` vector."""
+    return table.reshape(table.shape[0], -1).T.contiguous().view(-1)
+
+
+def _scaled_steps(P: Transitions, base: Tensor, u: Tensor, gamma: float, n: int) -> Tensor:
     """Apply the soft Bellman operator ``n`` times in units of ``tau``: ``u = V / tau``.
 
-    In these units a step is one fused product and one logsumexp, nothing else.
+    ``base`` is ``r / tau`` in action-major order (``_by_action``). In these units a step is
+    one fused product and one logsumexp over ``A`` contiguous rows, nothing else.
     """
-    shape = (P.n_states, P.n_actions)
-    flat = r_scaled.reshape(-1)
+    shape = (P.n_actions, P.n_states)
     for _ in range(n):
-        q = P.affine(flat, u, gamma).view(shape)
-        u = q.amax(-1)
+        q = P.affine_by_action(base, u, gamma).view(shape)
+        u = q.amax(0)
         # logsumexp in place on the fresh q: no S*A-sized allocation per step
-        u += q.sub_(u.unsqueeze(-1)).clamp_(min=_EXP_FLOOR).exp_().sum(-1).log_()
+        u += q.sub_(u).clamp_(min=_EXP_FLOOR).exp_().sum(0).log_()
     return u
 
 
@@ -330,7 +369,25 @@ def soft_bellman_steps(P: Transitions, r: Tensor, V: Tensor, gamma: float, tau: 
                        ) -> Tensor:
     """``T^n V`` without autograd: the warm-started inner loop of single-loop solvers."""
     with torch.no_grad():
-        return tau * _scaled_steps(P, r.detach() / tau, V.detach() / tau, gamma, n)
+        return tau * _scaled_steps(P, _by_action(r.detach() / tau), V.detach() / tau, gamma, n)
+
+
+def soft_bellman_update(P: Transitions, r: Tensor, V: Tensor, gamma: float, tau: float, n: int
+                        ) -> tuple[Tensor, Tensor, Tensor]:
+    """``V' = T^n V``, then ``Q = r + gamma P V'`` and ``softmax(Q / tau)``, without autograd.
+
+    The same numbers as ``soft_bellman_steps``, ``soft_q`` and ``soft_policy`` in a row, with
+    the policy's softmax taken in the action-major layout of the loop (one transpose instead
+    of reductions over rows of ``A`` values).
+    """
+    with torch.no_grad():
+        base = _by_action(r.detach() / tau)
+        u = _scaled_steps(P, base, V.detach() / tau, gamma, n)
+        z = P.affine_by_action(base, u, gamma).view(P.n_actions, P.n_states)
+        Q = (z * tau).T.contiguous()
+        e = z.sub_(z.amax(0)).clamp_(min=_EXP_FLOOR).exp_()
+        pi = e.div_(e.sum(0)).T.contiguous()
+        return u * tau, Q, pi
 
 
 def soft_value_iteration(
@@ -351,7 +408,7 @@ def soft_value_iteration(
     Not differentiable: use ``soft_bellman`` for gradients through a few steps.
     """
     with torch.no_grad():
-        r_scaled = (r.detach() / tau).reshape(-1)
+        r_scaled = _by_action(r.detach() / tau)
         u = torch.zeros(P.n_states, dtype=r.dtype, device=r.device) if V0 is None \
             else V0.detach().to(r.dtype) / tau
         factor = gamma / (1.0 - gamma) if gamma < 1.0 else 1.0

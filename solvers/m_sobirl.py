@@ -26,7 +26,7 @@ from bilevel_dsl.instance import TabularProblem
 from bilevel_dsl.softmdp import (
     Transitions,
     policy_matvec,
-    soft_bellman_steps,
+    soft_bellman_update,
     soft_policy,
     soft_q,
 )
@@ -116,9 +116,7 @@ def run(problem: TabularProblem, options: dict[str, Any], monitor: Monitor) -> S
                 r_next = problem.reward(x_next)
             with torch.no_grad():
                 # 5. N warm-started soft Bellman steps, then Q and pi_{k+1}
-                V_next = soft_bellman_steps(P, r_next, V, gamma, tau, N)
-                Q = P.affine(r_next.reshape(-1), V_next, gamma).view(S, A)
-                pihat_next = soft_policy(Q, tau)
+                V_next, Q, pihat_next = soft_bellman_update(P, r_next, V, gamma, tau, N)
                 pi_next = torch.exp((Q - V_next.unsqueeze(-1)) / tau) if paper else pihat_next
             x, r, V, pi, pihat = x_next, r_next, V_next, pi_next, pihat_next
             k += 1

@@ -61,7 +61,7 @@ from torch import Tensor
 
 from bilevel_dsl.instance import TabularProblem
 from bilevel_dsl.simulator import TabularSimulator, rollout, sample_actions, uniform
-from bilevel_dsl.softmdp import soft_bellman_steps, soft_policy, soft_q
+from bilevel_dsl.softmdp import soft_bellman_update, soft_policy
 
 from .hypergrad import reward_vjp
 from .registry import Option
@@ -469,8 +469,7 @@ class Follower:
             r = problem.reward(x.detach())
             if self.options["follower"] == "exact":
                 P = problem.transitions
-                self.V = soft_bellman_steps(P, r, self.V, gamma, tau, steps)
-                self.pi = soft_policy(soft_q(P, r, self.V, gamma), tau)
+                self.V, _, self.pi = soft_bellman_update(P, r, self.V, gamma, tau, steps)
             else:
                 for _ in range(steps):
                     Q = sampled_q(problem, self.env, r, self.pi, self.options["q_rollouts"],

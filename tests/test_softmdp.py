@@ -134,9 +134,10 @@ def test_value_iteration_reaches_the_soft_bellman_fixed_point(gamma, tau):
         # softmax temporal consistency and V* = V^{pi*} with the entropy bonus
         torch.testing.assert_close(pi, torch.exp((Q - V[:, None]) / tau), rtol=1e-8, atol=0)
         torch.testing.assert_close(policy_evaluation(T, r, pi, gamma, tau), V, rtol=0, atol=1e-9)
-        # warm start from the answer stops within a few rounding-limited steps
+        # warm start from the answer stops within a few rounding-limited steps (how many
+        # depends on rounding noise: 1 to 40 were seen at gamma = 0.99, against ~2,600 cold)
         _, warm = soft_value_iteration(T, r, gamma, tau, V0=V, tol=1e-10)
-        assert warm <= min(30, iterations // 10)
+        assert warm <= min(60, iterations // 10)
 
 
 @pytest.mark.parametrize("tau", [0.0, 0.7])
