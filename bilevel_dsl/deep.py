@@ -31,7 +31,9 @@ GYM_OPTIONS = ("discount", "frame_skip", "frame_stack", "screen", "grey", "noop_
 NET_OPTIONS = ("kind", "hidden", "activation", "dropout", "lr", "weight_decay", "batch")
 NET_KINDS = ("mlp", "atari_cnn")
 PREFERENCE_OPTIONS = ("truth", "fragment", "initial_pairs", "pairs", "queue", "warmup_epochs",
-                      "scale", "noise", "clip", "heldout_every")
+                      "scale", "noise", "clip", "heldout_every", "schedule", "decay_steps",
+                      "total_pairs")
+SCHEDULES = ("constant", "decay")
 TRUE_WORDS = {"true": True, "false": False}
 
 Number = Callable[[ir.Expr], Val]
@@ -269,6 +271,24 @@ def preference_objective(decl: ir.UpperDecl, lower: DeepLower, number: Number) -
         fields["noise"] = _scalar(opts["noise"], number, 0, 1, False, "a probability")
     if "clip" in opts:
         fields["clip"] = _flag(opts["clip"], number)
+    if "schedule" in opts:
+        fields["schedule"] = _word(opts["schedule"], SCHEDULES)
+    if "decay_steps" in opts:
+        if fields.get("schedule") != "decay":
+            raise EvalError("E404", "`decay_steps` sets the rate of `schedule = decay`",
+                            opts["decay_steps"].span, "add `schedule = decay`")
+        fields["decay_steps"] = _scalar(opts["decay_steps"], number, 1, 1e15, False,
+                                        "a number of steps from 1 to 1e15")
+    if "total_pairs" in opts:
+        total = _scalar(opts["total_pairs"], number, 0, 10**9, True,
+                        "a whole number from 0 to 1000000000")
+        initial = fields.get("initial_pairs", PreferenceSpec.initial_pairs)
+        if total < initial:
+            raise EvalError("E305", f"`total_pairs` ({total}) is below `initial_pairs` "
+                            f"({initial}): the budget counts the initial pairs too",
+                            opts["total_pairs"].value.span,
+                            f"raise `total_pairs` to at least {initial} or lower `initial_pairs`")
+        fields["total_pairs"] = total
     return PreferenceSpec(**fields)
 
 

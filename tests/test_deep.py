@@ -142,15 +142,20 @@ def _brl(*args: str, cwd: Path) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=600)
 
 
+HALFCHEETAH = ["--set", "outer=2", "--set", "sac_steps=40", "--set", "learning_starts=30",
+               "--set", "sac_batch=16", "--set", "sac_width=32", "--set", "implicit_warmup=0",
+               "--set", "eval_every=2", "--set", "eval_episodes=1", "-D", "initial_pairs=3",
+               "-D", "warmup_epochs=1"]
+BEAMRIDER = ["--set", "outer=2", "--set", "sac_steps=32", "--set", "learning_starts=16",
+             "--set", "sac_batch=8", "--set", "implicit_warmup=0", "--set", "eval_every=0",
+             "-D", "initial_pairs=2", "-D", "warmup_epochs=1"]
+CRITIC = ["--set", "implicit=critic", "--set", "critic_updates=4"]
+
+
 @pytest.mark.parametrize("name, options", [
-    ("halfcheetah", ["--set", "outer=2", "--set", "sac_steps=40", "--set", "learning_starts=30",
-                     "--set", "sac_batch=16", "--set", "sac_width=32", "--set",
-                     "implicit_warmup=0", "--set", "eval_every=2", "--set", "eval_episodes=1",
-                     "-D", "initial_pairs=3", "-D", "warmup_epochs=1"]),
-    ("beamrider", ["--set", "outer=2", "--set", "sac_steps=32", "--set", "learning_starts=16",
-                   "--set", "sac_batch=8", "--set", "implicit_warmup=0", "--set",
-                   "eval_every=0", "-D", "initial_pairs=2", "-D", "warmup_epochs=1"]),
-])
+    ("halfcheetah", HALFCHEETAH), ("beamrider", BEAMRIDER),
+    ("halfcheetah", HALFCHEETAH + CRITIC), ("beamrider", BEAMRIDER + CRITIC),
+], ids=["halfcheetah", "beamrider", "halfcheetah-critic", "beamrider-critic"])
 def test_a_tiny_end_to_end_run(tmp_path, name, options):
     out = tmp_path / "run"
     done = _brl("solve", str(ROOT / "problems" / f"rlhf_{name}.brl"), "--quiet", "--out",
@@ -165,9 +170,19 @@ def test_a_tiny_end_to_end_run(tmp_path, name, options):
     assert all(torch.isfinite(t).all() for t in state.values() if t.is_floating_point())
 
 
-def test_resume_reproduces_the_uninterrupted_run(tmp_path):
+# implicit = critic, and a decaying query schedule whose carry the checkpoint must keep: pairs
+# 3 at T = 0, then 3 * 100 / 160 = 1.875 -> 1, 1.364 + 0.875 -> 2, 1.071 + 0.239 -> 1.
+CRITIC_DECAY = TINY.replace("pairs = 2,", "pairs = 3, schedule = decay, decay_steps = 100,") \
+    .replace("checkpoint_every = 2)", "checkpoint_every = 2, implicit = critic, "
+             "critic_updates = 10)")
+
+
+@pytest.mark.parametrize("text, queries", [(TINY, [8, 10, 12, 14]),
+                                           (CRITIC_DECAY, [9, 10, 12, 13])],
+                         ids=["public", "critic-decay"])
+def test_resume_reproduces_the_uninterrupted_run(tmp_path, text, queries):
     source = tmp_path / "tiny.brl"
-    source.write_text(TINY)
+    source.write_text(text)
     whole = _brl("solve", str(source), "--quiet", "--out", str(tmp_path / "whole"),
                  cwd=tmp_path)
     assert whole.returncode == 0, whole.stderr
@@ -185,6 +200,7 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path):
     history_b = json.loads((tmp_path / "half" / "result.json").read_text())["history"]
     assert history_a["objective"] == history_b["objective"]
     assert history_a["eval_return"] == history_b["eval_return"]
+    assert history_a["queries"] == history_b["queries"] == queries
 
 
 def test_resume_without_a_checkpoint_is_a_clear_error(tmp_path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,6 +20,13 @@ class PreferenceSpec:
     trained for ``warmup_epochs`` epochs, a queue of the last 3,000 pairs and 6 new pairs per
     outer iteration. Every ``heldout_every``-th new pair is kept out of training to measure the
     reward model's preference accuracy.
+
+    ``schedule = decay`` lowers the rate as Christiano et al. (2017) do, to
+    ``pairs_per_iteration * decay_steps / (T + decay_steps)`` pairs in an iteration whose SAC
+    block starts after ``T`` steps (so ``pairs_per_iteration`` at ``T = 0``; they used 5e6); the
+    fractional part is carried to the next iteration, so the counts add up to the integral part
+    of the summed rates. ``total_pairs`` caps the queries of the whole run, initial pairs
+    included.
     """
 
     fragment: int = 25
@@ -30,6 +38,20 @@ class PreferenceSpec:
     noise: float = 0.0
     clip: bool = False
     heldout_every: int = 10
+    schedule: str = "constant"
+    decay_steps: float = 5e6
+    total_pairs: int | None = None
+
+    def pairs_due(self, steps: int, carry: float, asked: int) -> tuple[int, float]:
+        """``(pairs to query, carry)`` for an iteration whose SAC block starts after ``steps``
+        steps, with ``carry`` the fraction left over so far and ``asked`` pairs queried."""
+        due = float(self.pairs_per_iteration)
+        if self.schedule == "decay":
+            due = due * self.decay_steps / (steps + self.decay_steps) + carry
+        count = math.floor(due)
+        if self.total_pairs is not None:
+            count = max(0, min(count, self.total_pairs - asked))
+        return count, due - math.floor(due)
 
 
 @dataclass(frozen=True)

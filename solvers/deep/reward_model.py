@@ -5,6 +5,12 @@ state to be worth, ``sum_a' pi(a'|s) r(s, a')``, which the implicit term of the 
 needs. With discrete actions the network outputs one reward per action, so the expectation is
 exact and costs nothing; with continuous actions it takes the action as an input and the
 expectation is a Monte-Carlo average over actions sampled from the policy.
+
+Both end in a linear layer, ``r(s, a) = <theta_L, phi(s, a)>`` with ``theta_L = [W, b]`` (one
+row per output) and ``phi(s, a)`` the layer's input ``h`` with a 1 appended, in row ``a`` of an
+otherwise zero matrix when there is one output per action (row 0, the only one, with continuous
+actions). ``phi`` is the reward's gradient in ``theta_L``, whose successor features the
+``implicit = critic`` variant learns (``critic``).
 """
 
 from __future__ import annotations
@@ -50,6 +56,45 @@ class RewardNet(nn.Module):
         ``actions`` (n, B, dim), averaged over the n samples."""
         raise NotImplementedError
 
+    @property
+    def last(self) -> nn.Linear:
+        """The last linear layer (``theta_L``)."""
+        raise NotImplementedError
+
+    def features(self, obs: Tensor, action: Tensor | None = None) -> Tensor:
+        """``h``, the last layer's input: of the state alone when discrete, else of the pair
+        (``action`` may be ``(n, B, dim)`` samples, giving ``(n, B, H)``)."""
+        raise NotImplementedError
+
+    def last_weights(self) -> Tensor:
+        """``theta_L = [W, b]``, shape ``(out, H + 1)``."""
+        return torch.cat([self.last.weight, self.last.bias.unsqueeze(-1)], -1)
+
+    def phi(self, obs: Tensor, action: Tensor) -> Tensor:
+        """``phi(s, a) = dr(s, a)/dtheta_L``, shape ``(..., out, H + 1)``; differentiable in the
+        layers below the last."""
+        h = _append_one(self.features(obs, action))
+        if self.discrete:
+            return self._one_hot(action).unsqueeze(-1) * h.unsqueeze(-2)
+        return h.unsqueeze(-2)
+
+    def phi_advantage(self, obs: Tensor, action: Tensor, probs: Tensor | None = None,
+                      actions: Tensor | None = None) -> Tensor:
+        """``phi(s, a) - E_{a' ~ pi(.|s)} phi(s, a')``, with ``probs`` or ``actions`` as in
+        ``expected``; discrete nets run once over the states, as the expectation is exact."""
+        if self.discrete:
+            h = _append_one(self.features(obs))
+            weights = self._one_hot(action) - probs.to(h.dtype)
+            return weights.unsqueeze(-1) * h.unsqueeze(-2)
+        return self.phi(obs, action) - self.phi(obs, actions).mean(0)
+
+    def _one_hot(self, action: Tensor) -> Tensor:
+        return nn.functional.one_hot(action.long().reshape(-1), self.last.out_features).float()
+
+
+def _append_one(h: Tensor) -> Tensor:
+    return torch.cat([h, torch.ones_like(h[..., :1])], -1)
+
 
 class _DiscreteHead(RewardNet):
     discrete = True
@@ -67,6 +112,13 @@ class _DiscreteHead(RewardNet):
     def expected(self, obs: Tensor, probs: Tensor | None = None,
                  actions: Tensor | None = None) -> Tensor:
         return (self.body(obs) * probs).sum(-1)
+
+    @property
+    def last(self) -> nn.Linear:
+        return self.body.last
+
+    def features(self, obs: Tensor, action: Tensor | None = None) -> Tensor:
+        return self.body.features(obs)
 
 
 def _mlp(sizes: list[int], activation: str, dropout: float) -> nn.Sequential:
@@ -89,20 +141,47 @@ class MLPReward(RewardNet):
         super().__init__()
         self.net = _mlp([obs_dim + action_dim, *spec.hidden, 1], spec.activation, spec.dropout)
 
+    @staticmethod
+    def _inputs(obs: Tensor, action: Tensor) -> Tensor:
+        """``[s, a]``; for ``(n, B, dim)`` sampled actions each state is repeated n times."""
+        flat = obs.flatten(1).float()
+        if action.dim() == 3:
+            flat = flat.unsqueeze(0).expand(action.shape[0], *flat.shape)
+        return torch.cat([flat, action.float()], -1)
+
     def forward(self, obs: Tensor, action: Tensor) -> Tensor:
-        return self.net(torch.cat([obs.flatten(1).float(), action.float()], -1)).squeeze(-1)
+        return self.net(self._inputs(obs, action)).squeeze(-1)
 
     def expected(self, obs: Tensor, probs: Tensor | None = None,
                  actions: Tensor | None = None) -> Tensor:
-        n = actions.shape[0]
-        repeated = obs.flatten(1).float().unsqueeze(0).expand(n, *obs.flatten(1).shape)
-        values = self.net(torch.cat([repeated, actions.float()], -1)).squeeze(-1)
-        return values.mean(0)
+        return self.net(self._inputs(obs, actions)).squeeze(-1).mean(0)
+
+    @property
+    def last(self) -> nn.Linear:
+        return self.net[-1]
+
+    def features(self, obs: Tensor, action: Tensor | None = None) -> Tensor:
+        return self.net[:-1](self._inputs(obs, action))
 
 
 class _FlatFloat(nn.Module):
     def forward(self, obs: Tensor) -> Tensor:
         return obs.flatten(1).float()
+
+
+class _FlatMLP(nn.Sequential):
+    """An MLP over flattened observations with one output per action."""
+
+    def __init__(self, obs_dim: int, n_actions: int, spec: RewardNetSpec) -> None:
+        super().__init__(_FlatFloat(),
+                         _mlp([obs_dim, *spec.hidden, n_actions], spec.activation, spec.dropout))
+
+    @property
+    def last(self) -> nn.Linear:
+        return self[1][-1]
+
+    def features(self, obs: Tensor) -> Tensor:
+        return self[1][:-1](self[0](obs))
 
 
 class AtariRewardCNN(nn.Sequential):
@@ -123,6 +202,16 @@ class AtariRewardCNN(nn.Sequential):
     def forward(self, obs: Tensor) -> Tensor:  # type: ignore[override]
         return super().forward(obs.float() / 255.0)
 
+    @property
+    def last(self) -> nn.Linear:
+        return self[-1]
+
+    def features(self, obs: Tensor) -> Tensor:
+        x = obs.float() / 255.0
+        for layer in list(self)[:-1]:
+            x = layer(x)
+        return x
+
 
 def build_reward_net(spec: RewardNetSpec, obs_shape: tuple[int, ...], n_actions: int | None,
                      action_dim: int | None) -> RewardNet:
@@ -133,6 +222,5 @@ def build_reward_net(spec: RewardNetSpec, obs_shape: tuple[int, ...], n_actions:
         return _DiscreteHead(AtariRewardCNN(obs_shape[0], n_actions, spec, obs_shape[-1]))
     obs_dim = int(torch.tensor(obs_shape).prod())
     if n_actions is not None:
-        body = _mlp([obs_dim, *spec.hidden, n_actions], spec.activation, spec.dropout)
-        return _DiscreteHead(nn.Sequential(_FlatFloat(), body))
+        return _DiscreteHead(_FlatMLP(obs_dim, n_actions, spec))
     return MLPReward(obs_dim, action_dim, spec)

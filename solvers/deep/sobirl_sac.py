@@ -3,8 +3,10 @@
 One outer iteration:
 
 1. the follower, SAC, takes a block of environment steps, learning from rewards that the current
-   reward network ``r_theta`` assigns to the replayed transitions;
-2. new fragment pairs are cut from rollouts of the follower's policy and labelled by the oracle;
+   reward network ``r_theta`` assigns to the replayed transitions (with ``implicit = critic``,
+   the successor-feature critic then takes ``critic_updates`` TD steps on the same buffer);
+2. new fragment pairs are cut from rollouts of the follower's policy and labelled by the oracle,
+   as many as the query schedule says (``PreferenceSpec.pairs_due``);
 3. ``r_theta`` takes gradient steps on the Bradley-Terry loss over the queue of pairs, plus the
    implicit term once the warm-up is over:
 
@@ -12,7 +14,9 @@ One outer iteration:
 
    (``implicit = public``, the paper's code: ``dQ*/dtheta`` replaced by ``grad r_theta``), or the
    same with ``r`` replaced by its discounted sum over the rest of the fragment
-   (``implicit = fragment``, a Monte-Carlo ``dQ/dtheta`` truncated at the fragment's end).
+   (``implicit = fragment``, a Monte-Carlo ``dQ/dtheta`` truncated at the fragment's end), or
+   (``implicit = critic``) with the last layer's ``dQ/dtheta_L`` taken from a learnt
+   successor-feature critic (``critic.py``) and the public form for the other layers.
 
 ``drlhf_sac`` is the same loop without the implicit term (Christiano et al.'s DRLHF) and
 ``sac_true`` trains SAC on the true reward (the ceiling). Every ``checkpoint_every`` iterations
@@ -37,6 +41,7 @@ from torch import Tensor
 
 from ..registry import SolverError
 from ..result import Monitor, SolveResult, stop_reason
+from .critic import SuccessorCritic, policy_expectation
 from .envs import make_env, make_vector_env
 from .preferences import (
     FragmentCollector,
@@ -98,18 +103,26 @@ class RewardModel:
 
 
 def implicit_term(model: RewardModel, agent: SACAgent, frags: Fragments, kind: str,
-                  gamma: float, samples: int) -> Tensor:
+                  gamma: float, samples: int, critic: SuccessorCritic | None = None) -> Tensor:
     """``(1/alpha) sum_t [r(s_t, a_t) - E_{a'~pi} r(s_t, a')]`` per fragment (differentiable in
-    theta), with ``r`` summed discounted over the rest of the fragment when ``kind = fragment``."""
+    theta), with ``r`` summed discounted over the rest of the fragment when ``kind = fragment``.
+
+    With ``kind = critic`` each step's bracket is ``<sg(theta_L), dphi> + <theta_L, sg(dpsi)>``,
+    ``dphi = phi(s_t, a_t) - E_pi phi(s_t, .)`` and ``dpsi`` the critic's ``psi(s_t, a_t) -
+    E_pi psi(s_t, .)`` (``sg``: stop-gradient): the last layer's gradient is the critic's
+    ``dQ/dtheta_L`` difference, every other layer's is the public form's."""
     n, length = frags.rewards.shape
     obs, actions = frags.steps()
-    taken = model.net(obs, actions)
-    with torch.no_grad():
-        if model.net.discrete:
-            probs, sampled = agent.action_probs(obs), None
-        else:
-            probs, sampled = None, agent.sample_actions(obs, samples)[0]
-    advantage = (taken - model.net.expected(obs, probs=probs, actions=sampled)).view(n, length)
+    probs, sampled = policy_expectation(agent, obs, samples, model.net.discrete)
+    if kind == "critic":
+        theta = model.net.last_weights()
+        dphi = model.net.phi_advantage(obs, actions, probs, sampled)
+        dpsi = critic.advantage(obs, actions, probs, sampled)
+        advantage = (theta.detach() * dphi).sum((-2, -1)) + (theta * dpsi).sum((-2, -1))
+    else:
+        advantage = model.net(obs, actions) - model.net.expected(obs, probs=probs,
+                                                                 actions=sampled)
+    advantage = advantage.view(n, length)
     if kind == "fragment":  # sum_{t' >= t} gamma^(t'-t) of the advantage, then summed over t
         weights = (1 - gamma ** torch.arange(length, 0, -1, device=advantage.device,
                                              dtype=advantage.dtype)) / (1 - gamma)
@@ -143,15 +156,20 @@ def run(problem: DeepProblem, options: dict[str, Any], monitor: Monitor,
                                   spec.fragment, device)
     learned = variant != "sac_true"
     implicit = options.get("implicit", "off") if variant == "sobirl" else "off"
+    critic = SuccessorCritic(
+        envs.single_observation_space, envs.single_action_space, model.net, config.hidden,
+        problem.discount, options["critic_lr"], options["critic_tau"], config.batch_size, seed,
+        device) if implicit == "critic" else None
 
     history: dict[str, list[float]] = {
         "iteration": [], "objective": [], "hypergrad_norm": [], "time": [], "env_steps": [],
         "query_steps": [], "queries": [], "train_return": [], "eval_return": [],
         "eval_step": [], "preference_accuracy": [], "alpha": []}
-    k, queries, wall_before = 0, 0, 0.0
+    k, queries, carry, wall_before = 0, 0, 0.0, 0.0
     if resume is not None:
-        k, queries, wall_before, history = _load(resume, learner, model, queue, heldout,
-                                                 generator)
+        progress, history = _load(resume, learner, model, critic, queue, heldout, generator)
+        k, queries, wall_before = progress["iteration"], progress["queries"], progress["wall"]
+        carry = progress.get("query_carry", 0.0)
         _reset(learner, collector, seed, k)
     elif learned:  # warm-up: initial pairs from random rollouts, trained for many epochs
         # (the action space's own sampler is seeded apart from the run: draw from ours)
@@ -168,19 +186,25 @@ def run(problem: DeepProblem, options: dict[str, Any], monitor: Monitor,
     try:
         while k < options["outer"]:
             # 1. a block of SAC steps on the current reward model
+            steps_before = learner.steps
             learner.train(options["sac_steps"], reward_fn)
+            if critic is not None:  # trained from the start, so it is ready after the warm-up
+                critic.update(learner.buffer, model.net, agent, options["critic_updates"],
+                              options["samples"])
             loss, grad_norm = math.nan, math.nan
             if learned:
-                # 2. new pairs from the current policy, labelled by the oracle
-                queries += _query(collector, lambda o: agent.act(o), spec.pairs_per_iteration,
-                                  oracle, queue, heldout, generator, spec.heldout_every,
-                                  queries)
+                # 2. new pairs from the current policy (as many as the schedule says),
+                # labelled by the oracle
+                due, carry = spec.pairs_due(steps_before, carry, queries)
+                queries += _query(collector, lambda o: agent.act(o), due, oracle, queue,
+                                  heldout, generator, spec.heldout_every, queries)
                 # 3. reward-model steps: BCE plus the implicit term after the warm-up
                 on = "off" if implicit == "off" or learner.steps < options["implicit_warmup"] \
                     else implicit
                 loss, grad_norm = _train_reward(model, agent, queue, options,
                                                 epochs=options["reward_epochs"], implicit=on,
-                                                gamma=problem.discount, generator=generator)
+                                                gamma=problem.discount, generator=generator,
+                                                critic=critic)
             k += 1
             _record(history, k, loss, grad_norm, start, learner, collector, queries,
                     heldout, model, agent)
@@ -193,8 +217,10 @@ def run(problem: DeepProblem, options: dict[str, Any], monitor: Monitor,
             if out is not None and options["checkpoint_every"] and \
                     k % options["checkpoint_every"] == 0:
                 _reset(learner, collector, seed, k)
-                _save(out / CHECKPOINT, k, queries, time.perf_counter() - start, history,
-                      learner, model, queue, heldout, generator)
+                progress = {"iteration": k, "queries": queries, "query_carry": carry,
+                            "wall": time.perf_counter() - start}
+                _save(out / CHECKPOINT, progress, history, learner, model, critic, queue,
+                      heldout, generator)
             reason = stop_reason(options, start, monitor)
             if reason is not None:
                 stopped = reason
@@ -262,7 +288,8 @@ def _take(frags: Fragments, mask: Tensor) -> Fragments:
 
 def _train_reward(model: RewardModel, agent: SACAgent, queue: PreferenceQueue,
                   options: dict[str, Any], epochs: int, implicit: str, gamma: float,
-                  generator: torch.Generator) -> tuple[float, float]:
+                  generator: torch.Generator, critic: SuccessorCritic | None = None
+                  ) -> tuple[float, float]:
     """``epochs`` passes over the queue in minibatches; returns the last mean BCE and the norm
     of the last gradient."""
     batch = options["reward_batch"]
@@ -276,8 +303,9 @@ def _train_reward(model: RewardModel, agent: SACAgent, queue: PreferenceQueue,
             loss = bce.mean()
             if implicit != "off":
                 weight = bce.detach()
-                term = implicit_term(model, agent, first, implicit, gamma, options["samples"]) \
-                    + implicit_term(model, agent, second, implicit, gamma, options["samples"])
+                args = (implicit, gamma, options["samples"], critic)
+                term = implicit_term(model, agent, first, *args) \
+                    + implicit_term(model, agent, second, *args)
                 loss = loss + (weight * term).mean()
             model.optimiser.zero_grad(set_to_none=True)
             loss.backward()
@@ -311,19 +339,22 @@ def _reset(learner: SACLearner, collector: FragmentCollector, seed: int, k: int)
     collector.reset(seed + 1_000 * k + 2)
 
 
-def _save(path: Path, k: int, queries: int, wall: float, history, learner: SACLearner,
-          model: RewardModel, queue: PreferenceQueue, heldout: PreferenceQueue,
-          generator: torch.Generator) -> None:
+def _save(path: Path, progress: dict[str, Any], history, learner: SACLearner,
+          model: RewardModel, critic: SuccessorCritic | None, queue: PreferenceQueue,
+          heldout: PreferenceQueue, generator: torch.Generator) -> None:
     """Everything a resumed run needs; tensors only (``torch.load(weights_only=True)``) and
-    JSON, written to a temporary folder and renamed so a kill never leaves half a checkpoint."""
+    JSON, written to a temporary folder and renamed so a kill never leaves half a checkpoint.
+    ``progress``: the iteration, the queries so far, the query schedule's fractional carry and
+    the wall time."""
     tmp = path.with_name(path.name + ".tmp")
     tmp.mkdir(parents=True, exist_ok=True)
-    torch.save({"model": model.state(), "queue": queue.tensors(), "heldout": heldout.tensors(),
-                "generator": generator.get_state(), "torch_rng": torch.get_rng_state()},
-               tmp / "state.pt")
+    state = {"model": model.state(), "queue": queue.tensors(), "heldout": heldout.tensors(),
+             "generator": generator.get_state(), "torch_rng": torch.get_rng_state()}
+    if critic is not None:
+        state["critic"] = critic.state()
+    torch.save(state, tmp / "state.pt")
     learner.save(tmp / "learner")
-    (tmp / "progress.json").write_text(json.dumps(
-        {"iteration": k, "queries": queries, "wall": wall, "history": history}))
+    (tmp / "progress.json").write_text(json.dumps(progress | {"history": history}))
     if path.exists():
         old = path.with_name(path.name + ".old")
         path.rename(old)
@@ -333,16 +364,21 @@ def _save(path: Path, k: int, queries: int, wall: float, history, learner: SACLe
         tmp.rename(path)
 
 
-def _load(path: Path, learner: SACLearner, model: RewardModel, queue: PreferenceQueue,
-          heldout: PreferenceQueue, generator: torch.Generator):
+def _load(path: Path, learner: SACLearner, model: RewardModel, critic: SuccessorCritic | None,
+          queue: PreferenceQueue, heldout: PreferenceQueue, generator: torch.Generator):
     state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
     learner.load(path / "learner")
     device = learner.device
     model.load(state["model"])
     model.shift, model.scale = model.shift.to(device), model.scale.to(device)
+    if critic is not None:
+        if "critic" not in state:
+            raise SolverError(f"the checkpoint in {path} was saved without `implicit = critic`, "
+                              "so it has no critic to resume")
+        critic.load(state["critic"])
     queue.load_tensors({k: v.to(device) for k, v in state["queue"].items()})
     heldout.load_tensors({k: v.to(device) for k, v in state["heldout"].items()})
     generator.set_state(state["generator"])
     torch.set_rng_state(state["torch_rng"])  # dropout in the reward network draws from it
     progress = json.loads((path / "progress.json").read_text())
-    return progress["iteration"], progress["queries"], progress["wall"], progress["history"]
+    return progress, progress.pop("history")

@@ -30,12 +30,21 @@ OPTIONS = (
     Option("reward_batch", int, 64, "preference pairs per reward-model minibatch",
            valid="[1, inf)"),
     Option("implicit", str, "public", "the implicit term: public (the paper's code: one step, "
-           "grad r for dQ/dtheta), fragment (discounted over the rest of the fragment) or off",
-           choices=("public", "fragment", "off")),
+           "grad r for dQ/dtheta), fragment (discounted over the rest of the fragment), critic "
+           "(the reward net's last layer [w, b] gets dQ/d[w, b] = psi(s, a), the successor "
+           "features of its input, from a critic learnt by TD on SAC's buffer: "
+           "(1/alpha) [w, b] . (psi(s, a) - E_pi psi(s, .)); other layers the public form) "
+           "or off", choices=("public", "fragment", "critic", "off")),
     Option("implicit_warmup", int, 100_000, "SAC steps before the implicit term is switched on",
            valid="[0, inf)"),
-    Option("samples", int, 8, "actions sampled per state for E_pi r(s, .) (continuous "
-           "actions)", valid="[1, inf)"),
+    Option("samples", int, 8, "actions sampled per state for E_pi r(s, .) and E_pi psi(s, .) "
+           "(continuous actions)", valid="[1, inf)"),
+    Option("critic_updates", int, 200, "implicit = critic: TD minibatch updates of the "
+           "successor-feature critic per outer iteration (SAC's batch size)", valid="[0, inf)"),
+    Option("critic_lr", float, 3e-4, "implicit = critic: the critic's Adam learning rate",
+           valid="(0, inf)"),
+    Option("critic_tau", float, 0.02, "implicit = critic: Polyak rate of the critic's target "
+           "copy, per update", valid="(0, 1]"),
     Option("clip_grad", float, 10.0, "reward-model gradient norm clipping", valid="(0, inf)"),
     Option("sac_batch", int, 0, "SAC minibatch (0: the environment's default)",
            valid="[0, inf)"),
@@ -60,7 +69,8 @@ OPTIONS = (
            valid="[0, inf)"),
 )
 
-_IMPLICIT_ONLY = ("implicit", "implicit_warmup", "samples")
+_IMPLICIT_ONLY = ("implicit", "implicit_warmup", "samples", "critic_updates", "critic_lr",
+                  "critic_tau")
 _SAC_ONLY = ("outer", "sac_steps", "envs", "sac_batch", "sac_lr", "sac_width", "learning_starts",
              "buffer", "update_every", "target_update", "eval_every", "eval_episodes",
              "checkpoint_every", "time_limit")
