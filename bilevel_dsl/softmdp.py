@@ -373,21 +373,19 @@ def soft_bellman_steps(P: Transitions, r: Tensor, V: Tensor, gamma: float, tau: 
 
 
 def soft_bellman_update(P: Transitions, r: Tensor, V: Tensor, gamma: float, tau: float, n: int
-                        ) -> tuple[Tensor, Tensor, Tensor]:
-    """``V' = T^n V``, then ``Q = r + gamma P V'`` and ``softmax(Q / tau)``, without autograd.
+                        ) -> tuple[Tensor, Tensor]:
+    """``V' = T^n V`` and the policy ``softmax((r + gamma P V') / tau)``, without autograd.
 
-    The same numbers as ``soft_bellman_steps``, ``soft_q`` and ``soft_policy`` in a row, with
-    the policy's softmax taken in the action-major layout of the loop (one transpose instead
-    of reductions over rows of ``A`` values).
+    The same numbers as ``soft_bellman_steps`` then ``soft_policy(soft_q(...))``, with the
+    softmax taken in the action-major layout of the loop (one transpose instead of reductions
+    over rows of ``A`` values).
     """
     with torch.no_grad():
         base = _by_action(r.detach() / tau)
         u = _scaled_steps(P, base, V.detach() / tau, gamma, n)
         z = P.affine_by_action(base, u, gamma).view(P.n_actions, P.n_states)
-        Q = (z * tau).T.contiguous()
         e = z.sub_(z.amax(0)).clamp_(min=_EXP_FLOOR).exp_()
-        pi = e.div_(e.sum(0)).T.contiguous()
-        return u * tau, Q, pi
+        return u * tau, e.div_(e.sum(0)).T.contiguous()
 
 
 def soft_value_iteration(

@@ -116,8 +116,11 @@ def run(problem: TabularProblem, options: dict[str, Any], monitor: Monitor) -> S
                 r_next = problem.reward(x_next)
             with torch.no_grad():
                 # 5. N warm-started soft Bellman steps, then Q and pi_{k+1}
-                V_next, Q, pihat_next = soft_bellman_update(P, r_next, V, gamma, tau, N)
-                pi_next = torch.exp((Q - V_next.unsqueeze(-1)) / tau) if paper else pihat_next
+                V_next, pihat_next = soft_bellman_update(P, r_next, V, gamma, tau, N)
+                pi_next = pihat_next
+                if paper:
+                    Q = soft_q(P, r_next.detach(), V_next, gamma)
+                    pi_next = torch.exp((Q - V_next.unsqueeze(-1)) / tau)
             x, r, V, pi, pihat = x_next, r_next, V_next, pi_next, pihat_next
             k += 1
 

@@ -469,7 +469,7 @@ class Follower:
             r = problem.reward(x.detach())
             if self.options["follower"] == "exact":
                 P = problem.transitions
-                self.V, _, self.pi = soft_bellman_update(P, r, self.V, gamma, tau, steps)
+                self.V, self.pi = soft_bellman_update(P, r, self.V, gamma, tau, steps)
             else:
                 for _ in range(steps):
                     Q = sampled_q(problem, self.env, r, self.pi, self.options["q_rollouts"],
