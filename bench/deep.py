@@ -1,6 +1,7 @@
 """Deep RLHF (issue 5): the bilevel machinery's cost over SAC, and results at a small budget.
 
-    python bench/deep.py speed   [--problem hopper] [--steps 3000] [--width 256]
+    python bench/deep.py speed   [--problem hopper] [--steps 3000] [--block 1000] [--width 256]
+                                 [--repeats 1]
     python bench/deep.py results [--problems halfcheetah,hopper] [--seeds 1,2] [--steps 10000]
 
 ``speed`` runs ``sobirl_sac`` (implicit term on from the start) and ``sac_true`` on the same
@@ -44,22 +45,28 @@ def speed(args: argparse.Namespace) -> None:
     blocks = max(2, args.steps // args.block)
     options = {"outer": blocks, "sac_steps": args.block, "learning_starts": args.block,
                "sac_width": args.width, "eval_every": 0, "checkpoint_every": 0}
-    rows = []
-    for solver, extra in (("sac_true", {}), ("sobirl_sac", {"implicit_warmup": 0})):
-        _, history = run(args.problem, solver, 1, {**options, **extra})
-        # iteration 1 is SAC's random warm-up block (no updates): time the rest
-        seconds = history["time"][-1] - history["time"][0]
-        steps = history["env_steps"][-1] - history["env_steps"][0]
-        query = history["query_steps"][-1] - history["query_steps"][0]
-        rows.append((solver, steps, query, seconds, steps / seconds))
+    solvers = (("sac_true", {}), ("sobirl_sac", {"implicit_warmup": 0}))
+    rows, rates = [], {name: [] for name, _ in solvers}
+    for repeat in range(args.repeats):
+        # alternate the order so that a drift in the machine's speed hits both alike
+        for solver, extra in (solvers if repeat % 2 == 0 else solvers[::-1]):
+            _, history = run(args.problem, solver, 1, {**options, **extra})
+            # iteration 1 is SAC's random warm-up block (no updates): time the rest
+            seconds = history["time"][-1] - history["time"][0]
+            steps = history["env_steps"][-1] - history["env_steps"][0]
+            query = history["query_steps"][-1] - history["query_steps"][0]
+            rows.append((repeat + 1, solver, steps, query, seconds, steps / seconds))
+            rates[solver].append(steps / seconds)
     print(f"problem rlhf_{args.problem}: {blocks} blocks of {args.block} steps, SAC width "
-          f"{args.width}, cpu\n")
-    print("| solver | SAC steps timed | fragment steps | seconds | SAC steps/s |")
-    print("| ---: | ---: | ---: | ---: | ---: |")
-    for solver, steps, query, seconds, rate in rows:
-        print(f"| {solver} | {steps:,} | {query:,} | {seconds:.1f} | {rate:.1f} |")
-    overhead = rows[0][4] / rows[1][4] - 1
-    print(f"\nbilevel overhead over sac_true: {overhead:+.1%} "
+          f"{args.width}, cpu, {args.repeats} repeat(s)\n")
+    print("| repeat | solver | SAC steps timed | fragment steps | seconds | SAC steps/s |")
+    print("| ---: | ---: | ---: | ---: | ---: | ---: |")
+    for repeat, solver, steps, query, seconds, rate in rows:
+        print(f"| {repeat} | {solver} | {steps:,} | {query:,} | {seconds:.1f} | {rate:.2f} |")
+    true_rate, bilevel_rate = (statistics.median(rates[name]) for name, _ in solvers)
+    overhead = true_rate / bilevel_rate - 1
+    print(f"\nmedian SAC steps/s: sac_true {true_rate:.2f}, sobirl_sac {bilevel_rate:.2f}")
+    print(f"bilevel overhead over sac_true: {overhead:+.1%} "
           f"(target <= +30%: {'met' if overhead <= 0.30 else 'NOT met'})")
 
 
@@ -95,6 +102,8 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=3000)
     p.add_argument("--block", type=int, default=1000)
     p.add_argument("--width", type=int, default=256)
+    p.add_argument("--repeats", type=int, default=1,
+                   help="runs of each solver, in alternating order; medians are compared")
     p.set_defaults(run=speed)
     p = sub.add_parser("results")
     p.add_argument("--problems", default="halfcheetah,hopper")

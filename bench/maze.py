@@ -149,7 +149,7 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=100)
     parser.add_argument("--cols", type=int, default=110)
     parser.add_argument("--beta", type=float, default=10.0, help="step size of every solver")
-    parser.add_argument("--exact-betas", default="10,50",
+    parser.add_argument("--exact-betas", default="10,50,100",
                         help="step sizes for exact (comma-separated; --beta is always run)")
     parser.add_argument("--variants", default="fixed_point:1,lsq:1,fixed_point:10",
                         help="m_sobirl runs as adjoint:adjoint_steps (comma-separated)")

@@ -80,21 +80,22 @@ def test_deep_lower_and_upper_errors():
 
 
 def test_implicit_term_matches_the_score_function_of_a_softmax_follower():
-    """With pi = softmax(r_theta(s, .) / alpha) (the one-step soft-optimal policy), the term's
-    gradient is stopgrad(BCE) * sum_t grad log pi(a_t | s_t), computed here by autograd."""
+    """With pi = softmax(r'(s, .) / alpha) for SAC's standardised r' = (r_theta - shift) / scale
+    (the one-step soft-optimal policy), the term's gradient is stopgrad(BCE) * sum_t
+    grad log pi(a_t | s_t), computed here by autograd."""
     torch.manual_seed(0)
-    n_obs, n_actions, length, alpha = 5, 3, 4, 0.7
+    n_obs, n_actions, length, alpha, shift, scale = 5, 3, 4, 0.7, 0.3, 2.5
     spec = RewardNetSpec(hidden=(8,), activation="tanh")
     net = build_reward_net(spec, (n_obs,), n_actions, None)
-    model = RewardModel.__new__(RewardModel)  # only its network is used
-    model.net = net
+    model = RewardModel.__new__(RewardModel)  # only its network and standardisation are used
+    model.net, model.shift, model.scale = net, torch.tensor(shift), torch.tensor(scale)
 
     class SoftmaxFollower:
         def __init__(self) -> None:
             self.alpha = torch.tensor(alpha)
 
         def action_probs(self, obs):
-            return torch.softmax(net.all_actions(obs) / alpha, -1).detach()
+            return torch.softmax((net.all_actions(obs) - shift) / scale / alpha, -1).detach()
 
     def fragments(seed):
         g = torch.Generator().manual_seed(seed)
@@ -111,7 +112,7 @@ def test_implicit_term_matches_the_score_function_of_a_softmax_follower():
     grad_ours = torch.autograd.grad(ours, list(net.parameters()))
 
     def log_pi(frags):
-        logits = net.all_actions(frags.obs.reshape(-1, n_obs)) / alpha
+        logits = (net.all_actions(frags.obs.reshape(-1, n_obs)) - shift) / scale / alpha
         taken = torch.log_softmax(logits, -1).gather(-1, frags.actions.reshape(-1, 1))
         return taken.view(6, length).sum(-1)
 

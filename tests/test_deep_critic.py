@@ -111,8 +111,8 @@ def test_critic_term_gradients(discrete):
     """The last layer's gradient is mean(BCE * (1/alpha) * sum_t dpsi) over the pairs (both
     fragments); every other layer's is the public form's; r = <theta_L, phi>."""
     obs_space, action_space, net, buffer, _, _, _ = _chain(discrete)
-    model = RewardModel.__new__(RewardModel)  # only its network is used
-    model.net = net
+    model = RewardModel.__new__(RewardModel)  # only its network and standardisation are used
+    model.net, model.scale = net, torch.ones(())
     critic = SuccessorCritic(obs_space, action_space, net, (16,), GAMMA, lr=1e-3, tau=0.05,
                              batch=8, seed=1, device=torch.device("cpu"))
     follower = DiscreteFollower() if discrete else ContinuousFollower()

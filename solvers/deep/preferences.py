@@ -128,8 +128,8 @@ class PreferenceQueue:
         if self.labels is None:
             self.first, self.second, self.labels, self.true_better = first, second, labels, better
         else:
-            self.first = _cat(self.first, first)
-            self.second = _cat(self.second, second)
+            self.first = concat(self.first, first)
+            self.second = concat(self.second, second)
             self.labels = torch.cat([self.labels, labels])
             self.true_better = torch.cat([self.true_better, better])
         if len(self) > self.capacity:
@@ -159,7 +159,8 @@ class PreferenceQueue:
             for n in ("first", "second"))
 
 
-def _cat(a: Fragments, b: Fragments) -> Fragments:
+def concat(a: Fragments, b: Fragments) -> Fragments:
+    """The fragments of ``a`` followed by those of ``b``."""
     return Fragments(torch.cat([a.obs, b.obs]), torch.cat([a.actions, b.actions]),
                      torch.cat([a.rewards, b.rewards]))
 

@@ -12,7 +12,8 @@ One outer iteration:
 
        loss = mean(BCE) + mean(stopgrad(BCE) * (1/alpha) * sum_t [r(s_t,a_t) - E_pi r(s_t,.)])
 
-   (``implicit = public``, the paper's code: ``dQ*/dtheta`` replaced by ``grad r_theta``), or the
+   (``implicit = public``, the paper's code: ``dQ*/dtheta`` replaced by ``grad r_theta``; its
+   ``1/alpha`` is ``1/(alpha scale)`` here, as SAC learns from ``(r - shift) / scale``), or the
    same with ``r`` replaced by its discounted sum over the rest of the fragment
    (``implicit = fragment``, a Monte-Carlo ``dQ/dtheta`` truncated at the fragment's end), or
    (``implicit = critic``) with the last layer's ``dQ/dtheta_L`` taken from a learnt
@@ -37,6 +38,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from ..registry import SolverError
@@ -48,8 +50,8 @@ from .preferences import (
     Fragments,
     Oracle,
     PreferenceQueue,
+    concat,
     preference_accuracy,
-    preference_losses,
 )
 from .problem import DeepProblem
 from .reward_model import RewardNet, build_reward_net
@@ -102,32 +104,50 @@ class RewardModel:
         self.shift, self.scale = state["shift"], state["scale"]
 
 
-def implicit_term(model: RewardModel, agent: SACAgent, frags: Fragments, kind: str,
-                  gamma: float, samples: int, critic: SuccessorCritic | None = None) -> Tensor:
-    """``(1/alpha) sum_t [r(s_t, a_t) - E_{a'~pi} r(s_t, a')]`` per fragment (differentiable in
-    theta), with ``r`` summed discounted over the rest of the fragment when ``kind = fragment``.
+def reward_terms(model: RewardModel, agent: SACAgent, frags: Fragments, kind: str,
+                 gamma: float, samples: int, critic: SuccessorCritic | None = None
+                 ) -> tuple[Tensor, Tensor | None]:
+    """Per fragment, the predicted return ``sum_t r(s_t, a_t)`` and (unless ``kind = off``) the
+    implicit term ``(1/(alpha scale)) sum_t [r(s_t, a_t) - E_{a'~pi} r(s_t, a')]``, both
+    differentiable in theta; with discrete actions one forward pass of the network gives both.
 
-    With ``kind = critic`` each step's bracket is ``<sg(theta_L), dphi> + <theta_L, sg(dpsi)>``,
+    With ``kind = fragment`` the bracket is summed discounted over the rest of the fragment.
+    With ``kind = critic`` it is ``<sg(theta_L), dphi> + <theta_L, sg(dpsi)>``,
     ``dphi = phi(s_t, a_t) - E_pi phi(s_t, .)`` and ``dpsi`` the critic's ``psi(s_t, a_t) -
     E_pi psi(s_t, .)`` (``sg``: stop-gradient): the last layer's gradient is the critic's
     ``dQ/dtheta_L`` difference, every other layer's is the public form's."""
     n, length = frags.rewards.shape
     obs, actions = frags.steps()
-    probs, sampled = policy_expectation(agent, obs, samples, model.net.discrete)
+    net = model.net
+    if kind == "off":
+        return net(obs, actions).view(n, length).sum(-1), None
+    probs, sampled = policy_expectation(agent, obs, samples, net.discrete)
+    if net.discrete:
+        every = net.all_actions(obs)
+        taken = every.gather(-1, actions.long().reshape(-1, 1)).squeeze(-1)
+        expected = (every * probs.to(every.dtype)).sum(-1)
+    else:
+        taken, expected = net(obs, actions), net.expected(obs, actions=sampled)
     if kind == "critic":
-        theta = model.net.last_weights()
-        dphi = model.net.phi_advantage(obs, actions, probs, sampled)
+        theta = net.last_weights()
+        dphi = net.phi_advantage(obs, actions, probs, sampled)
         dpsi = critic.advantage(obs, actions, probs, sampled)
         advantage = (theta.detach() * dphi).sum((-2, -1)) + (theta * dpsi).sum((-2, -1))
     else:
-        advantage = model.net(obs, actions) - model.net.expected(obs, probs=probs,
-                                                                 actions=sampled)
+        advantage = taken - expected
     advantage = advantage.view(n, length)
     if kind == "fragment":  # sum_{t' >= t} gamma^(t'-t) of the advantage, then summed over t
         weights = (1 - gamma ** torch.arange(length, 0, -1, device=advantage.device,
                                              dtype=advantage.dtype)) / (1 - gamma)
         advantage = advantage * weights
-    return advantage.sum(-1) / agent.alpha
+    # SAC learns from (r - shift) / scale, so its soft-optimal policy's score carries 1 / scale
+    return taken.view(n, length).sum(-1), advantage.sum(-1) / (agent.alpha * model.scale)
+
+
+def implicit_term(model: RewardModel, agent: SACAgent, frags: Fragments, kind: str,
+                  gamma: float, samples: int, critic: SuccessorCritic | None = None) -> Tensor:
+    """The implicit term of ``reward_terms`` alone, per fragment."""
+    return reward_terms(model, agent, frags, kind, gamma, samples, critic)[1]
 
 
 def run(problem: DeepProblem, options: dict[str, Any], monitor: Monitor,
@@ -299,14 +319,16 @@ def _train_reward(model: RewardModel, agent: SACAgent, queue: PreferenceQueue,
         order = torch.randperm(len(queue), generator=generator)
         for begin in range(0, len(queue), batch):
             first, second, labels = queue.batch(order[begin:begin + batch])
-            bce = preference_losses(model.net, first, second, labels)
+            # both fragments of every pair in one forward pass (one batch-norm batch)
+            returns, term = reward_terms(model, agent, concat(first, second), implicit, gamma,
+                                         options["samples"], critic)
+            pairs = len(first)
+            logits = returns[:pairs] - returns[pairs:]
+            bce = F.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype),
+                                                     reduction="none")
             loss = bce.mean()
-            if implicit != "off":
-                weight = bce.detach()
-                args = (implicit, gamma, options["samples"], critic)
-                term = implicit_term(model, agent, first, *args) \
-                    + implicit_term(model, agent, second, *args)
-                loss = loss + (weight * term).mean()
+            if term is not None:
+                loss = loss + (bce.detach() * (term[:pairs] + term[pairs:])).mean()
             model.optimiser.zero_grad(set_to_none=True)
             loss.backward()
             grad_norm = float(torch.nn.utils.clip_grad_norm_(model.net.parameters(),

@@ -33,7 +33,7 @@ OPTIONS = (
            "grad r for dQ/dtheta), fragment (discounted over the rest of the fragment), critic "
            "(the reward net's last layer [w, b] gets dQ/d[w, b] = psi(s, a), the successor "
            "features of its input, from a critic learnt by TD on SAC's buffer: "
-           "(1/alpha) [w, b] . (psi(s, a) - E_pi psi(s, .)); other layers the public form) "
+           "(1/(alpha scale)) [w, b] . (psi(s, a) - E_pi psi(s, .)); other layers the public form) "
            "or off", choices=("public", "fragment", "critic", "off")),
     Option("implicit_warmup", int, 100_000, "SAC steps before the implicit term is switched on",
            valid="[0, inf)"),
