@@ -2,9 +2,9 @@
 
 One outer iteration makes one adjoint step (``adjoint_steps`` of them if asked), one
 hyper-gradient step on ``x`` and ``N`` warm-started soft Bellman steps: ``N + 2`` products with
-``P`` (``N + 3`` with the paper's least-squares adjoint step), element-wise work on ``S*A``
-entries and one vector-Jacobian product through the reward, which is evaluated once per
-iteration and reused.
+``P`` (one more with the paper's least-squares adjoint step, one more with ``policy =
+paper``), element-wise work on ``S*A`` entries and one vector-Jacobian product through the
+reward, which is evaluated once per iteration and reused.
 
 By default ``pi_{k+1} = softmax(Q / tau)`` instead of the paper's ``exp((Q - V) / tau)``. The two
 agree once ``V`` has converged, but while ``V`` lags at a low temperature the paper's rows are far

@@ -12,9 +12,15 @@ import torch
 
 from bilevel_dsl import BrlError, compile_file, compile_source, lower
 from solvers import REGISTRY, ProblemFeatures
-from solvers.deep.preferences import Fragments, Oracle, PreferenceQueue, preference_losses
+from solvers.deep.preferences import (
+    Fragments,
+    Oracle,
+    PreferenceQueue,
+    bradley_terry,
+    fragment_returns,
+)
 from solvers.deep.reward_model import RewardNetSpec, build_reward_net
-from solvers.deep.sobirl_sac import RewardModel, implicit_term
+from solvers.deep.sobirl_sac import RewardModel, reward_terms
 
 ROOT = Path(__file__).resolve().parent.parent
 SIX = ["beamrider", "seaquest", "spaceinvaders", "halfcheetah", "walker2d", "hopper"]
@@ -95,7 +101,7 @@ def test_implicit_term_matches_the_score_function_of_a_softmax_follower():
             self.alpha = torch.tensor(alpha)
 
         def action_probs(self, obs):
-            return torch.softmax((net.all_actions(obs) - shift) / scale / alpha, -1).detach()
+            return torch.softmax((net.body(obs) - shift) / scale / alpha, -1).detach()
 
     def fragments(seed):
         g = torch.Generator().manual_seed(seed)
@@ -105,14 +111,15 @@ def test_implicit_term_matches_the_score_function_of_a_softmax_follower():
 
     first, second = fragments(1), fragments(2)
     labels = torch.tensor([1.0, 0.0, 1.0, 0.5, 0.0, 1.0])
-    bce = preference_losses(net, first, second, labels).detach()
+    bce = bradley_terry(fragment_returns(net, first), fragment_returns(net, second),
+                        labels).detach()
     follower = SoftmaxFollower()
-    ours = (bce * (implicit_term(model, follower, first, "public", 0.9, 1)
-                   + implicit_term(model, follower, second, "public", 0.9, 1))).mean()
+    ours = (bce * (reward_terms(model, follower, first, "public", 0.9, 1)[1]
+                   + reward_terms(model, follower, second, "public", 0.9, 1)[1])).mean()
     grad_ours = torch.autograd.grad(ours, list(net.parameters()))
 
     def log_pi(frags):
-        logits = (net.all_actions(frags.obs.reshape(-1, n_obs)) - shift) / scale / alpha
+        logits = (net.body(frags.obs.reshape(-1, n_obs)) - shift) / scale / alpha
         taken = torch.log_softmax(logits, -1).gather(-1, frags.actions.reshape(-1, 1))
         return taken.view(6, length).sum(-1)
 

@@ -11,11 +11,11 @@ from gymnasium import spaces
 
 from bilevel_dsl import BrlError, compile_source, lower
 from solvers.deep.critic import SuccessorCritic
-from solvers.deep.preferences import Fragments, preference_losses
+from solvers.deep.preferences import Fragments, bradley_terry, fragment_returns
 from solvers.deep.problem import PreferenceSpec
 from solvers.deep.replay import ReplayBuffer
 from solvers.deep.reward_model import RewardNetSpec, build_reward_net
-from solvers.deep.sobirl_sac import RewardModel, implicit_term
+from solvers.deep.sobirl_sac import RewardModel, reward_terms
 
 N_STATES, GAMMA = 5, 0.8  # a chain 0 -> 4; stepping from 3 to 4 ends the episode
 MU = torch.tensor([0.5, -0.5, 1.0, -1.0, 0.0])  # the continuous follower's action in each state
@@ -132,14 +132,15 @@ def test_critic_term_gradients(discrete):
     obs, actions = first.steps()
     torch.testing.assert_close((net.last_weights() * net.phi(obs, actions)).sum((-2, -1)),
                                net(obs, actions))
-    bce = preference_losses(net, first, second, labels).detach()
+    bce = bradley_terry(fragment_returns(net, first), fragment_returns(net, second),
+                        labels).detach()
     params = list(net.parameters())
     last = [net.last.weight, net.last.bias]
     others = [p for p in params if all(p is not q for q in last)]
 
     def gradients(kind):
-        term = (bce * (implicit_term(model, follower, first, kind, GAMMA, 3, critic)
-                       + implicit_term(model, follower, second, kind, GAMMA, 3, critic))).mean()
+        term = (bce * (reward_terms(model, follower, first, kind, GAMMA, 3, critic)[1]
+                       + reward_terms(model, follower, second, kind, GAMMA, 3, critic)[1])).mean()
         return torch.autograd.grad(term, last + others)
 
     critic_grads, public_grads = gradients("critic"), gradients("public")

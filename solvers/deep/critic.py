@@ -112,11 +112,9 @@ class SuccessorCritic:
             return (taken - expected) / (1 - self.gamma)
 
     def update(self, buffer: ReplayBuffer, reward_net: RewardNet, agent: Any, steps: int,
-               samples: int) -> float:
-        """``steps`` TD minibatch updates on ``buffer`` under ``agent``'s policy; returns the
-        last squared TD error (mean over the features)."""
+               samples: int) -> None:
+        """``steps`` TD minibatch updates on ``buffer`` under ``agent``'s policy."""
         reward_net.train(False)
-        loss = torch.full((), float("nan"))
         for _ in range(steps):
             batch = buffer.sample(self.batch, self.generator)
             with torch.no_grad():
@@ -133,7 +131,6 @@ class SuccessorCritic:
             with torch.no_grad():
                 for target_p, p in zip(self.target.parameters(), self.net.parameters()):
                     target_p.lerp_(p, self.tau)
-        return float(loss.detach())
 
     def state(self) -> dict[str, Any]:
         """Tensors only, for a checkpoint."""

@@ -174,10 +174,10 @@ def fragment_returns(net: RewardNet, frags: Fragments) -> Tensor:
     return net(*frags.steps()).view(frags.rewards.shape).sum(-1)
 
 
-def preference_losses(net: RewardNet, first: Fragments, second: Fragments, labels: Tensor
-                      ) -> Tensor:
-    """Bradley-Terry cross-entropy of each pair under the reward model (not averaged)."""
-    logits = fragment_returns(net, first) - fragment_returns(net, second)
+def bradley_terry(first: Tensor, second: Tensor, labels: Tensor) -> Tensor:
+    """Cross-entropy of each pair's label (1: the first fragment preferred) under
+    ``P(first) = sigmoid(R(first) - R(second))``, from the two predicted returns; not averaged."""
+    logits = first - second
     return F.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype), reduction="none")
 
 

@@ -79,14 +79,15 @@ class RewardNet(nn.Module):
         return h.unsqueeze(-2)
 
     def phi_advantage(self, obs: Tensor, action: Tensor, probs: Tensor | None = None,
-                      actions: Tensor | None = None) -> Tensor:
+                      actions: Tensor | None = None, h: Tensor | None = None) -> Tensor:
         """``phi(s, a) - E_{a' ~ pi(.|s)} phi(s, a')``, with ``probs`` or ``actions`` as in
-        ``expected``; discrete nets run once over the states, as the expectation is exact."""
+        ``expected``; ``h = features(obs, action)`` when the caller has it already (discrete
+        nets then need no pass of their own, as the expectation is exact)."""
+        h = _append_one(self.features(obs, action) if h is None else h)
         if self.discrete:
-            h = _append_one(self.features(obs))
             weights = self._one_hot(action) - probs.to(h.dtype)
             return weights.unsqueeze(-1) * h.unsqueeze(-2)
-        return self.phi(obs, action) - self.phi(obs, actions).mean(0)
+        return (h - _append_one(self.features(obs, actions)).mean(0)).unsqueeze(-2)
 
     def _one_hot(self, action: Tensor) -> Tensor:
         return nn.functional.one_hot(action.long().reshape(-1), self.last.out_features).float()
@@ -102,9 +103,6 @@ class _DiscreteHead(RewardNet):
     def __init__(self, body: nn.Module) -> None:
         super().__init__()
         self.body = body
-
-    def all_actions(self, obs: Tensor) -> Tensor:
-        return self.body(obs)
 
     def forward(self, obs: Tensor, action: Tensor) -> Tensor:
         return self.body(obs).gather(-1, action.long().reshape(-1, 1)).squeeze(-1)

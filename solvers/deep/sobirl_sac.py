@@ -38,7 +38,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from ..registry import SolverError
@@ -50,6 +49,7 @@ from .preferences import (
     Fragments,
     Oracle,
     PreferenceQueue,
+    bradley_terry,
     concat,
     preference_accuracy,
 )
@@ -109,7 +109,8 @@ def reward_terms(model: RewardModel, agent: SACAgent, frags: Fragments, kind: st
                  ) -> tuple[Tensor, Tensor | None]:
     """Per fragment, the predicted return ``sum_t r(s_t, a_t)`` and (unless ``kind = off``) the
     implicit term ``(1/(alpha scale)) sum_t [r(s_t, a_t) - E_{a'~pi} r(s_t, a')]``, both
-    differentiable in theta; with discrete actions one forward pass of the network gives both.
+    differentiable in theta, from one pass of the network over the steps (continuous actions
+    add one over the sampled actions for the expectation).
 
     With ``kind = fragment`` the bracket is summed discounted over the rest of the fragment.
     With ``kind = critic`` it is ``<sg(theta_L), dphi> + <theta_L, sg(dpsi)>``,
@@ -122,19 +123,19 @@ def reward_terms(model: RewardModel, agent: SACAgent, frags: Fragments, kind: st
     if kind == "off":
         return net(obs, actions).view(n, length).sum(-1), None
     probs, sampled = policy_expectation(agent, obs, samples, net.discrete)
-    if net.discrete:
-        every = net.all_actions(obs)
-        taken = every.gather(-1, actions.long().reshape(-1, 1)).squeeze(-1)
-        expected = (every * probs.to(every.dtype)).sum(-1)
-    else:
-        taken, expected = net(obs, actions), net.expected(obs, actions=sampled)
+    h = net.features(obs, actions)
+    out = net.last(h)  # (steps, |A|) with discrete actions, else (steps, 1)
+    taken = out.gather(-1, actions.long().reshape(-1, 1)).squeeze(-1) if net.discrete \
+        else out.squeeze(-1)
     if kind == "critic":
         theta = net.last_weights()
-        dphi = net.phi_advantage(obs, actions, probs, sampled)
+        dphi = net.phi_advantage(obs, actions, probs, sampled, h=h)
         dpsi = critic.advantage(obs, actions, probs, sampled)
         advantage = (theta.detach() * dphi).sum((-2, -1)) + (theta * dpsi).sum((-2, -1))
+    elif net.discrete:
+        advantage = taken - (out * probs.to(out.dtype)).sum(-1)
     else:
-        advantage = taken - expected
+        advantage = taken - net.expected(obs, actions=sampled)
     advantage = advantage.view(n, length)
     if kind == "fragment":  # sum_{t' >= t} gamma^(t'-t) of the advantage, then summed over t
         weights = (1 - gamma ** torch.arange(length, 0, -1, device=advantage.device,
@@ -142,12 +143,6 @@ def reward_terms(model: RewardModel, agent: SACAgent, frags: Fragments, kind: st
         advantage = advantage * weights
     # SAC learns from (r - shift) / scale, so its soft-optimal policy's score carries 1 / scale
     return taken.view(n, length).sum(-1), advantage.sum(-1) / (agent.alpha * model.scale)
-
-
-def implicit_term(model: RewardModel, agent: SACAgent, frags: Fragments, kind: str,
-                  gamma: float, samples: int, critic: SuccessorCritic | None = None) -> Tensor:
-    """The implicit term of ``reward_terms`` alone, per fragment."""
-    return reward_terms(model, agent, frags, kind, gamma, samples, critic)[1]
 
 
 def run(problem: DeepProblem, options: dict[str, Any], monitor: Monitor,
@@ -323,9 +318,7 @@ def _train_reward(model: RewardModel, agent: SACAgent, queue: PreferenceQueue,
             returns, term = reward_terms(model, agent, concat(first, second), implicit, gamma,
                                          options["samples"], critic)
             pairs = len(first)
-            logits = returns[:pairs] - returns[pairs:]
-            bce = F.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype),
-                                                     reduction="none")
+            bce = bradley_terry(returns[:pairs], returns[pairs:], labels)
             loss = bce.mean()
             if term is not None:
                 loss = loss + (bce.detach() * (term[:pairs] + term[pairs:])).mean()
