@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -174,6 +175,12 @@ def test_a_tiny_end_to_end_run(tmp_path, name, options):
     assert record["iterations"] == 2 and record["solver"]["name"] == "sobirl_sac"
     assert record["queries"] > 0 and record["env_steps"] >= 64
     assert (out / "curve.png").stat().st_size > 0
+    critic_errors = record["history"]["critic_td_error"]
+    assert len(critic_errors) == 2
+    if "implicit=critic" in options:
+        assert all(math.isfinite(e) and e >= 0 for e in critic_errors)
+    else:
+        assert critic_errors == [None, None]  # NaN, written as JSON null
     state = torch.load(out / "reward_net.pt", weights_only=True)
     assert all(torch.isfinite(t).all() for t in state.values() if t.is_floating_point())
 

@@ -112,9 +112,11 @@ class SuccessorCritic:
             return (taken - expected) / (1 - self.gamma)
 
     def update(self, buffer: ReplayBuffer, reward_net: RewardNet, agent: Any, steps: int,
-               samples: int) -> None:
-        """``steps`` TD minibatch updates on ``buffer`` under ``agent``'s policy."""
+               samples: int) -> float:
+        """``steps`` TD minibatch updates on ``buffer`` under ``agent``'s policy; returns their
+        mean squared TD error (of ``(1 - gamma) psi``, per feature), to watch the critic."""
         reward_net.train(False)
+        total = torch.zeros((), device=self.device)
         for _ in range(steps):
             batch = buffer.sample(self.batch, self.generator)
             with torch.no_grad():
@@ -125,12 +127,14 @@ class SuccessorCritic:
                 keep = (1.0 - batch.terminated).view(-1, 1, 1)
                 target = (1 - self.gamma) * phi + self.gamma * keep * future
             loss = F.mse_loss(self._scaled(self.net, batch.obs, actions=batch.action), target)
+            total += loss.detach()
             self.optimiser.zero_grad(set_to_none=True)
             loss.backward()
             self.optimiser.step()
             with torch.no_grad():
                 for target_p, p in zip(self.target.parameters(), self.net.parameters()):
                     target_p.lerp_(p, self.tau)
+        return float(total) / max(steps, 1)
 
     def state(self) -> dict[str, Any]:
         """Tensors only, for a checkpoint."""

@@ -179,7 +179,7 @@ def run(problem: DeepProblem, options: dict[str, Any], monitor: Monitor,
     history: dict[str, list[float]] = {
         "iteration": [], "objective": [], "hypergrad_norm": [], "time": [], "env_steps": [],
         "query_steps": [], "queries": [], "train_return": [], "eval_return": [],
-        "eval_step": [], "preference_accuracy": [], "alpha": []}
+        "eval_step": [], "preference_accuracy": [], "alpha": [], "critic_td_error": []}
     k, queries, carry, wall_before = 0, 0, 0.0, 0.0
     if resume is not None:
         progress, history = _load(resume, learner, model, critic, queue, heldout, generator)
@@ -203,9 +203,10 @@ def run(problem: DeepProblem, options: dict[str, Any], monitor: Monitor,
             # 1. a block of SAC steps on the current reward model
             steps_before = learner.steps
             learner.train(options["sac_steps"], reward_fn)
+            critic_error = math.nan
             if critic is not None:  # trained from the start, so it is ready after the warm-up
-                critic.update(learner.buffer, model.net, agent, options["critic_updates"],
-                              options["samples"])
+                critic_error = critic.update(learner.buffer, model.net, agent,
+                                             options["critic_updates"], options["samples"])
             loss, grad_norm = math.nan, math.nan
             if learned:
                 # 2. new pairs from the current policy (as many as the schedule says),
@@ -222,7 +223,7 @@ def run(problem: DeepProblem, options: dict[str, Any], monitor: Monitor,
                                                 critic=critic)
             k += 1
             _record(history, k, loss, grad_norm, start, learner, collector, queries,
-                    heldout, model, agent)
+                    heldout, model, agent, critic_error)
             if options["eval_every"] and k % options["eval_every"] == 0:
                 history["eval_step"].append(learner.steps)
                 history["eval_return"].append(learner.evaluate(
@@ -334,7 +335,7 @@ def _train_reward(model: RewardModel, agent: SACAgent, queue: PreferenceQueue,
 
 
 def _record(history, k, loss, grad_norm, start, learner, collector, queries, heldout, model,
-            agent) -> None:
+            agent, critic_error) -> None:
     history["iteration"].append(k)
     history["objective"].append(loss)
     history["hypergrad_norm"].append(grad_norm)
@@ -346,6 +347,8 @@ def _record(history, k, loss, grad_norm, start, learner, collector, queries, hel
     history["train_return"].append(float(np.mean(recent)) if recent else math.nan)
     history["preference_accuracy"].append(preference_accuracy(model.net, heldout))
     history["alpha"].append(float(agent.alpha))
+    # (a checkpoint written before this record existed resumes without it)
+    history.setdefault("critic_td_error", []).append(critic_error)
 
 
 def _reset(learner: SACLearner, collector: FragmentCollector, seed: int, k: int) -> None:
