@@ -58,19 +58,23 @@ def maze_map(rows: int, cols: int) -> str:
     return "\n".join("".join(row) for row in grid)
 
 
+def _maze_and_distances(rows: int, cols: int) -> str:
+    """The maze and ``D[s, a]``, the distance to the true goal of the cell that a aims at."""
+    return f'''mdp maze = gridworld(map = """
+{maze_map(rows, cols)}
+""", slip = 0.1, discount = 0.99)
+
+param move[maze.A, 2] = [[-1, 0], [1, 0], [0, -1], [0, 1]]   # up, down, left, right
+param D[s in maze.S, a in maze.A] = norm(maze.pos[s] + move[a] - maze.goal_pos)
+'''
+
+
 def source(rows: int, cols: int, beta: float) -> str:
     g0 = [round(0.8 * rows), round(0.8 * cols)]
     return f'''brl 1
 problem maze_bench "goal relocation on a {rows} x {cols} maze"
-mdp maze = gridworld(map = """
-{maze_map(rows, cols)}
-""", slip = 0.1, discount = 0.99)
-
+{_maze_and_distances(rows, cols)}
 param lam = 0.005
-param move[maze.A, 2] = [[-1, 0], [1, 0], [0, -1], [0, 1]]   # up, down, left, right
-# distance to the true goal of the cell that action a aims at from s
-param D[s in maze.S, a in maze.A] = norm(maze.pos[s] + move[a] - maze.goal_pos)
-
 var g[2] = [{g0[0]}, {g0[1]}]
 
 lower maze {{
@@ -91,14 +95,8 @@ def shaping_source(rows: int, cols: int) -> str:
     objective as ``source`` with a smaller price on ||x||^2."""
     return f'''brl 1
 problem maze_shaping "per-pair reward shaping on a {rows} x {cols} maze"
-mdp maze = gridworld(map = """
-{maze_map(rows, cols)}
-""", slip = 0.1, discount = 0.99)
-
+{_maze_and_distances(rows, cols)}
 param price = 0.001
-param move[maze.A, 2] = [[-1, 0], [1, 0], [0, -1], [0, 1]]   # up, down, left, right
-param D[s in maze.S, a in maze.A] = norm(maze.pos[s] + move[a] - maze.goal_pos)
-
 var x[maze.S, maze.A] = 0 in [-1, 1]
 
 lower maze {{
