@@ -50,10 +50,9 @@ class RewardNet(nn.Module):
     def forward(self, obs: Tensor, action: Tensor) -> Tensor:
         raise NotImplementedError
 
-    def expected(self, obs: Tensor, probs: Tensor | None = None,
-                 actions: Tensor | None = None) -> Tensor:
-        """``E_{a' ~ pi(.|s)} r(s, a')``: from ``probs`` (B, |A|) when discrete, else from sampled
-        ``actions`` (n, B, dim), averaged over the n samples."""
+    def expected(self, obs: Tensor, actions: Tensor) -> Tensor:
+        """``E_{a' ~ pi(.|s)} r(s, a')`` over sampled continuous ``actions`` (n, B, dim), averaged
+        over the n samples (discrete nets give every action's reward in one pass instead)."""
         raise NotImplementedError
 
     @property
@@ -81,7 +80,7 @@ class RewardNet(nn.Module):
     def phi_advantage(self, obs: Tensor, action: Tensor, probs: Tensor | None = None,
                       actions: Tensor | None = None, h: Tensor | None = None) -> Tensor:
         """``phi(s, a) - E_{a' ~ pi(.|s)} phi(s, a')``, with ``probs`` or ``actions`` as in
-        ``expected``; ``h = features(obs, action)`` when the caller has it already (discrete
+        ``reward_terms``; ``h = features(obs, action)`` when the caller has it already (discrete
         nets then need no pass of their own, as the expectation is exact)."""
         h = _append_one(self.features(obs, action) if h is None else h)
         if self.discrete:
@@ -106,10 +105,6 @@ class _DiscreteHead(RewardNet):
 
     def forward(self, obs: Tensor, action: Tensor) -> Tensor:
         return self.body(obs).gather(-1, action.long().reshape(-1, 1)).squeeze(-1)
-
-    def expected(self, obs: Tensor, probs: Tensor | None = None,
-                 actions: Tensor | None = None) -> Tensor:
-        return (self.body(obs) * probs).sum(-1)
 
     @property
     def last(self) -> nn.Linear:
@@ -150,8 +145,7 @@ class MLPReward(RewardNet):
     def forward(self, obs: Tensor, action: Tensor) -> Tensor:
         return self.net(self._inputs(obs, action)).squeeze(-1)
 
-    def expected(self, obs: Tensor, probs: Tensor | None = None,
-                 actions: Tensor | None = None) -> Tensor:
+    def expected(self, obs: Tensor, actions: Tensor) -> Tensor:
         return self.net(self._inputs(obs, actions)).squeeze(-1).mean(0)
 
     @property
@@ -198,7 +192,7 @@ class AtariRewardCNN(nn.Sequential):
         super().__init__(*layers)
 
     def forward(self, obs: Tensor) -> Tensor:  # type: ignore[override]
-        return super().forward(obs.float() / 255.0)
+        return self.last(self.features(obs))
 
     @property
     def last(self) -> nn.Linear:

@@ -135,7 +135,7 @@ def reward_terms(model: RewardModel, agent: SACAgent, frags: Fragments, kind: st
     elif net.discrete:
         advantage = taken - (out * probs.to(out.dtype)).sum(-1)
     else:
-        advantage = taken - net.expected(obs, actions=sampled)
+        advantage = taken - net.expected(obs, sampled)
     advantage = advantage.view(n, length)
     if kind == "fragment":  # sum_{t' >= t} gamma^(t'-t) of the advantage, then summed over t
         weights = (1 - gamma ** torch.arange(length, 0, -1, device=advantage.device,
