@@ -334,8 +334,8 @@ class _Elaborator:
         axes = tuple(index or f"#{k}" for k, (index, _, _) in enumerate(dims))
         if per_element:
             for axis, (_, s, size) in zip(axes, dims):
-                scope.indices[axis] = Binding(axis, torch.arange(size),
-                                              s or SetValue(str(size), size))
+                scope.indices[axis] = Binding(axis, s or SetValue(str(size), size),
+                                              torch.device("cpu"))
         if random:
             rng = seed_for(self.seed, name)
             target_axes = axes if per_element else ()
@@ -364,8 +364,11 @@ class _Elaborator:
             code = "E602" if isinstance(value_node, ir.Call) and value_node.function == "load" \
                 else "E301"
             declared = ", ".join(s.name if s is not None else str(n) for _, s, n in dims)
-            raise EvalError(code, f"{what} `{name}` is declared [{declared}] = {list(shape)} "
-                            f"but its value has shape {list(v.shape)}", value_node.span)
+            sizes = ", ".join(str(n) for n in shape)
+            size_note = "" if sizes == declared else f" (shape [{sizes}])"
+            raise EvalError(code, f"{what} `{name}` is declared [{declared}]{size_note} but its "
+                            f"value has shape [{', '.join(str(n) for n in v.shape)}]",
+                            value_node.span)
         for k, (d, declared_set) in enumerate(zip(v.dims, declared_dims)):
             if d is not None and declared_set is not None and d is not declared_set:
                 raise EvalError("E303", f"dimension {k + 1} of `{name}` is declared over "
@@ -777,8 +780,10 @@ class _Elaborator:
             spans[kw.name] = kw.span
             value_spans[kw.name] = value.span
         if decl.device is not None and decl.device not in DEVICES:
-            raise EvalError("E305", f"unknown device `{decl.device}`", decl.device_span,
-                            did_you_mean(decl.device, DEVICES) or "use cpu, cuda or auto")
+            # reported without stopping, so that errors in the solver and options show too
+            hint = ("an NVIDIA GPU is `cuda`" if decl.device.lower() in ("gpu", "nvidia")
+                    else did_you_mean(decl.device, DEVICES) or "use cpu, cuda or auto")
+            self.bag.error("E305", f"unknown device `{decl.device}`", decl.device_span, hint)
         if self.catalog is not None:
             for code, message, option, hint in self.catalog(decl.solver, options):
                 at = value_spans if code in VALUE_CODES else spans
@@ -902,7 +907,7 @@ def lower_reward(info: LowerInfo, scope: Scope) -> torch.Tensor:
     sets = (mdp.states, mdp.actions, mdp.states)[: len(info.indices)]
     sizes = {}
     for name, s in zip(info.indices, sets):
-        scope.indices[name] = Binding(name, torch.arange(s.size, device=scope.device), s)
+        scope.indices[name] = Binding(name, s, scope.device)
         sizes[name] = s.size
     v = evaluate_val(info.reward, scope)
     stray = [a for a in v.axes if a not in info.indices]
@@ -913,7 +918,7 @@ def lower_reward(info: LowerInfo, scope: Scope) -> torch.Tensor:
                         f"is {v.describe_shape()}", info.reward.span,
                         "reduce it, e.g. with norm(...) or sum(...)")
     if len(info.indices) == 2:
-        return expand_axes(v, info.indices, sizes).to(DTYPE)
+        return to_real(Val(expand_axes(v, info.indices, sizes)))
     s, a, t = info.indices
     if set(v.axes) <= {t}:
         next_value = expand_axes(v, (t,), sizes).to(DTYPE)

@@ -51,9 +51,15 @@ class VarRef:
 
 @dataclass
 class Binding:
+    """An index bound to a set: along `axis` its elements are the set's positions 0..n-1."""
+
     axis: str
-    positions: torch.Tensor  # position of each element along `axis`
     set: SetValue
+    device: torch.device
+
+    @property
+    def positions(self) -> torch.Tensor:
+        return arange(self.set.size, self.device)
 
 
 @dataclass
@@ -74,8 +80,15 @@ class Scope:
     constants: ConstantCache | None = None  # set by lowering: reuse what x and pi cannot change
     lets: tuple[str, ...] = ()  # the lets being evaluated, innermost last
 
+    def copy(self) -> Scope:
+        """A shallow copy (no dataclass machinery: expressions are evaluated at every solver
+        iteration)."""
+        inner = object.__new__(Scope)
+        inner.__dict__.update(self.__dict__)
+        return inner
+
     def bind(self, name: str, binding: Binding) -> Scope:
-        inner = Scope(**{k: getattr(self, k) for k in self.__dataclass_fields__})
+        inner = self.copy()
         inner.indices = {**self.indices, name: binding}
         inner.let_cache = {}
         return inner
@@ -151,6 +164,22 @@ def _children(node: object) -> list[object]:
 
 
 _CONSTANTS_CACHE: dict[tuple[float, torch.device], torch.Tensor] = {}
+_ARANGE_CACHE: dict[tuple[int, torch.device, int | None], torch.Tensor] = {}
+_CACHE_LIMIT = 4096
+
+
+def arange(size: int, device: torch.device, start: int | None = None) -> torch.Tensor:
+    """``0..size-1`` (int64), or ``start..start+size-1`` as reals; shared between calls, since
+    index values are never modified in place."""
+    key = (size, device, start)
+    t = _ARANGE_CACHE.get(key)
+    if t is None:
+        t = torch.arange(size, device=device)
+        if start is not None:
+            t = t.to(DTYPE) + start
+        if len(_ARANGE_CACHE) < _CACHE_LIMIT:
+            _ARANGE_CACHE[key] = t
+    return t
 
 
 def scalar(value: float, device: torch.device, kind: str = "real") -> Val:
@@ -159,9 +188,15 @@ def scalar(value: float, device: torch.device, kind: str = "real") -> Val:
     t = _CONSTANTS_CACHE.get(key)
     if t is None:
         t = torch.tensor(value, dtype=DTYPE, device=device)
-        if len(_CONSTANTS_CACHE) < 4096:
+        if len(_CONSTANTS_CACHE) < _CACHE_LIMIT:
             _CONSTANTS_CACHE[key] = t
     return Val(t, kind=kind)
+
+
+# align()'s layout for a signature of its inputs (named axes, shape, dimension sets): a closure
+# evaluates the same expressions on same-shaped tensors at every call, so the checks and the
+# permutations are worked out once. The key holds the sets, which keeps their identities unique.
+_ALIGN_PLANS: dict[tuple, tuple] = {}
 
 
 def align(values: list[Val], span: ir.Span) -> tuple[tuple[str, ...], list[torch.Tensor], tuple]:
@@ -169,6 +204,23 @@ def align(values: list[Val], span: ir.Span) -> tuple[tuple[str, ...], list[torch
     first = values[0]
     if all(v.axes == first.axes and not v.dims for v in values):
         return first.axes, [v.t for v in values], ()  # the common case: element-wise scalars
+    key = tuple((v.axes, v.t.shape, v.dims) for v in values)
+    plan = _ALIGN_PLANS.get(key)
+    if plan is None:
+        plan = _align_plan(values, span)
+        if len(_ALIGN_PLANS) >= _CACHE_LIMIT:
+            _ALIGN_PLANS.clear()
+        _ALIGN_PLANS[key] = plan
+    axes, layouts, out_dims = plan
+    tensors = []
+    for v, (perm, shape) in zip(values, layouts):
+        t = v.t if perm is None else v.t.permute(perm)
+        tensors.append(t if shape is None else t.reshape(shape))
+    return axes, tensors, out_dims
+
+
+def _align_plan(values: list[Val], span: ir.Span) -> tuple:
+    """``align``'s common axes, each value's (permutation or None, shape), and the dims."""
     axes: list[str] = []
     for v in values:
         for a in v.axes:
@@ -202,19 +254,16 @@ def align(values: list[Val], span: ir.Span) -> tuple[tuple[str, ...], list[torch
     if total > MAX_TERMS:  # refused before torch tries to allocate it
         raise EvalError("E301", f"this expression would hold {total:.3g} numbers, more than "
                         f"{MAX_TERMS:,}", span, "index over smaller sets")
-    tensors = []
+    layouts = []
     for v in values:
-        t = v.t
         perm = [v.axes.index(a) for a in axes if a in v.axes]
-        t = t.permute((*perm, *range(len(v.axes), t.dim()))) if perm != sorted(perm) else t
-        shape = []
-        it = iter(t.shape[: len(v.axes)])
-        present = [a for a in axes if a in v.axes]
-        sizes = dict(zip(present, it))
+        sizes = {a: v.t.shape[v.axes.index(a)] for a in v.axes}
         shape = [sizes.get(a, 1) for a in axes]
         shape += [1] * (ndim - len(v.dims)) + list(v.shape)
-        tensors.append(t.reshape(shape))
-    return tuple(axes), tensors, tuple(out_dims)
+        permutation = (*perm, *range(len(v.axes), v.t.dim())) if perm != sorted(perm) else None
+        same = permutation is None and tuple(shape) == tuple(v.t.shape)
+        layouts.append((permutation, None if same else tuple(shape)))
+    return tuple(axes), layouts, tuple(out_dims)
 
 
 def _shapes(values: list[Val]) -> str:
@@ -223,6 +272,8 @@ def _shapes(values: list[Val]) -> str:
 
 def expand_axes(v: Val, axes: tuple[str, ...], sizes: dict[str, int]) -> torch.Tensor:
     """The tensor of `v` with exactly `axes` as leading dims, in that order (broadcast)."""
+    if v.axes == axes and all(v.t.shape[i] == sizes[a] for i, a in enumerate(axes)):
+        return v.t  # already in place: the common case of a table over its own indices
     present = [a for a in axes if a in v.axes]
     perm = [v.axes.index(a) for a in present]
     t = v.t.permute((*perm, *range(len(v.axes), v.t.dim()))) if perm != sorted(perm) else v.t
@@ -236,7 +287,11 @@ def expand_axes(v: Val, axes: tuple[str, ...], sizes: dict[str, int]) -> torch.T
 
 
 def to_real(v: Val) -> torch.Tensor:
-    return v.t if v.t.dtype == DTYPE else v.t.to(DTYPE)
+    return _real(v.t)
+
+
+def _real(t: torch.Tensor) -> torch.Tensor:
+    return t if t.dtype == DTYPE else t.to(DTYPE)
 
 
 def need_val(obj: object, node: ir.Expr) -> Val:
@@ -297,7 +352,7 @@ def _string(node: ir.String, scope: Scope) -> str:
 def _name(node: ir.Name, scope: Scope) -> object:
     binding = scope.indices.get(node.id)
     if binding is not None:
-        values = binding.positions.to(DTYPE) + binding.set.start
+        values = arange(binding.set.size, binding.device, binding.set.start)
         return Val(values, (binding.axis,), (), "int", binding.set)
     if node.id == "policy":
         if scope.policy_ref is None:
@@ -314,7 +369,8 @@ def _name(node: ir.Name, scope: Scope) -> object:
         if isinstance(obj, VarRef):
             if scope.x is None:
                 raise EvalError("E305", f"the variable `{node.id}` has no value here", node.span,
-                                "a `param` is a constant; use `let` for expressions of variables")
+                                "a constant is needed here; the variable can appear in the "
+                                "reward, the objective and `let` definitions")
             return Val(scope.x, (), obj.dims)
         if isinstance(obj, LetDef):
             return _let(node, obj, scope)
@@ -372,7 +428,7 @@ def _let(node: ir.Name, let: LetDef, scope: Scope) -> Val:
         via = f" (through {', '.join(f'`{n}`' for n in through)})" if through else ""
         raise EvalError("E203", f"`{node.id}` is defined in terms of itself{via}", node.span,
                         "a definition can only use names declared before it")
-    inner = Scope(**{k: getattr(scope, k) for k in scope.__dataclass_fields__})
+    inner = scope.copy()
     inner.indices = {}
     inner.let_cache = {}
     inner.lets = (*scope.lets, node.id)
@@ -380,11 +436,7 @@ def _let(node: ir.Name, let: LetDef, scope: Scope) -> Val:
     for i, (index, set_value, size) in enumerate(let.dims):
         axis = index or f"#{node.id}{i}"
         names.append(axis)
-        inner.indices[axis] = Binding(
-            axis,
-            torch.arange(size, device=scope.device),
-            set_value or SetValue(f"{size}", size),
-        )
+        inner.indices[axis] = Binding(axis, set_value or SetValue(f"{size}", size), scope.device)
     v = evaluate_val(let.decl.value, inner)
     if let.dims:
         v = _to_trailing(v, tuple(names), let, node)
@@ -488,10 +540,11 @@ def _index_one(base: Val, index_node: ir.Expr, scope: Scope, k: int, whole: ir.I
         raise EvalError("E301", f"an index must be a single number, not {idx.describe_shape()}",
                         index_node.span)
     # A bare index is matched to the dimension's set by position.  A dimension declared by a
-    # size is numbered from 0, so an index over a range that starts elsewhere (`i in 1..3`)
-    # indexes it by value, like any integer expression: v[i] and v[1] agree when i = 1.
-    if idx.index_set is not None and (dim_set is not None or idx.index_set.start == 0):
-        iset = idx.index_set
+    # size is numbered from 0, so an index over any other range (`i in 1..3`, `k in 0..1` into
+    # a dimension of 4) indexes it by value, like any integer expression: v[i] and v[1] agree
+    # when i = 1, and values outside the dimension are E304.
+    iset = idx.index_set
+    if iset is not None and (dim_set is not None or (iset.start == 0 and iset.size == size)):
         if dim_set is not None and iset is not dim_set:
             raise EvalError(
                 "E303",
@@ -500,19 +553,10 @@ def _index_one(base: Val, index_node: ir.Expr, scope: Scope, k: int, whole: ir.I
                 index_node.span,
                 f"use an index that ranges over `{dim_set.name}`",
             )
-        if dim_set is None and iset.size != size:
-            raise EvalError(
-                "E303",
-                f"index `{_source_name(index_node)}` ranges over {iset.describe()} but dimension "
-                f"{k + 1} of {_describe(whole.base)} has {size} elements",
-                index_node.span,
-            )
         binding = scope.indices[_source_name(index_node)]
         positions = binding.positions
         axis = binding.axis
-        if axis not in base.axes and bool(
-            positions.numel() == size
-        ) and _is_arange(positions):
+        if axis not in base.axes and positions.numel() == size:
             # Fast path: the first trailing dimension simply becomes a named axis (no copy).
             return Val(base.t, base.axes + (axis,), base.dims[1:], base.kind)
         pos_val = Val(positions, (axis,), (), "int")
@@ -532,10 +576,6 @@ def _index_one(base: Val, index_node: ir.Expr, scope: Scope, k: int, whole: ir.I
             )
         pos_val = Val(pos_t, idx.axes, (), "int")
     return _gather(base, pos_val)
-
-
-def _is_arange(t: torch.Tensor) -> bool:
-    return bool(torch.equal(t, torch.arange(t.numel(), device=t.device)))
 
 
 def _integral(t: torch.Tensor) -> bool:
@@ -622,7 +662,7 @@ def _conditional(node: ir.Conditional, scope: Scope) -> Val:
     b = evaluate_val(node.otherwise, scope)
     axes, (tc, ta, tb), dims = align([c, a, b], node.span)
     kind = a.kind if a.kind == b.kind else "real"
-    return Val(torch.where(tc != 0, ta.to(DTYPE), tb.to(DTYPE)), axes, dims, kind)
+    return Val(torch.where(tc != 0, _real(ta), _real(tb)), axes, dims, kind)
 
 
 def _array(node: ir.ArrayLiteral, scope: Scope) -> Val:
@@ -691,7 +731,7 @@ def _reduction(node: ir.Reduction, scope: Scope) -> Val:
                             "use a different index name")
         inner = inner.bind(
             binder.name,
-            Binding(binder.name, torch.arange(domain.size, device=scope.device), domain),
+            Binding(binder.name, domain, scope.device),
         )
         names.append(binder.name)
     body = evaluate_val(node.body, inner)
@@ -704,7 +744,7 @@ def _reduction(node: ir.Reduction, scope: Scope) -> Val:
     if terms > MAX_TERMS:  # a broadcast view costs nothing; summing it could take hours
         raise EvalError("E301", f"this reduction has {terms:.3g} terms, more than "
                         f"{MAX_TERMS:,}", node.span, "reduce over smaller sets")
-    t = expand_axes(body, axes, sizes).to(DTYPE)
+    t = _real(expand_axes(body, axes, sizes))
     mask = None
     if node.where is not None:
         cond = evaluate_val(node.where, inner)
@@ -767,7 +807,7 @@ def _call(node: ir.Call, scope: Scope) -> object:
                             + _shapes([u, v]),
                             node.span)
         axes, (a, b), _ = align([u, v], node.span)
-        prod = a.to(DTYPE) * b.to(DTYPE)
+        prod = _real(a) * _real(b)
         red = tuple(range(len(axes), prod.dim()))
         return Val(prod.sum(dim=red) if red else prod, axes, ())
     if f == "quad":
@@ -781,8 +821,11 @@ def _call(node: ir.Call, scope: Scope) -> object:
             )
         axes, (a, b), _ = align([Val(x.t, x.axes, (None,)), Val(m.t, m.axes, (None, None))],
                                 node.span)
-        a = a.to(DTYPE)
-        out = torch.einsum("...i,...ij,...j->...", a.squeeze(-2), b.to(DTYPE), a.squeeze(-2))
+        a, b = _real(a).squeeze(-2), _real(b)
+        if a.dim() == 1 and b.dim() == 2:  # no named axes: two products, not an einsum
+            out = a @ (b @ a)
+        else:
+            out = torch.einsum("...i,...ij,...j->...", a, b, a)
         return Val(out, axes, ())
     if f == "card":
         if len(node.args) != 1 or node.keywords:
@@ -822,7 +865,7 @@ def _reduce_call(node: ir.Call, scope: Scope) -> Val:
         a, b = _args(node, scope, 2)
         axes, (ta, tb), dims = align([a, b], node.span)
         fn = torch.maximum if f == "max" else torch.minimum
-        return Val(fn(ta.to(DTYPE), tb.to(DTYPE)), axes, dims)
+        return Val(fn(_real(ta), _real(tb)), axes, dims)
     (v,) = _args(node, scope, 1)
     t = to_real(v)
     red = tuple(range(len(v.axes), t.dim()))

@@ -10,7 +10,7 @@ import torch
 
 from . import ir
 from .deep import lower_deep
-from .diagnostics import BrlError, Diagnostic
+from .diagnostics import BrlError, Diagnostic, SourceFile
 from .elaborate import CheckedProgram, lower_reward
 from .evaluate import (
     ConstantCache,
@@ -25,12 +25,16 @@ from .instance import TabularProblem, TrajectoryTerm
 from .values import DTYPE, EvalError, MdpValue, PolicyRef, Val
 
 
-def resolve_device(name: str | None) -> torch.device:
+def resolve_device(name: str | None, source: SourceFile | None = None,
+                   span: ir.Span | None = None) -> torch.device:
+    """The torch device for `cpu`, `cuda` or `auto`; E804 (at ``span`` of ``source``, the
+    file's `on cuda`, when that is where it was asked for) if CUDA is asked for and absent."""
     if name in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
         raise BrlError([Diagnostic("E804", "device `cuda` was asked for, but torch sees no CUDA "
-                                   "GPU on this machine", None, "use --device cpu or auto")])
+                                   "GPU on this machine", span, "use --device cpu or auto")],
+                       source)
     return torch.device(name)
 
 
@@ -51,8 +55,10 @@ def _on_device(names: dict[str, object], device: torch.device) -> dict[str, obje
 def _device(checked: CheckedProgram, device: str | torch.device | None) -> torch.device:
     if isinstance(device, torch.device):
         return device
-    file_device = checked.solve.device if checked.solve is not None else None
-    return resolve_device(device or file_device)
+    solve = checked.solve
+    file_device = solve.device if solve is not None else None
+    span = solve.decl.device_span if not device and file_device is not None else None
+    return resolve_device(device or file_device, checked.source, span)
 
 
 def lower(checked: CheckedProgram, device: str | torch.device | None = None) -> TabularProblem:

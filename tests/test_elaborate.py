@@ -107,6 +107,10 @@ def test_ranges_index_by_value():
     assert value("sum {i in 1..2} v[i]", prelude) == value("v[1] + v[2]", prelude) == 50
     assert first("brl 1\n" + prelude + "\nparam a = sum {i in 1..3} v[i]").code == "E304"
     assert value("sum {i in 0..2} v[i]", prelude) == 60
+    # ... and so is a range from 0 that covers part of it, like `k + 0` would
+    assert value("sum {k in 0..1} v[k]", prelude) == value("sum {k in 0..1} v[k + 0]",
+                                                           prelude) == 30
+    assert first("brl 1\n" + prelude + "\nparam a = sum {k in 0..3} v[k]").code == "E304"
 
 
 def test_index_errors():

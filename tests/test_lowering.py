@@ -316,6 +316,12 @@ def test_cuda_without_a_gpu_is_e804(monkeypatch):
     with pytest.raises(BrlError) as info:
         lower(checked)
     assert info.value.diagnostics[0].code == "E804"
+    # located at the file's `on cuda`, in the file's name (not `<input>`)
+    assert info.value.render().startswith("test.brl:9:")
+    assert info.value.render().splitlines()[2].strip().endswith("^^^^")
+    with pytest.raises(BrlError) as info:
+        lower(compile_ok(GRID.format(slip=0, extra="")), device="cuda")
+    assert info.value.render().startswith("test.brl: error[E804]")
     assert lower(checked, device="cpu").device == torch.device("cpu")
     assert lower(compile_ok(GRID.format(slip=0, extra=""))).device == torch.device("cpu")
 
@@ -379,3 +385,25 @@ def test_closures_recompute_what_depends_on_x_and_the_policy():
     assert torch.allclose(problem.objective(x0, pi), (pi * c).sum())
     assert torch.allclose(problem.objective(x0, greedy), c[:, 0].sum())
     assert torch.allclose(problem.objective(x0, pi), (pi * c).sum())
+
+
+def test_closures_of_two_sizes_interleaved_keep_their_own_layouts():
+    # align() and the index positions are cached by shape and set across closures: two
+    # sizes of one file, evaluated in turn, must each give their own direct result.
+    text = ("brl 1\nseed 5\nmdp M = random_mdp(states = {n}, actions = 3)\n"
+            "param c[M.S, M.A] ~ normal(0, 1)\nparam W[M.S, M.S] ~ normal(0, 1)\n"
+            "var x[M.S] = 1\n"
+            "lower M {{ temperature = 1  reward[s, a] = c[s, a] * quad(x, W) + x[s] }}\n"
+            "upper minimize sum {{i in 1..{n}, a in M.A}} policy[i - 1, a] * c[i - 1, a] "
+            "+ 0.5 * norm2(x)\n")
+    cases = []
+    for n in (3, 4):
+        checked = compile_ok(text.format(n=n))
+        cases.append((lower(checked, device="cpu"), checked.names["c"].t,
+                      checked.names["W"].t))
+    for _ in range(2):
+        for problem, c, W in cases:
+            x = torch.linspace(-1, 1, c.shape[0], dtype=DT)
+            assert torch.allclose(problem.reward(x), c * (x @ W @ x) + x[:, None])
+            pi = torch.softmax(c, -1)
+            assert torch.allclose(problem.objective(x, pi), (pi * c).sum() + 0.5 * x @ x)

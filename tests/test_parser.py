@@ -320,6 +320,11 @@ def test_solve_options_and_device_are_checked():
     assert isinstance(checked.solve.options["outer"], int)
     assert checked.solve.device == "cpu"
     assert codes(base + "solve m_sobirl on gpu") == ["E305"]
+    # an unknown device does not hide an unknown solver, and `gpu` is pointed to `cuda`
+    from bilevel_dsl.cli import solver_catalog
+    found = diagnostics(base + "solve msobirll(outer = 5) on gpu", solver_catalog=solver_catalog)
+    assert [d.code for d in found] == ["E305", "E801"]
+    assert found[0].hint == "an NVIDIA GPU is `cuda`"
 
 
 def test_comments_whitespace_and_layout():
