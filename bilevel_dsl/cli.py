@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -227,25 +228,57 @@ def cmd_gradcheck(args: argparse.Namespace) -> int:
 
     checked, _ = _compile(args.file, args)
     problem = lower(checked, device=args.device)
-    rows = gradcheck(problem, n_random=args.points, seed=problem.seed)
+    rows = gradcheck(problem, n_random=args.points, eps=args.eps, seed=problem.seed)
     print(f"{'point':<10} {'rel. error':>11} {'max abs err':>12} {'||grad||':>10} {'dirs':>5}")
     worst = 0.0
-    failed = 0
+    failed = by_atol = 0
     for row in rows:
         # At a stationary point the relative error of a ~0 gradient is noise: an absolute
         # error below --atol passes too.
-        ok = row.rel_error <= args.tol or row.max_abs_error <= args.atol
+        relative_ok = row.rel_error <= args.tol
+        ok = relative_ok or row.max_abs_error <= args.atol
         failed += not ok
+        by_atol += ok and not relative_ok
         worst = max(worst, row.rel_error)
+        note = "" if relative_ok else ("  ok: abs. error below --atol" if ok else "  FAIL")
         print(f"{row.label:<10} {row.rel_error:>11.2e} {row.max_abs_error:>12.2e} "
-              f"{row.grad_norm:>10.3g} {row.n_directions:>5}{'' if ok else '  FAIL'}")
+              f"{row.grad_norm:>10.3g} {row.n_directions:>5}{note}")
     verdict = "ok" if not failed else f"FAILED at {failed} point{'s' if failed > 1 else ''}"
     print(f"{verdict}: worst relative error {worst:.2e} (tolerance {args.tol:g}, or absolute "
           f"error below {args.atol:g})")
+    if by_atol:
+        print(f"  {by_atol} point{'s' if by_atol > 1 else ''} passed on the absolute error: the "
+              "hyper-gradient is about zero there, so its relative error says nothing")
+    if failed:
+        print(f"  if the errors change a lot with the finite-difference step (try --eps "
+              f"{args.eps / 10:g}), the differences are the problem, not the hyper-gradient")
     return EXIT_OK if not failed else EXIT_ERROR
 
 
 # ---------------------------------------------------------------- parser
+
+
+def _at_least(low: float, kind: type) -> Any:
+    """An argparse type: a number of ``kind`` that is at least ``low``."""
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            value = math.nan
+        if value != value:  # not a number, or NaN
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}")
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {text}")
+        return value
+    return parse
+
+
+def _positive(text: str) -> float:
+    """An argparse type: a float above zero."""
+    value = _at_least(-math.inf, float)(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be above 0, got {text}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -304,10 +337,14 @@ def build_parser() -> argparse.ArgumentParser:
                        "of phi(x) = f(x, pi*_x) at the initial x and random points; exit 1 "
                        "above the tolerance.")
     p.add_argument("file", metavar="FILE")
-    p.add_argument("--points", type=int, default=2, help="random points besides x0")
-    p.add_argument("--tol", type=float, default=1e-5, help="relative error tolerance")
-    p.add_argument("--atol", type=float, default=1e-8,
+    p.add_argument("--points", type=_at_least(0, int), default=2,
+                   help="random points besides x0")
+    p.add_argument("--tol", type=_positive, default=1e-5, help="relative error tolerance")
+    p.add_argument("--atol", type=_at_least(0.0, float), default=1e-8,
                    help="absolute error that passes whatever the relative error")
+    p.add_argument("--eps", type=_positive, default=1e-5,
+                   help="finite-difference step, relative to max(1, |x|); the differences at "
+                   "eps and eps / 2 are extrapolated")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda", "auto"))
     p.add_argument("--seed", type=int, default=None)
     defines(p)

@@ -52,9 +52,13 @@ def gradcheck(
 ) -> list[GradcheckRow]:
     """Compare ``hypergradient`` with central differences of ``phi`` at each point.
 
-    Along every coordinate when ``x`` has at most 50 entries (step ``eps * max(1, |x_i|)``),
-    else along 10 random unit directions (step ``eps * max(1, ||x||_inf)``). Whether the
-    errors are small enough is the caller's decision.
+    Along every coordinate when ``x`` has at most 50 entries (step ``h = eps * max(1, |x_i|)``),
+    else along 10 random unit directions (step ``h = eps * max(1, ||x||_inf)``). The differences
+    at ``h`` and ``h / 2`` are combined by Richardson extrapolation, which cancels the ``h^2``
+    term: at low temperatures ``phi`` curves on the scale of ``tau`` (with a near-deterministic
+    follower at ``tau = 1e-3`` a plain central difference with ``h = 1e-5`` was off by 2.6e-5
+    relative, the extrapolation by 7e-8). Whether the errors are small enough is the caller's
+    decision.
     """
     labelled = (
         default_points(problem, n_random, seed)
@@ -76,8 +80,7 @@ def gradcheck(
             steps = torch.full((N_DIRECTIONS,), eps * max(1.0, float(flat.abs().max())),
                                dtype=flat.dtype, device=flat.device)
         finite = torch.tensor([
-            (phi(problem, (flat + h * d).view_as(x)) - phi(problem, (flat - h * d).view_as(x)))
-            / (2 * h)
+            (4 * _central(problem, x, d, h / 2) - _central(problem, x, d, h)) / 3
             for d, h in zip(directions, steps.tolist())
         ], dtype=flat.dtype, device=flat.device)
         analytic = directions @ grad
@@ -92,3 +95,9 @@ def gradcheck(
             n_directions=directions.shape[0],
         ))
     return rows
+
+
+def _central(problem: TabularProblem, x: Tensor, direction: Tensor, h: float) -> float:
+    """``(phi(x + h d) - phi(x - h d)) / 2h``."""
+    step = (h * direction).view_as(x)
+    return (phi(problem, x + step) - phi(problem, x - step)) / (2 * h)

@@ -202,6 +202,61 @@ def test_solve_refuses_a_broken_or_incomplete_file(tmp_path, capsys):
     assert not (tmp_path / "run").exists()
 
 
+# ------------------------------------------------------------------ gradcheck
+
+# A near-deterministic follower (rewards of 0.01 against a temperature of 1e-3): phi curves on
+# the scale of tau, where a plain central difference with step 1e-5 is off by 2e-5.
+LOW_TEMPERATURE = """brl 1
+seed 10
+mdp M = random_mdp(states = 4, actions = 2, discount = 0.99)
+param pay[M.S, M.A] ~ uniform(0, 1)
+var x[M.S, M.A] = 0 in [-0.01, 0.01]
+lower M { temperature = 1e-3  reward[s, a] = pay[s, a] * 0.01 + x[s, a] }
+upper maximize value(M, policy, pay) - norm2(x)
+"""
+
+
+def test_gradcheck_passes_at_low_temperature(tmp_path, capsys):
+    path = tmp_path / "cold.brl"
+    path.write_text(LOW_TEMPERATURE, encoding="utf-8")
+    code, out, _ = run(["gradcheck", str(path)], capsys)
+    assert code == 0, out
+    errors = [float(line.split()[-4]) for line in out.splitlines()[1:4]]
+    assert max(errors) <= 1e-6 and out.splitlines()[4].startswith("ok: ")
+
+
+def test_gradcheck_fails_with_a_coarse_step_and_says_why(tmp_path, capsys):
+    path = tmp_path / "cold.brl"
+    path.write_text(LOW_TEMPERATURE, encoding="utf-8")
+    code, out, _ = run(["gradcheck", str(path), "--eps", "0.01", "--points", "0"], capsys)
+    assert code == 1
+    assert "FAILED at 1 point" in out and "try --eps 0.001" in out
+
+
+def test_gradcheck_at_a_stationary_point_says_it_passed_on_the_absolute_error(tmp_path,
+                                                                               capsys):
+    path = tmp_path / "flat.brl"
+    # at x = 0 the follower is uniform, where its entropy is largest: grad phi is 0 up to
+    # rounding, and the finite differences are rounding noise of 1e-11
+    path.write_text("brl 1\nmdp M = random_mdp(states = 4, actions = 3)\n"
+                    "var x[M.S, M.A] = 0\nlower M { temperature = 0.5  reward[s, a] = x[s, a] }\n"
+                    "upper minimize mean {s in M.S} entropy(policy)[s] + 0.05 * norm2(x)\n",
+                    encoding="utf-8")
+    code, out, _ = run(["gradcheck", str(path), "--points", "0"], capsys)
+    assert code == 0
+    assert "ok: abs. error below --atol" in out and "passed on the absolute error" in out
+
+
+@pytest.mark.parametrize("flag, value, message", [
+    ("--tol", "-1", "must be above 0"), ("--eps", "0", "must be above 0"),
+    ("--points", "-1", "must be at least 0"), ("--atol", "nan", "expected a number"),
+])
+def test_gradcheck_refuses_meaningless_settings(flag, value, message, capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["gradcheck", str(ROOT / "problems" / "synthetic.brl"), flag, value])
+    assert info.value.code == 2 and message in capsys.readouterr().err
+
+
 # ------------------------------------------------------------------ hostile inputs
 
 
