@@ -20,6 +20,7 @@ from bilevel_dsl.softmdp import (
     soft_q,
     soft_value_iteration,
     solve_policy_system,
+    sum_actions,
 )
 
 from .registry import Capabilities
@@ -74,7 +75,7 @@ def reward_vjp(x: Tensor, r: Tensor, v: Tensor) -> Tensor:
 
 def adjoint_rhs(P: Transitions, g: Tensor, gamma: float) -> Tensor:
     """``b = U^T g``: ``b[t] = sum_a g[t,a] - gamma sum_{s,a} g[s,a] P[s,a,t]``."""
-    return g.sum(-1) - gamma * P.pull(g)
+    return torch.add(sum_actions(g), P.pull(g), alpha=-gamma)
 
 
 def solve_lower(problem: TabularProblem, r: Tensor, V: Tensor | None, tol: float,

@@ -29,11 +29,14 @@ from bilevel_dsl.softmdp import (
     soft_bellman_update,
     soft_policy,
     soft_q,
+    sum_actions,
 )
 
-from .hypergrad import MODEL_BASED, reward_vjp, upper_derivatives
+from .hypergrad import MODEL_BASED, hypergradient, reward_vjp, upper_derivatives
 from .registry import Option, SolverSpec
 from .result import Monitor, SolveResult, stop_reason
+
+START_TOL = 1e-8  # sup-norm error of V_0 with start = solved
 
 
 def adjoint_step(P: Transitions, pi: Tensor, g: Tensor, w: Tensor, gamma: float, zeta: float,
@@ -44,15 +47,18 @@ def adjoint_step(P: Transitions, pi: Tensor, g: Tensor, w: Tensor, gamma: float,
     ``lsq`` (the paper): ``w - zeta A^T (A w - b)``, a gradient step on ``1/2 ||A w - b||^2``.
     ``fixed_point``: ``w <- b + gamma P_pi^T w``, a gamma-contraction at the same cost.
     """
-    pulled = gamma * P.pull(pi * w.unsqueeze(-1) - g)
+    # b + gamma P_pi^T w = sum_a g - gamma P^T (g - pi * w[s])
+    fixed_point = torch.add(sum_actions(g), P.pull(torch.addcmul(g, pi, w.unsqueeze(-1),
+                                                                 value=-1.0)), alpha=-gamma)
     if kind == "fixed_point":
-        return g.sum(-1) + pulled
-    residual = w - g.sum(-1) - pulled
+        return fixed_point
+    residual = w - fixed_point
     return w - zeta * (residual - gamma * policy_matvec(P, pi, residual))
 
 
 def run(problem: TabularProblem, options: dict[str, Any], monitor: Monitor) -> SolveResult:
-    """Algorithm 2, steps 1-5 of MATH.md, from ``x0``, ``V_0 = 0``, uniform ``pi_0``."""
+    """Algorithm 2, steps 1-5 of MATH.md, from ``x0``, ``V_0 = 0``, uniform ``pi_0`` (``start =
+    cold``), or from ``V_0``, ``pi_0`` and ``w_0`` solved at ``x0`` (``start = solved``)."""
     P, gamma, tau = problem.transitions, problem.discount, problem.temperature
     S, A = problem.n_states, problem.n_actions
     K, N, beta, zeta = options["outer"], options["inner"], options["beta"], options["zeta"]
@@ -67,14 +73,21 @@ def run(problem: TabularProblem, options: dict[str, Any], monitor: Monitor) -> S
     x = problem.project(x0.clone()).requires_grad_(True)
     with torch.enable_grad():
         r = problem.reward(x)
-    V = torch.zeros(S, dtype=dtype, device=device)
-    pihat = soft_policy(soft_q(P, r.detach(), V, gamma), tau)
-    pi = torch.full((S, A), 1.0 / A, dtype=dtype, device=device)
-    if options["init_w"] == "normal":  # drawn on the CPU so every device starts alike
-        generator = torch.Generator().manual_seed(problem.seed)
-        w = torch.randn(S, generator=generator, dtype=dtype).to(device)
+    if options["start"] == "solved":
+        # one exact solve: the follower's and the adjoint's fixed points at x0. From V = 0 and
+        # w = 0 the single adjoint step per iteration lags by gamma^k, and while it lags h can
+        # be many times too large and send x far off
+        solved = hypergradient(problem, x.detach(), tol=START_TOL)
+        V, pi, pihat, w = solved.V, solved.pi, solved.pi, solved.w
     else:
-        w = torch.zeros(S, dtype=dtype, device=device)
+        V = torch.zeros(S, dtype=dtype, device=device)
+        pihat = soft_policy(soft_q(P, r.detach(), V, gamma), tau)
+        pi = torch.full((S, A), 1.0 / A, dtype=dtype, device=device)
+        if options["init_w"] == "normal":  # drawn on the CPU so every device starts alike
+            generator = torch.Generator().manual_seed(problem.seed)
+            w = torch.randn(S, generator=generator, dtype=dtype).to(device)
+        else:
+            w = torch.zeros(S, dtype=dtype, device=device)
 
     history: dict[str, list[float]] = {"objective": [], "hypergrad_norm": [], "time": [],
                                        "stationarity": [], "iteration": []}
@@ -90,7 +103,7 @@ def run(problem: TabularProblem, options: dict[str, Any], monitor: Monitor) -> S
                 for _ in range(adjoint_steps):
                     w = adjoint_step(P, pi, g, w, gamma, zeta, options["adjoint"])
                 # 3. hyper-gradient estimate, pihat_k held constant
-                v = (g - pihat * w.unsqueeze(-1)) / tau
+                v = torch.addcmul(g, pihat, w.unsqueeze(-1), value=-1.0).div_(tau)
             h = grad_x + reward_vjp(x, r, v)
             with torch.no_grad():
                 # 4. projected hyper-gradient step
@@ -166,8 +179,12 @@ SPEC = SolverSpec(
                "bounds) is below this (0: off)", valid="[0, inf)"),
         Option("time_limit", float, 0.0, "stop after this many seconds (0: off)",
                valid="[0, inf)"),
-        Option("init_w", str, "zeros", "initial adjoint: zeros, or normal (N(0, I) seeded "
-               "from the problem's seed, as in the paper's synthetic run)",
+        Option("start", str, "solved",
+               "solved (V_0, pi_0 and w_0 solved exactly at x0, at the cost of one exact "
+               "hyper-gradient) or cold (V_0 = 0, uniform pi_0, w_0 from init_w: Algorithm 2)",
+               choices=("solved", "cold")),
+        Option("init_w", str, "zeros", "initial adjoint with start = cold: zeros, or normal "
+               "(N(0, I) seeded from the problem's seed, as in the paper's synthetic run)",
                choices=("zeros", "normal")),
         Option("policy", str, "softmax",
                "pi_{k+1} after the inner loop: softmax (softmax(Q / tau), a distribution) or "

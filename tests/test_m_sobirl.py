@@ -41,7 +41,8 @@ def options(solver, **given) -> dict:
     return REGISTRY.validate_options(solver.SPEC, given)
 
 
-PAPER = {"outer": 1500, "beta": 8e-3, "zeta": 0.5, "inner": 10, "init_w": "normal"}
+PAPER = {"outer": 1500, "beta": 8e-3, "zeta": 0.5, "inner": 10, "start": "cold",
+         "init_w": "normal"}
 
 
 @pytest.mark.parametrize("policy", ["softmax", "paper"])
@@ -97,6 +98,17 @@ def test_adjoint_updates_reach_the_adjoint_solution():
         torch.testing.assert_close(w, w_star, rtol=0, atol=1e-10)
 
 
+def test_solved_start_begins_with_the_exact_hypergradient():
+    from solvers.hypergrad import hypergradient
+
+    problem = synthetic(seed=4)
+    exact_norm = float(torch.linalg.vector_norm(hypergradient(problem, problem.x0).grad))
+    solved = m_sobirl.run(problem, options(m_sobirl, outer=1), Monitor())
+    assert solved.history["hypergrad_norm"][0] == pytest.approx(exact_norm, rel=1e-6)
+    cold = m_sobirl.run(problem, options(m_sobirl, outer=1, start="cold"), Monitor())
+    assert abs(cold.history["hypergrad_norm"][0] - exact_norm) > 0.1 * exact_norm
+
+
 def test_more_adjoint_steps_per_iteration_track_the_adjoint_closer():
     # x held still (beta = 0) at gamma = 0.9: V and pi settle within a few outer iterations,
     # after which the adjoint's error shrinks by gamma per adjoint step.
@@ -109,7 +121,7 @@ def test_more_adjoint_steps_per_iteration_track_the_adjoint_closer():
     errors = {}
     for steps in (1, 3):
         result = m_sobirl.run(problem, options(m_sobirl, outer=40, beta=0.0, inner=20,
-                                               adjoint_steps=steps), Monitor())
+                                               adjoint_steps=steps, start="cold"), Monitor())
         errors[steps] = float((result.extra["w"] - w_star).abs().max())
     assert errors[3] < 1e-3 * errors[1]
     default = m_sobirl.run(problem, options(m_sobirl, outer=5, beta=0.0), Monitor())
