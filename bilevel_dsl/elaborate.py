@@ -151,6 +151,9 @@ class _Elaborator:
         self.declared_at: dict[str, ir.Span] = {}
         self.var: VarInfo | None = None
         self.lower: LowerInfo | None = None
+        # the follower's MDP once the lower block has named a valid one, even if the rest of
+        # the block then failed: the upper objective is still checked against it
+        self.follower: MdpValue | None = None
         self.upper: ir.UpperDecl | None = None
         self.solve: SolveInfo | None = None
         self.checks = 0
@@ -688,6 +691,8 @@ class _Elaborator:
                 raise EvalError("E201", f"undefined MDP `{decl.mdp}`", decl.mdp_span,
                                 did_you_mean(decl.mdp, mdps))
             raise EvalError("E305", f"`{decl.mdp}` is not an MDP", decl.mdp_span)
+        if isinstance(mdp, MdpValue):
+            self.follower = mdp
         items: dict[str, ir.Item] = {}
         for item in decl.items:
             if item.key not in LOWER_ITEMS:
@@ -737,8 +742,8 @@ class _Elaborator:
             self.upper = decl
             return
         scope = self._scope(self.var.x0 if self.var is not None else None)
-        if self.lower is not None:
-            mdp = self.lower.mdp
+        mdp = self.lower.mdp if self.lower is not None else self.follower
+        if mdp is not None:
             scope.policy_ref = PolicyRef(mdp)
             scope.policy = torch.full((mdp.states.size, mdp.actions.size),
                                       1.0 / mdp.actions.size, dtype=DTYPE)
@@ -779,16 +784,16 @@ class _Elaborator:
                 options[kw.name] = int(number) if v.kind == "int" else number
             spans[kw.name] = kw.span
             value_spans[kw.name] = value.span
-        if decl.device is not None and decl.device not in DEVICES:
-            # reported without stopping, so that errors in the solver and options show too
-            hint = ("an NVIDIA GPU is `cuda`" if decl.device.lower() in ("gpu", "nvidia")
-                    else did_you_mean(decl.device, DEVICES) or "use cpu, cuda or auto")
-            self.bag.error("E305", f"unknown device `{decl.device}`", decl.device_span, hint)
         if self.catalog is not None:
             for code, message, option, hint in self.catalog(decl.solver, options):
                 at = value_spans if code in VALUE_CODES else spans
                 span = at.get(option, decl.solver_span) if option else decl.solver_span
                 self.bag.error(code, message, span, hint)
+        if decl.device is not None and decl.device not in DEVICES:
+            # reported without stopping, so that errors in the solver and options show too
+            hint = ("an NVIDIA GPU is `cuda`" if decl.device.lower() in ("gpu", "nvidia")
+                    else did_you_mean(decl.device, DEVICES) or "use cpu, cuda or auto")
+            self.bag.error("E305", f"unknown device `{decl.device}`", decl.device_span, hint)
         self.solve = SolveInfo(decl, decl.solver, options, decl.device)
 
     def _check(self, decl: ir.CheckDecl) -> None:

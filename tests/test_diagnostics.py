@@ -220,6 +220,15 @@ def test_errors_in_bilevel_parts_are_all_reported():
     assert [d.code for d in found] == ["E402", "E701", "E201"]
 
 
+def test_an_error_in_the_lower_block_does_not_hide_errors_in_the_objective():
+    found = diagnostics(
+        "brl 1\nmdp M = random_mdp(states = 4, actions = 2)\nvar x[M.S, M.A] = 0\n"
+        "lower M { temperature = 0.5  reward[s, a] = sigmoyd(x[s, a]) }\n"
+        "upper minimize norm2(x) - valu(M, policy)\n")
+    assert [(d.code, d.span.line, d.hint) for d in found] == [
+        ("E201", 4, "did you mean `sigmoid`?"), ("E201", 5, "did you mean `value`?")]
+
+
 def test_hint_for_set_used_as_number():
     found = diagnostics("brl 1\nset S = 0..3\nparam n = S + 1")
     assert found[0].code == "E305" and "card(S)" in found[0].hint

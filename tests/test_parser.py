@@ -323,8 +323,8 @@ def test_solve_options_and_device_are_checked():
     # an unknown device does not hide an unknown solver, and `gpu` is pointed to `cuda`
     from bilevel_dsl.cli import solver_catalog
     found = diagnostics(base + "solve msobirll(outer = 5) on gpu", solver_catalog=solver_catalog)
-    assert [d.code for d in found] == ["E305", "E801"]
-    assert found[0].hint == "an NVIDIA GPU is `cuda`"
+    assert [d.code for d in found] == ["E801", "E305"]
+    assert found[1].hint == "an NVIDIA GPU is `cuda`"
 
 
 def test_comments_whitespace_and_layout():
