@@ -24,7 +24,9 @@ iteration cannot avoid (N + 1 ``P.expect`` and one ``P.pull``, N = 10 inner step
 the solver's monitor between every two iterations (outside their timing). ms/iter and floor ms
 are medians over the timed iterations (the first, which sets up, is left out); iter/floor is
 the median of each iteration's time over the mean of the two floors measured around it, which
-keeps this shared machine's drifts in speed out of the ratio. The "next" reward is
+keeps this shared machine's drifts in speed out of the ratio (the floor leaves P warm in the
+cache for the next iteration, which flatters the ratio where P fits in the cache, at 10^4
+states). The "next" reward is
 itself a product with P, so its iterations make two more (the reward and its vector-Jacobian
 product): N + 4. Targets: within 1.5x of the floor from 10^5 states up; 10^6 states in under
 4 GB. Not a test: it measures.

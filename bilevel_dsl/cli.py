@@ -265,8 +265,8 @@ def _at_least(low: float, kind: type) -> Any:
             value = kind(text)
         except ValueError:
             value = math.nan
-        if value != value:  # not a number, or NaN
-            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}")
+        if not math.isfinite(value):  # not a number, NaN or infinite
+            raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
         if value < low:
             raise argparse.ArgumentTypeError(f"must be at least {low}, got {text}")
         return value

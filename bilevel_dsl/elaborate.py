@@ -38,6 +38,7 @@ from .evaluate import (
     LetDef,
     Scope,
     VarRef,
+    as_real,
     evaluate,
     evaluate_val,
     expand_axes,
@@ -286,7 +287,7 @@ class _Elaborator:
     def _set(self, decl: ir.SetDecl) -> None:
         value = set_of(decl.value, self._scope())
         if isinstance(decl.value, (ir.Range, ir.Members)):
-            value = SetValue(decl.name, value.size, value.members, value.start)
+            value = SetValue(decl.name, value.size, value.members, value.start, value.is_range)
         self.names[decl.name] = value
 
     def _dims(self, dims: tuple[ir.Dim, ...]) -> list[tuple[str | None, SetValue | None, int]]:
@@ -923,7 +924,7 @@ def lower_reward(info: LowerInfo, scope: Scope) -> torch.Tensor:
                         f"is {v.describe_shape()}", info.reward.span,
                         "reduce it, e.g. with norm(...) or sum(...)")
     if len(info.indices) == 2:
-        return to_real(Val(expand_axes(v, info.indices, sizes)))
+        return as_real(expand_axes(v, info.indices, sizes))
     s, a, t = info.indices
     if set(v.axes) <= {t}:
         next_value = expand_axes(v, (t,), sizes).to(DTYPE)

@@ -174,11 +174,15 @@ def arange(size: int, device: torch.device, start: int | None = None) -> torch.T
     key = (size, device, start)
     t = _ARANGE_CACHE.get(key)
     if t is None:
-        t = torch.arange(size, device=device)
-        if start is not None:
-            t = t.to(DTYPE) + start
-        if len(_ARANGE_CACHE) < _CACHE_LIMIT:
-            _ARANGE_CACHE[key] = t
+        # outside inference mode, so that a cached tensor can be saved for autograd later;
+        # cleared when full, so that the positions of problems gone do not stay in memory
+        with torch.inference_mode(False):
+            t = torch.arange(size, device=device)
+            if start is not None:
+                t = t.to(DTYPE) + start
+        if len(_ARANGE_CACHE) >= _CACHE_LIMIT:
+            _ARANGE_CACHE.clear()
+        _ARANGE_CACHE[key] = t
     return t
 
 
@@ -187,7 +191,8 @@ def scalar(value: float, device: torch.device, kind: str = "real") -> Val:
     key = (value, device)
     t = _CONSTANTS_CACHE.get(key)
     if t is None:
-        t = torch.tensor(value, dtype=DTYPE, device=device)
+        with torch.inference_mode(False):  # see arange()
+            t = torch.tensor(value, dtype=DTYPE, device=device)
         if len(_CONSTANTS_CACHE) < _CACHE_LIMIT:
             _CONSTANTS_CACHE[key] = t
     return Val(t, kind=kind)
@@ -287,10 +292,10 @@ def expand_axes(v: Val, axes: tuple[str, ...], sizes: dict[str, int]) -> torch.T
 
 
 def to_real(v: Val) -> torch.Tensor:
-    return _real(v.t)
+    return as_real(v.t)
 
 
-def _real(t: torch.Tensor) -> torch.Tensor:
+def as_real(t: torch.Tensor) -> torch.Tensor:
     return t if t.dtype == DTYPE else t.to(DTYPE)
 
 
@@ -540,11 +545,14 @@ def _index_one(base: Val, index_node: ir.Expr, scope: Scope, k: int, whole: ir.I
         raise EvalError("E301", f"an index must be a single number, not {idx.describe_shape()}",
                         index_node.span)
     # A bare index is matched to the dimension's set by position.  A dimension declared by a
-    # size is numbered from 0, so an index over any other range (`i in 1..3`, `k in 0..1` into
-    # a dimension of 4) indexes it by value, like any integer expression: v[i] and v[1] agree
-    # when i = 1, and values outside the dimension are E304.
+    # size is numbered from 0, so an index over an integer range other than 0..n-1 (`i in 1..3`,
+    # `k in 0..1` into a dimension of 4) indexes it by value, like any integer expression: v[i]
+    # and v[1] agree when i = 1, and values outside the dimension are E304. An index over a set
+    # of named members or an MDP's states or actions must match the dimension's size (E303).
     iset = idx.index_set
-    if iset is not None and (dim_set is not None or (iset.start == 0 and iset.size == size)):
+    by_value = (iset is not None and dim_set is None and iset.is_range
+                and not (iset.start == 0 and iset.size == size))
+    if iset is not None and not by_value:
         if dim_set is not None and iset is not dim_set:
             raise EvalError(
                 "E303",
@@ -552,6 +560,13 @@ def _index_one(base: Val, index_node: ir.Expr, scope: Scope, k: int, whole: ir.I
                 f"{k + 1} of {_describe(whole.base)} is indexed by {dim_set.describe()}",
                 index_node.span,
                 f"use an index that ranges over `{dim_set.name}`",
+            )
+        if dim_set is None and iset.size != size:
+            raise EvalError(
+                "E303",
+                f"index `{_source_name(index_node)}` ranges over {iset.describe()} but dimension "
+                f"{k + 1} of {_describe(whole.base)} has {size} elements",
+                index_node.span,
             )
         binding = scope.indices[_source_name(index_node)]
         positions = binding.positions
@@ -662,7 +677,7 @@ def _conditional(node: ir.Conditional, scope: Scope) -> Val:
     b = evaluate_val(node.otherwise, scope)
     axes, (tc, ta, tb), dims = align([c, a, b], node.span)
     kind = a.kind if a.kind == b.kind else "real"
-    return Val(torch.where(tc != 0, _real(ta), _real(tb)), axes, dims, kind)
+    return Val(torch.where(tc != 0, as_real(ta), as_real(tb)), axes, dims, kind)
 
 
 def _array(node: ir.ArrayLiteral, scope: Scope) -> Val:
@@ -694,7 +709,7 @@ def _range(node: ir.Range, scope: Scope) -> SetValue:
         raise EvalError("E301", f"the range {start}..{stop} runs backwards", node.span)
     if stop - start + 1 > 50_000_000:
         raise EvalError("E301", f"the range {start}..{stop} is too large", node.span)
-    return SetValue(f"{start}..{stop}", stop - start + 1, None, start)
+    return SetValue(f"{start}..{stop}", stop - start + 1, None, start, is_range=True)
 
 
 def integer_value(node: ir.Expr, scope: Scope) -> int:
@@ -744,7 +759,7 @@ def _reduction(node: ir.Reduction, scope: Scope) -> Val:
     if terms > MAX_TERMS:  # a broadcast view costs nothing; summing it could take hours
         raise EvalError("E301", f"this reduction has {terms:.3g} terms, more than "
                         f"{MAX_TERMS:,}", node.span, "reduce over smaller sets")
-    t = _real(expand_axes(body, axes, sizes))
+    t = as_real(expand_axes(body, axes, sizes))
     mask = None
     if node.where is not None:
         cond = evaluate_val(node.where, inner)
@@ -807,7 +822,7 @@ def _call(node: ir.Call, scope: Scope) -> object:
                             + _shapes([u, v]),
                             node.span)
         axes, (a, b), _ = align([u, v], node.span)
-        prod = _real(a) * _real(b)
+        prod = as_real(a) * as_real(b)
         red = tuple(range(len(axes), prod.dim()))
         return Val(prod.sum(dim=red) if red else prod, axes, ())
     if f == "quad":
@@ -821,7 +836,7 @@ def _call(node: ir.Call, scope: Scope) -> object:
             )
         axes, (a, b), _ = align([Val(x.t, x.axes, (None,)), Val(m.t, m.axes, (None, None))],
                                 node.span)
-        a, b = _real(a).squeeze(-2), _real(b)
+        a, b = as_real(a).squeeze(-2), as_real(b)
         if a.dim() == 1 and b.dim() == 2:  # no named axes: two products, not an einsum
             out = a @ (b @ a)
         else:
@@ -865,7 +880,7 @@ def _reduce_call(node: ir.Call, scope: Scope) -> Val:
         a, b = _args(node, scope, 2)
         axes, (ta, tb), dims = align([a, b], node.span)
         fn = torch.maximum if f == "max" else torch.minimum
-        return Val(fn(_real(ta), _real(tb)), axes, dims)
+        return Val(fn(as_real(ta), as_real(tb)), axes, dims)
     (v,) = _args(node, scope, 1)
     t = to_real(v)
     red = tuple(range(len(v.axes), t.dim()))

@@ -278,9 +278,10 @@ class Transitions:
         """
         return self._csr is not None
 
-    def loop_layout(self, table: Tensor, tau: float = 1.0) -> Tensor:
+    def loop_layout(self, table: Tensor, tau: float) -> Tensor:
         """An ``(S, A)`` table (or its flat ``s*A + a`` form) divided by ``tau``, as the Bellman
-        loop's flat vector; the division and the transpose are one pass."""
+        loop's flat vector; the division and the transpose are one pass, so the result is not
+        differentiable (the loop runs without autograd)."""
         table = table.reshape(self.n_states, self.n_actions)
         if not self.action_major:
             return (table / tau).reshape(-1)
@@ -349,7 +350,8 @@ def sum_actions(table: Tensor) -> Tensor:
     key = (table.shape[-1], table.dtype, table.device)
     ones = _ONES.get(key)
     if ones is None:
-        ones = _ONES[key] = torch.ones(key[0], dtype=table.dtype, device=table.device)
+        with torch.inference_mode(False):  # usable by autograd whatever mode fills the cache
+            ones = _ONES[key] = torch.ones(key[0], dtype=table.dtype, device=table.device)
     return table @ ones
 
 

@@ -59,6 +59,7 @@ class SetValue:
     size: int
     members: tuple[str, ...] | None = None  # named members, in order
     start: int = 0  # numeric value of the first element (`1..5` starts at 1)
+    is_range: bool = False  # a range of integers (`0..4`, `set K = 1..3`), not members or an MDP's
 
     def describe(self) -> str:
         return f"`{self.name}` ({self.size} elements)"

@@ -73,27 +73,27 @@ def run(problem: TabularProblem, options: dict[str, Any], monitor: Monitor) -> S
     x = problem.project(x0.clone()).requires_grad_(True)
     with torch.enable_grad():
         r = problem.reward(x)
-    if options["start"] == "solved":
-        # one exact solve: the follower's and the adjoint's fixed points at x0. From V = 0 and
-        # w = 0 the single adjoint step per iteration lags by gamma^k, and while it lags h can
-        # be many times too large and send x far off
-        solved = hypergradient(problem, x.detach(), tol=START_TOL)
-        V, pi, pihat, w = solved.V, solved.pi, solved.pi, solved.w
+    V = torch.zeros(S, dtype=dtype, device=device)
+    pihat = soft_policy(soft_q(P, r.detach(), V, gamma), tau)
+    pi = torch.full((S, A), 1.0 / A, dtype=dtype, device=device)
+    if options["init_w"] == "normal":  # drawn on the CPU so every device starts alike
+        generator = torch.Generator().manual_seed(problem.seed)
+        w = torch.randn(S, generator=generator, dtype=dtype).to(device)
     else:
-        V = torch.zeros(S, dtype=dtype, device=device)
-        pihat = soft_policy(soft_q(P, r.detach(), V, gamma), tau)
-        pi = torch.full((S, A), 1.0 / A, dtype=dtype, device=device)
-        if options["init_w"] == "normal":  # drawn on the CPU so every device starts alike
-            generator = torch.Generator().manual_seed(problem.seed)
-            w = torch.randn(S, generator=generator, dtype=dtype).to(device)
-        else:
-            w = torch.zeros(S, dtype=dtype, device=device)
+        w = torch.zeros(S, dtype=dtype, device=device)
 
     history: dict[str, list[float]] = {"objective": [], "hypergrad_norm": [], "time": [],
                                        "stationarity": [], "iteration": []}
     start = time.perf_counter()
-    stopped, k = "max_iterations", 0
+    stopped, k, start_iterations = "max_iterations", 0, 0
     try:
+        if options["start"] == "solved":
+            # one exact solve: the follower's and the adjoint's fixed points at x0 (counted in
+            # the run's time). From V = 0 and w = 0 the single adjoint step per iteration lags
+            # by gamma^k, and while it lags h can be many times too large and send x far off
+            solved = hypergradient(problem, x.detach(), tol=START_TOL)
+            V, pi, pihat, w = solved.V, solved.pi, solved.pi, solved.w
+            start_iterations = solved.lower_iterations
         while k < K:
             # 1. upper-level derivatives at (x_k, pi_k); b_k = U^T g_k enters step 2
             f, grad_x, grad_pi = upper_derivatives(problem, x, pi)
@@ -152,7 +152,8 @@ def run(problem: TabularProblem, options: dict[str, Any], monitor: Monitor) -> S
         history=history,
         iterations=k,
         stopped_because=stopped,
-        extra={"V": V.detach(), "w": w.detach(), "time": time.perf_counter() - start},
+        extra={"V": V.detach(), "w": w.detach(), "time": time.perf_counter() - start,
+               "start_lower_iterations": start_iterations},
     )
 
 

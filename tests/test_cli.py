@@ -249,7 +249,8 @@ def test_gradcheck_at_a_stationary_point_says_it_passed_on_the_absolute_error(tm
 
 @pytest.mark.parametrize("flag, value, message", [
     ("--tol", "-1", "must be above 0"), ("--eps", "0", "must be above 0"),
-    ("--points", "-1", "must be at least 0"), ("--atol", "nan", "expected a number"),
+    ("--points", "-1", "must be at least 0"), ("--atol", "nan", "expected a finite number"),
+    ("--eps", "inf", "expected a finite number"),
 ])
 def test_gradcheck_refuses_meaningless_settings(flag, value, message, capsys):
     with pytest.raises(SystemExit) as info:

@@ -111,6 +111,12 @@ def test_ranges_index_by_value():
     assert value("sum {k in 0..1} v[k]", prelude) == value("sum {k in 0..1} v[k + 0]",
                                                            prelude) == 30
     assert first("brl 1\n" + prelude + "\nparam a = sum {k in 0..3} v[k]").code == "E304"
+    assert value("sum {k in K} v[k]", "set K = 0..1\n" + prelude) == 30
+    # named members and an MDP's states are not numbers: their size must match (E303)
+    assert first("brl 1\nset L = {red, green}\n" + prelude
+                 + "\nparam a = sum {l in L} v[l]").code == "E303"
+    assert first("brl 1\nmdp M = random_mdp(states = 2, actions = 2)\n" + prelude
+                 + "\nparam a = sum {s in M.S} v[s]").code == "E303"
 
 
 def test_index_errors():

@@ -109,6 +109,36 @@ def test_solved_start_begins_with_the_exact_hypergradient():
     assert abs(cold.history["hypergrad_norm"][0] - exact_norm) > 0.1 * exact_norm
 
 
+def test_interrupt_during_the_solved_start_returns_x0(monkeypatch):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(m_sobirl, "hypergradient", interrupted)
+    problem = synthetic(seed=4)
+    result = m_sobirl.run(problem, options(m_sobirl, outer=10), Monitor())
+    assert result.stopped_because == "interrupted" and result.iterations == 0
+    assert torch.equal(result.x, problem.x0)
+
+
+def test_caches_filled_in_inference_mode_still_serve_autograd():
+    # the interpreter's and the kernel's shared tensors (index positions, literals, ones) are
+    # made outside inference mode, whichever mode first asks for them
+    from bilevel_dsl import compile_source, evaluate, lower, softmdp
+
+    evaluate._ARANGE_CACHE.clear()
+    evaluate._CONSTANTS_CACHE.clear()
+    softmdp._ONES.clear()
+    text = ("brl 1\nmdp M = random_mdp(states = 7, actions = 3)\nvar x[M.S] = 0.5\n"
+            "lower M { temperature = 0.3  reward[s, a] = 1.25 * x[s] * a }\n"
+            "upper minimize sum {s in M.S, a in M.A} policy[s, a]^2 + norm2(x)\n")
+    with torch.inference_mode():
+        problem = lower(compile_source(text))
+        problem.reward(problem.x0)
+        softmdp.sum_actions(torch.ones(7, 3, dtype=torch.float64))
+    result = m_sobirl.run(problem, options(m_sobirl, outer=3), Monitor())
+    assert result.iterations == 3 and torch.isfinite(result.x).all()
+
+
 def test_more_adjoint_steps_per_iteration_track_the_adjoint_closer():
     # x held still (beta = 0) at gamma = 0.9: V and pi settle within a few outer iterations,
     # after which the adjoint's error shrinks by gamma per adjoint step.
