@@ -922,7 +922,8 @@ def lower_reward(info: LowerInfo, scope: Scope) -> torch.Tensor:
     if v.dims:
         raise EvalError("E301", f"the reward must be one number for each (s, a), but here it "
                         f"is {v.describe_shape()}", info.reward.span,
-                        "reduce it, e.g. with norm(...) or sum(...)")
+                        f"index it with the reward's indices (`...[{info.indices[0]}]`), or "
+                        "reduce it (`norm(...)`, `sum {...} ...`)")
     if len(info.indices) == 2:
         return as_real(expand_axes(v, info.indices, sizes))
     s, a, t = info.indices

@@ -362,7 +362,8 @@ def _name(node: ir.Name, scope: Scope) -> object:
     if node.id == "policy":
         if scope.policy_ref is None:
             raise EvalError("E501", "`policy` is only defined in the upper objective", node.span,
-                            "the follower's policy exists once a `lower` block solves an MDP")
+                            "it is the follower's answer to the `lower` block: use it in the "
+                            "`upper` objective (a reward cannot depend on it)")
         if scope.policy is None:  # checking without a lower level
             raise EvalError("E501", "`policy` is used but no `lower` block defines a follower",
                             node.span, "add `lower M { temperature = ..., reward[s, a] = ... }`")
