@@ -104,8 +104,13 @@ class TabularProblem:
         """Multiply a minimised objective by this to report it in the user's sense."""
         return -1.0 if self.sense == "maximize" else 1.0
 
+    @property
+    def bounded(self) -> bool:
+        """Whether ``x`` has box bounds (``project`` is the identity otherwise)."""
+        return self.lower_bound is not None or self.upper_bound is not None
+
     def project(self, x: torch.Tensor) -> torch.Tensor:
         """Euclidean projection onto the variable's box bounds (identity without bounds)."""
-        if self.lower_bound is not None or self.upper_bound is not None:
+        if self.bounded:
             x = torch.clamp(x, min=self.lower_bound, max=self.upper_bound)
         return x

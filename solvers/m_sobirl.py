@@ -102,16 +102,20 @@ def run(problem: TabularProblem, options: dict[str, Any], monitor: Monitor) -> S
                 # 2. adjoint step(s): w_{k+1}
                 for _ in range(adjoint_steps):
                     w = adjoint_step(P, pi, g, w, gamma, zeta, options["adjoint"])
-                # 3. hyper-gradient estimate, pihat_k held constant
-                v = torch.addcmul(g, pihat, w.unsqueeze(-1), value=-1.0).div_(tau)
-            h = grad_x + reward_vjp(x, r, v)
+                # 3. hyper-gradient estimate, pihat_k held constant (the 1 / tau is applied
+                # to the vector-Jacobian product, which is linear)
+                v = torch.addcmul(g, pihat, w.unsqueeze(-1), value=-1.0)
+            h = torch.add(grad_x, reward_vjp(x, r, v), alpha=1.0 / tau)
             with torch.no_grad():
                 # 4. projected hyper-gradient step
-                x_next = problem.project(x - beta * h)
+                x_next = problem.project(torch.add(x, h, alpha=-beta))
                 # stationarity: the gradient mapping, ||h|| itself when x has no bounds
-                h_norm, mapping = torch.stack([torch.linalg.vector_norm(h),
-                                               torch.linalg.vector_norm(x - x_next) / beta]
-                                              ).tolist()
+                if problem.bounded:
+                    h_norm, mapping = torch.stack([torch.linalg.vector_norm(h),
+                                                   torch.linalg.vector_norm(x - x_next) / beta]
+                                                  ).tolist()
+                else:
+                    h_norm = mapping = float(torch.linalg.vector_norm(h))
             f = float(f)
             monitor.update(k, f, h_norm)
             if k % log_every == 0:

@@ -8,6 +8,7 @@ import torch
 
 from bilevel_dsl.softmdp import (
     Transitions,
+    _BellmanLoop,
     occupancy,
     policy_evaluation,
     policy_matvec,
@@ -143,14 +144,18 @@ def test_value_iteration_reaches_the_soft_bellman_fixed_point(gamma, tau):
 
 
 @pytest.mark.parametrize("A", [1, 3, 4])
-def test_action_major_bellman_loop_matches_the_operator(A):
-    """The inner loop runs in action-major layout; it must equal the plain operator applied n
-    times, for dense and sparse storage and for a sparse matrix whose rows differ in length."""
-    S, gamma, tau = 17, 0.9, 0.3
+@pytest.mark.parametrize("tau,shifted", [(0.3, True), (0.004, False)])
+def test_bellman_loop_matches_the_operator(A, tau, shifted):
+    """The inner loop (one constant shift where it is safe, else each state's maximum and,
+    for sparse P, the action-major layout) must equal the plain operator applied n times, for
+    dense and sparse storage and for a sparse matrix whose rows differ in length."""
+    S, gamma = 17, 0.9
     g = torch.Generator().manual_seed(11)
     r = torch.randn(S, A, generator=g, dtype=DT)
     V0 = torch.randn(S, generator=g, dtype=DT)
     for T in both(random_P(S, A, 3, density=0.3)):
+        loop = _BellmanLoop(T, r, V0 / tau, gamma, tau)
+        assert (loop.shift is not None) == shifted
         V = V0
         for _ in range(4):
             V = soft_bellman(T, r, V, gamma, tau)
@@ -161,6 +166,31 @@ def test_action_major_bellman_loop_matches_the_operator(A):
         torch.testing.assert_close(pi, soft_policy(soft_q(T, r, V, gamma), tau),
                                    rtol=1e-12, atol=1e-15)
         assert pi.is_contiguous() and pi.shape == (S, A)
+
+
+def test_constant_shift_bounds_every_exponent_of_later_steps():
+    """_constant_shift's C must keep every q - C of every later step in [-700, 0] (no overflow,
+    no subnormal exp), from a cold and from a warm start, for rows that sum to less than one."""
+    S, A = 30, 4
+    g = torch.Generator().manual_seed(5)
+    for gamma, tau, mass in [(0.9, 1.0, 1.0), (0.99, 0.5, 0.9), (0.5, 0.02, 1.0)]:
+        P = random_P(S, A, 6, mass=mass)
+        r = torch.rand(S, A, generator=g, dtype=DT) * 3 - 1
+        for T in both(P):
+            for V0 in (torch.zeros(S, dtype=DT), torch.randn(S, generator=g, dtype=DT) * 2):
+                u = V0 / tau
+                loop = _BellmanLoop(T, r, u, gamma, tau)
+                assert loop.shift is not None
+                for _ in range(300):
+                    q = r / tau + gamma * T.expect(u)
+                    assert float((q - loop.shift).max()) <= 0.0
+                    assert float((q - loop.shift).min()) >= -700.0
+                    u = torch.logsumexp(q, -1)
+    # a problem whose range of exponents exceeds 700 gets no shift
+    P = random_P(S, A, 6)
+    r = torch.rand(S, A, generator=g, dtype=DT)
+    assert _BellmanLoop(Transitions.from_dense(P), r, torch.zeros(S, dtype=DT), 0.99,
+                        0.01).shift is None
 
 
 @pytest.mark.parametrize("tau", [0.0, 0.7])
