@@ -689,8 +689,12 @@ class _Elaborator:
         if not isinstance(mdp, (MdpValue, GymMdp)):
             if mdp is None:
                 mdps = [k for k, v in self.names.items() if isinstance(v, (MdpValue, GymMdp))]
-                raise EvalError("E201", f"undefined MDP `{decl.mdp}`", decl.mdp_span,
-                                did_you_mean(decl.mdp, mdps))
+                # a one-letter name is close to no other by spelling; the only MDP is the guess
+                hint = did_you_mean(decl.mdp, mdps) or (
+                    f"did you mean `{mdps[0]}`, the only MDP declared?" if len(mdps) == 1
+                    else "declare it first: `mdp NAME = gridworld(...)` or `mdp NAME { ... }`"
+                    if not mdps else f"the MDPs declared are {', '.join(f'`{m}`' for m in mdps)}")
+                raise EvalError("E201", f"undefined MDP `{decl.mdp}`", decl.mdp_span, hint)
             raise EvalError("E305", f"`{decl.mdp}` is not an MDP", decl.mdp_span)
         if isinstance(mdp, MdpValue):
             self.follower = mdp

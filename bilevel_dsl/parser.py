@@ -435,6 +435,9 @@ def _syntax_diagnostic(kind: str, value: str, loc: _Loc | None, expected_termina
             "(if c then a else b)"
     elif kind == "EQUALS" and "CMP_OP" in expected_terminals:
         hint = "to compare two values, write `==`"
+    elif kind == "CMP_OP" and "AND" in expected_terminals:  # right after `a < b`
+        message = f"comparisons cannot be chained: unexpected `{shown}` after a comparison"
+        hint = "join two comparisons with `and`: `lo < x and x < hi`"
     return Diagnostic("E100", message, _span(loc), hint)
 
 
