@@ -134,7 +134,7 @@ class Transitions:
         self._csr = csr
         self._csr_t = csr_t
         self._csr_by_action: Tensor | None = None  # built on first use, see affine
-        self._max_row_sum: float | None = None  # see max_row_sum
+        self._row_sum_range: tuple[float, float] | None = None  # see row_sum_range
 
     # construction -------------------------------------------------------------------------
 
@@ -233,14 +233,18 @@ class Transitions:
         return int(torch.count_nonzero(self._dense))
 
     @property
-    def max_row_sum(self) -> float:
-        """The largest row sum when every entry is non-negative, else ``inf`` (computed once):
-        what bounds ``|P v|`` by ``|v|`` for the Bellman loop's constant shift."""
-        if self._max_row_sum is None:
+    def row_sum_range(self) -> tuple[float, float]:
+        """The smallest and largest row sums when every entry is non-negative, else
+        ``(-inf, inf)`` (computed once): what bounds ``P v`` by the range of ``v`` for the
+        Bellman loop's constant shift."""
+        if self._row_sum_range is None:
             values = self._flat if self._csr is None else self._csr.values()
-            negative = bool((values < 0).any()) if values.numel() else False
-            self._max_row_sum = math.inf if negative else float(self.row_sums().max())
-        return self._max_row_sum
+            if values.numel() and bool((values < 0).any()):
+                self._row_sum_range = (-math.inf, math.inf)
+            else:
+                sums = self.row_sums()
+                self._row_sum_range = tuple(torch.stack([sums.min(), sums.max()]).tolist())
+        return self._row_sum_range
 
     def nbytes(self) -> int:
         """Memory held by the stored matrices, in bytes."""
@@ -368,26 +372,59 @@ def soft_policy(Q: Tensor, tau: float) -> Tensor:
     return e / e.sum(-1, keepdim=True)
 
 
-def _constant_shift(P: Transitions, base_range: tuple[float, float], u: Tensor, gamma: float
-                    ) -> float | None:
-    """A constant ``C`` with every exponent ``q - C`` of every later step in ``[_EXP_FLOOR, 0]``,
-    or ``None`` when no constant is safe.
+def _constant_shift(P: Transitions, base_range: tuple[float, float],
+                    u_range: tuple[float, float], gamma: float, window: float,
+                    steps: int | None) -> float | None:
+    """A constant ``C`` with every exponent ``q - C`` of the next ``steps`` steps (and of the
+    ``Q`` after them; ``None``: of every later step) in ``[-window, 0]``, or ``None`` when no
+    constant is safe.
 
-    With ``P >= 0`` and row sums at most ``c``, ``q = base + gamma P u`` lies in
-    ``[b_lo + g lo, b_hi + g hi]`` (``g = gamma c``, ``lo <= 0 <= hi`` bounds on ``u``), and a
-    step maps ``(lo, hi)`` to ``(min(0, b_lo + g lo), max(0, b_hi + g hi + log A))``: monotone
-    sequences, bounded by their start and their limit whenever ``g < 1``. It holds when
-    ``((max r - min r) / tau + log A) / (1 - gamma)`` is below about 700.
+    With ``P >= 0`` and row sums in ``[c_lo, c_hi]``, ``P u`` lies in ``[m(lo), M(hi)]`` for
+    ``u`` in ``[lo, hi]``, where ``m(lo) = c_hi lo`` if ``lo < 0`` else ``c_lo lo`` and ``M(hi)
+    = c_hi hi`` if ``hi > 0`` else ``c_lo hi``. A step maps ``[lo, hi]`` into ``[b_lo + gamma
+    m(lo), b_hi + gamma M(hi) + log A]``: increasing maps, so ``lo`` and ``hi`` move
+    monotonically from the warm start's range towards their fixed points (when ``gamma c_hi <
+    1``), and the exponents ``q = base + gamma P u`` lie in ``[b_lo + gamma m(lo_min), b_hi +
+    gamma M(hi_max)]`` over the steps. Over all later steps, for stochastic ``P``, that interval
+    is about ``((max r - min r) / tau + log A) / (1 - gamma)`` wide plus the warm start's
+    distance from the fixed point; over a few warm-started steps it is about the spread of ``r /
+    tau + gamma V`` within them.
     """
-    g = gamma * P.max_row_sum
-    if not g < 1.0:
+    c_lo, c_hi = P.row_sum_range
+    values = (*base_range, *u_range, c_lo, c_hi)
+    if not all(math.isfinite(v) for v in values):
         return None
     b_lo, b_hi = base_range
-    u_lo, u_hi = torch.stack(list(torch.aminmax(u))).tolist()
-    lo = min(0.0, u_lo, b_lo / (1.0 - g))
-    hi = max(0.0, u_hi, (b_hi + math.log(P.n_actions)) / (1.0 - g))
-    top, bottom = b_hi + g * hi, b_lo + g * lo
-    return top if top - bottom <= -_EXP_FLOOR else None  # false for NaN and inf too
+    log_a = math.log(P.n_actions)
+
+    def m(lo: float) -> float:
+        return lo * (c_hi if lo < 0 else c_lo)
+
+    def M(hi: float) -> float:
+        return hi * (c_hi if hi > 0 else c_lo)
+
+    lo_min, hi_max = u_range
+    if steps is None:  # the fixed points of both maps bound every later step
+        if not gamma * c_hi < 1.0:
+            return None
+        lo_min = min(lo_min, b_lo / (1.0 - gamma * (c_lo if b_lo >= 0 else c_hi)))
+        a = b_hi + log_a
+        hi_max = max(hi_max, a / (1.0 - gamma * (c_hi if a > 0 else c_lo)))
+    else:
+        lo, hi = u_range
+        for _ in range(steps):
+            lo, hi = b_lo + gamma * m(lo), b_hi + gamma * M(hi) + log_a
+            lo_min, hi_max = min(lo_min, lo), max(hi_max, hi)
+    top = b_hi + gamma * M(hi_max)
+    bottom = b_lo + gamma * m(lo_min)
+    return top if top - bottom <= window else None
+
+
+def _exp_window(dtype: torch.dtype) -> float:
+    """How far below 0 an exponent may go with ``exp`` still normal (subnormal results are
+    5-20 times slower on CPU, and the sum of a row must not vanish): about 700 in float64,
+    79 in float32."""
+    return -math.log(torch.finfo(dtype).tiny) - 8.0
 
 
 class _BellmanLoop:
@@ -396,17 +433,24 @@ class _BellmanLoop:
 
     Where ``_constant_shift`` finds a safe constant ``C``, ``base = r / tau - C`` and a step is
     one fused product, one ``exp`` and one sum over actions in ``P``'s own ``(S, A)`` layout: no
-    ``exp`` can overflow or turn subnormal (5-20 times slower on CPU). Otherwise each state's
-    logsumexp is shifted by its own maximum and clamped at ``_EXP_FLOOR``, and sparse ``P`` is
-    taken with rows ``a*S + s``: the per-state maximum then reduces over ``A`` contiguous rows
-    of ``S`` values, which vectorises, not over rows of ``A`` values, which does not.
+    ``exp`` can overflow or turn subnormal (5-20 times slower on CPU) in the loop's dtype.
+    Otherwise each state's logsumexp is shifted by its own maximum and clamped at
+    ``_EXP_FLOOR``, and sparse ``P`` is taken with rows ``a*S + s``: the per-state maximum then
+    reduces over ``A`` contiguous rows of ``S`` values, which vectorises, not over rows of ``A``
+    values, which does not.
     """
 
-    def __init__(self, P: Transitions, r: Tensor, u: Tensor, gamma: float, tau: float) -> None:
+    def __init__(self, P: Transitions, r: Tensor, u: Tensor, gamma: float, tau: float,
+                 steps: int | None) -> None:
+        """``steps``: how many steps the loop will take before its last ``Q`` (``None``: any
+        number, as value iteration does)."""
         self.P, self.gamma = P, gamma
         flat = r.detach().reshape(-1)
-        lo, hi = torch.stack(list(torch.aminmax(flat))).tolist()
-        self.shift = _constant_shift(P, (lo / tau, hi / tau), u, gamma)
+        r_lo, r_hi = torch.aminmax(flat)
+        u_lo, u_hi = torch.aminmax(u)
+        r_lo, r_hi, u_lo, u_hi = torch.stack([r_lo, r_hi, u_lo, u_hi]).tolist()  # one sync
+        self.shift = _constant_shift(P, (r_lo / tau, r_hi / tau), (u_lo, u_hi), gamma,
+                                     _exp_window(flat.dtype), steps)
         self.by_action = self.shift is None and P.is_sparse
         if self.shift is not None:  # r / tau - C in one pass
             self.base = torch.add(torch.full((), -self.shift, dtype=flat.dtype,
@@ -459,16 +503,16 @@ def soft_bellman_steps(P: Transitions, r: Tensor, V: Tensor, gamma: float, tau: 
     """``T^n V`` without autograd: the warm-started inner loop of single-loop solvers."""
     with torch.no_grad():
         u = V.detach() / tau
-        return tau * _BellmanLoop(P, r, u, gamma, tau).steps(u, n)
+        return tau * _BellmanLoop(P, r, u, gamma, tau, n).steps(u, n)
 
 
 def soft_bellman_update(P: Transitions, r: Tensor, V: Tensor, gamma: float, tau: float, n: int
                         ) -> tuple[Tensor, Tensor]:
     """``V' = T^n V`` and the policy ``softmax((r + gamma P V') / tau)``, without autograd:
-    the same numbers as ``soft_bellman_steps`` then ``soft_policy(soft_q(...))``."""
+    the numbers of ``soft_bellman_steps`` then ``soft_policy(soft_q(...))``, up to rounding."""
     with torch.no_grad():
         u = V.detach() / tau
-        loop = _BellmanLoop(P, r, u, gamma, tau)
+        loop = _BellmanLoop(P, r, u, gamma, tau, n)
         u = loop.steps(u, n)
         return u * tau, loop.policy(u)
 
@@ -493,7 +537,7 @@ def soft_value_iteration(
     with torch.no_grad():
         u = torch.zeros(P.n_states, dtype=r.dtype, device=r.device) if V0 is None \
             else V0.detach().to(r.dtype) / tau
-        loop = _BellmanLoop(P, r, u, gamma, tau)  # its shift bounds every later step too
+        loop = _BellmanLoop(P, r, u, gamma, tau, None)  # its shift holds for every step
         factor = gamma / (1.0 - gamma) if gamma < 1.0 else 1.0
         floor = 1024 * torch.finfo(r.dtype).eps
         # rounding of the shifted logsumexp scales with |shift| too

@@ -109,8 +109,9 @@ def run(problem: TabularProblem, options: dict[str, Any], monitor: Monitor) -> S
             with torch.no_grad():
                 # 4. projected hyper-gradient step
                 x_next = problem.project(torch.add(x, h, alpha=-beta))
-                # stationarity: the gradient mapping, ||h|| itself when x has no bounds
-                if problem.bounded:
+                # stationarity: the gradient mapping, ||h|| itself when x has no bounds (or
+                # when beta = 0, the mapping's limit without bounds)
+                if problem.bounded and beta > 0:
                     h_norm, mapping = torch.stack([torch.linalg.vector_norm(h),
                                                    torch.linalg.vector_norm(x - x_next) / beta]
                                                   ).tolist()
@@ -181,7 +182,7 @@ SPEC = SolverSpec(
                "(docs/benchmarks.md: 10 steps reach a 10^4-state maze's optimum 4x sooner)",
                valid="[1, inf)"),
         Option("tol", float, 0.0, "stop when ||x - project(x - beta h)|| / beta (||h|| without "
-               "bounds) is below this (0: off)", valid="[0, inf)"),
+               "bounds or with beta = 0) is below this (0: off)", valid="[0, inf)"),
         Option("time_limit", float, 0.0, "stop after this many seconds (0: off)",
                valid="[0, inf)"),
         Option("start", str, "solved",

@@ -35,19 +35,24 @@ def _reach_probability(problem, pi: torch.Tensor, steps: int) -> float:
 
 
 def test_maze_policy_reaches_the_true_goal():
+    """The goal starts at the robot's start cell; the file's solve relocates it to (near) the
+    true goal, the best point found by any solver, and the robot then reaches G."""
     problem = _problem("maze_nav")
+    G = torch.tensor([4.0, 7.0], dtype=torch.float64)
+    assert problem.x0.tolist() == [0.0, 0.0]
     spec, result = solve(problem, None)
     assert spec.name == "m_sobirl"
     pi = _follower_policy(problem, result.x)
     assert _reach_probability(problem, pi, 60) > 0.9
-    # The goal itself is a stationary point. Solved at x0 (the default start), m_sobirl sees
-    # that and stays; from Algorithm 2's cold start it wanders while its lower level and
-    # adjoint catch up, and must come back to within 1e-3.
-    assert max(result.history["hypergrad_norm"]) < 1e-6
-    assert torch.allclose(result.x, problem.x0)
-    _, cold = solve(problem, None, {"start": "cold"})
-    assert max(cold.history["hypergrad_norm"]) > 1
-    assert phi(problem, cold.x) <= phi(problem, problem.x0) + 1e-3
+    assert _reach_probability(problem, _follower_policy(problem, problem.x0), 60) < 0.5
+    assert float(torch.linalg.vector_norm(result.x - G)) < 0.1
+    assert phi(problem, result.x) <= phi(problem, G) + 1e-4
+    assert result.history["hypergrad_norm"][-1] < 1e-2
+    # G itself is a stationary point: solved there (the default start), m_sobirl stays
+    problem.x0 = G
+    _, stay = solve(problem, None, {"outer": 50})
+    assert max(stay.history["hypergrad_norm"]) < 1e-6
+    assert torch.allclose(stay.x, G)
 
 
 def test_contract_pays_nonnegative_amounts_and_beats_paying_nothing():

@@ -333,7 +333,7 @@ def test_overrides_reach_the_lowered_problem():
     maze = next(p for p in PROBLEMS if p.name == "maze_nav.brl")
     low = lower(compile_file(maze, overrides={"lam": "0.1"}), device="cpu")
     high = lower(compile_file(maze, overrides={"lam": "0.6"}), device="cpu")
-    x = low.x0 + torch.tensor([1.0, 0.0], dtype=DT)  # ||g - G||^2 = 1
+    x = torch.tensor([5.0, 7.0], dtype=DT)  # ||g - G||^2 = 1 for G = (4, 7)
     pi = uniform_policy(low)
     assert float(high.objective(x, pi) - low.objective(x, pi)) == pytest.approx(0.5)
 

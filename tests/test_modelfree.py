@@ -422,10 +422,15 @@ def _trajectory_variant(name: str) -> str:
     """problems/NAME.brl with its `value(...)` objective replaced by the finite-horizon return
     of the trajectory form, which the model-free solvers (and exact) accept."""
     text = (ROOT / "problems" / f"{name}.brl").read_text(encoding="utf-8")
-    if name == "reward_shaping":
-        return text.replace("value(world, policy)", "expected_return(world, policy, horizon = 40)")
-    return (text.replace("- value(maze, policy)", "- expected_return(maze, policy, horizon = 40)")
-            .replace("var g[2] = maze.goal_pos in [0, 7]", "var g[2] = [2, 4] in [0, 7]"))
+    edits = {"reward_shaping": [("value(world, policy)",
+                                 "expected_return(world, policy, horizon = 40)")],
+             "maze_nav": [("- value(maze, policy)",
+                           "- expected_return(maze, policy, horizon = 40)"),
+                          ("var g[2] = maze.start_pos in [0, 7]", "var g[2] = [2, 4] in [0, 7]")]}
+    for old, new in edits[name]:
+        assert old in text, f"{name}.brl changed: update this test's edit of {old!r}"
+        text = text.replace(old, new)
+    return text
 
 
 @pytest.mark.parametrize("name, exact_options, options", [

@@ -154,7 +154,7 @@ def test_bellman_loop_matches_the_operator(A, tau, shifted):
     r = torch.randn(S, A, generator=g, dtype=DT)
     V0 = torch.randn(S, generator=g, dtype=DT)
     for T in both(random_P(S, A, 3, density=0.3)):
-        loop = _BellmanLoop(T, r, V0 / tau, gamma, tau)
+        loop = _BellmanLoop(T, r, V0 / tau, gamma, tau, 4)
         assert (loop.shift is not None) == shifted
         V = V0
         for _ in range(4):
@@ -168,29 +168,59 @@ def test_bellman_loop_matches_the_operator(A, tau, shifted):
         assert pi.is_contiguous() and pi.shape == (S, A)
 
 
-def test_constant_shift_bounds_every_exponent_of_later_steps():
-    """_constant_shift's C must keep every q - C of every later step in [-700, 0] (no overflow,
-    no subnormal exp), from a cold and from a warm start, for rows that sum to less than one."""
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("steps", [None, 10])
+def test_constant_shift_bounds_every_exponent_it_covers(dtype, steps):
+    """_constant_shift's C must keep every q - C in [-window, 0] (no overflow, no subnormal
+    exp: 700 in float64, 79 in float32) for all later steps (steps = None) or for the next
+    10 and the Q after them, from a cold and a warm start, for stochastic and sub-stochastic
+    rows, and with rewards far from 0; and the loop must then match the plain operator."""
     S, A = 30, 4
     g = torch.Generator().manual_seed(5)
-    for gamma, tau, mass in [(0.9, 1.0, 1.0), (0.99, 0.5, 0.9), (0.5, 0.02, 1.0)]:
-        P = random_P(S, A, 6, mass=mass)
-        r = torch.rand(S, A, generator=g, dtype=DT) * 3 - 1
+    window = 700.0 if dtype == torch.float64 else 79.0
+    cases = [(0.9, 1.0, 1.0, 0.0), (0.99, 0.5, 0.9, 0.0), (0.5, 0.02, 1.0, 0.0),
+             (0.8, 2.0, 0.95, -3.0)]
+    if steps is not None:  # a drift from V = 0 to V* far from 0 fits in a few steps only
+        cases += [(0.9, 1.0, 1.0, 100.0), (0.9, 1.0, 0.9, -30.0)]
+    if dtype == torch.float32:
+        cases = [(0.9, 1.0, 1.0, 0.0), (0.5, 0.2, 0.9, 0.0)]
+    for gamma, tau, mass, offset in cases:
+        P = random_P(S, A, 6, mass=mass).to(dtype)
+        r = (torch.rand(S, A, generator=g, dtype=DT) * 3 - 1 + offset).to(dtype)
         for T in both(P):
-            for V0 in (torch.zeros(S, dtype=DT), torch.randn(S, generator=g, dtype=DT) * 2):
+            for V0 in (torch.zeros(S, dtype=dtype),
+                       (torch.randn(S, generator=g, dtype=DT) * 2).to(dtype)):
                 u = V0 / tau
-                loop = _BellmanLoop(T, r, u, gamma, tau)
-                assert loop.shift is not None
-                for _ in range(300):
+                loop = _BellmanLoop(T, r, u, gamma, tau, steps)
+                assert loop.shift is not None, (gamma, tau, mass, offset)
+                for _ in range(300 if steps is None else steps + 1):
                     q = r / tau + gamma * T.expect(u)
-                    assert float((q - loop.shift).max()) <= 0.0
-                    assert float((q - loop.shift).min()) >= -700.0
+                    assert float((q - loop.shift).max()) <= 1e-5 * (1 + abs(loop.shift))
+                    assert float((q - loop.shift).min()) >= -window
                     u = torch.logsumexp(q, -1)
-    # a problem whose range of exponents exceeds 700 gets no shift
+                reference = V0
+                for _ in range(5):
+                    reference = soft_bellman(T, r, reference, gamma, tau)
+                torch.testing.assert_close(soft_bellman_steps(T, r, V0, gamma, tau, 5),
+                                           reference)
+
+
+def test_constant_shift_is_refused_where_the_exponents_spread_too_far():
+    S, A = 30, 4
     P = random_P(S, A, 6)
-    r = torch.rand(S, A, generator=g, dtype=DT)
-    assert _BellmanLoop(Transitions.from_dense(P), r, torch.zeros(S, dtype=DT), 0.99,
-                        0.01).shift is None
+    r = torch.rand(S, A, generator=torch.Generator().manual_seed(6), dtype=DT)
+    zero = torch.zeros(S, dtype=DT)
+    dense = Transitions.from_dense(P)
+    assert _BellmanLoop(dense, r, zero, 0.99, 0.01, None).shift is None  # low temperature
+    assert _BellmanLoop(dense, r + 100, zero, 0.9, 1.0, None).shift is None  # a long drift
+    assert _BellmanLoop(dense, r + 100, zero, 0.9, 1.0, 10).shift is not None
+    assert _BellmanLoop(Transitions.from_dense(P * 0.9), r + 1000, zero, 0.9, 1.0,
+                        None).shift is None  # episodes end: the range reaches to 0
+    assert _BellmanLoop(dense, r, zero, 1.0, 1.0, None).shift is None  # no contraction
+    # float32's narrower window (79) refuses what float64's (700) accepts
+    assert _BellmanLoop(dense, r, zero, 0.5, 0.02, None).shift is not None
+    assert _BellmanLoop(Transitions.from_dense(P.float()), r.float(), zero.float(), 0.5, 0.02,
+                        None).shift is None
 
 
 @pytest.mark.parametrize("tau", [0.0, 0.7])
