@@ -30,6 +30,10 @@ DIRECT_MAX_STATES = 2000
 _DIRECT_MAX_STATES_SPARSE = 500
 
 _GMRES_RESTART = 30
+# Arnoldi's Gram-Schmidt projects a second time only where the first left less than this
+# fraction of the vector's norm (Daniel, Gragg, Kaufman and Stewart's test): only then is the
+# second pass over the basis needed for orthogonality.
+_REORTHOGONALISE = 0.7
 
 # Exponents of shifted rows (at most 0) are raised to this before exp: on CPU, exp is 5-20 times
 # slower for arguments below about -708, whose results are subnormal or zero, and at low
@@ -404,7 +408,8 @@ def _constant_shift(P: Transitions, base_range: tuple[float, float],
         return hi * (c_hi if hi > 0 else c_lo)
 
     lo_min, hi_max = u_range
-    if steps is None:  # the fixed points of both maps bound every later step
+    if steps is None or (steps > 64 and gamma * c_hi < 1.0):
+        # the fixed points of both maps bound every later step
         if not gamma * c_hi < 1.0:
             return None
         lo_min = min(lo_min, b_lo / (1.0 - gamma * (c_lo if b_lo >= 0 else c_hi)))
@@ -571,16 +576,23 @@ def policy_rmatvec(P: Transitions, pi: Tensor, w: Tensor) -> Tensor:
 
 
 def _gmres(matvec: Callable[[Tensor], Tensor], b: Tensor, tol: float, max_iter: int,
-           stall: float | None = None) -> tuple[Tensor, bool]:
+           stall: float | None = None, complement: bool = False) -> tuple[Tensor, bool]:
     """Restarted GMRES in torch (runs where ``b`` lives); stops at ``||b - A x|| <= tol ||b||``.
+
+    ``A`` is ``matvec``, or with ``complement`` ``I - matvec``: Arnoldi then runs on ``matvec``
+    itself, whose Krylov spaces are the same, and ``A``'s Hessenberg matrix is ``I - H``. For
+    ``I - gamma P_pi`` that matters: ``A v`` is mostly ``v``, so Gram-Schmidt on ``A v`` would
+    cancel most of it and need a second pass over the basis, which on ``gamma P_pi v`` it rarely
+    does.
 
     Returns ``x`` and whether it converged. With ``stall`` it gives up early (not converged, no
     warning) when a whole restart cycle shrinks the residual by a factor worse than ``stall``:
     restarted GMRES can stagnate on the strongly non-normal ``(I - gamma P_pi)^T`` of a slowly
     mixing chain (a near-deterministic policy in a large maze), where it would otherwise spin
     until ``max_iter``.
-    Gram-Schmidt is done twice with matrix products (stable and fast on GPUs); the small
-    Hessenberg least-squares problem is solved on the host with Givens rotations.
+    Gram-Schmidt is done with matrix products (fast on GPUs), twice where cancellation calls for
+    it (``_REORTHOGONALISE``); the small Hessenberg least-squares problem is solved on the host
+    with Givens rotations.
     """
     b_norm = float(torch.linalg.vector_norm(b))
     x = torch.zeros_like(b)
@@ -599,14 +611,22 @@ def _gmres(matvec: Callable[[Tensor], Tensor], b: Tensor, tol: float, max_iter: 
         for j in range(m):
             w = matvec(basis[j])
             h = basis[: j + 1] @ w
-            w = w - basis[: j + 1].mT @ h
-            h2 = basis[: j + 1] @ w
-            w = w - basis[: j + 1].mT @ h2
-            w_norm = torch.linalg.vector_norm(w)
-            column = torch.cat([h + h2, w_norm.view(1)]).tolist()
-            breakdown = column[-1] == 0.0  # the Krylov space is invariant: x is exact
+            w_new = torch.addmv(w, basis[: j + 1].mT, h, alpha=-1.0)
+            before, w_norm = torch.stack([torch.linalg.vector_norm(w),
+                                          torch.linalg.vector_norm(w_new)]).tolist()
+            w = w_new
+            if w_norm < _REORTHOGONALISE * before:  # cancellation: project once more
+                h2 = basis[: j + 1] @ w
+                w = torch.addmv(w, basis[: j + 1].mT, h2, alpha=-1.0)
+                h = h + h2
+                w_norm = float(torch.linalg.vector_norm(w))
+            column = h.tolist() + [w_norm]
+            breakdown = w_norm == 0.0  # the Krylov space is invariant: x is exact
+            if complement:  # the column of I - H
+                column = [-c for c in column]
+                column[j] += 1.0
             if not breakdown:
-                basis[j + 1] = w / w_norm
+                torch.div(w, w_norm, out=basis[j + 1])
             for i in range(j):  # earlier rotations
                 column[i], column[i + 1] = (cos[i] * column[i] + sin[i] * column[i + 1],
                                             -sin[i] * column[i] + cos[i] * column[i + 1])
@@ -625,7 +645,7 @@ def _gmres(matvec: Callable[[Tensor], Tensor], b: Tensor, tol: float, max_iter: 
             y[i] = (rhs[i] - sum(hessenberg[i][k] * y[k] for k in range(i + 1, steps))) \
                 / hessenberg[i][i]
         x = x + basis[:steps].mT @ torch.tensor(y, dtype=b.dtype, device=b.device)
-        residual = b - matvec(x)
+        residual = b - (x - matvec(x) if complement else matvec(x))
         previous, beta = beta, float(torch.linalg.vector_norm(residual))
         if beta <= tol * b_norm:
             return x, True
@@ -683,9 +703,10 @@ def _solve(P: Transitions, pi: Tensor, b: Tensor, gamma: float, transpose: bool,
     if method == "krylov":
         # GMRES is kept while each restart cycle beats the rate that as many fixed-point steps
         # are guaranteed (gamma per step); if it stalls, the fixed point finishes from its x.
-        x, converged = _gmres(lambda v: v - gamma * apply(v), b, tol,
+        x, converged = _gmres(lambda v: gamma * apply(v), b, tol,
                               max_iter=max(1000, 10 * b.numel()),
-                              stall=gamma ** _GMRES_RESTART if gamma < 1.0 else None)
+                              stall=gamma ** _GMRES_RESTART if gamma < 1.0 else None,
+                              complement=True)
         if converged or gamma >= 1.0:
             return x
         return _fixed_point(apply, b, gamma, tol, norm_ord, 1_000_000, v0=x)

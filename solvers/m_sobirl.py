@@ -9,9 +9,9 @@ reward, which is evaluated once per iteration and reused.
 By default ``pi_{k+1} = softmax(Q / tau)`` instead of the paper's ``exp((Q - V) / tau)``. The two
 agree once ``V`` has converged, but while ``V`` lags at a low temperature the paper's rows are far
 from summing to one, and objectives such as ``value(M, policy)`` are then evaluated at something
-that is not a policy: on problems/maze_nav.brl (tau = 0.05) the paper's form ends in NaN for
-every step size tried, while the softmax form reaches the exact solver's optimum (beta = 0.02).
-``policy = paper`` keeps the literal form.
+that is not a policy: on problems/maze_nav.brl (tau = 0.05, 1,000 iterations) the paper's form
+ends in NaN at the file's step size and far from the optimum at smaller ones, while the softmax
+form reaches it (docs/solvers.md). ``policy = paper`` keeps the literal form.
 """
 
 from __future__ import annotations

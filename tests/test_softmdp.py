@@ -302,6 +302,28 @@ def test_substochastic_rows_and_undiscounted_episodes():
     torch.testing.assert_close(d, torch.ones(S, A, dtype=DT))
 
 
+def test_gmres_on_the_complement_solves_the_same_system(monkeypatch):
+    """GMRES run on B for (I - B) x = b (what the policy solves do) reaches the same solution,
+    to its relative residual, as GMRES run on I - B and as a direct solve, across restarts."""
+    from bilevel_dsl import softmdp
+
+    monkeypatch.setattr(softmdp, "_GMRES_RESTART", 3)
+    S = 120
+    g = torch.Generator().manual_seed(3)
+    B = torch.rand(S, S, generator=g, dtype=DT)
+    B = 0.97 * B / B.sum(1, keepdim=True)  # spectral radius 0.97: a few restart cycles
+    b = torch.randn(S, generator=g, dtype=DT)
+    A = torch.eye(S, dtype=DT) - B
+    exact = torch.linalg.solve(A, b)
+    for complement in (False, True):
+        x, converged = softmdp._gmres((lambda v: B @ v) if complement else (lambda v: A @ v), b,
+                                      1e-12, 1000, complement=complement)
+        assert converged
+        assert float(torch.linalg.vector_norm(b - A @ x)) <= 1e-12 * float(
+            torch.linalg.vector_norm(b)) * 1.01
+        torch.testing.assert_close(x, exact, rtol=1e-9, atol=1e-10)
+
+
 def test_stalled_gmres_is_finished_by_the_fixed_point(monkeypatch):
     # Restarted GMRES can stagnate on (I - gamma P_pi)^T of a slowly mixing chain (on a 10^4-state
     # maze at gamma = 0.99 it ran 10^5 iterations to a relative residual of 0.9). A restart cycle
