@@ -689,11 +689,13 @@ class _Elaborator:
         if not isinstance(mdp, (MdpValue, GymMdp)):
             if mdp is None:
                 mdps = [k for k, v in self.names.items() if isinstance(v, (MdpValue, GymMdp))]
-                # a one-letter name is close to no other by spelling; the only MDP is the guess
-                hint = did_you_mean(decl.mdp, mdps) or (
-                    f"did you mean `{mdps[0]}`, the only MDP declared?" if len(mdps) == 1
-                    else "declare it first: `mdp NAME = gridworld(...)` or `mdp NAME { ... }`"
-                    if not mdps else f"the MDPs declared are {', '.join(f'`{m}`' for m in mdps)}")
+                hint = did_you_mean(decl.mdp, mdps)
+                if hint is None and len(mdps) == 1:  # a one-letter name resembles no other
+                    hint = f"did you mean `{mdps[0]}`, the only MDP declared?"
+                elif hint is None and mdps:
+                    hint = f"the MDPs declared are {', '.join(f'`{m}`' for m in mdps)}"
+                elif hint is None:
+                    hint = "declare it first: `mdp NAME = gridworld(...)` or `mdp NAME { ... }`"
                 raise EvalError("E201", f"undefined MDP `{decl.mdp}`", decl.mdp_span, hint)
             raise EvalError("E305", f"`{decl.mdp}` is not an MDP", decl.mdp_span)
         if isinstance(mdp, MdpValue):

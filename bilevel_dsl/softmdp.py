@@ -289,13 +289,12 @@ class Transitions:
         """``base + alpha * P v`` as one fused product, flat: ``(S*A,)`` in rows ``s*A + a``, or
         with ``by_action`` (sparse storage only) rows ``a*S + s``, from a third CSR copy of
         ``P`` built on first use (see ``_BellmanLoop``). Not differentiable."""
-        if self._flat is not None:
-            return torch.addmv(base, self._flat, v, alpha=alpha)
-        if not by_action:
-            return torch.addmv(base, self._csr, v, alpha=alpha)
-        if self._csr_by_action is None:
-            self._csr_by_action = _rows_by_action(self._csr, self.n_states, self.n_actions)
-        return torch.addmv(base, self._csr_by_action, v, alpha=alpha)
+        matrix = self._flat if self._flat is not None else self._csr
+        if by_action and self._csr is not None:
+            if self._csr_by_action is None:
+                self._csr_by_action = _rows_by_action(self._csr, self.n_states, self.n_actions)
+            matrix = self._csr_by_action
+        return torch.addmv(base, matrix, v, alpha=alpha)
 
     def dense(self) -> Tensor:
         """The ``(S, A, S)`` table (materialised for sparse storage)."""
