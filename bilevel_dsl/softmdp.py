@@ -453,6 +453,7 @@ class _BellmanLoop:
         r_lo, r_hi = torch.aminmax(flat)
         u_lo, u_hi = torch.aminmax(u)
         r_lo, r_hi, u_lo, u_hi = torch.stack([r_lo, r_hi, u_lo, u_hi]).tolist()  # one sync
+        self.reward_scale = max(abs(r_lo), abs(r_hi)) / tau  # max |r| / tau
         self.shift = _constant_shift(P, (r_lo / tau, r_hi / tau), (u_lo, u_hi), gamma,
                                      _exp_window(flat.dtype), steps)
         self.by_action = self.shift is None and P.is_sparse
@@ -545,7 +546,7 @@ def soft_value_iteration(
         factor = gamma / (1.0 - gamma) if gamma < 1.0 else 1.0
         floor = 1024 * torch.finfo(r.dtype).eps
         # rounding of the shifted logsumexp scales with |shift| too
-        r_max = float(r.detach().abs().max()) / tau + abs(loop.shift or 0.0)
+        r_max = loop.reward_scale + abs(loop.shift or 0.0)
         previous = math.inf
         iterations = 0
         while iterations < max_iter:
