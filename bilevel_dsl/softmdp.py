@@ -118,7 +118,7 @@ class Transitions:
 
     Row ``s*A + a`` holds ``P(.|s, a)``. The transpose is stored too so that ``P^T`` products
     (adjoints, occupancies, backward passes) are as fast as forward ones, and sparse storage
-    may add a copy with rows ``a*S + s`` for the soft Bellman loop (``affine``).
+    may add a copy with rows ``a*S + s`` for the soft Bellman loop (``flat_matrix``).
     """
 
     def __init__(
@@ -137,7 +137,7 @@ class Transitions:
         self._flat = None if dense is None else dense.view(n_states * n_actions, n_states)
         self._csr = csr
         self._csr_t = csr_t
-        self._csr_by_action: Tensor | None = None  # built on first use, see affine
+        self._csr_by_action: Tensor | None = None  # built on first use, see flat_matrix
         self._row_sum_range: tuple[float, float] | None = None  # see row_sum_range
 
     # construction -------------------------------------------------------------------------
@@ -285,16 +285,17 @@ class Transitions:
             out = _CsrProduct.apply(self._csr_t, self._csr, flat.contiguous())
         return out.view(self.n_states, *y.shape[2:])
 
-    def affine(self, base: Tensor, v: Tensor, alpha: float, by_action: bool = False) -> Tensor:
-        """``base + alpha * P v`` as one fused product, flat: ``(S*A,)`` in rows ``s*A + a``, or
-        with ``by_action`` (sparse storage only) rows ``a*S + s``, from a third CSR copy of
-        ``P`` built on first use (see ``_BellmanLoop``). Not differentiable."""
-        matrix = self._flat if self._flat is not None else self._csr
-        if by_action and self._csr is not None:
+    def flat_matrix(self, by_action: bool = False) -> Tensor:
+        """``P`` as one ``(S*A, S)`` matrix for ``torch.mv``/``addmv``: rows ``s*A + a``, or with
+        ``by_action`` (sparse storage only) rows ``a*S + s``, from a third CSR copy of ``P`` built
+        on first use (see ``_BellmanLoop``). Products with it are not differentiable."""
+        if self._flat is not None:
+            return self._flat
+        if by_action:
             if self._csr_by_action is None:
                 self._csr_by_action = _rows_by_action(self._csr, self.n_states, self.n_actions)
-            matrix = self._csr_by_action
-        return torch.addmv(base, matrix, v, alpha=alpha)
+            return self._csr_by_action
+        return self._csr
 
     def dense(self) -> Tensor:
         """The ``(S, A, S)`` table (materialised for sparse storage)."""
@@ -448,7 +449,7 @@ class _BellmanLoop:
                  steps: int | None) -> None:
         """``steps``: how many steps the loop will take before its last ``Q`` (``None``: any
         number, as value iteration does)."""
-        self.P, self.gamma = P, gamma
+        self.P, self.gamma, self.tau = P, gamma, tau
         flat = r.detach().reshape(-1)
         r_lo, r_hi = torch.aminmax(flat)
         u_lo, u_hi = torch.aminmax(u)
@@ -469,13 +470,25 @@ class _BellmanLoop:
         else:
             self.base = flat / tau
         self.actions = 0 if self.by_action else 1  # the axis of actions in the loop's tables
+        self.matrix = P.flat_matrix(self.by_action)
 
-    def _exp(self, u: Tensor) -> tuple[Tensor, Tensor | None]:
-        """``exp(q - m)`` for ``q = base + gamma P u``, as ``(A, S)`` or ``(S, A)``, and ``m``:
-        ``shift`` or each state's maximum of ``q``."""
+    def _tables(self, flat: Tensor) -> Tensor:
+        """A flat vector in the loop's layout as ``(A, S)`` or ``(S, A)``."""
         P = self.P
-        q = P.affine(self.base, u, self.gamma, self.by_action)
-        q = q.view(P.n_actions, P.n_states) if self.by_action else q.view(P.n_states, P.n_actions)
+        return flat.view(P.n_actions, P.n_states) if self.by_action else flat.view(P.n_states,
+                                                                                   P.n_actions)
+
+    def _exp(self, u: Tensor | None, expected: Tensor | None = None
+             ) -> tuple[Tensor, Tensor | None]:
+        """``exp(q - m)`` for ``q = base + gamma P u``, in the loop's layout, and ``m``:
+        ``shift`` or each state's maximum of ``q``. ``expected``: ``P.expect(tau u)``, ``(S,
+        A)``, when known, which saves the product (``u`` is then not needed)."""
+        if expected is None:
+            q = torch.addmv(self.base, self.matrix, u, alpha=self.gamma)
+        else:
+            q = torch.add(self.base, (expected.T if self.by_action else expected).reshape(-1),
+                          alpha=self.gamma / self.tau)
+        q = self._tables(q)
         if self.shift is not None:
             return q.exp_(), None
         m = q.amax(self.actions)
@@ -485,22 +498,27 @@ class _BellmanLoop:
     def _sum(self, e: Tensor) -> Tensor:
         return e.sum(0) if self.by_action else sum_actions(e)
 
-    def steps(self, u: Tensor, n: int) -> Tensor:
-        """``T^n`` applied to ``u``."""
+    def steps(self, u: Tensor, n: int, expected: Tensor | None = None) -> Tensor:
+        """``T^n`` applied to ``u``; ``expected``: ``P.expect(tau u)`` for the first step."""
         for _ in range(n):
-            e, m = self._exp(u)
+            e, m = self._exp(u, expected)
+            expected = None
             u = self._sum(e).log_()
             u = u.add_(self.shift) if m is None else u.add_(m)
         return u
 
-    def policy(self, u: Tensor) -> Tensor:
-        """``softmax_a(q)``, ``(S, A)``: shift-invariant, so the loop's ``exp`` will do."""
-        e, _ = self._exp(u)
+    def policy(self, V: Tensor) -> tuple[Tensor, Tensor]:
+        """``softmax_a(q)`` at ``u = V / tau``, ``(S, A)`` (shift-invariant, so the loop's ``exp``
+        will do), and ``P.expect(V)``, ``(S, A)``: the next loop's first product."""
+        expected = self._tables(torch.mv(self.matrix, V))
+        if self.by_action:
+            expected = expected.T
+        e, _ = self._exp(None, expected)
         if not self.by_action:
-            return e.div_(self._sum(e).unsqueeze(1))
+            return e.div_(self._sum(e).unsqueeze(1)), expected
         pi = torch.empty(self.P.n_states, self.P.n_actions, dtype=e.dtype, device=e.device)
         torch.div(e, e.sum(0, keepdim=True), out=pi.T)  # the normalisation writes (S, A)
-        return pi
+        return pi, expected
 
 
 def soft_bellman_steps(P: Transitions, r: Tensor, V: Tensor, gamma: float, tau: float, n: int
@@ -511,15 +529,22 @@ def soft_bellman_steps(P: Transitions, r: Tensor, V: Tensor, gamma: float, tau: 
         return tau * _BellmanLoop(P, r, u, gamma, tau, n).steps(u, n)
 
 
-def soft_bellman_update(P: Transitions, r: Tensor, V: Tensor, gamma: float, tau: float, n: int
-                        ) -> tuple[Tensor, Tensor]:
-    """``V' = T^n V`` and the policy ``softmax((r + gamma P V') / tau)``, without autograd:
-    the numbers of ``soft_bellman_steps`` then ``soft_policy(soft_q(...))``, up to rounding."""
+def soft_bellman_update(P: Transitions, r: Tensor, V: Tensor, gamma: float, tau: float, n: int,
+                        expected: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """``V' = T^n V``, the policy ``softmax((r + gamma P V') / tau)`` and ``P.expect(V')``,
+    without autograd: the numbers of ``soft_bellman_steps`` then ``soft_policy(soft_q(...))``,
+    up to rounding.
+
+    ``expected``: ``P.expect(V)``, when the caller has it (the last call's third result, if
+    ``V`` is that call's ``V'``): a warm-started loop then skips its first product, whatever the
+    reward, so ``n`` steps and the policy cost ``n`` products, not ``n + 1``.
+    """
     with torch.no_grad():
         u = V.detach() / tau
         loop = _BellmanLoop(P, r, u, gamma, tau, n)
-        u = loop.steps(u, n)
-        return u * tau, loop.policy(u)
+        V_next = loop.steps(u, n, expected).mul_(tau)
+        pi, expected_next = loop.policy(V_next)
+        return V_next, pi, expected_next
 
 
 def soft_value_iteration(

@@ -1,10 +1,12 @@
 """M-SoBiRL (the paper's Algorithm 2): single-loop, model-based, amortised bilevel RL.
 
 One outer iteration makes one adjoint step (``adjoint_steps`` of them if asked), one
-hyper-gradient step on ``x`` and ``N`` warm-started soft Bellman steps: ``N + 2`` products with
-``P`` (one more with the paper's least-squares adjoint step, one more with ``policy =
-paper``), element-wise work on ``S*A`` entries and one vector-Jacobian product through the
-reward, which is evaluated once per iteration and reused.
+hyper-gradient step on ``x`` and ``N`` warm-started soft Bellman steps: ``N + 1`` products with
+``P`` (one more with the paper's least-squares adjoint step), element-wise work on ``S*A``
+entries and one vector-Jacobian product through the reward, which is evaluated once per
+iteration and reused. The first Bellman step needs ``P V_k``, which does not depend on the
+reward: it was computed for ``pi_k`` and is kept, so ``N`` steps and ``pi_{k+1}`` take ``N``
+products, not ``N + 1``.
 
 By default ``pi_{k+1} = softmax(Q / tau)`` instead of the paper's ``exp((Q - V) / tau)``. The two
 agree once ``V`` has converged, but while ``V`` lags at a low temperature the paper's rows are far
@@ -69,11 +71,13 @@ def run(problem: TabularProblem, options: dict[str, Any], monitor: Monitor) -> S
     dtype, device = x0.dtype, x0.device
 
     # state carried across outer iterations: x_k (a leaf for the reward's VJP), r_{x_k}, V_k,
-    # pi_k, pihat_k = softmax((r_{x_k} + gamma P V_k) / tau) and the adjoint w_k
+    # P V_k (None until computed), pi_k, pihat_k = softmax((r_{x_k} + gamma P V_k) / tau) and
+    # the adjoint w_k
     x = problem.project(x0.clone()).requires_grad_(True)
     with torch.enable_grad():
         r = problem.reward(x)
     V = torch.zeros(S, dtype=dtype, device=device)
+    PV: torch.Tensor | None = None
     pihat = soft_policy(soft_q(P, r.detach(), V, gamma), tau)
     pi = torch.full((S, A), 1.0 / A, dtype=dtype, device=device)
     if options["init_w"] == "normal":  # drawn on the CPU so every device starts alike
@@ -134,10 +138,10 @@ def run(problem: TabularProblem, options: dict[str, Any], monitor: Monitor) -> S
                 r_next = problem.reward(x_next)
             with torch.no_grad():
                 # 5. N warm-started soft Bellman steps, then Q and pi_{k+1}
-                V_next, pihat_next = soft_bellman_update(P, r_next, V, gamma, tau, N)
+                V_next, pihat_next, PV = soft_bellman_update(P, r_next, V, gamma, tau, N, PV)
                 pi_next = pihat_next
                 if paper:
-                    Q = soft_q(P, r_next.detach(), V_next, gamma)
+                    Q = torch.add(r_next.detach(), PV, alpha=gamma)
                     pi_next = torch.exp((Q - V_next.unsqueeze(-1)) / tau)
             x, r, V, pi, pihat = x_next, r_next, V_next, pi_next, pihat_next
             k += 1

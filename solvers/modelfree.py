@@ -459,6 +459,7 @@ class Follower:
         dtype, device = problem.x0.dtype, problem.x0.device
         self.pi = torch.full((S, A), 1.0 / A, dtype=dtype, device=device)
         self.V = torch.zeros(S, dtype=dtype, device=device)
+        self.PV: Tensor | None = None  # P.expect(V), kept for the next exact update
         self.horizon = rollout_horizon(problem.discount, options["rollout_horizon"])
 
     def improve(self, x: Tensor, steps: int) -> Tensor:
@@ -469,7 +470,8 @@ class Follower:
             r = problem.reward(x.detach())
             if self.options["follower"] == "exact":
                 P = problem.transitions
-                self.V, self.pi = soft_bellman_update(P, r, self.V, gamma, tau, steps)
+                self.V, self.pi, self.PV = soft_bellman_update(P, r, self.V, gamma, tau, steps,
+                                                               self.PV)
             else:
                 for _ in range(steps):
                     Q = sampled_q(problem, self.env, r, self.pi, self.options["q_rollouts"],

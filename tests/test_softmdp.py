@@ -148,7 +148,8 @@ def test_value_iteration_reaches_the_soft_bellman_fixed_point(gamma, tau):
 def test_bellman_loop_matches_the_operator(A, tau, shifted):
     """The inner loop (one constant shift where it is safe, else each state's maximum and,
     for sparse P, the action-major layout) must equal the plain operator applied n times, for
-    dense and sparse storage and for a sparse matrix whose rows differ in length."""
+    dense and sparse storage and for a sparse matrix whose rows differ in length; so must a
+    loop that starts from the product kept by the last one."""
     S, gamma = 17, 0.9
     g = torch.Generator().manual_seed(11)
     r = torch.randn(S, A, generator=g, dtype=DT)
@@ -161,11 +162,20 @@ def test_bellman_loop_matches_the_operator(A, tau, shifted):
             V = soft_bellman(T, r, V, gamma, tau)
         fast = soft_bellman_steps(T, r, V0, gamma, tau, 4)
         torch.testing.assert_close(fast, V, rtol=1e-13, atol=1e-13)
-        V_update, pi = soft_bellman_update(T, r, V0, gamma, tau, 4)
+        V_update, pi, PV = soft_bellman_update(T, r, V0, gamma, tau, 4)
         torch.testing.assert_close(V_update, V, rtol=1e-13, atol=1e-13)
         torch.testing.assert_close(pi, soft_policy(soft_q(T, r, V, gamma), tau),
                                    rtol=1e-12, atol=1e-15)
         assert pi.is_contiguous() and pi.shape == (S, A)
+        torch.testing.assert_close(PV, T.expect(V_update), rtol=1e-13, atol=1e-13)
+        # the next call, with another reward, starts from the kept product: the same numbers,
+        # also where that call's layout differs (the product does not depend on tau)
+        r2 = r + torch.randn(S, A, generator=g, dtype=DT)
+        for tau2 in (tau, 0.3, 0.004):
+            kept = soft_bellman_update(T, r2, V_update, gamma, tau2, 3, PV)
+            fresh = soft_bellman_update(T, r2, V_update, gamma, tau2, 3)
+            for a, b in zip(kept, fresh):
+                torch.testing.assert_close(a, b, rtol=1e-13, atol=1e-13)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
