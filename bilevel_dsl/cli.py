@@ -178,7 +178,7 @@ def cmd_solve(args: argparse.Namespace) -> int:
     limit = options.get("time_limit") or None
     monitor = ProgressMonitor(total, time_limit=limit, sign=problem.sign,
                               stream=open(os.devnull, "w") if args.quiet else sys.stderr)
-    out_dir = Path(args.resume or args.out or default_out_dir(problem.name))
+    out_dir = _output_folder(Path(args.resume or args.out or default_out_dir(problem.name)))
     extra: dict[str, Any] = {}
     if deep:  # checkpoints go to the output folder as the run goes
         extra = {"out": out_dir, "resume": _checkpoint(args.resume)}
@@ -206,7 +206,28 @@ def cmd_solve(args: argparse.Namespace) -> int:
     else:
         write_run(out_dir, problem, result, meta)
         print(summary_table(problem, result, meta))
+    if result.stopped_because == solvers.NOT_FINITE:
+        print(f"error: the objective or the hyper-gradient became NaN or infinite after "
+              f"iteration {result.iterations}; the results above are the last finite iterate's. "
+              "A reward such as log(x) at x = 0 does this: bound the variable away from it, or "
+              "take a smaller step (--set beta=...)", file=sys.stderr)
+        return EXIT_ERROR
     return EXIT_INTERRUPTED if result.stopped_because == "interrupted" else EXIT_OK
+
+
+def _output_folder(out_dir: Path) -> Path:
+    """Create the output folder before the run, so that a bad ``--out`` fails in a second, not
+    after a long solve whose results would then be lost."""
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        probe = out_dir / ".brl-write-test"
+        probe.touch()
+        probe.unlink()
+    except OSError as exc:
+        raise UsageError(f"cannot write the output folder {out_dir}: {exc.strerror or exc}; "
+                         "pass --out with a folder you can write (it is created if needed)"
+                         ) from None
+    return out_dir
 
 
 def _checkpoint(resume: str | None) -> Path | None:
@@ -366,6 +387,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except BrokenPipeError:  # `brl solvers | head -1`: the reader has gone, nothing to report
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_ERROR
     except Exception as exc:  # noqa: BLE001 - the last line of defence against tracebacks
         from solvers import SolverError
 

@@ -608,8 +608,10 @@ class _Elaborator:
                 raise EvalError("E401", f"the initial distribution must be non-negative and sum "
                                 f"to 1, but it sums to {float(initial.sum()):.6g}",
                                 items["initial"].value.span)
-        else:
-            initial = torch.full((S.size,), 1.0 / S.size, dtype=DTYPE)
+        else:  # uniform over the states where an episode can run (all, if all are terminal)
+            start = (~terminal).to(DTYPE) if not bool(terminal.all()) else torch.ones(S.size,
+                                                                                  dtype=DTYPE)
+            initial = start / start.sum()
         gamma = 0.9
         if "discount" in items:
             self._no_indices(items["discount"])

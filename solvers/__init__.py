@@ -25,7 +25,7 @@ from .registry import (
     describe,
     parse_option_value,
 )
-from .result import Monitor, SolveResult
+from .result import NOT_FINITE, Monitor, SolveResult
 
 if TYPE_CHECKING:
     from bilevel_dsl.instance import TabularProblem
@@ -36,6 +36,7 @@ __all__ = [
     "Capabilities",
     "IncapableSolverError",
     "Monitor",
+    "NOT_FINITE",
     "NoCapableSolverError",
     "Option",
     "OptionError",

@@ -6,6 +6,7 @@ its curve is what an amortised solver such as M-SoBiRL should approach, at a hig
 
 from __future__ import annotations
 
+import math
 import time
 from typing import Any
 
@@ -15,7 +16,7 @@ from bilevel_dsl.instance import TabularProblem
 
 from .hypergrad import MODEL_BASED, hypergradient
 from .registry import Option, SolverSpec
-from .result import Monitor, SolveResult, stop_reason
+from .result import NOT_FINITE, Monitor, SolveResult, stop_reason
 
 
 def run(problem: TabularProblem, options: dict[str, Any], monitor: Monitor) -> SolveResult:
@@ -27,15 +28,18 @@ def run(problem: TabularProblem, options: dict[str, Any], monitor: Monitor) -> S
     stopped, k, k_done, V, result, x_done = "max_iterations", 0, 0, None, None, x
     try:
         while True:
-            result = hypergradient(problem, x, V=V, tol=options["inner_tol"],
-                                   adjoint_method=options["adjoint_method"])
-            V, x_done, k_done = result.V, x, k
-            x = problem.project(x - options["beta"] * result.grad)
+            evaluated = hypergradient(problem, x, V=V, tol=options["inner_tol"],
+                                      adjoint_method=options["adjoint_method"])
+            x_next = problem.project(x - options["beta"] * evaluated.grad)
             # stationarity: the gradient mapping, ||grad|| itself when x has no bounds
             grad_norm, mapping = torch.stack([
-                torch.linalg.vector_norm(result.grad),
-                torch.linalg.vector_norm(x - x_done) / options["beta"],
+                torch.linalg.vector_norm(evaluated.grad),
+                torch.linalg.vector_norm(x_next - x) / options["beta"],
             ]).tolist()
+            if not (math.isfinite(evaluated.objective) and math.isfinite(grad_norm)):
+                stopped = NOT_FINITE  # keep the last point whose numbers were finite
+                break
+            result, V, x_done, k_done, x = evaluated, evaluated.V, x, k, x_next
             monitor.update(k, result.objective, grad_norm)
             history["objective"].append(result.objective)
             history["hypergrad_norm"].append(grad_norm)
@@ -54,7 +58,7 @@ def run(problem: TabularProblem, options: dict[str, Any], monitor: Monitor) -> S
             k += 1
     except KeyboardInterrupt:
         stopped = "interrupted"
-    if result is None:  # interrupted before the first evaluation finished
+    if result is None:  # interrupted, or not finite, before the first evaluation finished
         result = hypergradient(problem, x_done, tol=options["inner_tol"])
     # the last point evaluated, so that x, policy and objective belong together
     return SolveResult(

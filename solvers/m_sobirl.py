@@ -18,6 +18,7 @@ form reaches it (docs/solvers.md). ``policy = paper`` keeps the literal form.
 
 from __future__ import annotations
 
+import math
 import time
 from typing import Any
 
@@ -36,7 +37,7 @@ from bilevel_dsl.softmdp import (
 
 from .hypergrad import MODEL_BASED, hypergradient, reward_vjp, upper_derivatives
 from .registry import Option, SolverSpec
-from .result import Monitor, SolveResult, stop_reason
+from .result import NOT_FINITE, Monitor, SolveResult, stop_reason
 
 START_TOL = 1e-8  # sup-norm error of V_0 with start = solved
 
@@ -90,6 +91,7 @@ def run(problem: TabularProblem, options: dict[str, Any], monitor: Monitor) -> S
                                        "stationarity": [], "iteration": []}
     start = time.perf_counter()
     stopped, k, start_iterations = "max_iterations", 0, 0
+    previous: tuple[Tensor, Tensor, Tensor, Tensor] | None = None  # x, pi, V, w of iteration k-1
     try:
         if options["start"] == "solved":
             # one exact solve: the follower's and the adjoint's fixed points at x0 (counted in
@@ -122,6 +124,12 @@ def run(problem: TabularProblem, options: dict[str, Any], monitor: Monitor) -> S
                 else:
                     h_norm = mapping = float(torch.linalg.vector_norm(h))
             f = float(f)
+            if not (math.isfinite(f) and math.isfinite(h_norm)):
+                stopped = NOT_FINITE  # back to the last point whose numbers were finite
+                if previous is not None:
+                    x, pi, V, w, k = *previous, k - 1
+                break
+            previous = (x, pi, V, w)
             monitor.update(k, f, h_norm)
             if k % log_every == 0:
                 history["iteration"].append(k)

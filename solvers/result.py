@@ -52,6 +52,11 @@ class Monitor:
         """Finish any output (a progress bar's line) once the run has ended."""
 
 
+# stopped_because when the objective or the hyper-gradient became NaN or infinite: the solver
+# returns the last point whose numbers were finite and the command line exits 1
+NOT_FINITE = "not_finite"
+
+
 def stop_reason(options: dict[str, Any], start: float, monitor: Monitor) -> str | None:
     """Why a solver loop should end now, if it should: its own `time_limit` option (seconds
     since `start`, a `time.perf_counter()` reading; 0 is off) or the monitor's request."""

@@ -180,6 +180,44 @@ def test_solve_set_at_the_end_of_a_range_runs(tmp_path, capsys):
     assert code == 0, err
 
 
+def test_an_unwritable_out_fails_before_the_solve(tmp_path, capsys):
+    """A bad --out must be reported at once, not after the run (whose results it would lose)."""
+    path = tmp_path / "p.brl"
+    path.write_text(SOLVABLE)
+    taken = tmp_path / "a_file"
+    taken.write_text("hi")
+    code, out, err = run(["solve", str(path), "--quiet", "--out", str(taken),
+                          "--set", "outer=100000"], capsys)
+    assert code == 1 and out == ""
+    assert err.startswith(f"error: cannot write the output folder {taken}") and "--out" in err
+
+
+@pytest.mark.parametrize("solver", ["exact", "m_sobirl"])
+def test_a_run_that_turns_nan_stops_at_the_last_finite_point(solver, tmp_path, capsys):
+    """log(x) at the bound x = 0 makes the reward -inf after one step: the run must stop there,
+    keep the finite iterate, say why and exit 1, not go on with NaN."""
+    path = tmp_path / "nan.brl"
+    path.write_text("brl 1\nmdp M = random_mdp(states = 4, actions = 2, discount = 0.9)\n"
+                    "var x[M.S, M.A] = 0.5 in [0, 1]\n"
+                    "lower M { temperature = 0.5  reward[s, a] = log(x[s, a]) }\n"
+                    "upper minimize 10 * norm2(x) - value(M, policy, M.R + 1)\n")
+    code, _, err = run(["solve", str(path), "--quiet", "--solver", solver, "--out",
+                        str(tmp_path / "run"), "--set", "beta=1", "--set", "outer=50"], capsys)
+    assert code == 1 and "NaN or infinite" in err
+    record = json.loads((tmp_path / "run" / "result.json").read_text())
+    assert record["stopped_because"] == "not_finite"
+    assert record["x"] == [[0.5, 0.5]] * 4 and record["objective"] == pytest.approx(10.0)
+
+
+def test_a_closed_pipe_is_not_an_internal_error():
+    """`brl solvers | head -1`: the reader leaves early; no 'internal error' message."""
+    child = subprocess.Popen([sys.executable, "-m", "bilevel_dsl.cli", "solvers"],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    child.stdout.close()
+    assert child.wait(timeout=60) == 1
+    assert child.stderr.read() == b""
+
+
 # ------------------------------------------------------------------ compile and solve
 
 

@@ -288,6 +288,17 @@ def test_terminal_states_may_have_empty_rows():
     assert compile_ok(vector).names["T"].terminal.tolist() == [False, False, True]
 
 
+def test_default_initial_leaves_terminal_states_out():
+    """An episode cannot run from a terminal state, so the default start is uniform over the
+    others: a terminal state's own reward must not enter value(M, policy) by default."""
+    table = ("brl 1\nmdp T = table {{ states = 3  actions = 1\n"
+             "  transition[s, a, t] = if s == 2 then 0 else 1 / 3\n  {} }}")
+    assert compile_ok(table.format("terminal = {2}")).names["T"].initial.tolist() == [
+        0.5, 0.5, 0.0]
+    everything = table.format("terminal = {0, 1, 2}").replace("if s == 2 then 0 else 1 / 3", "0")
+    assert compile_ok(everything).names["T"].initial.tolist() == [1 / 3] * 3
+
+
 def test_row_error_reports_the_first_bad_row():
     diag = first("brl 1\nset S = {a, b, c}\nmdp T = table { states = S  actions = 2\n"
                  "  transition[s, x, t] = if s == b and x == 1 then 0.25 else 1 / 3 }")
