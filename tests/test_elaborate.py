@@ -190,6 +190,9 @@ def test_overrides_replace_params():
     assert float(checked.names["n"].t) == 4 and checked.names["n"].kind == "int"
     assert float(checked.names["twice"].t) == 2.0  # later declarations see the new value
     assert checked.names["w"].t.tolist() == [0.0, 0.0, 1.0]
+    # one number fills an array param, as in a declaration (docs/language.md)
+    filled = compile_ok("brl 1\nparam w[3] = [1, 2, 3]", overrides={"w": "0"})
+    assert filled.names["w"].t.tolist() == [0.0, 0.0, 0.0]
 
 
 def test_override_errors():
