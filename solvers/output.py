@@ -117,6 +117,17 @@ def summary_table(problem: TabularProblem, result: SolveResult, meta: dict[str, 
         ("||h|| final", f"{norms[-1]:.3g}" if norms else "-"),
         (problem.var_name, _abbreviate(result.x)),
     ]
+    stationarity = result.history.get("stationarity", [])
+    if getattr(problem, "bounded", False) and stationarity:
+        # at an optimum on a bound ||h|| stays large; the projected step is what goes to 0
+        rows.insert(7, ("stationarity", f"{stationarity[-1]:.3g} (the projected step's "
+                                         "||x - project(x - beta h)|| / beta)"))
+    objectives = result.history.get("objective", [])
+    if objectives and result.objective > objectives[0] + 1e-9 * (1 + abs(objectives[0])):
+        rows.append(("warning", f"the objective ended worse than it started "
+                                f"({problem.sign * objectives[0]:.6g} at the first iterate): "
+                                "try a smaller beta (--set beta=...), more adjoint_steps near "
+                                "discount 1, or --solver exact"))
     # model-free solvers count what they asked of the oracle and the simulator
     rows += [(label, f"{result.extra[key]:,}") for key, label in
              (("queries", "preference queries"), ("transitions", "simulator transitions"))

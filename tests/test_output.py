@@ -193,6 +193,31 @@ def test_summary_table(tmp_path: Path) -> None:
     assert "preference queries" not in table  # a model-based run counts none
 
 
+def test_summary_table_warns_when_the_objective_ends_worse() -> None:
+    """A run that ends above where it started (minimised sense) says so and what to try; one
+    that improved does not."""
+    x = torch.zeros(4, dtype=torch.float64)
+    assert "warning" not in summary_table(grid_problem(x), fake_result(x), META)
+    worse = fake_result(x)
+    worse.objective = -0.5
+    rows = {line.split("  ")[0]: line
+            for line in summary_table(grid_problem(x), worse, META).splitlines()}
+    assert "ended worse than it started" in rows["warning"] and "beta" in rows["warning"]
+
+
+def test_summary_table_shows_stationarity_with_bounds() -> None:
+    """At an optimum on a bound ||h|| stays large: the summary adds the projected step."""
+    x = torch.zeros(4, dtype=torch.float64)
+    problem, result = grid_problem(x), fake_result(x)
+    result.history["stationarity"] = [1.0, 0.5, 0.0]
+    problem.lower_bound = problem.upper_bound = None
+    assert "stationarity" not in summary_table(problem, result, META)
+    problem.lower_bound = torch.zeros_like(x)
+    rows = {line.split("  ")[0]: line
+            for line in summary_table(problem, result, META).splitlines()}
+    assert rows["stationarity"].split()[1] == "0"
+
+
 def test_summary_table_shows_model_free_counts() -> None:
     x = torch.zeros(4, dtype=torch.float64)
     result = fake_result(x)
