@@ -113,3 +113,24 @@ def test_random_directions_for_large_variables():
     rows = gradcheck(problem, points=[big], seed=5)
     assert rows[0].n_directions == 10 and rows[0].label == "point 1"
     assert rows[0].rel_error <= 1e-6
+
+
+def test_near_deterministic_follower_with_a_large_reward_keeps_every_digit():
+    """At reward 1e3 and tau 1e-3 the follower is deterministic (action gaps of ~1e5 tau), so
+    phi = norm2(x) - const near x0 and the hyper-gradient is 2 x. g and pi * w[s] are each
+    about the objective's size; their plain difference, times |J_r| / tau = 1e6, was off by
+    1.2e-4. The centred form must give 2 x to rounding."""
+    import bilevel_dsl as brl
+
+    source = """brl 1
+seed 3
+mdp M = random_mdp(states = 5, actions = 4, successors = 1, discount = 0.99)
+param F[M.S, M.A, 3] ~ uniform(0, 1)
+param Rt[M.S, M.A] ~ uniform(0, 1)
+var x[3] = [0.1, -0.2, 0.3]
+lower M { temperature = 0.001  reward[s, a] = 1000 * sum {k in 0..2} F[s, a, k] * x[k] }
+upper minimize norm2(x) - value(M, policy, Rt)
+"""
+    problem = brl.lower(brl.compile_source(source, "deterministic.brl"), device="cpu")
+    grad = hypergradient(problem, problem.x0).grad
+    torch.testing.assert_close(grad, 2 * problem.x0, rtol=0, atol=1e-9)
