@@ -508,9 +508,16 @@ def outer_loop(problem: TabularProblem, options: dict[str, Any], monitor: Monito
     start = time.perf_counter()
     stopped, k = "max_iterations", 0
     recent: list[float] = []
-    pi = follower.improve(x, options["warm_start"])
     try:
-        while k < options["outer"]:
+        # the warm start, a step at a time: Ctrl-C and time_limit may come during it too (with
+        # sampled Q estimates each step can draw millions of transitions)
+        for _ in range(options["warm_start"]):
+            follower.improve(x, 1)
+            reason = stop_reason(options, start, monitor)
+            if reason is not None:
+                stopped = reason
+                break
+        while k < options["outer"] and stopped == "max_iterations":
             pi = follower.improve(x, options["inner"])
             if observer is not None:
                 observer(k, x, pi, env)

@@ -113,7 +113,8 @@ def summary_table(problem: TabularProblem, result: SolveResult, meta: dict[str, 
         ("device", str(problem.device)),
         ("iterations", str(result.iterations)),
         ("stopped because", result.stopped_because),
-        ("objective", f"{problem.sign * result.objective:.6g}"),
+        ("objective", f"{problem.sign * result.objective:.6g}"
+                      if math.isfinite(result.objective) else "- (no estimate yet)"),
         ("||h|| final", f"{norms[-1]:.3g}" if norms else "-"),
         (problem.var_name, _abbreviate(result.x)),
     ]
@@ -124,10 +125,12 @@ def summary_table(problem: TabularProblem, result: SolveResult, meta: dict[str, 
                                          "||x - project(x - beta h)|| / beta)"))
     objectives = result.history.get("objective", [])
     if objectives and result.objective > objectives[0] + 1e-9 * (1 + abs(objectives[0])):
+        advice = "try a smaller beta (--set beta=...)"
+        if meta.get("solver") == "m_sobirl":
+            advice += ", more adjoint_steps near discount 1, or --solver exact"
         rows.append(("warning", f"the objective ended worse than it started "
                                 f"({problem.sign * objectives[0]:.6g} at the first iterate): "
-                                "try a smaller beta (--set beta=...), more adjoint_steps near "
-                                "discount 1, or --solver exact"))
+                                f"{advice}"))
     # model-free solvers count what they asked of the oracle and the simulator
     rows += [(label, f"{result.extra[key]:,}") for key, label in
              (("queries", "preference queries"), ("transitions", "simulator transitions"))

@@ -364,6 +364,26 @@ def test_query_budget_and_counts():
     assert stoc.history["queries"][0] == 16 and all(16 <= q <= 32 for q in steps)
 
 
+def test_a_stop_request_during_the_warm_start_is_honoured():
+    """Ctrl-C (the progress monitor's stop request) and time_limit are checked between the
+    warm start's steps, which with sampled Q estimates can draw millions of transitions."""
+    from solvers import Monitor
+
+    class StopOnThirdCheck(Monitor):
+        checks = 0
+
+        def should_stop(self) -> bool:
+            self.checks += 1
+            return self.checks >= 3
+
+    problem = lower(compile_file(ROOT / "problems" / "rlhf_chain.brl"), device="cpu")
+    monitor = StopOnThirdCheck()
+    _, result = solve(problem, "sobirl", {"outer": 50, "warm_start": 1000, "batch": 4},
+                      monitor)
+    assert result.stopped_because == "stopped" and result.iterations == 0
+    assert monitor.checks == 3
+
+
 @pytest.mark.parametrize("dense", [True, False])
 def test_preference_dataset_fits_its_pairs(dense, monkeypatch):
     """``fit_table`` is the gradient of the mean BCE over the stored pairs (by autograd), and
