@@ -609,8 +609,8 @@ class _Elaborator:
                                 f"to 1, but it sums to {float(initial.sum()):.6g}",
                                 items["initial"].value.span)
         else:  # uniform over the states where an episode can run (all, if all are terminal)
-            start = (~terminal).to(DTYPE) if not bool(terminal.all()) else torch.ones(S.size,
-                                                                                  dtype=DTYPE)
+            start = torch.ones(S.size, dtype=DTYPE) if bool(terminal.all()) \
+                else (~terminal).to(DTYPE)
             initial = start / start.sum()
         gamma = 0.9
         if "discount" in items:

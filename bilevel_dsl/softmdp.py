@@ -478,16 +478,17 @@ class _BellmanLoop:
         return flat.view(P.n_actions, P.n_states) if self.by_action else flat.view(P.n_states,
                                                                                    P.n_actions)
 
-    def _exp(self, u: Tensor | None, expected: Tensor | None = None
-             ) -> tuple[Tensor, Tensor | None]:
-        """``exp(q - m)`` for ``q = base + gamma P u``, in the loop's layout, and ``m``:
-        ``shift`` or each state's maximum of ``q``. ``expected``: ``P.expect(tau u)``, ``(S,
-        A)``, when known, which saves the product (``u`` is then not needed)."""
+    def _q(self, u: Tensor, expected: Tensor | None = None) -> Tensor:
+        """``q = base + gamma P u``, flat in the loop's layout; from ``expected = P.expect(tau
+        u)``, ``(S, A)``, when known, which saves the product."""
         if expected is None:
-            q = torch.addmv(self.base, self.matrix, u, alpha=self.gamma)
-        else:
-            q = torch.add(self.base, (expected.T if self.by_action else expected).reshape(-1),
-                          alpha=self.gamma / self.tau)
+            return torch.addmv(self.base, self.matrix, u, alpha=self.gamma)
+        flat = (expected.T if self.by_action else expected).reshape(-1)
+        return torch.add(self.base, flat, alpha=self.gamma / self.tau)
+
+    def _exp(self, q: Tensor) -> tuple[Tensor, Tensor | None]:
+        """``exp(q - m)`` in place, as ``(A, S)`` or ``(S, A)``, and ``m``: ``shift`` or each
+        state's maximum of ``q``."""
         q = self._tables(q)
         if self.shift is not None:
             return q.exp_(), None
@@ -501,7 +502,7 @@ class _BellmanLoop:
     def steps(self, u: Tensor, n: int, expected: Tensor | None = None) -> Tensor:
         """``T^n`` applied to ``u``; ``expected``: ``P.expect(tau u)`` for the first step."""
         for _ in range(n):
-            e, m = self._exp(u, expected)
+            e, m = self._exp(self._q(u, expected))
             expected = None
             u = self._sum(e).log_()
             u = u.add_(self.shift) if m is None else u.add_(m)
@@ -510,10 +511,9 @@ class _BellmanLoop:
     def policy(self, V: Tensor) -> tuple[Tensor, Tensor]:
         """``softmax_a(q)`` at ``u = V / tau``, ``(S, A)`` (shift-invariant, so the loop's ``exp``
         will do), and ``P.expect(V)``, ``(S, A)``: the next loop's first product."""
-        expected = self._tables(torch.mv(self.matrix, V))
-        if self.by_action:
-            expected = expected.T
-        e, _ = self._exp(None, expected)
+        product = torch.mv(self.matrix, V)
+        e, _ = self._exp(torch.add(self.base, product, alpha=self.gamma / self.tau))
+        expected = self._tables(product).T if self.by_action else self._tables(product)
         if not self.by_action:
             return e.div_(self._sum(e).unsqueeze(1)), expected
         pi = torch.empty(self.P.n_states, self.P.n_actions, dtype=e.dtype, device=e.device)

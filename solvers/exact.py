@@ -38,6 +38,8 @@ def run(problem: TabularProblem, options: dict[str, Any], monitor: Monitor) -> S
             ]).tolist()
             if not (math.isfinite(evaluated.objective) and math.isfinite(grad_norm)):
                 stopped = NOT_FINITE  # keep the last point whose numbers were finite
+                if result is None:  # x0 itself was not finite: report it as it is
+                    result = evaluated
                 break
             result, V, x_done, k_done, x = evaluated, evaluated.V, x, k, x_next
             monitor.update(k, result.objective, grad_norm)
@@ -58,7 +60,7 @@ def run(problem: TabularProblem, options: dict[str, Any], monitor: Monitor) -> S
             k += 1
     except KeyboardInterrupt:
         stopped = "interrupted"
-    if result is None:  # interrupted, or not finite, before the first evaluation finished
+    if result is None:  # interrupted before the first evaluation finished
         result = hypergradient(problem, x_done, tol=options["inner_tol"])
     # the last point evaluated, so that x, policy and objective belong together
     return SolveResult(

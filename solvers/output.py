@@ -105,6 +105,7 @@ def versions() -> dict[str, str]:
 def summary_table(problem: TabularProblem, result: SolveResult, meta: dict[str, Any]) -> str:
     """The end-of-run summary printed to the terminal."""
     norms = result.history.get("hypergrad_norm", [])
+    stationarity = result.history.get("stationarity", [])
     options = ", ".join(f"{k}={v}" for k, v in meta.get("options", {}).items())
     timings = meta.get("timings", {})
     rows = [
@@ -116,13 +117,12 @@ def summary_table(problem: TabularProblem, result: SolveResult, meta: dict[str, 
         ("objective", f"{problem.sign * result.objective:.6g}"
                       if math.isfinite(result.objective) else "- (no estimate yet)"),
         ("||h|| final", f"{norms[-1]:.3g}" if norms else "-"),
+        # at an optimum on a bound ||h|| stays large; the projected step is what goes to 0
+        *([("stationarity", f"{stationarity[-1]:.3g} (the projected step's "
+                            "||x - project(x - beta h)|| / beta)")]
+          if problem.bounded and stationarity else []),
         (problem.var_name, _abbreviate(result.x)),
     ]
-    stationarity = result.history.get("stationarity", [])
-    if getattr(problem, "bounded", False) and stationarity:
-        # at an optimum on a bound ||h|| stays large; the projected step is what goes to 0
-        rows.insert(7, ("stationarity", f"{stationarity[-1]:.3g} (the projected step's "
-                                         "||x - project(x - beta h)|| / beta)"))
     objectives = result.history.get("objective", [])
     if objectives and result.objective > objectives[0] + 1e-9 * (1 + abs(objectives[0])):
         advice = "try a smaller beta (--set beta=...)"
