@@ -100,7 +100,8 @@ def cmd_check(args: argparse.Namespace) -> int:
             status = EXIT_ERROR
             continue
         n = len(checked.program.statements)
-        print(f"{path}: ok ({n} statements, {checked.checks} checks passed, "
+        checks = f"{checked.checks} check{'' if checked.checks == 1 else 's'} passed"
+        print(f"{path}: ok ({n} statement{'' if n == 1 else 's'}, {checks}, "
               f"{sum(timings.values()) * 1000:.0f} ms)")
     return status
 
@@ -271,9 +272,27 @@ def cmd_gradcheck(args: argparse.Namespace) -> int:
         print(f"  {by_atol} point{'s' if by_atol > 1 else ''} passed on the absolute error: the "
               "hyper-gradient is about zero there, so its relative error says nothing")
     if failed:
-        print(f"  if the errors change a lot with the finite-difference step (try --eps "
-              f"{args.eps / 10:g}), the differences are the problem, not the hyper-gradient")
+        print("  " + _gradcheck_advice(rows, args))
     return EXIT_OK if not failed else EXIT_ERROR
+
+
+def _gradcheck_advice(rows: list, args: argparse.Namespace) -> str:
+    """Why the worst failing point may fail, from how its finite differences moved when the
+    step was halved."""
+    worst = max((r for r in rows if r.rel_error > args.tol and r.max_abs_error > args.atol),
+                key=lambda r: r.rel_error)
+    ratio = worst.halving_ratio
+    if ratio > 1.5:
+        return (f"at {worst.label} the finite differences got worse when their step was halved: "
+                f"rounding in phi swamps them (large rewards or objectives?); try a larger "
+                f"step, --eps {args.eps * 100:g}")
+    if ratio < 0.5:
+        return (f"at {worst.label} the finite differences improved when their step was halved: "
+                f"phi curves sharply there (a low temperature?); try a smaller step, --eps "
+                f"{args.eps / 10:g}")
+    return (f"at {worst.label} the finite differences did not move when their step was halved: "
+            "either the hyper-gradient is wrong there or phi has a kink at that point (a max, "
+            "min or abs at a tie, or a bound); try other points with --points")
 
 
 # ---------------------------------------------------------------- parser
@@ -312,7 +331,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     def defines(p: argparse.ArgumentParser) -> None:
         p.add_argument("-D", dest="define", action="append", metavar="NAME=VALUE",
-                       help="override a `param` of the file (type-checked), e.g. -D lam=0.1")
+                       help="override a `param` of the file, or the start of its `var` "
+                            "(type-checked), e.g. -D lam=0.1")
 
     p = sub.add_parser("check", help="parse and check .brl files",
                        description="Parse and check .brl files; print located diagnostics. "

@@ -49,7 +49,17 @@ from .evaluate import (
 )
 from .generators import gridworld, random_mdp
 from .softmdp import Transitions
-from .values import DTYPE, POISONED, Cascade, EvalError, MdpValue, PolicyRef, SetValue, Val
+from .values import (
+    DTYPE,
+    POISONED,
+    Cascade,
+    EvalError,
+    MdpValue,
+    PolicyRef,
+    SetValue,
+    TableSets,
+    Val,
+)
 
 RESERVED = {"policy", *CONSTANTS, *FUNCTIONS}
 GRIDWORLD_OPTIONS = ("map", "slip", "discount", "goal_reward", "step_reward", "terminal_goal")
@@ -187,12 +197,12 @@ class _Elaborator:
         for stmt in deferred:
             self._statement(stmt)
         for name in self.overrides:
-            if name not in self.names or not isinstance(self.names.get(name), Val) and (
-                self.names.get(name) is not POISONED
-            ):
-                params = [s.name for s in self.program.statements if isinstance(s, ir.ParamDecl)]
-                self.bag.error("E201", f"-D {name}: there is no param `{name}` to override",
-                               None, did_you_mean(name, params))
+            if name not in self.names or not isinstance(self.names.get(name), (Val, VarRef)) \
+                    and self.names.get(name) is not POISONED:
+                params = [s.name for s in self.program.statements
+                          if isinstance(s, (ir.ParamDecl, ir.VarDecl))]
+                self.bag.error("E201", f"-D {name}: there is no param or var `{name}` to "
+                               "override", None, did_you_mean(name, params))
         self.bag.raise_if_any()
         return CheckedProgram(self.program, self.source, self.names, self.seed, self.var,
                               self.lower, self.upper, self.solve, self.base_dir, self.checks,
@@ -406,6 +416,10 @@ class _Elaborator:
 
     def _var(self, decl: ir.VarDecl) -> None:
         if is_reward_net(decl.value):
+            if decl.name in self.overrides:
+                raise EvalError("E305", f"-D {decl.name}: a reward network's weights cannot be "
+                                "set from the command line", decl.name_span,
+                                "its initial weights come from the seed (--seed)")
             self.names[decl.name] = reward_net_var(decl, self.names, self._value)
             return
         dims = self._dims(decl.dims)
@@ -416,6 +430,20 @@ class _Elaborator:
             x0 = self._declared_value(decl.name, dims, decl.value, decl.random, what="var")
         if not x0.dims and dims:
             x0 = Val(x0.t.expand(shape).clone(), (), tuple(s for _, s, _ in dims))
+        if decl.name in self.overrides:  # -D x=...: another start
+            try:
+                start = self._declared_value(decl.name, dims, self.overrides[decl.name], False,
+                                             what="var")
+            except EvalError as err:
+                raise EvalError(err.code, f"-D {decl.name}: {err.message}", decl.name_span,
+                                err.hint) from None
+            if not start.dims and dims:
+                start = Val(start.t.expand(shape).clone(), (), x0.dims)
+            if start.shape != x0.shape:
+                raise EvalError("E305", f"-D {decl.name}: expected a number or shape "
+                                f"{list(x0.shape)}, got {start.describe_shape()}",
+                                decl.name_span, f"`{decl.name}` is declared here")
+            x0 = start
         bounds = []
         for node in (decl.lower, decl.upper):
             if node is None:
@@ -454,17 +482,24 @@ class _Elaborator:
         evaluate_val(ir.Name(decl.name_span, decl.name), self._scope(x))
 
     # ---------------------------------------------------------------- MDPs
-    def _options(self, decl: ir.MdpDecl, allowed: tuple[str, ...]) -> dict[str, ir.Keyword]:
+    def _options(self, decl: ir.MdpDecl, allowed: tuple[str, ...],
+                 required: tuple[str, ...]) -> dict[str, ir.Keyword]:
+        """The options given, by name. Every unknown one is reported; checking goes on
+        without them unless a required option is missing too (most likely misspelt)."""
         if decl.args:
             raise EvalError("E404", f"options of `{decl.kind}` are given by name",
                             decl.args[0].span, f"for example {decl.kind}({allowed[0]} = ...)")
-        given = {}
+        given, unknown = {}, False
         for kw in decl.keywords:
             if kw.name not in allowed:
-                raise EvalError("E404", f"`{decl.kind}` has no option `{kw.name}`", kw.span,
-                                did_you_mean(kw.name, allowed)
-                                or "its options are " + ", ".join(allowed))
+                self.bag.error("E404", f"`{decl.kind}` has no option `{kw.name}`", kw.span,
+                               did_you_mean(kw.name, allowed)
+                               or "its options are " + ", ".join(allowed))
+                unknown = True
+                continue
             given[kw.name] = kw
+        if unknown and any(name not in given for name in required):
+            raise Cascade()
         return given
 
     def _number(self, kw: ir.Keyword | None, default: float | None, what: str,
@@ -480,9 +515,11 @@ class _Elaborator:
         return float(v.t)
 
     def _discount(self, value: float, span: ir.Span) -> float:
+        """The discount, or after reporting a bad one a stand-in that lets checking go on."""
         if not (0.0 <= value < 1.0):
-            raise EvalError("E402", f"the discount must lie in [0, 1), got {value:g}", span,
-                            "a discount of 1 or more makes values infinite; try 0.95 or 0.99")
+            self.bag.error("E402", f"the discount must lie in [0, 1), got {value:g}", span,
+                           "a discount of 1 or more makes values infinite; try 0.95 or 0.99")
+            return 0.9
         return value
 
     def _mdp(self, decl: ir.MdpDecl) -> None:
@@ -499,7 +536,7 @@ class _Elaborator:
             self.names[decl.name] = gym_mdp(decl, self._value)
             return
         if decl.kind == "gridworld":
-            opts = self._options(decl, GRIDWORLD_OPTIONS)
+            opts = self._options(decl, GRIDWORLD_OPTIONS, ("map",))
             if "map" not in opts:
                 raise EvalError("E404", "gridworld needs a `map`", decl.span,
                                 'for example map = """\n  S..\n  .#G\n"""')
@@ -508,9 +545,10 @@ class _Elaborator:
                 raise EvalError("E305", "the map must be a string", map_node.span)
             span_text = self.source.line(map_node.span.line)[map_node.span.column - 1:]
             slip = self._number(opts.get("slip"), 0.0, "slip", decl.span)
-            if not 0.0 <= slip <= 1.0:
-                raise EvalError("E405", f"slip is a probability in [0, 1], got {slip:g}",
-                                opts["slip"].value.span)
+            if not 0.0 <= slip <= 1.0:  # reported; checking goes on without slip
+                self.bag.error("E405", f"slip is a probability in [0, 1], got {slip:g}",
+                               opts["slip"].value.span)
+                slip = 0.0
             gamma = self._discount(self._number(opts.get("discount"), 0.95, "discount",
                                                 decl.span),
                                    opts["discount"].value.span if "discount" in opts
@@ -523,7 +561,7 @@ class _Elaborator:
                 bool(self._number(opts.get("terminal_goal"), 1.0, "terminal_goal", decl.span)),
             )
         elif decl.kind == "random_mdp":
-            opts = self._options(decl, RANDOM_MDP_OPTIONS)
+            opts = self._options(decl, RANDOM_MDP_OPTIONS, ("states", "actions"))
             sizes = {}
             for key in ("states", "actions"):
                 if key not in opts:
@@ -587,6 +625,8 @@ class _Elaborator:
                 obj = SetValue(f"{decl.name}.{short}", obj.size, obj.members, obj.start)
             sets[short] = obj
         S, A = sets["S"], sets["A"]
+        # the other parts may name the sets and their members (replaced by the MDP at the end)
+        self.names[decl.name] = TableSets(decl.name, S, A)
         P = self._table_part(items["transition"], (S, A, S), ("s", "a", "t"))
         terminal = torch.zeros(S.size, dtype=torch.bool)
         if "terminal" in items:
@@ -650,8 +690,10 @@ class _Elaborator:
                 if pos is None and m.name.isdigit():
                     pos = int(m.name) - S.start
                 if pos is None or not 0 <= pos < S.size:
+                    known = (f"the states are {', '.join(S.members)}" if S.members else
+                             f"the states run from {S.start} to {S.start + S.size - 1}")
                     raise EvalError("E201", f"`{m.name}` is not a state", m.span,
-                                    did_you_mean(m.name, S.members or ()))
+                                    did_you_mean(m.name, S.members or ()) or known)
                 terminal[pos] = True
             return terminal
         v = evaluate_val(item.value, self._scope())
@@ -930,8 +972,7 @@ def lower_reward(info: LowerInfo, scope: Scope) -> torch.Tensor:
     if v.dims:
         raise EvalError("E301", f"the reward must be one number for each (s, a), but here it "
                         f"is {v.describe_shape()}", info.reward.span,
-                        f"index it with the reward's indices (`...[{info.indices[0]}]`), or "
-                        "reduce it (`norm(...)`, `sum {...} ...`)")
+                        _reward_index_hint(info.reward, v, dict(zip(info.indices, sets))))
     if len(info.indices) == 2:
         return as_real(expand_axes(v, info.indices, sizes))
     s, a, t = info.indices
@@ -941,6 +982,29 @@ def lower_reward(info: LowerInfo, scope: Scope) -> torch.Tensor:
         return P.expect(next_value)
     full = expand_axes(v, info.indices, sizes).to(DTYPE)
     return expected_over_next(mdp.transitions.to(scope.device), full)
+
+
+def _reward_index_hint(node: ir.Expr, v: Val, indices: dict[str, SetValue]) -> str:
+    """Name the reward's unused indices that would index the dimensions left over, and write
+    the indexed expression out when it is a plain `name[i, ...]`."""
+    unused = [name for name in indices if name not in v.axes]
+    fill = []
+    for dim in v.dims:
+        match = next((n for n in unused if dim is not None and indices[n].name == dim.name), None)
+        if match is None:
+            return (f"index it with the reward's indices (`...[{', '.join(indices)}]`), or "
+                    "reduce it (`norm(...)`, `sum {...} ...`)")
+        unused.remove(match)
+        fill.append(match)
+    names = ", ".join(f"`{n}`" for n in fill)
+    hint = f"index it with {names}" if len(fill) == len(indices) else \
+        f"index its {'last dimension' if len(fill) == 1 else 'other dimensions'} with {names} too"
+    if isinstance(node, ir.Name) or isinstance(node, ir.Index) and isinstance(
+            node.base, ir.Name) and all(isinstance(i, ir.Name) for i in node.indices):
+        name = node.id if isinstance(node, ir.Name) else node.base.id
+        given = [] if isinstance(node, ir.Name) else [i.id for i in node.indices]
+        hint += f": `{name}[{', '.join(given + fill)}]`"
+    return hint + ", or reduce it (`sum {...} ...`)"
 
 
 def elaborate(

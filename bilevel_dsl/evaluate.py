@@ -14,7 +14,17 @@ import torch
 
 from . import ir, softmdp
 from .diagnostics import did_you_mean
-from .values import DTYPE, POISONED, Cascade, EvalError, MdpValue, PolicyRef, SetValue, Val
+from .values import (
+    DTYPE,
+    POISONED,
+    Cascade,
+    EvalError,
+    MdpValue,
+    PolicyRef,
+    SetValue,
+    TableSets,
+    Val,
+)
 
 ELEMENTWISE = {
     "exp": torch.exp,
@@ -309,7 +319,7 @@ def need_val(obj: object, node: ir.Expr) -> Val:
 def _what(obj: object) -> str:
     if isinstance(obj, SetValue):
         return f"the set `{obj.name}`"
-    if isinstance(obj, MdpValue):
+    if isinstance(obj, (MdpValue, TableSets)):
         return f"the MDP `{obj.name}`"
     if isinstance(obj, PolicyRef):
         return "`policy`"
@@ -416,7 +426,7 @@ def _member_sets(name: str, scope: Scope) -> list[tuple[str, int]]:
     found: list[tuple[str, int]] = []
     for key, obj in scope.names.items():
         sets = [(key, obj)] if isinstance(obj, SetValue) else []
-        if isinstance(obj, MdpValue):
+        if isinstance(obj, (MdpValue, TableSets)):
             sets = [(f"{key}.S", obj.states), (f"{key}.A", obj.actions)]
         for label, s in sets:
             pos = s.member_position(name)
@@ -465,6 +475,13 @@ def _attribute(node: ir.Attribute, scope: Scope) -> object:
     base = evaluate(node.base, scope)
     if isinstance(base, MdpValue):
         return mdp_attribute(base, node.attr, node, scope.device)
+    if isinstance(base, TableSets):
+        if node.attr in ("S", "A"):
+            return base.states if node.attr == "S" else base.actions
+        raise EvalError("E203", f"`{base.name}.{node.attr}` is not defined yet: this is "
+                        f"`{base.name}`'s own definition", node.span,
+                        f"only `{base.name}.S`, `{base.name}.A` and their members can be used "
+                        "inside it")
     if isinstance(base, SetValue):
         pos = base.member_position(node.attr)
         if pos is None:

@@ -158,6 +158,16 @@ class MdpValue:
 
 
 @dataclass(frozen=True)
+class TableSets:
+    """A table MDP while its own parts are evaluated: only its sets exist yet, so that
+    `transition` can say `a == buy` or `a == inv.A.buy` for an inline action set."""
+
+    name: str
+    states: SetValue
+    actions: SetValue
+
+
+@dataclass(frozen=True)
 class PolicyRef:
     """The follower's policy: a name that is only bound while evaluating the upper level."""
 

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 from conftest import PROBLEMS, ROOT
 
+import bilevel_dsl as brl
 from bilevel_dsl import from_json
 from bilevel_dsl.cli import main
 
@@ -98,7 +99,7 @@ def test_check_exit_one_and_keeps_going(tmp_path, capsys):
     bad.write_text("brl 1\nparam a = b\nparam c = d\n")
     code, out, err = run(["check", str(bad), str(good)], capsys)
     assert code == 1
-    assert f"{good}: ok (2 statements, 1 checks passed" in out
+    assert f"{good}: ok (2 statements, 1 check passed" in out
     assert len(LOCATED.findall(err)) == 2  # both errors of bad.brl, in one run
     assert "undefined name `b`" in err and "undefined name `d`" in err
 
@@ -126,6 +127,20 @@ def test_check_with_overrides(tmp_path, capsys):
     assert code == 1 and "write -D name=value" in err
     code, _, err = run(["check", str(path), "-D", "1x=2"], capsys)
     assert code == 1 and "is not a name" in err
+
+
+def test_define_sets_the_variables_start(tmp_path, capsys):
+    path = tmp_path / "p.brl"
+    path.write_text("brl 1\nmdp M = random_mdp(states = 3, actions = 2)\n"
+                    "var x[M.S] = 0 in [-1, 1]\n"
+                    "lower M { temperature = 1  reward[s, a] = x[s] }\nupper minimize norm2(x)\n")
+    start = brl.lower(brl.compile_file(path, overrides={"x": "[0.5, 2, -0.5]"})).x0
+    assert start.tolist() == [0.5, 1.0, -0.5]  # projected onto the bounds
+    assert brl.lower(brl.compile_file(path, overrides={"x": "0.25"})).x0.tolist() == [0.25] * 3
+    code, _, err = run(["check", str(path), "-D", "x=[1, 2]"], capsys)
+    assert code == 1 and "-D x:" in err and ":3:5:" in err
+    code, _, err = run(["check", str(path), "-D", "xx=1"], capsys)
+    assert code == 1 and "no param or var `xx`" in err and "did you mean `x`?" in err
 
 
 def test_check_validates_solver_options(tmp_path, capsys):
@@ -268,7 +283,32 @@ def test_gradcheck_fails_with_a_coarse_step_and_says_why(tmp_path, capsys):
     path.write_text(LOW_TEMPERATURE, encoding="utf-8")
     code, out, _ = run(["gradcheck", str(path), "--eps", "0.01", "--points", "0"], capsys)
     assert code == 1
-    assert "FAILED at 1 point" in out and "try --eps 0.001" in out
+    assert "FAILED at 1 point" in out and "improved when their step was halved" in out
+    assert "--eps 0.001" in out
+
+
+def test_gradcheck_tells_rounding_noise_and_kinks_apart(tmp_path, capsys):
+    """The advice follows how the finite differences moved when their step was halved: worse
+    (rounding in phi: a larger step), not at all (a wrong gradient or a kink)."""
+    path = tmp_path / "offset.brl"
+    # a common reward offset of 1e6 at tau 0.01: r / tau ~ 1e8, so phi carries noise of ~1e-8
+    path.write_text("brl 1\nseed 3\nmdp M = random_mdp(states = 4, actions = 3)\n"
+                    "param R[M.S, M.A] ~ uniform(0, 1)\nvar x[M.S, M.A] = 0\n"
+                    "lower M { temperature = 0.01  reward[s, a] = 1e6 + x[s, a] }\n"
+                    "upper minimize 0.5 * norm2(x) - value(M, policy, R)\n", encoding="utf-8")
+    code, out, _ = run(["gradcheck", str(path), "--points", "0"], capsys)
+    assert code == 1 and "got worse when their step was halved" in out
+    assert "--eps 0.001" in out
+    assert run(["gradcheck", str(path), "--points", "0", "--eps", "1e-3"], capsys)[0] == 0
+    # |x| written as max(max(x, 0), -x): at the three-way tie x = 0 autograd splits the
+    # gradient between branches (-1/4), the central differences see the average slope, 0
+    kink = tmp_path / "kink.brl"
+    kink.write_text("brl 1\nmdp M = random_mdp(states = 2, actions = 2)\nvar x[M.S, M.A] = 0\n"
+                    "lower M { temperature = 1  reward[s, a] = x[s, a] }\n"
+                    "upper minimize max(max(x[0, 0], 0), -x[0, 0]) + 0.1 * norm2(policy)\n",
+                    encoding="utf-8")
+    code, out, _ = run(["gradcheck", str(kink), "--points", "0"], capsys)
+    assert code == 1 and "did not move" in out and "kink" in out
 
 
 def test_gradcheck_at_a_stationary_point_says_it_passed_on_the_absolute_error(tmp_path,

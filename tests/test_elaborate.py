@@ -258,6 +258,24 @@ def test_table_parts():
     assert mdp.reward.tolist() == [[0.0, 0.0], [0.0, 1.0], [1.0, 1.0]]
 
 
+def test_table_parts_may_name_the_tables_own_sets():
+    """An inline action set's members, and `T.S` and `T.A`, are usable in the table's own
+    parts; its other parts are not defined yet and say so."""
+    table = ("brl 1\nmdp T = table {{\n  states = {{lo, hi}}\n  actions = {{hold, buy}}\n"
+             "  transition[s, a, t] = if a == {} then (if t == hi then 1 else 0)\n"
+             "                        else (if t == s then 1 else 0)\n"
+             "  reward[s, a] = if s == T.S.hi then 1 else 0\n}}")
+    for buy in ("buy", "T.A.buy"):
+        mdp = compile_ok(table.format(buy)).names["T"]
+        assert mdp.transitions.dense()[:, 1, 1].tolist() == [1.0, 1.0]
+        assert mdp.reward.tolist() == [[0.0, 0.0], [1.0, 1.0]]
+    assert first(table.format("T.A.bye")).hint == "did you mean `buy`?"
+    diag = first(table.format("T.R[s, a]"))
+    assert diag.code == "E203" and "own definition" in diag.message
+    after = compile_ok(table.format("buy") + "\nparam b = T.A.buy").names  # the MDP by then
+    assert float(after["b"].t) == 1.0 and after["T"].reward.shape == (2, 2)
+
+
 def test_table_defaults():
     mdp = compile_ok("brl 1\nmdp T = table { states = 4  actions = 2 "
                      "transition[s, a, t] = 0.25 }").names["T"]
@@ -276,6 +294,8 @@ def test_table_errors():
         "E202"]
     assert codes(table.format("")) == ["E404"]
     assert codes(table.format("transition[s, a, t] = 0.5  terminal = {7}")) == ["E201"]
+    assert first(table.format("transition[s, a, t] = 0.5  terminal = {7}")).hint == \
+        "the states run from 0 to 1"
     assert codes(table.format("transition[s, a, t] = 0.5  terminal = [1]")) == ["E301"]
     assert codes(table.format("transition[s, a, t] = 0.5  reward[s, a] = log(0)")) == ["E305"]
     assert first(table.format("transition[s, a, t] = 0.5  rewrd[s, a] = 1")).hint == \
@@ -323,6 +343,14 @@ def test_generators_options():
     assert codes("brl 1\nmdp M = random_mdp(states = 600, actions = 2, successors = 300)") == [
         "E301"]
     assert codes("brl 1\nmdp M = random_mdp(states = 4, actions = 2, discount = 1)") == ["E402"]
+    # every unknown option is reported, and a bad discount does not hide later errors
+    assert codes("brl 1\nmdp M = random_mdp(state = 4, actions = 2, gamma = 0.5)") == [
+        "E404", "E404"]
+    assert codes("brl 1\nmdp M = random_mdp(states = 4, actions = 2, gamma = 0.5)\n"
+                 "param p = M.Q") == ["E404", "E201"]
+    assert codes("brl 1\nmdp M = random_mdp(states = 4, actions = 2, discount = 1)\n"
+                 "var x[M.S] in [1, 0]") == ["E402", "E701"]
+    assert codes('brl 1\nmdp M = gridworld(map = "S#G", slip = 2)') == ["E405", "E405"]
     assert codes("brl 1\nmdp M = mazeworld(map = \"S.G\")") == ["E404"]
     assert first("brl 1\nmdp M = gridwrld(map = \"S.G\")").hint == "did you mean `gridworld`?"
     assert codes("brl 1\nmdp M = table(states = 2)") == ["E404"]
@@ -376,6 +404,13 @@ def test_lower_block_checks():
 
 def test_reward_shape_and_index_errors():
     assert codes(FOLLOWER.replace("x[s, a] }", "x[s] }")) == ["E301"]
+    # the hint names the index that is missing and writes the expression out
+    assert first(FOLLOWER.replace("x[s, a] }", "x[s] }")).hint.startswith(
+        "index its last dimension with `a` too: `x[s, a]`")
+    assert first(FOLLOWER.replace("x[s, a] }", "x }")).hint.startswith(
+        "index it with `s`, `a`: `x[s, a]`")
+    assert first(FOLLOWER.replace("x[s, a] }", "2 * x[s] }")).hint.startswith(
+        "index its last dimension with `a` too, or")
     assert codes(FOLLOWER.replace("x[s, a] }", "x[a, s] }")) == ["E303"]
     assert codes(FOLLOWER.replace("x[s, a] }", "x[s, b] }")) == ["E201"]
     assert codes(FOLLOWER.replace("x[s, a] }", "log(x[s, a]) }")) == ["E305"]
