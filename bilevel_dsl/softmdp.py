@@ -587,6 +587,53 @@ def soft_value_iteration(
         return u * tau, iterations
 
 
+def soft_policy_iteration(
+    P: Transitions,
+    r: Tensor,
+    gamma: float,
+    tau: float,
+    V0: Tensor | None = None,
+    tol: float = 1e-12,
+    max_iter: int = 100,
+) -> tuple[Tensor, int]:
+    """``V*`` by Newton's method on the soft Bellman equation, and the number of steps taken.
+
+    Each step evaluates the soft-greedy policy of ``V`` exactly (one linear solve in ``(I -
+    gamma P_pi)``), so the error falls quadratically near ``V*`` whatever ``gamma``: from a
+    nearby warm start a few steps reach rounding level, where value iteration needs about
+    ``log(error / tol) / (1 - gamma)`` sweeps (20,000 at gamma 0.999). Far from ``V*`` the
+    steps are policy iteration's, whose changes need not shrink; without ``V0``, value
+    iteration first brings ``V`` within ``1e-6`` (relative), which also spares the first
+    solves the slowly mixing policies of a cold start. Stops once a step changes ``V`` by at
+    most ``tol`` in the sup norm, or when changes below ``sqrt(eps) |V|`` stop shrinking
+    (rounding: the next step of a quadratic method would have reached it).
+    """
+    with torch.no_grad():
+        if V0 is None:
+            V, _ = soft_value_iteration(P, r, gamma, tau, tol=1e-6 * (1.0 + _reward_scale(r))
+                                        / max(1.0 - gamma, 1e-3))
+        else:
+            V = V0.detach().to(r.dtype)
+        near = math.sqrt(torch.finfo(r.dtype).eps)
+        previous, steps = math.inf, 0
+        while steps < max_iter:
+            pi = soft_policy(soft_q(P, r, V, gamma), tau)
+            new = policy_evaluation(P, r, pi, gamma, tau)
+            steps += 1
+            change, size = torch.stack([(new - V).abs().max(), new.abs().max()]).tolist()
+            V = new
+            if change <= tol or not math.isfinite(change):
+                break
+            if change <= near * (1.0 + size) and change >= previous:
+                break
+            previous = change
+        return V, steps
+
+
+def _reward_scale(r: Tensor) -> float:
+    return float(r.abs().max()) if r.numel() else 0.0
+
+
 # linear systems in (I - gamma P_pi) ---------------------------------------------------------
 
 

@@ -14,8 +14,8 @@ from torch import Tensor
 
 from bilevel_dsl.instance import POLICY_FUNCTIONAL, TRAJECTORY, TabularProblem
 from bilevel_dsl.softmdp import (
-    policy_evaluation,
     soft_policy,
+    soft_policy_iteration,
     soft_q,
     soft_value_iteration,
     solve_policy_system,
@@ -76,16 +76,17 @@ def solve_lower(problem: TabularProblem, r: Tensor, V: Tensor | None, tol: float
                 polish: bool = False) -> tuple[Tensor, Tensor, int]:
     """``V*``, ``pi*`` and the iterations used, for the reward table ``r``.
 
-    ``polish`` adds two Newton steps (soft policy iteration: each evaluates the greedy soft
-    policy exactly), which converge quadratically from the value-iteration answer and bring
-    ``V*`` to rounding level: what finite differences of ``phi`` need to be smooth in ``x``.
+    ``polish`` solves by Newton's method (soft policy iteration) instead of value iteration:
+    it brings ``V*`` to rounding level, what finite differences of ``phi`` need to be smooth in
+    ``x``, in a few steps from a nearby warm start however close ``gamma`` is to 1.
     """
     P, gamma, tau = problem.transitions, problem.discount, problem.temperature
     r = r.detach()
-    V, iterations = soft_value_iteration(P, r, gamma, tau, V0=V, tol=tol)
+    if polish:
+        V, iterations = soft_policy_iteration(P, r, gamma, tau, V0=V, tol=tol)
+    else:
+        V, iterations = soft_value_iteration(P, r, gamma, tau, V0=V, tol=tol)
     with torch.no_grad():
-        for _ in range(2 if polish else 0):
-            V = policy_evaluation(P, r, soft_policy(soft_q(P, r, V, gamma), tau), gamma, tau)
         pi = soft_policy(soft_q(P, r, V, gamma), tau)
     return V, pi, iterations
 

@@ -17,6 +17,7 @@ from bilevel_dsl.softmdp import (
     soft_bellman_steps,
     soft_bellman_update,
     soft_policy,
+    soft_policy_iteration,
     soft_q,
     soft_value_iteration,
     solve_policy_system,
@@ -141,6 +142,29 @@ def test_value_iteration_reaches_the_soft_bellman_fixed_point(gamma, tau):
         # depends on rounding noise: 1 to 40 were seen at gamma = 0.99, against ~2,600 cold)
         _, warm = soft_value_iteration(T, r, gamma, tau, V0=V, tol=1e-10)
         assert warm <= min(60, iterations // 10)
+
+
+@pytest.mark.parametrize("gamma", [0.9, 0.999, 1.0])
+def test_policy_iteration_reaches_the_fixed_point_in_a_few_steps(gamma):
+    """Newton's method needs a handful of steps where value iteration needs thousands of sweeps
+    (gamma 0.999), and works on undiscounted episodes with sub-stochastic rows (gamma 1)."""
+    S, A, tau = 25, 3, 0.1
+    g = torch.Generator().manual_seed(8)
+    r = torch.randn(S, A, generator=g, dtype=DT)
+    for T in both(random_P(S, A, 9, mass=0.9 if gamma == 1.0 else 1.0)):
+        V, steps = soft_policy_iteration(T, r, gamma, tau, tol=1e-12)
+        # a Bellman residual at rounding level (value iteration's stops near 1024 ulps)
+        scale = float(V.abs().max())
+        torch.testing.assert_close(soft_bellman(T, r, V, gamma, tau), V, rtol=0,
+                                   atol=1e-13 * scale)
+        assert steps <= 12
+        reference, sweeps = soft_value_iteration(T, r, gamma, tau, tol=1e-10)
+        torch.testing.assert_close(V, reference, rtol=1e-9, atol=1e-9)
+        if gamma == 0.999:
+            assert sweeps > 1000 * steps
+        # from a nearby warm start: quadratic convergence
+        _, warm = soft_policy_iteration(T, r + 1e-4, gamma, tau, V0=V, tol=1e-12)
+        assert warm <= 5
 
 
 @pytest.mark.parametrize("A", [1, 3, 4])
