@@ -72,7 +72,7 @@ def test_atari_encoder_path():
     agent = SACAgent(observation_space, action_space, SACConfig.atari(batch_size=8))
     buffer = ReplayBuffer.for_spaces(16, observation_space, action_space)
     assert buffer.obs.dtype == torch.uint8
-    assert buffer.transition_bytes == 2 * 4 * 84 * 84 + 8 + 4 + 1
+    assert buffer.transition_bytes == 4 * 84 * 84 + 8 + 4 + 1  # frames stored once
 
     generator = torch.Generator().manual_seed(0)
     obs = torch.randint(0, 256, (8, 4, 84, 84), dtype=torch.uint8, generator=generator)
@@ -92,6 +92,48 @@ def test_atari_encoder_path():
     assert all(math.isfinite(v) for v in stats.values())
     assert any(not torch.equal(b, p) for b, p in zip(before, agent.actor.parameters()))
     assert agent.target_entropy == pytest.approx(0.89 * math.log(6))
+
+
+def test_replay_buffer_stores_observations_once_and_returns_every_next_obs(tmp_path):
+    """Filled like a vector environment (3 copies, episodes of random lengths, the ring
+    wrapping twice), every sampled next_obs is the one added, though only the observations
+    that do not continue their copy's next row are stored apart, and a checkpoint keeps them."""
+    observation_space = spaces.Box(0, 255, (2, 3), np.uint8)
+    buffer = ReplayBuffer.for_spaces(20, observation_space, spaces.Discrete(2))
+    generator = torch.Generator().manual_seed(0)
+
+    def frame() -> torch.Tensor:
+        return torch.randint(0, 256, (2, 3), dtype=torch.uint8, generator=generator)
+
+    current = [frame() for _ in range(3)]
+    added = {}  # row -> the next_obs given for it, overwritten as the ring wraps
+    for _ in range(17):  # 51 transitions into 20 rows
+        following, last = [], []
+        for copy in range(3):
+            following.append(frame())
+            ended = bool(torch.rand(1, generator=generator) < 0.3)
+            # an ended episode's next_obs is its final frame; the copy restarts elsewhere
+            last.append(frame() if ended else following[copy])
+            following[copy] = frame() if ended else following[copy]
+        rows = [(buffer.pos + k) % 20 for k in range(3)]
+        buffer.add(torch.stack(current), torch.zeros(3, dtype=torch.long), torch.zeros(3),
+                   torch.stack(last), torch.zeros(3, dtype=torch.bool))
+        added.update(zip(rows, last))
+        current = following
+    assert len(buffer) == 20 and len(buffer._apart) < 20
+    expected = torch.stack([added[row] for row in range(20)])
+    assert torch.equal(buffer.next_obs, expected)
+    batch = buffer.sample(64, torch.Generator().manual_seed(1))
+    rows = torch.randint(20, (64,), generator=torch.Generator().manual_seed(1))
+    assert torch.equal(batch.next_obs, expected[rows]) and torch.equal(batch.obs, buffer.obs[rows])
+
+    buffer.save(tmp_path / "replay")
+    loaded = ReplayBuffer.for_spaces(20, observation_space, spaces.Discrete(2))
+    loaded.load(tmp_path / "replay")
+    assert torch.equal(loaded.next_obs, expected)
+    with pytest.raises(ValueError, match="3 transitions at a time"):
+        loaded.add(torch.stack(current[:2]), torch.zeros(2, dtype=torch.long), torch.zeros(2),
+                   torch.stack(current[:2]), torch.zeros(2, dtype=torch.bool))
 
 
 def test_replay_buffer_round_trip(tmp_path):

@@ -6,13 +6,18 @@ its transition bootstraps from ``next_obs`` like any other. The true reward serv
 and the ``sac_true`` baseline; RLHF followers relabel sampled batches with the current reward
 network instead (``Batch._replace(reward=...)``), which is why rewards are not baked in.
 
+Observations are stored once. The buffer is filled by a vector environment, ``N`` copies at a
+time, so the transition after row ``i`` of the same copy is row ``i + N`` (mod capacity), and
+within an episode its ``obs`` is row ``i``'s ``next_obs``. Only where that chain breaks (an
+episode ended and the copy was reset, or the caller's rows do not follow each other) is
+``next_obs`` kept apart, found at the next ``add`` by comparing it with the new ``obs``.
+
 Storage dtypes: ``uint8`` image observations stay ``uint8``; float observations are stored as
 float32; other observations keep their own dtype. Discrete actions are int64, continuous ones
-float32 in the environment's units. Memory per transition is ``2 * obs bytes + action bytes +
-5`` (float32 reward, bool flag), see ``transition_bytes``: about 56.5 KB for a ``(4, 84, 84)``
-Atari frame stack (observations are stored twice, as ``obs`` and ``next_obs``, for
-simplicity), so 100k Atari transitions take about 5.6 GB; 33 B for Pendulum, 165 B for
-HalfCheetah.
+float32 in the environment's units. Memory per transition is ``obs bytes + action bytes + 5``
+(float32 reward, bool flag), see ``transition_bytes``, plus one observation per finished
+episode: about 28 KB for a ``(4, 84, 84)`` Atari frame stack, so 100k Atari transitions take
+about 2.8 GB (5.6 GB when ``next_obs`` was stored too); 21 B for Pendulum, 97 B for HalfCheetah.
 
 Checkpoints are plain ``.npy`` files (read back with ``allow_pickle=False``) and a JSON file
 with the counters, so loading a buffer never runs pickled code.
@@ -31,7 +36,7 @@ import torch
 from gymnasium import spaces
 from torch import Tensor
 
-FIELDS = ("obs", "action", "reward", "next_obs", "terminated")
+FIELDS = ("obs", "action", "reward", "terminated")
 
 
 class Batch(NamedTuple):
@@ -66,13 +71,18 @@ class ReplayBuffer:
         self.capacity = capacity
         self.device = torch.device(device)
         self.obs = torch.empty((capacity, *obs_shape), dtype=obs_dtype, device=self.device)
-        self.next_obs = torch.empty_like(self.obs)
         self.action = torch.empty((capacity, *action_shape), dtype=action_dtype,
                                   device=self.device)
         self.reward = torch.empty(capacity, dtype=torch.float32, device=self.device)
         self.terminated = torch.empty(capacity, dtype=torch.bool, device=self.device)
         self.pos = 0  # the next row written
         self.size = 0  # rows holding transitions
+        self.copies = 0  # rows per add (the vector environment's copies); 0 before the first
+        # next_obs of the last add's rows (their successors are not stored yet), and of the
+        # rows whose successor row does not continue them
+        self._pending = self.obs[:0].clone()
+        self._pending_rows = torch.zeros(0, dtype=torch.long, device=self.device)
+        self._apart: dict[int, Tensor] = {}
 
     @classmethod
     def for_spaces(
@@ -96,30 +106,67 @@ class ReplayBuffer:
 
     @property
     def transition_bytes(self) -> int:
-        """Memory one transition takes, to size ``capacity`` against the device's memory."""
+        """Memory one transition takes, to size ``capacity`` against the device's memory
+        (plus one observation per finished episode)."""
         obs = math.prod(self.obs.shape[1:]) * self.obs.element_size()
         action = math.prod(self.action.shape[1:]) * self.action.element_size()
-        return 2 * obs + action + self.reward.element_size() + self.terminated.element_size()
+        return obs + action + self.reward.element_size() + self.terminated.element_size()
 
     def add(self, obs: Tensor, action: Tensor, reward: Tensor, next_obs: Tensor,
             terminated: Tensor) -> None:
-        """Store one transition per environment (leading dimension ``N <= capacity``);
-        the oldest transitions are overwritten once the buffer is full."""
-        rows = (self.pos + torch.arange(obs.shape[0], device=self.device)) % self.capacity
+        """Store one transition per environment copy (the same number ``N <= capacity`` at
+        every call, in the same order); the oldest transitions are overwritten once the buffer
+        is full."""
+        n = obs.shape[0]
+        if self.copies == 0:
+            if not 0 < n <= self.capacity:
+                raise ValueError(f"cannot add {n} transitions to a buffer of {self.capacity}")
+            self.copies = n
+        elif n != self.copies:
+            raise ValueError(f"this buffer is filled {self.copies} transitions at a time (one "
+                             f"per environment copy), got {n}")
+        # the last add's next observations that the new ones do not continue are kept apart
+        if self._pending.shape[0]:
+            broken = (self._pending != obs.to(self.obs.dtype)).reshape(n, -1).any(1)
+            for j in broken.nonzero().flatten().tolist():
+                self._apart[int(self._pending_rows[j])] = self._pending[j].clone()
+        rows = (self.pos + torch.arange(n, device=self.device)) % self.capacity
+        for row in rows.tolist():
+            self._apart.pop(row, None)
         self.obs[rows] = obs
         self.action[rows] = action
         self.reward[rows] = reward
-        self.next_obs[rows] = next_obs
         self.terminated[rows] = terminated
-        self.pos = (self.pos + obs.shape[0]) % self.capacity
-        self.size = min(self.size + obs.shape[0], self.capacity)
+        self._pending = next_obs.to(self.obs.dtype).clone()
+        self._pending_rows = rows
+        self.pos = (self.pos + n) % self.capacity
+        self.size = min(self.size + n, self.capacity)
+
+    def next_obs_of(self, rows: Tensor) -> Tensor:
+        """``next_obs`` of the stored transitions in ``rows``."""
+        out = self.obs[(rows + self.copies) % self.capacity]
+        if self.copies:
+            offset = (rows - self._pending_rows[0]) % self.capacity
+            last = offset < self.copies
+            out[last] = self._pending[offset[last]]
+        if self._apart:
+            for k, row in enumerate(rows.tolist()):
+                kept = self._apart.get(row)
+                if kept is not None:
+                    out[k] = kept
+        return out
+
+    @property
+    def next_obs(self) -> Tensor:
+        """``next_obs`` of every stored row (rows ``0 .. size - 1``), materialised."""
+        return self.next_obs_of(torch.arange(self.size, device=self.device))
 
     def sample(self, n: int, generator: torch.Generator) -> Batch:
         """``n`` transitions drawn uniformly with replacement; ``reward`` is the true reward."""
         rows = torch.randint(self.size, (n,), generator=generator, device=generator.device)
         rows = rows.to(self.device)
-        return Batch(self.obs[rows], self.action[rows], self.reward[rows], self.next_obs[rows],
-                     self.terminated[rows].float())
+        return Batch(self.obs[rows], self.action[rows], self.reward[rows],
+                     self.next_obs_of(rows), self.terminated[rows].float())
 
     def save(self, directory: str | Path) -> None:
         """Write the stored transitions as ``.npy`` files and the counters as JSON."""
@@ -127,7 +174,14 @@ class ReplayBuffer:
         directory.mkdir(parents=True, exist_ok=True)
         for name in FIELDS:
             np.save(directory / f"{name}.npy", getattr(self, name)[: self.size].cpu().numpy())
-        counters = {"capacity": self.capacity, "pos": self.pos, "size": self.size}
+        apart_rows = sorted(self._apart)
+        np.save(directory / "pending_obs.npy", self._pending.cpu().numpy())
+        np.save(directory / "apart_obs.npy", torch.stack(
+            [self._apart[r] for r in apart_rows]).cpu().numpy() if apart_rows
+            else self.obs[:0].cpu().numpy())
+        counters = {"capacity": self.capacity, "pos": self.pos, "size": self.size,
+                    "copies": self.copies, "pending_rows": self._pending_rows.tolist(),
+                    "apart_rows": apart_rows}
         (directory / "counters.json").write_text(json.dumps(counters))
 
     def load(self, directory: str | Path) -> None:
@@ -137,12 +191,25 @@ class ReplayBuffer:
         if counters["capacity"] != self.capacity:
             raise ValueError(f"the saved buffer holds {counters['capacity']} transitions, "
                              f"this one {self.capacity}")
+        if "copies" not in counters:
+            raise ValueError("this checkpoint's replay buffer was written by an older version "
+                             "of brl (with next_obs stored); start the run afresh")
         size = counters["size"]
-        for name in FIELDS:
+        apart_rows, pending_rows = counters["apart_rows"], counters["pending_rows"]
+        expected = {name: (size, *getattr(self, name).shape[1:]) for name in FIELDS}
+        expected["pending_obs"] = (len(pending_rows), *self.obs.shape[1:])
+        expected["apart_obs"] = (len(apart_rows), *self.obs.shape[1:])
+        loaded = {}
+        for name, shape in expected.items():
             saved = torch.from_numpy(np.load(directory / f"{name}.npy", allow_pickle=False))
-            target = getattr(self, name)
-            if saved.shape != (size, *target.shape[1:]) or saved.dtype != target.dtype:
+            dtype = (self.obs if name.endswith("_obs") else getattr(self, name)).dtype
+            if saved.shape != shape or saved.dtype != dtype:
                 raise ValueError(f"{name}.npy holds {saved.dtype} {tuple(saved.shape)}, "
-                                 f"expected {target.dtype} {(size, *target.shape[1:])}")
-            target[:size] = saved.to(self.device)
-        self.pos, self.size = counters["pos"], size
+                                 f"expected {dtype} {shape}")
+            loaded[name] = saved.to(self.device)
+        for name in FIELDS:
+            getattr(self, name)[:size] = loaded[name]
+        self.pos, self.size, self.copies = counters["pos"], size, counters["copies"]
+        self._pending = loaded["pending_obs"]
+        self._pending_rows = torch.tensor(pending_rows, dtype=torch.long, device=self.device)
+        self._apart = dict(zip(apart_rows, loaded["apart_obs"]))

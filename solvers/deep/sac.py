@@ -101,7 +101,7 @@ class SACConfig:
     def atari(cls, **changes: Any) -> SACConfig:
         """Discrete SAC on Atari: batch 64, lr 1e-4, an update every 4 steps, a hard target
         copy every 8,000 steps (2,000 updates), target entropy 0.89 ln|A|, 20k random steps.
-        The buffer holds 100k transitions (5.6 GB of frames, see ``replay``), the whole of a
+        The buffer holds 100k transitions (2.8 GB of frames, see ``replay``), the whole of a
         100k-step run; raise it where memory allows."""
         atari = cls(hidden=(), actor_lr=1e-4, critic_lr=1e-4, alpha_lr=1e-4, adam_eps=1e-4,
                     batch_size=64, tau=1.0, target_update_interval=2_000, buffer_size=100_000,

@@ -385,7 +385,10 @@ def _save(path: Path, progress: dict[str, Any], history, learner: SACLearner,
 def _load(path: Path, learner: SACLearner, model: RewardModel, critic: SuccessorCritic | None,
           queue: PreferenceQueue, heldout: PreferenceQueue, generator: torch.Generator):
     state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
-    learner.load(path / "learner")
+    try:
+        learner.load(path / "learner")
+    except ValueError as exc:  # a replay buffer of another size or format
+        raise SolverError(f"the checkpoint in {path} does not fit this run: {exc}") from None
     device = learner.device
     model.load(state["model"])
     model.shift, model.scale = model.shift.to(device), model.scale.to(device)
