@@ -194,7 +194,7 @@ def main() -> None:
     common.set_threads(args.threads)
     common.print_machine()
     print(f"random_mdp(actions = 4, successors = 5, discount = 0.9), temperature 1, "
-          f"m_sobirl inner = {INNER}, adjoint = fixed_point; each row a fresh process")
+          f"m_sobirl inner = {INNER}, adjoint = centred (the default); each row a fresh process")
     print()
 
     rows, results = [], []

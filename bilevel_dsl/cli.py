@@ -7,16 +7,20 @@ unless BRL_DEBUG=1 is set.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
+import signal
 import sys
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from . import __version__, json_schema, lower, read_source, to_json
-from .diagnostics import BrlError, did_you_mean
+from .diagnostics import BrlError, Diagnostic, did_you_mean
 from .elaborate import elaborate
 from .parser import parse_expression, parse_source
 
@@ -95,6 +99,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     for path in args.files:
         try:
             checked, timings = _compile(path, args)
+            _check_file_solver(checked)
         except BrlError as err:
             print(err.render(), file=sys.stderr)
             status = EXIT_ERROR
@@ -104,6 +109,24 @@ def cmd_check(args: argparse.Namespace) -> int:
         print(f"{path}: ok ({n} statement{'' if n == 1 else 's'}, {checks}, "
               f"{sum(timings.values()) * 1000:.0f} ms)")
     return status
+
+
+def _check_file_solver(checked: Any, problem: Any = None) -> None:
+    """The solver named by the file's `solve` statement must be able to solve the file (E806,
+    at the statement, with the table of what is missing)."""
+    import solvers
+
+    solve = checked.solve
+    if solve is None or solve.solver == "auto" or checked.deep is not None:
+        return
+    try:
+        solvers.resolve(problem if problem is not None else lower(checked), None)
+    except solvers.SolverError as exc:
+        first, _, table = str(exc).partition("\n")
+        raise BrlError([Diagnostic("E806", first.rstrip(":"), solve.decl.solver_span,
+                                   "name another solver here, or pass --solver NAME",
+                                   tuple(line for line in table.splitlines() if line.strip()))],
+                       checked.source) from None
 
 
 def cmd_compile(args: argparse.Namespace) -> int:
@@ -122,9 +145,18 @@ def _write(text: str, output: str | None) -> None:
         print(text)
         return
     path = Path(output)
+    if path.is_dir():
+        raise UsageError(f"-o {output}: that is a folder; give a file name, e.g. "
+                         f"{path / 'ir.json'}")
+    if not path.parent.is_dir():
+        raise UsageError(f"-o {output}: the folder {path.parent} does not exist")
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text + "\n", encoding="utf-8")
-    tmp.replace(path)
+    try:
+        tmp.write_text(text + "\n", encoding="utf-8")
+        tmp.replace(path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise UsageError(f"-o {output}: cannot write it ({exc.strerror})") from None
     print(f"wrote {path}", file=sys.stderr)
 
 
@@ -171,6 +203,8 @@ def cmd_solve(args: argparse.Namespace) -> int:
         raise solvers.SolverError("--resume continues deep (gym) runs; tabular runs are not "
                           "checkpointed")
     requested = args.solver
+    if requested is None:
+        _check_file_solver(checked, problem)
     spec, _ = solvers.resolve(problem, requested)
     options = _set_options(spec, args.set)
     spec, options = solvers.resolve(problem, spec.name, options)
@@ -179,7 +213,9 @@ def cmd_solve(args: argparse.Namespace) -> int:
     limit = options.get("time_limit") or None
     monitor = ProgressMonitor(total, time_limit=limit, sign=problem.sign,
                               stream=open(os.devnull, "w") if args.quiet else sys.stderr)
-    out_dir = _output_folder(Path(args.resume or args.out or default_out_dir(problem.name)))
+    out_dir = _output_folder(Path(args.resume or args.out or default_out_dir(problem.name)),
+                             replace=args.force or bool(args.resume),
+                             flag="--resume" if args.resume else "--out")
     extra: dict[str, Any] = {}
     if deep:  # checkpoints go to the output folder as the run goes
         extra = {"out": out_dir, "resume": _checkpoint(args.resume)}
@@ -199,14 +235,15 @@ def cmd_solve(args: argparse.Namespace) -> int:
         "source": str(args.file),
         "out_dir": str(out_dir),
     }
-    if deep:
-        from solvers.deep.output import deep_summary, write_deep_run
+    with _signals_held():  # a second Ctrl-C must not cut the record short
+        if deep:
+            from solvers.deep.output import deep_summary, write_deep_run
 
-        write_deep_run(out_dir, problem, result, meta)
-        print(deep_summary(problem, result, meta))
-    else:
-        write_run(out_dir, problem, result, meta)
-        print(summary_table(problem, result, meta))
+            write_deep_run(out_dir, problem, result, meta)
+            print(deep_summary(problem, result, meta))
+        else:
+            write_run(out_dir, problem, result, meta)
+            print(summary_table(problem, result, meta))
     if result.stopped_because == solvers.NOT_FINITE:
         print(f"error: the objective or the hyper-gradient became NaN or infinite after "
               f"iteration {result.iterations}; the results above are the last finite iterate's. "
@@ -216,9 +253,25 @@ def cmd_solve(args: argparse.Namespace) -> int:
     return EXIT_INTERRUPTED if result.stopped_because == "interrupted" else EXIT_OK
 
 
-def _output_folder(out_dir: Path) -> Path:
+@contextlib.contextmanager
+def _signals_held() -> Iterator[None]:
+    """Ignore Ctrl-C and SIGTERM while the run's record is written (a second or two)."""
+    held = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in held.items():
+            signal.signal(sig, handler)
+
+
+def _output_folder(out_dir: Path, replace: bool, flag: str = "--out") -> Path:
     """Create the output folder before the run, so that a bad ``--out`` fails in a second, not
-    after a long solve whose results would then be lost."""
+    after a long solve whose results would then be lost; refuse one that holds another run's
+    record or checkpoint unless ``replace``."""
+    if not replace and out_dir.is_dir() and any(
+            (out_dir / name).exists() for name in ("result.json", "checkpoint")):
+        raise UsageError(f"--out {out_dir} already holds a run; choose another folder, pass "
+                         "--force to replace it, or --resume it (deep runs)")
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
         probe = out_dir / ".brl-write-test"
@@ -226,8 +279,8 @@ def _output_folder(out_dir: Path) -> Path:
         probe.unlink()
     except OSError as exc:
         raise UsageError(f"cannot write the output folder {out_dir}: {exc.strerror or exc}; "
-                         "pass --out with a folder you can write (it is created if needed)"
-                         ) from None
+                         f"pass {flag} with a folder you can write"
+                         f"{' (it is created if needed)' if flag == '--out' else ''}") from None
     return out_dir
 
 
@@ -250,6 +303,10 @@ def cmd_gradcheck(args: argparse.Namespace) -> int:
 
     checked, _ = _compile(args.file, args)
     problem = lower(checked, device=args.device)
+    if getattr(problem, "environment", "tabular") == "gymnasium":
+        raise UsageError(f"brl gradcheck checks the exact hyper-gradient of tabular problems; "
+                         f"{args.file} declares a gymnasium environment, whose reward network "
+                         "is trained from samples (docs/deep.md)")
     rows = gradcheck(problem, n_random=args.points, eps=args.eps, seed=problem.seed)
     print(f"{'point':<10} {'rel. error':>11} {'max abs err':>12} {'||grad||':>10} {'dirs':>5}")
     worst = 0.0
@@ -361,6 +418,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", metavar="OPTION=VALUE",
                    help="override a solver option, e.g. --set outer=1000")
     p.add_argument("--out", metavar="DIR", help="output folder (default runs/<problem>-<time>)")
+    p.add_argument("--force", action="store_true",
+                   help="replace the run already in the --out folder")
     p.add_argument("--resume", metavar="DIR",
                    help="continue a deep run from the checkpoint in its output folder DIR")
     p.add_argument("--seed", type=int, default=None, help="override the file's seed")
@@ -393,7 +452,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _terminated(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt  # SIGTERM (kill, timeout, a scheduler) stops a run like Ctrl-C
+
+
 def main(argv: list[str] | None = None) -> int:
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _terminated)
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "command", None):

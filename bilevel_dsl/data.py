@@ -24,15 +24,27 @@ def load_array(name: str, base_dir: Path | None, span: Span) -> np.ndarray:
         raise EvalError("E603", "data files can only be loaded from a .brl file on disk", span,
                         "compile the file with `brl` or `compile_file` instead of a string")
     relative = Path(name)
-    if relative.is_absolute() or ".." in relative.parts:
-        raise EvalError("E603", f"`{name}` is outside the folder of this .brl file", span,
-                        "data files must lie next to the .brl file or below it")
+    if relative.is_absolute():
+        raise EvalError("E603", f"`{name}` is an absolute path", span,
+                        "data paths are relative to the folder of the .brl file")
+    if ".." in relative.parts:
+        raise EvalError("E603", f"`{name}` goes up a folder (`..`), which data paths may not",
+                        span, "data files must lie next to the .brl file or below it")
     if relative.suffix.lower() not in SUFFIXES:
-        raise EvalError("E603", f"cannot load `{name}`: only .npy and .csv files are read", span)
+        raise EvalError("E602", f"cannot load `{name}`: only .npy and .csv files are read", span)
     root = base_dir.resolve()
-    path = (root / relative).resolve()
+    try:
+        path = (root / relative).resolve()
+    except (RuntimeError, OSError):  # a loop of symbolic links
+        raise EvalError("E601", f"`{name}` cannot be resolved: its symbolic links form a loop",
+                        span) from None
     if root not in path.parents:
-        raise EvalError("E603", f"`{name}` resolves outside the folder of this .brl file", span)
+        raise EvalError("E603", f"`{name}` resolves outside the folder of this .brl file", span,
+                        "a symbolic link may not lead out of the folder")
+    if path.is_dir():
+        raise EvalError("E601", f"`{name}` is a folder, not a data file", span)
+    if path.exists() and not path.is_file():
+        raise EvalError("E601", f"`{name}` is not a regular file (a pipe or a device?)", span)
     if not path.is_file():
         raise EvalError("E601", f"data file `{name}` not found", span,
                         f"looked for {path}")
@@ -58,7 +70,10 @@ def load_array(name: str, base_dir: Path | None, span: Span) -> np.ndarray:
                             "(it holds Python objects, or is not a .npy file)", span,
                             "brl never unpickles data; save a numeric array with numpy.save"
                             ) from None
-        raise EvalError("E602", f"cannot read `{name}`: {exc}", span) from None
+        problem = _csv_problem(path) if path.suffix.lower() == ".csv" else None
+        raise EvalError("E602", f"cannot read `{name}`: {problem or exc}", span,
+                        "a .csv file holds numbers separated by commas, the same number on "
+                        "every line (`#` starts a comment)" if problem else None) from None
     if (not np.issubdtype(array.dtype, np.number) and array.dtype != np.bool_) or \
             np.iscomplexobj(array):
         raise EvalError("E602", f"`{name}` does not hold real numbers (dtype {array.dtype})",
@@ -69,3 +84,29 @@ def load_array(name: str, base_dir: Path | None, span: Span) -> np.ndarray:
     if not np.all(np.isfinite(array)):
         raise EvalError("E602", f"`{name}` contains NaN or infinite values", span)
     return array
+
+
+def _csv_problem(path: Path) -> str | None:
+    """Where a CSV file stops being a table of numbers, counting lines from 1 as an editor
+    does (numpy's own message counts rows from 0 and suggests its own options)."""
+    width = None
+    try:
+        lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    except OSError:
+        return None
+    for number, line in enumerate(lines, start=1):
+        text = line.split("#", 1)[0].strip()
+        if not text:
+            continue
+        fields = [field.strip() for field in text.split(",")]
+        for column, field in enumerate(fields, start=1):
+            try:
+                float(field)
+            except ValueError:
+                return f"line {number}, value {column} (`{field[:20]}`) is not a number"
+        if width is None:
+            width = len(fields)
+        elif len(fields) != width:
+            return (f"line {number} has {len(fields)} value{'s' if len(fields) != 1 else ''}, "
+                    f"the first line {width}")
+    return None

@@ -24,7 +24,7 @@ import torch
 
 from . import ir
 from .diagnostics import BrlError, Diagnostic, did_you_mean
-from .values import EvalError, Val
+from .values import POISONED, Cascade, EvalError, Val
 
 GYM_OPTIONS = ("discount", "frame_skip", "frame_stack", "screen", "grey", "noop_max", "sticky",
                "max_episode_steps")
@@ -168,6 +168,8 @@ def reward_net_var(decl: ir.VarDecl, names: dict[str, object], number: Number
                         "for example reward_net(env, hidden = [256, 256])")
     mdp_name = call.args[0].id
     mdp = names.get(mdp_name)
+    if mdp is POISONED:  # the MDP's own error has been reported
+        raise Cascade()
     if not isinstance(mdp, GymMdp):
         gyms = [k for k, v in names.items() if isinstance(v, GymMdp)]
         raise EvalError("E305" if mdp is not None else "E201",
@@ -210,6 +212,9 @@ def deep_lower(decl: ir.LowerDecl, mdp: GymMdp, items: dict[str, ir.Item],
     temp = items["temperature"].value
     if isinstance(temp, ir.Name) and temp.id == "auto":
         tau = None
+    elif isinstance(temp, ir.Name) and temp.id not in names and did_you_mean(temp.id, ["auto"]):
+        raise EvalError("E403", "the temperature must be positive or `auto`", temp.span,
+                        "did you mean `auto`?")
     else:
         v = number(temp)
         tau = float(v.t) if not (v.axes or v.dims) else math.nan
@@ -221,11 +226,16 @@ def deep_lower(decl: ir.LowerDecl, mdp: GymMdp, items: dict[str, ir.Item],
     index_names = tuple(n.id for n in reward.indices)
     net = names.get(body.base.id) if isinstance(body, ir.Index) and \
         isinstance(body.base, ir.Name) else None
+    if net is POISONED:  # the variable's own error has been reported
+        raise Cascade()
     if not isinstance(net, RewardNetVar) or len(index_names) != 2 or tuple(
             i.id if isinstance(i, ir.Name) else None for i in body.indices) != index_names:
+        nets = [v.name for v in names.values() if isinstance(v, RewardNetVar)]
+        hint = (f"write exactly `reward[s, a] = {nets[0]}[s, a]`: the network is the whole "
+                "reward (scale or shift it inside the network, not here)") if nets else \
+            "declare it with `var r = reward_net(env, ...)`"
         raise EvalError("E305", "on a gym MDP the follower's reward is the reward network: "
-                        "`reward[s, a] = r[s, a]`", body.span,
-                        "declare it with `var r = reward_net(env, ...)`")
+                        "`reward[s, a] = r[s, a]`", body.span, hint)
     if net.mdp != mdp.name:
         raise EvalError("E305", f"`{net.name}` is a reward network for `{net.mdp}`, not "
                         f"`{mdp.name}`", body.span)

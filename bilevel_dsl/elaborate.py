@@ -459,9 +459,11 @@ class _Elaborator:
             k = int(torch.nonzero((lower > upper).reshape(-1))[0])
             where = f"{decl.name}[{', '.join(map(str, np.unravel_index(k, x0.shape)))}]" \
                 if x0.shape else decl.name
-            raise EvalError("E701", f"the lower bound {float(lower.reshape(-1)[k]):g} is above "
-                            f"the upper bound {float(upper.reshape(-1)[k]):g} for {where}",
-                            decl.lower.span, "write bounds as `in [lower, upper]`")
+            # reported; checking goes on without bounds
+            self.bag.error("E701", f"the lower bound {float(lower.reshape(-1)[k]):g} is above "
+                           f"the upper bound {float(upper.reshape(-1)[k]):g} for {where}",
+                           decl.lower.span, "write bounds as `in [lower, upper]`")
+            lower = upper = None
         t = to_real(x0).clone()
         if not bool(torch.isfinite(t).all()):
             raise EvalError("E305", f"the initial value of `{decl.name}` is not finite",
@@ -642,16 +644,22 @@ class _Elaborator:
                 reward = self._table_part(item, (S, A), ("s", "a"))
         else:
             reward = torch.zeros(S.size, A.size, dtype=DTYPE)
-        if "initial" in items:
-            initial = self._table_part(items["initial"], (S,), ("s",))
-            if bool((initial < 0).any()) or abs(float(initial.sum()) - 1.0) > ROW_TOLERANCE:
-                raise EvalError("E401", f"the initial distribution must be non-negative and sum "
-                                f"to 1, but it sums to {float(initial.sum()):.6g}",
-                                items["initial"].value.span)
-        else:  # uniform over the states where an episode can run (all, if all are terminal)
-            start = torch.ones(S.size, dtype=DTYPE) if bool(terminal.all()) \
-                else (~terminal).to(DTYPE)
-            initial = start / start.sum()
+        # uniform over the states where an episode can run (all, if all are terminal)
+        start = torch.ones(S.size, dtype=DTYPE) if bool(terminal.all()) else (~terminal).to(DTYPE)
+        initial = start / start.sum()
+        if "initial" in items:  # an error is reported, and checking goes on with the default
+            try:
+                given = self._table_part(items["initial"], (S,), ("s",))
+            except EvalError as err:
+                self._report(err)
+            else:
+                if bool((given < 0).any()) or abs(float(given.sum()) - 1.0) > ROW_TOLERANCE:
+                    self.bag.error("E401", f"the initial distribution must be non-negative and "
+                                   f"sum to 1, but it sums to {float(given.sum()):.6g}",
+                                   items["initial"].value.span,
+                                   "divide by the total, or write `initial[s] = ...` with "
+                                   "entries that sum to 1")
+                initial = given
         gamma = 0.9
         if "discount" in items:
             self._no_indices(items["discount"])
@@ -766,10 +774,10 @@ class _Elaborator:
         self._no_indices(temp_item)
         tau = self._number(ir.Keyword(temp_item.span, "temperature", temp_item.value), None,
                            "temperature", decl.span)
-        if not tau > 0 or not math.isfinite(tau):
-            raise EvalError("E403", f"the temperature must be positive, got {tau:g}",
-                            temp_item.value.span,
-                            "it weighs the entropy bonus; try 0.1 or 0.01")
+        if not tau > 0 or not math.isfinite(tau):  # reported; checking goes on with tau = 1
+            self.bag.error("E403", f"the temperature must be positive, got {tau:g}",
+                           temp_item.value.span, "it weighs the entropy bonus; try 0.1 or 0.01")
+            tau = 1.0
         reward = items["reward"]
         if len(reward.indices) not in (2, 3):
             raise EvalError("E302", "the follower's reward is written reward[s, a] = ... or "
@@ -779,9 +787,25 @@ class _Elaborator:
         if len(set(names)) != len(names):
             raise EvalError("E202", "the reward's indices must have different names",
                             reward.span)
+        use = _policy_use(reward.value, self.policy_lets)
+        if isinstance(use, ir.Name) and use.id in self.policy_lets:  # the let itself is fine
+            line = self.declared_at[use.id].line
+            raise EvalError("E501", f"`{use.id}` uses the follower's policy (`let {use.id}`, "
+                            f"line {line}): a reward cannot depend on it", use.span,
+                            "the policy is the follower's answer to this reward; use "
+                            f"`{use.id}` in the `upper` objective")
         info = LowerInfo(decl, mdp, tau, names, reward.value)
         x = self.var.x0 if self.var is not None else None
-        r = lower_reward(info, self._scope(x))
+        try:
+            r = lower_reward(info, self._scope(x))
+        except EvalError as err:
+            index = err.message.split("`")[1] if err.code == "E303" else None
+            if index in names and names[:2] != ("s", "a"):  # unusual names: say what each is
+                sets = ("the states", "the actions", "the next states")
+                roles = ", ".join(f"`{n}` ranges over {what}" for n, what in zip(names, sets))
+                raise EvalError(err.code, err.message, err.span,
+                                f"the reward's indices are positional: {roles}") from None
+            raise
         if not bool(torch.isfinite(r).all()):
             raise EvalError("E305", "the follower's reward is NaN or infinite at the initial "
                             "point", reward.value.span)
@@ -855,15 +879,22 @@ class _Elaborator:
         if bool((v.t != 0).all()):
             return
         notes: list[str] = []
+        hint = None
         cond = decl.condition
         if isinstance(cond, ir.Binary) and cond.op in ("==", "!=", "<", "<=", ">", ">="):
-            for side, node in (("left", cond.left), ("right", cond.right)):
-                notes.append(f"{side} side = {_show(evaluate_val(node, scope))}")
+            sides = [evaluate_val(node, scope) for node in (cond.left, cond.right)]
+            shown = [_show(side) for side in sides]
+            if shown[0] == shown[1]:  # apart only in the last digits: show them all
+                shown = [_show(side, exact=True) for side in sides]
+                if cond.op == "==":
+                    hint = "numbers computed in floating point rarely agree to the last digit: " \
+                           "compare with a tolerance, e.g. `abs(a - b) <= 1e-9`"
+            notes += [f"left side = {shown[0]}", f"right side = {shown[1]}"]
         if v.t.numel() > 1:
             failing = int((v.t == 0).sum())
             notes.append(f"{failing} of {v.t.numel()} elements are false")
         message = "check failed" + (f": {decl.message}" if decl.message else "")
-        raise EvalError("E702", message, decl.condition.span, None, tuple(notes))
+        raise EvalError("E702", message, decl.condition.span, hint, tuple(notes))
 
 
 def _all_finite(t: torch.Tensor) -> bool:
@@ -875,19 +906,23 @@ _CHILD_FIELDS: dict[type, tuple[str, ...]] = {}
 
 
 def _uses_policy(expr: ir.Expr, policy_lets: set[str]) -> bool:
-    """Whether `expr` uses the follower's policy: `policy`, a policy functional, or a `let` in
-    `policy_lets`.  One walk that stops at the first use (what ir.objective_features and
-    ir.names_in together tell, for a tenth of the time)."""
+    return _policy_use(expr, policy_lets) is not None
+
+
+def _policy_use(expr: ir.Expr, policy_lets: set[str]) -> ir.Expr | None:
+    """A node of `expr` that uses the follower's policy: `policy`, a policy functional, or a
+    `let` in `policy_lets`.  One walk that stops at the first use (what ir.objective_features
+    and ir.names_in together tell, for a tenth of the time)."""
     stack: list[Any] = [expr]
     while stack:
         node = stack.pop()
         kind = type(node)
         if kind is ir.Name:
             if node.id == "policy" or node.id in policy_lets:
-                return True
+                return node
             continue
         if kind is ir.Call and node.function in FUNCTIONALS:
-            return True
+            return node
         fields = _CHILD_FIELDS.get(kind)
         if fields is None:
             fields = _CHILD_FIELDS[kind] = tuple(
@@ -898,7 +933,7 @@ def _uses_policy(expr: ir.Expr, policy_lets: set[str]) -> bool:
                 stack.extend(value)
             elif hasattr(value, "__dataclass_fields__"):
                 stack.append(value)
-    return False
+    return None
 
 
 def _out_of_memory(exc: BaseException) -> bool:
@@ -912,11 +947,16 @@ def _label(s: SetValue, position: int) -> str:
     return str(position + s.start)
 
 
-def _show(v: Val) -> str:
+def _show(v: Val, exact: bool = False) -> str:
+    """A value for a note: a few digits, or with ``exact`` the shortest that give it back."""
     t = v.t.detach().cpu()
+
+    def number(e: float, digits: int) -> str:
+        return repr(e) if exact else f"{e:.{digits}g}"
+
     if t.numel() == 1:
-        return f"{float(t):.10g}"
-    flat = ", ".join(f"{float(e):.6g}" for e in t.reshape(-1)[:6])
+        return number(float(t), 10)
+    flat = ", ".join(number(float(e), 6) for e in t.reshape(-1)[:6])
     return f"[{flat}{', ...' if t.numel() > 6 else ''}]"
 
 

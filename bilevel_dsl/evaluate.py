@@ -406,11 +406,23 @@ def _name(node: ir.Name, scope: Scope) -> object:
         raise EvalError("E201", f"the member `{node.id}` is ambiguous: it is in {where}, at "
                         "different positions", node.span,
                         f"name its set, e.g. `{owners[0][0]}.{node.id}`")
-    known = list(scope.names) + list(scope.indices) + list(CONSTANTS)
+    known = list(scope.names) + list(scope.indices) + list(CONSTANTS) + _member_names(scope)
     if node.id in FUNCTIONS:
         raise EvalError("E305", f"`{node.id}` is a function: call it as `{node.id}(...)`",
                         node.span)
     raise EvalError("E201", f"undefined name `{node.id}`", node.span, did_you_mean(node.id, known))
+
+
+def _member_names(scope: Scope) -> list[str]:
+    """Every named set member in scope, for a "did you mean" on a misspelt bare member."""
+    found: list[str] = []
+    for obj in scope.names.values():
+        sets = [obj] if isinstance(obj, SetValue) else []
+        if isinstance(obj, (MdpValue, TableSets)):
+            sets = [obj.states, obj.actions]
+        for s in sets:
+            found += list(s.members or ())
+    return found
 
 
 def _member(name: str, scope: Scope) -> Val | None:

@@ -28,7 +28,7 @@ from lark import Lark
 from lark.parsers.lalr_analysis import Shift
 
 from . import ir
-from .diagnostics import BrlError, Diagnostic, SourceFile
+from .diagnostics import BrlError, Diagnostic, SourceFile, did_you_mean
 
 _HEADER = re.compile(r"(?:[ \t\f\r\n]|#[^\n]*)*brl[ \t\f\r\n]+([0-9]+)")
 # Deepest nesting of an expression (parentheses, calls, indices, unary operators, powers...).
@@ -402,6 +402,17 @@ def _bad_character(text: str, pos: int, loc: _Loc) -> Diagnostic:
     shown = char if char.isprintable() else repr(char)
     hint = None
     if char == '"':
+        # the lexer read `""` as an empty string and stopped at the third quote: the string
+        # that opens here is never closed
+        if text[max(pos - 2, 0):pos] == '""' and loc[1] >= 3 and '"""' not in text[pos + 1:]:
+            return Diagnostic("E100", 'unterminated string: this """ is never closed',
+                              ir.Span(loc[0], loc[1] - 2, loc[0], loc[1] + 1),
+                              'close it with """ after its last line')
+        if '"' not in text[pos + 1:].split("\n", 1)[0]:
+            return Diagnostic("E100", "unterminated string: this \" has no closing quote on its "
+                              "line", ir.Span(loc[0], loc[1], loc[0], loc[1] + 1),
+                              'strings are written "like this" on one line, or """like this"""'
+                              " over several")
         hint = 'strings are written "like this" on one line, or """like this""" over several'
     return Diagnostic("E100", f"unexpected character `{shown}`",
                       ir.Span(loc[0], loc[1], loc[0], loc[1] + 1), hint)
@@ -438,6 +449,9 @@ def _syntax_diagnostic(kind: str, value: str, loc: _Loc | None, expected_termina
     elif kind == "CMP_OP" and "AND" in expected_terminals:  # right after `a < b`
         message = f"comparisons cannot be chained: unexpected `{shown}` after a comparison"
         hint = "join two comparisons with `and`: `lo < x and x < hi`"
+    elif kind == "NAME" and any(t in expected_terminals for t in STATEMENT_KEYWORDS):
+        keyword = did_you_mean(value, [t.lower() for t in STATEMENT_KEYWORDS])
+        hint = f"{keyword} (a statement starts with a keyword)" if keyword else hint
     return Diagnostic("E100", message, _span(loc), hint)
 
 

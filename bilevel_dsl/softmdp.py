@@ -756,12 +756,16 @@ def _not_finite(v: Tensor) -> Tensor:
     return v
 
 
+def direct_solves(P: Transitions) -> bool:
+    """Whether ``solve_policy_system(method="auto")`` factorises (else it runs GMRES)."""
+    return P.n_states <= (_DIRECT_MAX_STATES_SPARSE if P.is_sparse else DIRECT_MAX_STATES)
+
+
 def _solve(P: Transitions, pi: Tensor, b: Tensor, gamma: float, transpose: bool, method: str,
            tol: float) -> Tensor:
     """Solve ``(I - gamma P_pi) v = b`` (or the transposed system) without autograd."""
     if method == "auto":
-        limit = _DIRECT_MAX_STATES_SPARSE if P.is_sparse else DIRECT_MAX_STATES
-        method = "direct" if P.n_states <= limit else "krylov"
+        method = "direct" if direct_solves(P) else "krylov"
     if method == "direct":
         A = torch.eye(P.n_states, dtype=b.dtype, device=b.device) - gamma * P.policy_matrix(pi)
         return torch.linalg.solve(A.mT if transpose else A, b)

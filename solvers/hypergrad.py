@@ -14,6 +14,7 @@ from torch import Tensor
 
 from bilevel_dsl.instance import POLICY_FUNCTIONAL, TRAJECTORY, TabularProblem
 from bilevel_dsl.softmdp import (
+    direct_solves,
     soft_policy,
     soft_policy_iteration,
     soft_q,
@@ -43,7 +44,8 @@ class HyperGradient:
     objective: float  # the minimised f(x, pi*_x)
     pi: Tensor  # (S, A) optimal soft policy
     V: Tensor  # (S,) optimal soft value, reusable as a warm start
-    w: Tensor  # (S,) adjoint
+    w: Tensor  # (S,) adjoint, (I - gamma P_pi)^T w = U^T g
+    z: Tensor  # (S,) centred adjoint, (I - gamma P_pi)^T z = gamma P^T c; w = sum_a g - z
     lower_iterations: int  # soft value iterations spent on the lower level
 
 
@@ -76,16 +78,19 @@ def solve_lower(problem: TabularProblem, r: Tensor, V: Tensor | None, tol: float
                 polish: bool = False) -> tuple[Tensor, Tensor, int]:
     """``V*``, ``pi*`` and the iterations used, for the reward table ``r``.
 
-    ``polish`` solves by Newton's method (soft policy iteration) instead of value iteration:
-    it brings ``V*`` to rounding level, what finite differences of ``phi`` need to be smooth in
-    ``x``, in a few steps from a nearby warm start however close ``gamma`` is to 1.
+    ``polish`` brings ``V*`` to rounding level, what finite differences of ``phi`` need to be
+    smooth in ``x``, with Newton's method (soft policy iteration): where its linear solves are
+    factorisations, it solves from the warm start alone, in a few steps however close ``gamma``
+    is to 1; where they are GMRES runs, two Newton steps finish value iteration's answer.
     """
     P, gamma, tau = problem.transitions, problem.discount, problem.temperature
     r = r.detach()
-    if polish:
+    if polish and direct_solves(P):
         V, iterations = soft_policy_iteration(P, r, gamma, tau, V0=V, tol=tol)
     else:
         V, iterations = soft_value_iteration(P, r, gamma, tau, V0=V, tol=tol)
+        if polish:
+            V, _ = soft_policy_iteration(P, r, gamma, tau, V0=V, tol=0.0, max_iter=2)
     with torch.no_grad():
         pi = soft_policy(soft_q(P, r, V, gamma), tau)
     return V, pi, iterations
@@ -122,7 +127,7 @@ def hypergradient(
         v = torch.addcmul(c, pi, z.unsqueeze(-1)) / tau
         w = sum_actions(pi * grad_pi) - z
     grad = grad_x + reward_vjp(x, r, v)
-    return HyperGradient(grad.detach(), float(f), pi, V, w, iterations)
+    return HyperGradient(grad.detach(), float(f), pi, V, w, z, iterations)
 
 
 def _centred(pi: Tensor, G: Tensor) -> Tensor:

@@ -42,6 +42,17 @@ from .result import NOT_FINITE, Monitor, SolveResult, stop_reason
 START_TOL = 1e-8  # sup-norm error of V_0 with start = solved
 
 
+def centred_adjoint_step(P: Transitions, pi: Tensor, g: Tensor, g_sum: Tensor, z: Tensor,
+                         gamma: float) -> Tensor:
+    """``z <- gamma P^T (c + pi * z[s])`` with ``c = g - pi * sum_a g`` (``g_sum``): the fixed
+    point step towards ``(I - gamma P_pi)^T z = gamma P^T c``, one product with ``P^T``. It is
+    the ``fixed_point`` step on ``w = sum_a g - z``, but ``z`` leaves out ``sum_a g / (1 -
+    gamma)``, the part of ``w`` that carries the value's whole scale and moves with ``x`` many
+    times faster than the gradient. ``c + pi * z`` is formed as ``g + pi * (z - sum_a g)``: one
+    pass over ``S*A``, as many as the plain step makes."""
+    return P.pull(torch.addcmul(g, pi, (z - g_sum).unsqueeze(-1))).mul_(gamma)
+
+
 def adjoint_step(P: Transitions, pi: Tensor, g: Tensor, w: Tensor, gamma: float, zeta: float,
                  kind: str) -> Tensor:
     """One step towards ``w`` solving ``A w = b``, ``A = (I - gamma P_pi)^T``, ``b = U^T g``.
@@ -81,6 +92,8 @@ def run(problem: TabularProblem, options: dict[str, Any], monitor: Monitor) -> S
     PV: torch.Tensor | None = None
     pihat = soft_policy(soft_q(P, r.detach(), V, gamma), tau)
     pi = torch.full((S, A), 1.0 / A, dtype=dtype, device=device)
+    # the amortised adjoint: w, or with adjoint = centred z (w = sum_a g - z)
+    centred = options["adjoint"] == "centred"
     if options["init_w"] == "normal":  # drawn on the CPU so every device starts alike
         generator = torch.Generator().manual_seed(problem.seed)
         w = torch.randn(S, generator=generator, dtype=dtype).to(device)
@@ -98,19 +111,27 @@ def run(problem: TabularProblem, options: dict[str, Any], monitor: Monitor) -> S
             # the run's time). From V = 0 and w = 0 the single adjoint step per iteration lags
             # by gamma^k, and while it lags h can be many times too large and send x far off
             solved = hypergradient(problem, x.detach(), tol=START_TOL)
-            V, pi, pihat, w = solved.V, solved.pi, solved.pi, solved.w
+            V, pi, pihat = solved.V, solved.pi, solved.pi
+            w = solved.z if centred else solved.w
             start_iterations = solved.lower_iterations
         while k < K:
             # 1. upper-level derivatives at (x_k, pi_k); b_k = U^T g_k enters step 2
             f, grad_x, grad_pi = upper_derivatives(problem, x, pi)
             g = pi * grad_pi
             with torch.no_grad():
-                # 2. adjoint step(s): w_{k+1}
-                for _ in range(adjoint_steps):
-                    w = adjoint_step(P, pi, g, w, gamma, zeta, options["adjoint"])
-                # 3. hyper-gradient estimate, pihat_k held constant (the 1 / tau is applied
-                # to the vector-Jacobian product, which is linear)
-                v = torch.addcmul(g, pihat, w.unsqueeze(-1), value=-1.0)
+                # 2. adjoint step(s): w_{k+1} (z_{k+1}), then 3. the hyper-gradient estimate,
+                # pihat_k held constant (the 1 / tau is applied to the vector-Jacobian
+                # product, which is linear): v = g - pihat * w[s], which is g + pihat *
+                # (z - sum_a g)[s] for the centred adjoint
+                if centred:
+                    g_sum = sum_actions(g)
+                    for _ in range(adjoint_steps):
+                        w = centred_adjoint_step(P, pi, g, g_sum, w, gamma)
+                    v = torch.addcmul(g, pihat, (w - g_sum).unsqueeze(-1))
+                else:
+                    for _ in range(adjoint_steps):
+                        w = adjoint_step(P, pi, g, w, gamma, zeta, options["adjoint"])
+                    v = torch.addcmul(g, pihat, w.unsqueeze(-1), value=-1.0)
             h = torch.add(grad_x, reward_vjp(x, r, v), alpha=1.0 / tau)
             with torch.no_grad():
                 # 4. projected hyper-gradient step
@@ -161,7 +182,10 @@ def run(problem: TabularProblem, options: dict[str, Any], monitor: Monitor) -> S
     except KeyboardInterrupt:
         stopped = "interrupted"
 
-    f_end, _, _ = upper_derivatives(problem, x, pi)
+    f_end, _, grad_end = upper_derivatives(problem, x, pi)
+    adjoint = {"w": w.detach()}
+    if centred:  # w = sum_a g - z, with g at the final point
+        adjoint = {"w": sum_actions(pi * grad_end).detach() - w.detach(), "z": w.detach()}
     return SolveResult(
         x=x.detach(),
         policy=pi.detach(),
@@ -169,7 +193,7 @@ def run(problem: TabularProblem, options: dict[str, Any], monitor: Monitor) -> S
         history=history,
         iterations=k,
         stopped_because=stopped,
-        extra={"V": V.detach(), "w": w.detach(), "time": time.perf_counter() - start,
+        extra={"V": V.detach(), **adjoint, "time": time.perf_counter() - start,
                "start_lower_iterations": start_iterations},
     )
 
@@ -185,9 +209,10 @@ SPEC = SolverSpec(
         Option("beta", float, 0.05, "step size on x", valid="[0, inf)"),
         Option("zeta", float, 0.5, "step size of the least-squares adjoint update",
                valid="(0, inf)"),
-        Option("adjoint", str, "fixed_point",
-               "adjoint update: fixed_point (w <- b + gamma P_pi^T w) or lsq (the paper's "
-               "least-squares gradient step)", choices=("fixed_point", "lsq")),
+        Option("adjoint", str, "centred",
+               "adjoint update: centred (z <- gamma P^T (c + pi z), w = sum_a g - z), "
+               "fixed_point (w <- b + gamma P_pi^T w) or lsq (the paper's least-squares "
+               "gradient step on w)", choices=("centred", "fixed_point", "lsq")),
         Option("adjoint_steps", int, 1,
                "adjoint updates per outer iteration, at least 1 (Algorithm 2: 1), one product "
                "with P^T each; with gamma near 1 a single step lets the adjoint, and so h, lag "
@@ -201,8 +226,9 @@ SPEC = SolverSpec(
                "solved (V_0, pi_0 and w_0 solved exactly at x0, at the cost of one exact "
                "hyper-gradient) or cold (V_0 = 0, uniform pi_0, w_0 from init_w: Algorithm 2)",
                choices=("solved", "cold")),
-        Option("init_w", str, "zeros", "initial adjoint with start = cold: zeros, or normal "
-               "(N(0, I) seeded from the problem's seed, as in the paper's synthetic run)",
+        Option("init_w", str, "zeros", "initial adjoint (w, or z when centred) with start = "
+               "cold: zeros, or normal (N(0, I) seeded from the problem's seed, as in the "
+               "paper's synthetic run)",
                choices=("zeros", "normal")),
         Option("policy", str, "softmax",
                "pi_{k+1} after the inner loop: softmax (softmax(Q / tau), a distribution) or "

@@ -127,7 +127,7 @@ def summary_table(problem: TabularProblem, result: SolveResult, meta: dict[str, 
     if objectives and result.objective > objectives[0] + 1e-9 * (1 + abs(objectives[0])):
         advice = "try a smaller beta (--set beta=...)"
         if meta.get("solver") == "m_sobirl":
-            advice += ", more adjoint_steps near discount 1, or --solver exact"
+            advice += ", more adjoint_steps (--set adjoint_steps=10), or --solver exact"
         rows.append(("warning", f"the objective ended worse than it started "
                                 f"({problem.sign * objectives[0]:.6g} at the first iterate): "
                                 f"{advice}"))
@@ -262,11 +262,18 @@ def _write_json_atomic(path: Path, record: dict[str, Any]) -> Path:
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
             handle.write(_dumps(record) + "\n")
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's 0600 would differ from the other files
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _omit_if_large(value: Any) -> Any:

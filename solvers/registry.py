@@ -62,7 +62,11 @@ class OptionRangeError(OptionError):
         valid = option.valid
         assert isinstance(valid, Interval)
         shown = f"{value:g}" if isinstance(value, float) else _show(value)
-        super().__init__(f"option `{option.name}` must be {valid.describe()}, got {shown}")
+        need = valid.describe()
+        if isinstance(value, float) and not math.isfinite(value):
+            need = "a finite number" + ("" if valid.describe().startswith("in ")
+                                        else f" {valid.describe()}")
+        super().__init__(f"option `{option.name}` must be {need}, got {shown}")
         self.hint = f"`{option.name}` takes {_TYPE_WORDS[option.type]} in {valid}"
 
 

@@ -466,3 +466,72 @@ def test_hostile_inputs_in_a_real_process(tmp_path):
     reported = {m["file"] for m in LOCATED.finditer(result.stderr)}
     reported |= {m["file"] for m in UNLOCATED.finditer(result.stderr)}
     assert reported == set(paths)
+
+
+# ------------------------------------------------------------------ keeping a run's work
+
+
+def test_sigterm_stops_a_run_like_ctrl_c_and_keeps_its_record(tmp_path):
+    """kill, timeout and job schedulers send SIGTERM: the run stops at the next iteration and
+    its folder is written, as after Ctrl-C (before, the folder stayed empty)."""
+    import signal
+    import time
+
+    path = tmp_path / "p.brl"
+    path.write_text(SOLVABLE)
+    out = tmp_path / "run"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "bilevel_dsl.cli", "solve", str(path), "--quiet", "--out",
+         str(out), "--set", "outer=100000000"], cwd=ROOT, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    deadline = time.time() + 60
+    while not out.exists() and time.time() < deadline:  # created just before the solve
+        time.sleep(0.05)
+    time.sleep(0.5)
+    process.send_signal(signal.SIGTERM)
+    stdout, stderr = process.communicate(timeout=60)
+    assert process.returncode == 130, stderr
+    record = json.loads((out / "result.json").read_text())
+    assert record["stopped_because"] == "interrupted" and record["iterations"] > 0
+    assert b"Traceback" not in stderr and b"interrupted" in stdout
+
+
+def test_out_refuses_to_replace_a_run_unless_forced(tmp_path, capsys):
+    path = tmp_path / "p.brl"
+    path.write_text(SOLVABLE)
+    out = tmp_path / "run"
+    assert run(["solve", str(path), "--quiet", "--out", str(out)], capsys)[0] == 0
+    assert (out / "result.json").stat().st_mode & 0o044 == 0o044 & ~_umask()
+    first = (out / "result.json").read_text()
+    code, _, err = run(["solve", str(path), "--quiet", "--out", str(out), "-D", "x=1"], capsys)
+    assert code == 1 and "already holds a run" in err and "--force" in err
+    assert (out / "result.json").read_text() == first
+    assert run(["solve", str(path), "--quiet", "--out", str(out), "--force"], capsys)[0] == 0
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def test_compile_output_and_gradcheck_misuse_are_errors_not_tracebacks(tmp_path, capsys):
+    synthetic = str(ROOT / "problems" / "synthetic.brl")
+    code, _, err = run(["compile", synthetic, "-o", str(tmp_path)], capsys)
+    assert code == 1 and "is a folder" in err and not list(tmp_path.iterdir())
+    code, _, err = run(["compile", synthetic, "-o", str(tmp_path / "no" / "ir.json")], capsys)
+    assert code == 1 and "does not exist" in err
+    code, _, err = run(["gradcheck", str(ROOT / "problems" / "rlhf_hopper.brl")], capsys)
+    assert code == 1 and "gymnasium environment" in err
+
+
+def test_check_reports_a_solve_statement_that_cannot_solve_the_file(tmp_path, capsys):
+    path = tmp_path / "p.brl"
+    path.write_text(SOLVABLE.replace("solve m_sobirl(outer = 2)", "solve sobirl(outer = 2)"))
+    code, _, err = run(["check", str(path)], capsys)
+    assert code == 1 and f"{path}:6:7: error[E806]: solver `sobirl` cannot solve" in err
+    assert "solvers that can: `m_sobirl`, `exact`" in err
+    code, _, err = run(["solve", str(path), "--out", str(tmp_path / "run")], capsys)
+    assert code == 1 and "error[E806]" in err
+    assert run(["solve", str(path), "--quiet", "--solver", "exact", "--set", "outer=2",
+                "--out", str(tmp_path / "run")], capsys)[0] == 0

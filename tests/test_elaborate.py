@@ -402,6 +402,40 @@ def test_lower_block_checks():
     assert codes(MDP + "lower M { temperature[s] = 1  reward[s, a] = 0 }") == ["E302"]
 
 
+def test_errors_point_at_the_mistake_and_suggest_the_fix():
+    """A policy let used in a reward is reported where the reward uses it (not at the let,
+    which is legal); a misspelt bare member or reward index gets a suggestion."""
+    text = FOLLOWER.replace("var x", "let pol = policy\nvar x").replace(
+        "x[s, a] }", "x[s, a] + pol[s, a] }")
+    diag = first(text)
+    assert diag.code == "E501" and diag.span.line == 5 and "`pol`" in diag.message
+    members = "brl 1\nset Colors = {red, green, blue}\nparam c[Colors] = [1, 2, 3]\n"
+    assert first(members + "param b = c[bleu]").hint == "did you mean `blue`?"
+    swapped = FOLLOWER.replace("reward[s, a] = x[s, a]", "reward[a, s] = x[s, a]")
+    assert first(swapped).hint == ("the reward's indices are positional: `a` ranges over the "
+                                   "states, `s` ranges over the actions")
+
+
+def test_independent_errors_are_all_reported():
+    """Reversed bounds, a bad temperature, a bad initial distribution or discount no longer
+    hide the errors after them."""
+    text = (MDP + "var x[M.S, M.A] = 0 in [1, -1]\n"
+            "lower M { temperature = -1  reward[s, a] = x[s, a] + nosuch }\n"
+            "upper minimize norm2(x) - vallue(M, policy)\n")
+    assert codes(text) == ["E701", "E403", "E201", "E201"]
+    table = ("brl 1\nmdp T = table { states = 3  actions = 2\n"
+             "  transition[s, a, t] = if t == s then 1 else 0\n"
+             "  initial = [0.5, 0.5]\n  discount = 1 }\n"
+             "var x[T.S, T.A] = 0\nlower T { temperature = 0  reward[s, a] = x[s, a] }\n")
+    assert codes(table) == ["E301", "E402", "E403"]
+
+
+def test_a_failing_check_shows_values_that_differ():
+    diag = first("brl 1\nparam p[3] = [0.2, 0, 0.4]\ncheck sum(p) == 0.6")
+    assert diag.notes == ("left side = 0.6000000000000001", "right side = 0.6")
+    assert "tolerance" in diag.hint
+
+
 def test_reward_shape_and_index_errors():
     assert codes(FOLLOWER.replace("x[s, a] }", "x[s] }")) == ["E301"]
     # the hint names the index that is missing and writes the expression out

@@ -654,3 +654,14 @@ def test_the_driver_accepts_and_rejects_exactly_what_lark_does():
             assert mine == _lark_outcome(lark, source, start), source
             checked += 1
     assert checked > 500
+
+
+def test_misspelt_keywords_and_unterminated_strings():
+    from conftest import diagnostics
+
+    diag = diagnostics("brl 1\nlowr M { temperature = 1 }")[0]
+    assert diag.code == "E100" and diag.hint.startswith("did you mean `lower`?")
+    diag = diagnostics('brl 1\nmdp m = gridworld(map = """\nS.G\n')[0]
+    assert "never closed" in diag.message and (diag.span.line, diag.span.column) == (2, 25)
+    diag = diagnostics('brl 1\nproblem p "never closed\nparam a = 1\n')[0]
+    assert "no closing quote" in diag.message and (diag.span.line, diag.span.column) == (2, 11)

@@ -75,9 +75,9 @@ def test_symlinks_that_lead_outside_are_refused(project, tmp_path):
 def test_only_npy_and_csv_are_read(project):
     (project / "script.py").write_text("print('hi')\n")
     (project / "p.pkl").write_bytes(b"\x80\x04K\x01.")
-    assert load_codes(project, 'param a = load("script.py")') == ["E603"]
-    assert load_codes(project, 'param a = load("p.pkl")') == ["E603"]
-    assert load_codes(project, 'param a = load("p.brl")') == ["E603"]
+    assert load_codes(project, 'param a = load("script.py")') == ["E602"]
+    assert load_codes(project, 'param a = load("p.pkl")') == ["E602"]
+    assert load_codes(project, 'param a = load("p.brl")') == ["E602"]
 
 
 def test_pickled_npy_is_refused_without_unpickling(project, monkeypatch):
@@ -112,6 +112,34 @@ def test_bad_data_files_are_diagnostics(project):
     assert load_codes(project, 'param a = load("missing.npy")') == ["E601"]
     (project / "folder.npy").mkdir()
     assert load_codes(project, 'param a = load("folder.npy")') == ["E601"]
+
+
+def load_message(folder: Path, line: str) -> str:
+    brl = folder / "p.brl"
+    brl.write_text(f"brl 1\n{line}\n", encoding="utf-8")
+    with pytest.raises(BrlError) as info:
+        compile_file(brl)
+    return info.value.render()
+
+
+def test_data_errors_say_what_is_wrong(project):
+    """Lines counted from 1 as an editor does, a loop of links, a folder, a pipe and `..` are
+    each named for what they are (a loop of links used to be an internal error)."""
+    (project / "letters.csv").write_text("1,2\nx,3\n")
+    (project / "ragged.csv").write_text("# a comment\n1,2\n3\n")
+    assert "line 2, value 1 (`x`) is not a number" in load_message(
+        project, 'param a = load("letters.csv")')
+    assert "line 3 has 1 value, the first line 2" in load_message(
+        project, 'param a = load("ragged.csv")')
+    os.symlink(project / "loop2.npy", project / "loop1.npy")
+    os.symlink(project / "loop1.npy", project / "loop2.npy")
+    assert load_codes(project, 'param a = load("loop1.npy")') == ["E601"]
+    assert "symbolic links form a loop" in load_message(project, 'param a = load("loop1.npy")')
+    (project / "folder.npy").mkdir()
+    assert "is a folder" in load_message(project, 'param a = load("folder.npy")')
+    os.mkfifo(project / "pipe.csv")
+    assert "not a regular file" in load_message(project, 'param a = load("pipe.csv")')
+    assert "goes up a folder" in load_message(project, 'param a = load("data/../ok.npy")')
 
 
 def npy_with_header(path: Path, header: str, payload: bytes) -> None:

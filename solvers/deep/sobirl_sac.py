@@ -384,11 +384,20 @@ def _save(path: Path, progress: dict[str, Any], history, learner: SACLearner,
 
 def _load(path: Path, learner: SACLearner, model: RewardModel, critic: SuccessorCritic | None,
           queue: PreferenceQueue, heldout: PreferenceQueue, generator: torch.Generator):
-    state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
     try:
-        learner.load(path / "learner")
-    except ValueError as exc:  # a replay buffer of another size or format
-        raise SolverError(f"the checkpoint in {path} does not fit this run: {exc}") from None
+        return _load_state(path, learner, model, critic, queue, heldout, generator)
+    except (ValueError, RuntimeError, KeyError) as exc:  # other sizes, networks or format
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise SolverError(f"the checkpoint in {path} does not fit this run ({first}); resume "
+                          "with the file and options it was saved with, or start afresh "
+                          "with another --out") from None
+
+
+def _load_state(path: Path, learner: SACLearner, model: RewardModel,
+                critic: SuccessorCritic | None, queue: PreferenceQueue,
+                heldout: PreferenceQueue, generator: torch.Generator):
+    state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
+    learner.load(path / "learner")
     device = learner.device
     model.load(state["model"])
     model.shift, model.scale = model.shift.to(device), model.scale.to(device)
