@@ -343,10 +343,15 @@ def _gradcheck_advice(rows: list, args: argparse.Namespace) -> str:
         return (f"at {worst.label} the finite differences got worse when their step was halved: "
                 f"rounding in phi swamps them (large rewards or objectives?); try a larger "
                 f"step, --eps {args.eps * 100:g}")
-    if ratio < 0.5:
-        return (f"at {worst.label} the finite differences improved when their step was halved: "
-                f"phi curves sharply there (a low temperature?); try a smaller step, --eps "
-                f"{args.eps / 10:g}")
+    if ratio < 0.35:  # about 1/4: the h^2 term
+        return (f"at {worst.label} the finite differences improved about 4x when their step "
+                f"was halved: phi curves sharply there (a low temperature?); try a smaller "
+                f"step, --eps {args.eps / 10:g}")
+    if ratio < 0.75:  # about 1/2: an error linear in h, which a kink within h makes
+        return (f"at {worst.label} the finite differences improved about 2x when their step "
+                "was halved: phi bends sharply within the step (a kink of abs, norm, max or "
+                "min near this point, or a temperature much smaller than the step); try "
+                f"--eps {args.eps / 10:g}, or other points with --points")
     return (f"at {worst.label} the finite differences did not move when their step was halved: "
             "either the hyper-gradient is wrong there or phi has a kink at that point (a max, "
             "min or abs at a tie, or a bound); try other points with --points")

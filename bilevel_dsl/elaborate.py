@@ -201,6 +201,13 @@ class _Elaborator:
                     and self.names.get(name) is not POISONED:
                 params = [s.name for s in self.program.statements
                           if isinstance(s, (ir.ParamDecl, ir.VarDecl))]
+                kind = {LetDef: "a `let`", SetValue: "a set", MdpValue: "an MDP"}.get(
+                    type(self.names.get(name)))
+                if kind is not None:
+                    self.bag.error("E201", f"-D {name}: `{name}` is {kind}, not a param or var",
+                                   None, "-D overrides a `param` or the `var`'s start; override "
+                                   "the params it is computed from")
+                    continue
                 self.bag.error("E201", f"-D {name}: there is no param or var `{name}` to "
                                "override", None, did_you_mean(name, params))
         self.bag.raise_if_any()

@@ -31,7 +31,8 @@ class GradcheckRow:
     grad_norm: float
     n_directions: int
     # error of the plain central differences at step h / 2 over that at h: about 1/4 when the
-    # differences' own truncation error dominates, about 2 when rounding in phi does, and about
+    # differences' own truncation error dominates, about 1/2 when a kink lies within the step,
+    # about 2 when rounding in phi dominates, and about
     # 1 when neither (a wrong hyper-gradient, or phi not differentiable at the point)
     halving_ratio: float = math.nan
 

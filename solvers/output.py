@@ -74,6 +74,8 @@ def result_record(
         "device": str(problem.device),
         "variable": {"name": problem.var_name, "shape": list(result.x.shape)},
         "x": result.x.detach().cpu().tolist(),
+        # the follower's policy at x, pi[s][a] (named, not written, above 10,000 entries)
+        "policy": _omit_if_large(result.policy.detach().cpu()),
         "objective": problem.sign * result.objective,
         "iterations": result.iterations,
         "stopped_because": result.stopped_because,
@@ -114,7 +116,9 @@ def summary_table(problem: TabularProblem, result: SolveResult, meta: dict[str, 
         ("device", str(problem.device)),
         ("iterations", str(result.iterations)),
         ("stopped because", result.stopped_because),
-        ("objective", f"{problem.sign * result.objective:.6g}"
+        ("objective", (f"{problem.sign * result.objective:.6g}"
+                       + (" (at the solver's running policy, not yet phi(x) exactly)"
+                          if meta.get("solver") == "m_sobirl" else ""))
                       if math.isfinite(result.objective) else "- (no estimate yet)"),
         ("||h|| final", f"{norms[-1]:.3g}" if norms else "-"),
         # at an optimum on a bound ||h|| stays large; the projected step is what goes to 0
@@ -196,7 +200,9 @@ def plot_policy(path: Path, problem: TabularProblem, result: SolveResult) -> Pat
 
     detailed = grid.rows * grid.cols <= _DETAIL_CELLS
     if detailed:
-        _draw_greedy_actions(ax, grid, result.policy, cells)
+        # a terminal goal has no moves (its row of P is empty); one with terminal_goal = 0 has
+        terminal = bool(problem.transitions.row_sums()[grid.goal].abs().sum() == 0)
+        _draw_greedy_actions(ax, grid, result.policy, cells, terminal)
         ax.set_xticks(range(grid.cols))
         ax.set_yticks(range(grid.rows))
         ax.set_xticks(np.arange(-0.5, grid.cols), minor=True)
@@ -225,12 +231,14 @@ def plot_policy(path: Path, problem: TabularProblem, result: SolveResult) -> Pat
 
 
 def _draw_greedy_actions(
-    ax: Any, grid: GridLayout, policy: torch.Tensor, cells: np.ndarray
+    ax: Any, grid: GridLayout, policy: torch.Tensor, cells: np.ndarray, terminal_goal: bool
 ) -> None:
-    """An arrow along each state's most likely move; a dot where it stays; nothing at the goal."""
+    """An arrow along each state's most likely move; a dot where it stays; nothing at a
+    terminal goal."""
     greedy = policy.detach().argmax(dim=-1).cpu().numpy()
     moves = np.asarray(grid.action_moves, dtype=np.float64)[greedy]  # (S, 2): d_row, d_col
-    moves[grid.goal] = np.nan
+    if terminal_goal:
+        moves[grid.goal] = np.nan
     lengths = np.hypot(moves[:, 0], moves[:, 1])
     go, stay = lengths > 0, lengths == 0
     scale = 0.7 / lengths[go]  # every arrow spans 70% of a cell, whatever the move's size
@@ -315,6 +323,8 @@ def _jsonable(value: Any) -> Any:
 def _abbreviate(x: torch.Tensor) -> str:
     """``x`` in one line: all of it when short, else its first and last entries and its shape."""
     flat = x.detach().cpu().flatten().tolist()
+    if x.dim() == 0:  # a scalar variable
+        return f"{flat[0]:.6g}"
     if len(flat) <= _X_SHOWN:
         return "[" + ", ".join(f"{v:.4g}" for v in flat) + "]"
     half = _X_SHOWN // 2

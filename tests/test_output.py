@@ -185,7 +185,7 @@ def test_summary_table(tmp_path: Path) -> None:
     table = summary_table(problem, fake_result(x), {**META, "out_dir": tmp_path})
     rows = {line.split("  ")[0]: line for line in table.splitlines()}
     assert "m_sobirl (outer=2, beta=0.05)" in rows["solver"]
-    assert rows["objective"].split()[-1] == "1.5"
+    assert rows["objective"].split()[1] == "1.5" and "running policy" in rows["objective"]
     assert rows["||h|| final"].split()[-1] == "0"
     assert "..." in rows["g"] and "(shape (50,))" in rows["g"]
     assert "parse 0.01 s" in rows["times"]
