@@ -71,14 +71,20 @@ def is_reward_net(node: ir.Expr | None) -> bool:
 def _keywords(call_name: str, keywords: tuple[ir.Keyword, ...], allowed: tuple[str, ...]
               ) -> dict[str, ir.Keyword]:
     given: dict[str, ir.Keyword] = {}
+    errors: list[EvalError] = []  # every bad option is reported, not only the first
     for kw in keywords:
         if kw.name not in allowed:
-            raise EvalError("E404", f"`{call_name}` has no option `{kw.name}`", kw.span,
-                            did_you_mean(kw.name, allowed) or "its options are "
-                            + ", ".join(allowed))
-        if kw.name in given:
-            raise EvalError("E202", f"option `{kw.name}` is given twice", kw.span)
-        given[kw.name] = kw
+            errors.append(EvalError("E404", f"`{call_name}` has no option `{kw.name}`", kw.span,
+                                    did_you_mean(kw.name, allowed) or "its options are "
+                                    + ", ".join(allowed)))
+        elif kw.name in given:
+            errors.append(EvalError("E202", f"option `{kw.name}` is given twice", kw.span))
+        else:
+            given[kw.name] = kw
+    if errors:
+        first = errors[0]
+        raise EvalError(first.code, first.message, first.span, first.hint,
+                        also=tuple(errors[1:]))
     return given
 
 

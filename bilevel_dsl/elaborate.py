@@ -273,6 +273,8 @@ class _Elaborator:
                 message = f"`{missing}` is used before its declaration on line {later.line}"
                 hint = "declare names before using them"
         self.bag.error(code, message, err.span, hint, err.notes)
+        for more in err.also:
+            self._report(more)
 
     def _declare(self, stmt) -> bool:
         name = stmt.name
@@ -604,15 +606,8 @@ class _Elaborator:
         self.names[decl.name] = mdp
 
     def _table(self, decl: ir.MdpDecl) -> MdpValue:
-        items: dict[str, ir.Item] = {}
-        for item in decl.items:
-            if item.key not in TABLE_ITEMS:
-                raise EvalError("E404", f"a table MDP has no part `{item.key}`", item.key_span,
-                                did_you_mean(item.key, TABLE_ITEMS)
-                                or "its parts are " + ", ".join(TABLE_ITEMS))
-            if item.key in items:
-                raise EvalError("E202", f"`{item.key}` is given twice", item.key_span)
-            items[item.key] = item
+        items = self._block_items(decl.items, TABLE_ITEMS, ("states", "actions", "transition"),
+                                  "a table MDP", "its parts are " + ", ".join(TABLE_ITEMS))
         for required in ("states", "actions", "transition"):
             if required not in items:
                 raise EvalError("E404", f"the table MDP `{decl.name}` needs `{required} = ...`",
@@ -675,6 +670,26 @@ class _Elaborator:
                                                 None, "discount", decl.span),
                                    items["discount"].value.span)
         return MdpValue(decl.name, S, A, transitions, reward, initial, gamma, terminal)
+
+    def _block_items(self, given: tuple[ir.Item, ...], allowed: tuple[str, ...],
+                     required: tuple[str, ...], what: str, parts: str) -> dict[str, ir.Item]:
+        """A block's parts by name. Every unknown or repeated part is reported; checking goes
+        on without them unless a required part is missing too (most likely misspelt)."""
+        items: dict[str, ir.Item] = {}
+        bad = False
+        for item in given:
+            if item.key not in allowed:
+                self.bag.error("E404", f"{what} has no part `{item.key}`", item.key_span,
+                               did_you_mean(item.key, allowed) or parts)
+                bad = True
+            elif item.key in items:
+                self.bag.error("E202", f"`{item.key}` is given twice", item.key_span)
+                bad = True
+            else:
+                items[item.key] = item
+        if bad and any(name not in items for name in required):
+            raise Cascade()
+        return items
 
     def _shape_of(self, item: ir.Item) -> int:
         return len(evaluate_val(item.value, self._scope()).dims)
@@ -759,15 +774,8 @@ class _Elaborator:
             raise EvalError("E305", f"`{decl.mdp}` is not an MDP", decl.mdp_span)
         if isinstance(mdp, MdpValue):
             self.follower = mdp
-        items: dict[str, ir.Item] = {}
-        for item in decl.items:
-            if item.key not in LOWER_ITEMS:
-                raise EvalError("E404", f"a lower block has no part `{item.key}`", item.key_span,
-                                did_you_mean(item.key, LOWER_ITEMS)
-                                or "its parts are temperature and reward")
-            if item.key in items:
-                raise EvalError("E202", f"`{item.key}` is given twice", item.key_span)
-            items[item.key] = item
+        items = self._block_items(decl.items, LOWER_ITEMS, LOWER_ITEMS, "a lower block",
+                                  "its parts are temperature and reward")
         for required in LOWER_ITEMS:
             if required not in items:
                 example = "temperature = 0.1" if required == "temperature" else \
@@ -806,6 +814,13 @@ class _Elaborator:
         try:
             r = lower_reward(info, self._scope(x))
         except EvalError as err:
+            if err.code == "E201" and err.message.startswith("undefined name `") and \
+                    err.hint is None and len(names) == 2:
+                missing = err.message.split("`")[1]
+                raise EvalError(err.code, err.message, err.span,
+                                f"if `{missing}` is the next state, name it: `reward[{names[0]}, "
+                                f"{names[1]}, {missing}] = ...` (averaged over {missing} ~ "
+                                f"P(.|{names[0]}, {names[1]}))") from None
             index = err.message.split("`")[1] if err.code == "E303" else None
             if index in names and names[:2] != ("s", "a"):  # unusual names: say what each is
                 sets = ("the states", "the actions", "the next states")

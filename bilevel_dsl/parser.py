@@ -137,7 +137,14 @@ def parse_source(source: SourceFile) -> ir.Program:
 def parse_expression(text: str, name: str = "<expression>") -> ir.Expr:
     """Parse one expression (used for `-D name=value` overrides)."""
     source = SourceFile(name, text)
-    return _parse(source.text, "expr", source)
+    try:
+        return _parse(source.text, "expr", source)
+    except BrlError as err:  # a value, not a file: say so where the file's words would mislead
+        diag = err.diagnostics[0]
+        if diag.message == "the file ends in the middle of a statement":
+            diag = dataclasses.replace(diag, message="the value is incomplete" if text.strip()
+                                       else "the value is empty")
+        raise BrlError([diag], source) from None
 
 
 def _has_code(text: str) -> bool:

@@ -30,6 +30,7 @@ class EvalError(Exception):
         span: Span | None,
         hint: str | None = None,
         notes: tuple[str, ...] = (),
+        also: tuple[EvalError, ...] = (),
     ):
         super().__init__(message)
         self.code = code
@@ -37,6 +38,7 @@ class EvalError(Exception):
         self.span = span
         self.hint = hint
         self.notes = notes
+        self.also = also  # more independent errors found in the same place, reported too
 
 
 class Cascade(EvalError):

@@ -127,6 +127,8 @@ def test_check_with_overrides(tmp_path, capsys):
     assert code == 1 and "write -D name=value" in err
     code, _, err = run(["check", str(path), "-D", "1x=2"], capsys)
     assert code == 1 and "is not a name" in err
+    code, _, err = run(["check", str(path), "-D", "lam="], capsys)
+    assert code == 1 and "the value is empty" in err and "file" not in err
 
 
 def test_define_sets_the_variables_start(tmp_path, capsys):

@@ -411,6 +411,9 @@ def test_errors_point_at_the_mistake_and_suggest_the_fix():
     assert diag.code == "E501" and diag.span.line == 5 and "`pol`" in diag.message
     members = "brl 1\nset Colors = {red, green, blue}\nparam c[Colors] = [1, 2, 3]\n"
     assert first(members + "param b = c[bleu]").hint == "did you mean `blue`?"
+    next_state = FOLLOWER.replace("x[s, a] }", "x[s, a] + M.R[t, a] }")
+    assert first(next_state).hint.startswith("if `t` is the next state, name it: "
+                                             "`reward[s, a, t] = ...`")
     swapped = FOLLOWER.replace("reward[s, a] = x[s, a]", "reward[a, s] = x[s, a]")
     assert first(swapped).hint == ("the reward's indices are positional: `a` ranges over the "
                                    "states, `s` ranges over the actions")
@@ -428,6 +431,11 @@ def test_independent_errors_are_all_reported():
              "  initial = [0.5, 0.5]\n  discount = 1 }\n"
              "var x[T.S, T.A] = 0\nlower T { temperature = 0  reward[s, a] = x[s, a] }\n")
     assert codes(table) == ["E301", "E402", "E403"]
+    # every misspelt part of a block, every unknown option of a gym MDP
+    assert codes(MDP + "var x[M.S, M.A] = 0\nlower M { temprature = 1  rewards[s, a] = 0 }") == [
+        "E404", "E404"]
+    assert codes('brl 1\nmdp env = gym("CartPole-v1", entry_point = "x", render_mode = "h")'
+                 ) == ["E404", "E404"]
 
 
 def test_a_failing_check_shows_values_that_differ():
