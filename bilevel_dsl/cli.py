@@ -7,7 +7,6 @@ unless BRL_DEBUG=1 is set.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import math
 import os
@@ -15,7 +14,6 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -117,10 +115,11 @@ def _check_file_solver(checked: Any, problem: Any = None) -> None:
     import solvers
 
     solve = checked.solve
-    if solve is None or solve.solver == "auto" or checked.deep is not None:
-        return
+    if solve is None or solve.solver == "auto" or checked.upper is None or (
+            checked.deep is None and (checked.var is None or checked.lower is None)):
+        return  # nothing to solve yet: `brl solve` says what is missing (E503)
     try:
-        solvers.resolve(problem if problem is not None else lower(checked), None)
+        solvers.resolve(problem if problem is not None else lower(checked, device="cpu"), None)
     except solvers.SolverError as exc:
         first, _, table = str(exc).partition("\n")
         raise BrlError([Diagnostic("E806", first.rstrip(":"), solve.decl.solver_span,
@@ -235,7 +234,7 @@ def cmd_solve(args: argparse.Namespace) -> int:
         "source": str(args.file),
         "out_dir": str(out_dir),
     }
-    with _signals_held():  # a second Ctrl-C must not cut the record short
+    with solvers.interrupts_deferred():  # a second Ctrl-C must not cut the record short
         if deep:
             from solvers.deep.output import deep_summary, write_deep_run
 
@@ -251,17 +250,6 @@ def cmd_solve(args: argparse.Namespace) -> int:
               "take a smaller step (--set beta=...)", file=sys.stderr)
         return EXIT_ERROR
     return EXIT_INTERRUPTED if result.stopped_because == "interrupted" else EXIT_OK
-
-
-@contextlib.contextmanager
-def _signals_held() -> Iterator[None]:
-    """Ignore Ctrl-C and SIGTERM while the run's record is written (a second or two)."""
-    held = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield
-    finally:
-        for sig, handler in held.items():
-            signal.signal(sig, handler)
 
 
 def _output_folder(out_dir: Path, replace: bool, flag: str = "--out") -> Path:
@@ -336,8 +324,14 @@ def cmd_gradcheck(args: argparse.Namespace) -> int:
 def _gradcheck_advice(rows: list, args: argparse.Namespace) -> str:
     """Why the worst failing point may fail, from how its finite differences moved when the
     step was halved."""
-    worst = max((r for r in rows if r.rel_error > args.tol and r.max_abs_error > args.atol),
-                key=lambda r: r.rel_error)
+    failed = [r for r in rows if not (r.rel_error <= args.tol or r.max_abs_error <= args.atol)]
+    broken = [r for r in failed if not (math.isfinite(r.rel_error)
+                                        and math.isfinite(r.max_abs_error))]
+    if broken:
+        return (f"at {broken[0].label} the hyper-gradient or phi is not finite (NaN or "
+                "infinite): a reward such as sqrt(x) or log(x) at the point's x = 0? Check "
+                "away from it with --points, or bound the variable")
+    worst = max(failed, key=lambda r: r.rel_error)
     ratio = worst.halving_ratio
     if ratio > 1.5:
         return (f"at {worst.label} the finite differences got worse when their step was halved: "
@@ -462,8 +456,16 @@ def _terminated(signum: int, frame: Any) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, _terminated)
+    if threading.current_thread() is not threading.main_thread():
+        return _main(argv)
+    previous = signal.signal(signal.SIGTERM, _terminated)
+    try:
+        return _main(argv)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _main(argv: list[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "command", None):

@@ -168,6 +168,9 @@ class _Elaborator:
         self.upper: ir.UpperDecl | None = None
         self.solve: SolveInfo | None = None
         self.checks = 0
+        # declarations whose reported error was replaced by a stand-in value so that checking
+        # could go on: a `check` that uses one is not judged (its verdict would be false)
+        self.stand_ins: set[str] = set()
         self.deep: DeepLower | None = None
         self.preferences: Any = None
         self.policy_lets: set[str] = set()
@@ -264,6 +267,8 @@ class _Elaborator:
                 self.names[name] = POISONED
 
     def _report(self, err: EvalError) -> None:
+        if isinstance(err, Cascade):  # its cause has been reported
+            return
         code, message, hint = err.code, err.message, err.hint
         if code == "E201" and message.startswith("undefined name `"):
             missing = message.split("`")[1]
@@ -407,6 +412,8 @@ class _Elaborator:
             original = self._declared_value(decl.name, dims, decl.value, decl.random)
             try:
                 v = self._declared_value(decl.name, dims, value_node, False)
+            except Cascade:
+                raise
             except EvalError as err:
                 raise EvalError(err.code, f"-D {decl.name}: {err.message}", decl.name_span,
                                 err.hint) from None
@@ -443,6 +450,8 @@ class _Elaborator:
             try:
                 start = self._declared_value(decl.name, dims, self.overrides[decl.name], False,
                                              what="var")
+            except Cascade:
+                raise
             except EvalError as err:
                 raise EvalError(err.code, f"-D {decl.name}: {err.message}", decl.name_span,
                                 err.hint) from None
@@ -472,6 +481,7 @@ class _Elaborator:
             self.bag.error("E701", f"the lower bound {float(lower.reshape(-1)[k]):g} is above "
                            f"the upper bound {float(upper.reshape(-1)[k]):g} for {where}",
                            decl.lower.span, "write bounds as `in [lower, upper]`")
+            self.stand_ins.add(decl.name)
             lower = upper = None
         t = to_real(x0).clone()
         if not bool(torch.isfinite(t).all()):
@@ -525,11 +535,12 @@ class _Elaborator:
             raise EvalError("E301", f"`{what}` must be a single number", kw.value.span)
         return float(v.t)
 
-    def _discount(self, value: float, span: ir.Span) -> float:
+    def _discount(self, value: float, span: ir.Span, owner: str) -> float:
         """The discount, or after reporting a bad one a stand-in that lets checking go on."""
         if not (0.0 <= value < 1.0):
             self.bag.error("E402", f"the discount must lie in [0, 1), got {value:g}", span,
                            "a discount of 1 or more makes values infinite; try 0.95 or 0.99")
+            self.stand_ins.add(owner)
             return 0.9
         return value
 
@@ -559,11 +570,12 @@ class _Elaborator:
             if not 0.0 <= slip <= 1.0:  # reported; checking goes on without slip
                 self.bag.error("E405", f"slip is a probability in [0, 1], got {slip:g}",
                                opts["slip"].value.span)
+                self.stand_ins.add(decl.name)
                 slip = 0.0
             gamma = self._discount(self._number(opts.get("discount"), 0.95, "discount",
                                                 decl.span),
                                    opts["discount"].value.span if "discount" in opts
-                                   else decl.span)
+                                   else decl.span, decl.name)
             mdp = gridworld(
                 decl.name, map_node.value, map_node.span, span_text.startswith('"""'), slip,
                 gamma,
@@ -596,7 +608,7 @@ class _Elaborator:
                                 "the paper's draw of up to S - 1 successors per pair is dense")
             gamma = self._discount(self._number(opts.get("discount"), 0.9, "discount", decl.span),
                                    opts["discount"].value.span if "discount" in opts
-                                   else decl.span)
+                                   else decl.span, decl.name)
             mdp = random_mdp(decl.name, sizes["states"], sizes["actions"], gamma, successors,
                              seed_for(self.seed, decl.name))
         else:
@@ -654,8 +666,10 @@ class _Elaborator:
                 given = self._table_part(items["initial"], (S,), ("s",))
             except EvalError as err:
                 self._report(err)
+                self.stand_ins.add(decl.name)
             else:
                 if bool((given < 0).any()) or abs(float(given.sum()) - 1.0) > ROW_TOLERANCE:
+                    self.stand_ins.add(decl.name)
                     self.bag.error("E401", f"the initial distribution must be non-negative and "
                                    f"sum to 1, but it sums to {float(given.sum()):.6g}",
                                    items["initial"].value.span,
@@ -668,7 +682,7 @@ class _Elaborator:
             gamma = self._discount(self._number(ir.Keyword(items["discount"].span, "discount",
                                                            items["discount"].value),
                                                 None, "discount", decl.span),
-                                   items["discount"].value.span)
+                                   items["discount"].value.span, decl.name)
         return MdpValue(decl.name, S, A, transitions, reward, initial, gamma, terminal)
 
     def _block_items(self, given: tuple[ir.Item, ...], allowed: tuple[str, ...],
@@ -900,6 +914,8 @@ class _Elaborator:
         self.checks += 1
         if bool((v.t != 0).all()):
             return
+        if self.stand_ins & ir.names_in(decl.condition):
+            raise Cascade()  # it read a stand-in for a value already reported as wrong
         notes: list[str] = []
         hint = None
         cond = decl.condition

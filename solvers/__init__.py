@@ -25,7 +25,7 @@ from .registry import (
     describe,
     parse_option_value,
 )
-from .result import NOT_FINITE, Monitor, SolveResult
+from .result import NOT_FINITE, Monitor, SolveResult, interrupts_deferred
 
 if TYPE_CHECKING:
     from bilevel_dsl.instance import TabularProblem
@@ -47,6 +47,7 @@ __all__ = [
     "SolverSpec",
     "UnknownSolverError",
     "describe",
+    "interrupts_deferred",
     "parse_option_value",
     "resolve",
     "solve",

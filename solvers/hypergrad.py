@@ -46,7 +46,7 @@ class HyperGradient:
     V: Tensor  # (S,) optimal soft value, reusable as a warm start
     w: Tensor  # (S,) adjoint, (I - gamma P_pi)^T w = U^T g
     z: Tensor  # (S,) centred adjoint, (I - gamma P_pi)^T z = gamma P^T c; w = sum_a g - z
-    lower_iterations: int  # soft value iterations spent on the lower level
+    lower_iterations: int  # value-iteration sweeps (Newton steps with polish) on the lower level
 
 
 def upper_derivatives(problem: TabularProblem, x: Tensor, pi: Tensor

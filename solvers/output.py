@@ -30,6 +30,10 @@ if TYPE_CHECKING:
 RESULT_FORMAT_VERSION = 1
 _X_SHOWN = 6  # entries of x printed in the summary before it is abbreviated
 _CELL_INCHES = 0.6  # size of a grid cell in the policy picture, shrunk for large grids
+# read once, at import: os.umask can only be read by setting it, which would briefly change it
+# for every thread
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
 _EXTRA_ENTRIES = 10_000  # larger tensors in SolveResult.extra are not written to result.json
 _DETAIL_CELLS = 2500  # above this many cells, arrows and cell lines are unreadable and slow
 
@@ -270,18 +274,12 @@ def _write_json_atomic(path: Path, record: dict[str, Any]) -> Path:
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
             handle.write(_dumps(record) + "\n")
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's 0600 would differ from the other files
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp's 0600 would differ from the other files
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def _omit_if_large(value: Any) -> Any:

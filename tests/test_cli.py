@@ -538,3 +538,36 @@ def test_check_reports_a_solve_statement_that_cannot_solve_the_file(tmp_path, ca
     assert code == 1 and "error[E806]" in err
     assert run(["solve", str(path), "--quiet", "--solver", "exact", "--set", "outer=2",
                 "--out", str(tmp_path / "run")], capsys)[0] == 0
+
+
+def test_gradcheck_at_a_non_finite_point_says_so(tmp_path, capsys):
+    path = tmp_path / "sqrt.brl"  # d sqrt(x) / dx is infinite at the start x = 0
+    path.write_text("brl 1\nmdp M = random_mdp(states = 3, actions = 2)\nvar x[M.S] = 0\n"
+                    "lower M { temperature = 1  reward[s, a] = sqrt(x[s]) }\n"
+                    "upper minimize norm2(x) - value(M, policy)\n")
+    code, out, err = run(["gradcheck", str(path), "--points", "0"], capsys)
+    assert code == 1 and "not finite" in out and "internal error" not in err
+
+
+def test_check_judges_the_solve_statement_only_of_a_complete_file(tmp_path, capsys):
+    """A file still missing its objective, or asking for a GPU this machine lacks, checks ok;
+    the capability check lowers on the CPU."""
+    path = tmp_path / "p.brl"
+    path.write_text(SOLVABLE.replace("upper minimize norm2(x) - value(M, policy)\n", ""))
+    assert run(["check", str(path)], capsys)[0] == 0
+    path.write_text(SOLVABLE.replace("(outer = 2)", "(outer = 2) on cuda"))
+    assert run(["check", str(path)], capsys)[0] == 0
+
+
+def test_the_cli_runs_off_the_main_thread(tmp_path, capsys):
+    """Signals can only be handled on the main thread: elsewhere the CLI runs without them."""
+    import threading
+
+    path = tmp_path / "p.brl"
+    path.write_text(SOLVABLE)
+    codes = []
+    worker = threading.Thread(target=lambda: codes.append(main(
+        ["solve", str(path), "--quiet", "--out", str(tmp_path / "run")])))
+    worker.start()
+    worker.join()
+    assert codes == [0] and (tmp_path / "run" / "result.json").is_file()

@@ -438,6 +438,19 @@ def test_independent_errors_are_all_reported():
                  ) == ["E404", "E404"]
 
 
+def test_recovery_never_reports_a_cascade_or_judges_a_stand_in():
+    """A part that uses a failed declaration is not an error of its own (no `E000 cascade`),
+    and a `check` that reads a stand-in (the discount replaced after E402) is not judged."""
+    table = ("brl 1\nparam p0[3] = [0.5, 0.5]\nmdp m = table {{ states = 3  actions = 2\n"
+             "  transition[s, a, t] = if t == s then 1 else 0\n  {} }}\n")
+    assert codes(table.format("initial[s] = p0[s]")) == ["E301"]
+    assert codes(table.format("initial[s] = 1 / 3") + "var x[m.S] = 0",
+                 overrides={"x": "p0"}) == ["E301"]
+    assert codes(table.format("discount = 1") + "check m.discount >= 0.95") == ["E301", "E402"]
+    assert codes(table.format("discount = 0.5") + "check m.discount >= 0.95") == ["E301",
+                                                                                 "E702"]
+
+
 def test_a_failing_check_shows_values_that_differ():
     diag = first("brl 1\nparam p[3] = [0.2, 0, 0.4]\ncheck sum(p) == 0.6")
     assert diag.notes == ("left side = 0.6000000000000001", "right side = 0.6")

@@ -126,8 +126,9 @@ class ReplayBuffer:
             raise ValueError(f"this buffer is filled {self.copies} transitions at a time (one "
                              f"per environment copy), got {n}")
         # the last add's next observations that the new ones do not continue are kept apart
+        obs = obs.to(self.device, self.obs.dtype)
         if self._pending.shape[0]:
-            broken = (self._pending != obs.to(self.obs.dtype)).reshape(n, -1).any(1)
+            broken = (self._pending != obs).reshape(n, -1).any(1)
             for j in broken.nonzero().flatten().tolist():
                 self._apart[int(self._pending_rows[j])] = self._pending[j].clone()
         rows = (self.pos + torch.arange(n, device=self.device)) % self.capacity
@@ -137,7 +138,7 @@ class ReplayBuffer:
         self.action[rows] = action
         self.reward[rows] = reward
         self.terminated[rows] = terminated
-        self._pending = next_obs.to(self.obs.dtype).clone()
+        self._pending = next_obs.to(self.device, self.obs.dtype).clone()
         self._pending_rows = rows
         self.pos = (self.pos + n) % self.capacity
         self.size = min(self.size + n, self.capacity)

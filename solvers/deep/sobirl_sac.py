@@ -41,7 +41,7 @@ import torch
 from torch import Tensor
 
 from ..registry import SolverError
-from ..result import Monitor, SolveResult, stop_reason
+from ..result import Monitor, SolveResult, interrupts_deferred, stop_reason
 from .critic import SuccessorCritic, policy_expectation
 from .envs import make_env, make_vector_env
 from .preferences import (
@@ -373,13 +373,14 @@ def _save(path: Path, progress: dict[str, Any], history, learner: SACLearner,
     torch.save(state, tmp / "state.pt")
     learner.save(tmp / "learner")
     (tmp / "progress.json").write_text(json.dumps(progress | {"history": history}))
-    if path.exists():
-        old = path.with_name(path.name + ".old")
-        path.rename(old)
-        tmp.rename(path)
-        shutil.rmtree(old)
-    else:
-        tmp.rename(path)
+    with interrupts_deferred():  # never between the two renames
+        if path.exists():
+            old = path.with_name(path.name + ".old")
+            path.rename(old)
+            tmp.rename(path)
+            shutil.rmtree(old)
+        else:
+            tmp.rename(path)
 
 
 def _load(path: Path, learner: SACLearner, model: RewardModel, critic: SuccessorCritic | None,
@@ -398,6 +399,10 @@ def _load_state(path: Path, learner: SACLearner, model: RewardModel,
                 heldout: PreferenceQueue, generator: torch.Generator):
     state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
     learner.load(path / "learner")
+    copies = learner.buffer.copies
+    if copies and copies != learner.envs.num_envs:
+        raise ValueError(f"its replay buffer was filled by {copies} environment copies, this "
+                         f"run has {learner.envs.num_envs} (--set envs={copies})")
     device = learner.device
     model.load(state["model"])
     model.shift, model.scale = model.shift.to(device), model.scale.to(device)
