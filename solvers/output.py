@@ -132,13 +132,16 @@ def summary_table(problem: TabularProblem, result: SolveResult, meta: dict[str, 
         (problem.var_name, _abbreviate(result.x)),
     ]
     objectives = result.history.get("objective", [])
+    advice = "try a smaller beta (--set beta=...)"
+    if meta.get("solver") == "m_sobirl":
+        advice += ", more adjoint_steps (--set adjoint_steps=10), or --solver exact"
     if objectives and result.objective > objectives[0] + 1e-9 * (1 + abs(objectives[0])):
-        advice = "try a smaller beta (--set beta=...)"
-        if meta.get("solver") == "m_sobirl":
-            advice += ", more adjoint_steps (--set adjoint_steps=10), or --solver exact"
         rows.append(("warning", f"the objective ended worse than it started "
                                 f"({problem.sign * objectives[0]:.6g} at the first iterate): "
                                 f"{advice}"))
+    elif meta.get("solver") in ("m_sobirl", "exact") and (  # the model-free h is noisy
+            unsettled := _unsettled(stationarity or norms, result.history.get("iteration"))):
+        rows.append(("warning", f"the run did not settle: {unsettled}; {advice}"))
     # model-free solvers count what they asked of the oracle and the simulator
     rows += [(label, f"{result.extra[key]:,}") for key, label in
              (("queries", "preference queries"), ("transitions", "simulator transitions"))
@@ -316,6 +319,22 @@ def _jsonable(value: Any) -> Any:
     if value is None or isinstance(value, bool | int | float | str):
         return value
     return str(value)
+
+
+def _unsettled(stationarity: list[float], iterations: list[int] | None) -> str | None:
+    """What says that a run ended far from the best point it passed: its last stationarity 10x
+    above the smallest it reached (a step too large swings across the optimum; the objective
+    can still end below its start)."""
+    finite = [v for v in stationarity if math.isfinite(v)]
+    if len(finite) < 10 or not math.isfinite(stationarity[-1]):
+        return None
+    best = min(finite)
+    if stationarity[-1] <= 10 * best or stationarity[-1] < 1e-6:
+        return None
+    k = stationarity.index(best)
+    at = iterations[k] if iterations and len(iterations) == len(stationarity) else k
+    return (f"its stationarity ended at {stationarity[-1]:.3g}, {stationarity[-1] / best:.0f}x "
+            f"the smallest it reached ({best:.3g} at iteration {at})")
 
 
 def _abbreviate(x: torch.Tensor) -> str:

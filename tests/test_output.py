@@ -243,3 +243,16 @@ def test_a_registered_solver_runs_end_to_end(solver: str, tmp_path: Path) -> Non
     assert record["objective"] == pytest.approx(result.objective)
     assert len(record["history"]["objective"]) == len(result.history["objective"])
     assert "policy.png" in {path.name for path in written}
+
+
+def test_a_run_that_swings_away_from_its_best_point_is_flagged():
+    """The last stationarity 10x above the smallest reached (a step too large for the problem)
+    is worth a warning even when the objective ended below its start."""
+    from solvers.output import _unsettled
+
+    assert _unsettled([1.0, 0.5, 0.2, 0.1] + [0.05] * 10, None) is None  # converging
+    swinging = [0.05, 0.045, 0.3, 0.2, 0.6, 0.4, 0.9, 0.5, 0.7, 0.82]
+    message = _unsettled(swinging, list(range(0, 100, 10)))
+    assert message == ("its stationarity ended at 0.82, 18x the smallest it reached (0.045 at "
+                       "iteration 10)")
+    assert _unsettled([1e-3] + [1e-8] * 9 + [1e-7], None) is None  # below 1e-6: settled
