@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import difflib
 import re
+import unicodedata
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -100,8 +101,15 @@ def _excerpt(source: SourceFile, span: Span) -> list[str]:
         width = min(width, max(len(text) - (start - offset), 1))
     gutter = f"{span.line} | "
     pad = " " * (len(gutter) - 2) + "| "
-    caret_at = len(prefix) + start - offset
+    # carets are placed by screen columns: a wide character (CJK) takes two
+    caret_at = len(prefix) + _columns(text[: start - offset])
+    width = max(_columns(text[start - offset : start - offset + width]), 1)
     return [gutter + prefix + _printable(text) + suffix, pad + " " * caret_at + "^" * width]
+
+
+def _columns(text: str) -> int:
+    """The screen columns ``text`` takes in a terminal."""
+    return sum(2 if unicodedata.east_asian_width(ch) in ("W", "F") else 1 for ch in text)
 
 
 def _printable(text: str) -> str:

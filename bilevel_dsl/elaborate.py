@@ -405,18 +405,25 @@ class _Elaborator:
         dims_out = tuple(ds if ds is not None else d for d, ds in zip(v.dims, declared_dims))
         return Val(v.t, (), dims_out, v.kind)
 
+    def _override(self, decl: ir.ParamDecl | ir.VarDecl,
+                  dims: list[tuple[str | None, SetValue | None, int]], what: str) -> Val:
+        """The value ``-D name=...`` gives a param or the variable, its errors prefixed with
+        the flag and placed at the declaration's name (the value itself has no file)."""
+        try:
+            return self._declared_value(decl.name, dims, self.overrides[decl.name], False,
+                                        what=what)
+        except Cascade:
+            raise
+        except EvalError as err:
+            raise EvalError(err.code, f"-D {decl.name}: {err.message}", decl.name_span,
+                            err.hint) from None
+
     def _param(self, decl: ir.ParamDecl) -> None:
         value_node = self.overrides.get(decl.name, decl.value)
         dims = self._dims(decl.dims)
         if decl.name in self.overrides:
             original = self._declared_value(decl.name, dims, decl.value, decl.random)
-            try:
-                v = self._declared_value(decl.name, dims, value_node, False)
-            except Cascade:
-                raise
-            except EvalError as err:
-                raise EvalError(err.code, f"-D {decl.name}: {err.message}", decl.name_span,
-                                err.hint) from None
+            v = self._override(decl, dims, "param")
             if v.shape != original.shape or (original.kind == "int" and v.kind != "int"):
                 kind = "an integer" if original.kind == "int" else "a number"
                 shape = f" of shape {list(original.shape)}" if original.shape else ""
@@ -447,14 +454,7 @@ class _Elaborator:
         if not x0.dims and dims:
             x0 = Val(x0.t.expand(shape).clone(), (), tuple(s for _, s, _ in dims))
         if decl.name in self.overrides:  # -D x=...: another start
-            try:
-                start = self._declared_value(decl.name, dims, self.overrides[decl.name], False,
-                                             what="var")
-            except Cascade:
-                raise
-            except EvalError as err:
-                raise EvalError(err.code, f"-D {decl.name}: {err.message}", decl.name_span,
-                                err.hint) from None
+            start = self._override(decl, dims, "var")
             if not start.dims and dims:
                 start = Val(start.t.expand(shape).clone(), (), x0.dims)
             if start.shape != x0.shape:

@@ -519,10 +519,21 @@ def _unescape(body: str) -> str:
     return _ESCAPE.sub(lambda m: _ESCAPES.get(m.group(1), m.group(1)), body)
 
 
-def _string_value(text: str) -> str:
+_UNKNOWN_ESCAPE = re.compile(r'\\[^nt"\\]')
+
+
+def _string_value(text: str, loc: _Loc) -> str:
     if text.startswith('"""'):
         return text[3:-3]
-    return _unescape(text[1:-1])
+    body = text[1:-1]
+    bad = _UNKNOWN_ESCAPE.search(body.replace("\\\\", "  "))  # `\\` is a known escape
+    if bad is not None:
+        column = loc[1] + 1 + bad.start()
+        raise _NodeError(Diagnostic(
+            "E100", f"unknown escape `{body[bad.start():bad.end()]}` in a string",
+            ir.Span(loc[0], column, loc[0], column + 2),
+            'the escapes are \\n, \\t, \\" and \\\\; write \\\\ for a backslash'))
+    return _unescape(body)
 
 
 def _short(text: str) -> str:
@@ -549,7 +560,7 @@ def _header(c, locs, meta):
 
 @_rule("problem_stmt")
 def _problem(c, locs, meta):
-    title = _string_value(c[2]) if len(c) > 2 else None
+    title = _string_value(c[2], locs[2]) if len(c) > 2 else None
     return ir.ProblemDecl(_span(meta), c[1], _span(locs[1]), title)
 
 
@@ -651,7 +662,7 @@ def _solve(c, locs, meta):
 
 @_rule("check_stmt")
 def _check(c, locs, meta):
-    message = _string_value(c[3]) if len(c) == 4 else None
+    message = _string_value(c[3], locs[3]) if len(c) == 4 else None
     return ir.CheckDecl(_span(meta), c[1], message)
 
 
@@ -812,7 +823,7 @@ def _number(text: str, loc: _Loc, value: float, is_integer: bool) -> ir.Number:
 
 @_rule("string")
 def _string(c, locs, meta):
-    return ir.String(_span(meta), _string_value(c[0]))
+    return ir.String(_span(meta), _string_value(c[0], locs[0]))
 
 
 @_rule("name")

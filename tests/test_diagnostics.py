@@ -234,3 +234,13 @@ def test_an_error_in_the_lower_block_does_not_hide_errors_in_the_objective():
 def test_hint_for_set_used_as_number():
     found = diagnostics("brl 1\nset S = 0..3\nparam n = S + 1")
     assert found[0].code == "E305" and "card(S)" in found[0].hint
+
+
+def test_carets_count_screen_columns_under_wide_characters():
+    """A CJK character takes two columns in a terminal: the carets under and after one must
+    too, or they point at the wrong text."""
+    with pytest.raises(BrlError) as info:
+        compile_source('brl 1\nproblem p "漢字"\nparam b = "字字" + 1\n', "test.brl")
+    source_line, caret_line = info.value.render().split("\n")[1:3]
+    assert source_line == '3 | param b = "字字" + 1'
+    assert caret_line == "  |           ^^^^^^"  # `"字字"`: 1 + 2 + 2 + 1 columns

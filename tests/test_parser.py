@@ -665,3 +665,14 @@ def test_misspelt_keywords_and_unterminated_strings():
     assert "never closed" in diag.message and (diag.span.line, diag.span.column) == (2, 25)
     diag = diagnostics('brl 1\nproblem p "never closed\nparam a = 1\n')[0]
     assert "no closing quote" in diag.message and (diag.span.line, diag.span.column) == (2, 11)
+
+
+def test_an_unknown_string_escape_is_an_error_at_the_escape():
+    from conftest import diagnostics
+
+    diag = diagnostics('brl 1\nproblem p "a\\qb"\n')[0]
+    assert diag.code == "E100" and "unknown escape `\\q`" in diag.message
+    assert (diag.span.line, diag.span.column, diag.span.end_column) == (2, 13, 15)
+    text = 'brl 1\ncheck 1 == 1, "a \\\\ b \\n c \\" d \\t e"\n'
+    program = parse_source(SourceFile("t.brl", text))
+    assert program.statements[-1].message == 'a \\ b \n c " d \t e'
