@@ -761,6 +761,19 @@ def direct_solves(P: Transitions) -> bool:
     return P.n_states <= (_DIRECT_MAX_STATES_SPARSE if P.is_sparse else DIRECT_MAX_STATES)
 
 
+def newton_pays(P: Transitions, gamma: float) -> bool:
+    """Whether solving the soft Bellman equation by Newton's method (a few factorised solves,
+    about ``S^3 / 3`` each) is cheaper than value iteration (about ``23 / (1 - gamma)``
+    sweeps of ``nnz`` to reach 1e-10): at gamma 0.999 on a small grid by 100x, while a dense
+    2,000-state problem at gamma 0.5 is better served by its few dozen sweeps."""
+    if not direct_solves(P):
+        return False
+    S = P.n_states
+    nnz = P.nnz if P.is_sparse else S * P.n_actions * S
+    sweeps = 23.0 / max(1.0 - gamma, 1e-6)
+    return 4 * (S**3 / 3 + nnz) < sweeps * nnz
+
+
 def _solve(P: Transitions, pi: Tensor, b: Tensor, gamma: float, transpose: bool, method: str,
            tol: float) -> Tensor:
     """Solve ``(I - gamma P_pi) v = b`` (or the transposed system) without autograd."""

@@ -14,7 +14,7 @@ from torch import Tensor
 
 from bilevel_dsl.instance import POLICY_FUNCTIONAL, TRAJECTORY, TabularProblem
 from bilevel_dsl.softmdp import (
-    direct_solves,
+    newton_pays,
     soft_policy,
     soft_policy_iteration,
     soft_q,
@@ -78,15 +78,16 @@ def solve_lower(problem: TabularProblem, r: Tensor, V: Tensor | None, tol: float
                 polish: bool = False) -> tuple[Tensor, Tensor, int]:
     """``V*``, ``pi*`` and the iterations used, for the reward table ``r``.
 
-    ``polish`` brings ``V*`` to rounding level, what finite differences of ``phi`` need to be
-    smooth in ``x``, with Newton's method (soft policy iteration): where its linear solves are
-    factorisations, it solves from the warm start alone, in a few steps however close ``gamma``
-    is to 1; where they are GMRES runs, two Newton steps finish value iteration's answer.
+    Where the linear solves in ``(I - gamma P_pi)`` are factorisations and cheaper than value
+    iteration's sweeps (``newton_pays``: small problems, gamma near 1), by Newton's method (soft
+    policy iteration) from the warm start: a few steps however close ``gamma`` is to 1, each to
+    rounding level. Elsewhere by value iteration, which ``polish`` finishes with two Newton
+    steps: finite differences of ``phi`` need ``V*`` at rounding level to be smooth in ``x``.
     """
     P, gamma, tau = problem.transitions, problem.discount, problem.temperature
     r = r.detach()
-    if polish and direct_solves(P):
-        V, iterations = soft_policy_iteration(P, r, gamma, tau, V0=V, tol=tol)
+    if newton_pays(P, gamma):
+        V, iterations = soft_policy_iteration(P, r, gamma, tau, V0=V, tol=min(tol, 1e-12))
     else:
         V, iterations = soft_value_iteration(P, r, gamma, tau, V0=V, tol=tol)
         if polish:

@@ -397,3 +397,19 @@ def test_a_diverged_policy_ends_the_solve_at_once(method):
         with pytest.warns(UserWarning, match="non-finite"):
             v = solve_policy_system(T, pi, b, 0.99, transpose=transpose, method=method)
         assert not torch.isfinite(v).all()
+
+
+def test_newton_is_chosen_where_it_pays():
+    """Few factorised solves beat thousands of sweeps on a small problem near gamma 1; a few
+    dozen sweeps beat 2,000-state factorisations at gamma 0.5; GMRES-sized problems keep value
+    iteration."""
+    from types import SimpleNamespace
+
+    from bilevel_dsl.softmdp import newton_pays
+
+    def P(S: int, A: int, sparse: bool = False, nnz: int = 0) -> SimpleNamespace:
+        return SimpleNamespace(n_states=S, n_actions=A, is_sparse=sparse, nnz=nnz)
+
+    assert newton_pays(P(35, 4), 0.999) and newton_pays(P(35, 4), 0.9)
+    assert not newton_pays(P(2000, 4), 0.5) and newton_pays(P(2000, 4), 0.999)
+    assert not newton_pays(P(10_000, 4, sparse=True, nnz=160_000), 0.999)
