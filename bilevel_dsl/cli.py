@@ -109,7 +109,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     return status
 
 
-def _check_file_solver(checked: Any, problem: Any = None) -> None:
+def _check_file_solver(checked: Any) -> None:
     """The solver named by the file's `solve` statement must be able to solve the file (E806,
     at the statement, with the table of what is missing)."""
     import solvers
@@ -119,13 +119,18 @@ def _check_file_solver(checked: Any, problem: Any = None) -> None:
             checked.deep is None and (checked.var is None or checked.lower is None)):
         return  # nothing to solve yet: `brl solve` says what is missing (E503)
     try:
-        solvers.resolve(problem if problem is not None else lower(checked, device="cpu"), None)
+        solvers.resolve(lower(checked, device="cpu"), None)
     except solvers.SolverError as exc:
-        first, _, table = str(exc).partition("\n")
-        raise BrlError([Diagnostic("E806", first.rstrip(":"), solve.decl.solver_span,
-                                   "name another solver here, or pass --solver NAME",
-                                   tuple(line for line in table.splitlines() if line.strip()))],
-                       checked.source) from None
+        raise _at_solve_statement(checked, exc) from None
+
+
+def _at_solve_statement(checked: Any, exc: Exception) -> BrlError:
+    """A solver's refusal of the file, placed at the `solve` statement that named it."""
+    first, _, table = str(exc).partition("\n")
+    return BrlError([Diagnostic("E806", first.rstrip(":"), checked.solve.decl.solver_span,
+                                "name another solver here, or pass --solver NAME",
+                                tuple(line for line in table.splitlines() if line.strip()))],
+                    checked.source)
 
 
 def cmd_compile(args: argparse.Namespace) -> int:
@@ -202,9 +207,12 @@ def cmd_solve(args: argparse.Namespace) -> int:
         raise solvers.SolverError("--resume continues deep (gym) runs; tabular runs are not "
                           "checkpointed")
     requested = args.solver
-    if requested is None:
-        _check_file_solver(checked, problem)
-    spec, _ = solvers.resolve(problem, requested)
+    try:
+        spec, _ = solvers.resolve(problem, requested)
+    except solvers.SolverError as exc:
+        if requested is None and checked.solve is not None and checked.solve.solver != "auto":
+            raise _at_solve_statement(checked, exc) from None
+        raise
     options = _set_options(spec, args.set)
     spec, options = solvers.resolve(problem, spec.name, options)
     torch.manual_seed(problem.seed)

@@ -24,7 +24,7 @@ import torch
 
 from . import ir
 from .diagnostics import BrlError, Diagnostic, did_you_mean
-from .values import POISONED, Cascade, EvalError, Val
+from .values import POISONED, Cascade, EvalError, Val, by_name
 
 GYM_OPTIONS = ("discount", "frame_skip", "frame_stack", "screen", "grey", "noop_max", "sticky",
                "max_episode_steps")
@@ -70,18 +70,9 @@ def is_reward_net(node: ir.Expr | None) -> bool:
 
 def _keywords(call_name: str, keywords: tuple[ir.Keyword, ...], allowed: tuple[str, ...]
               ) -> dict[str, ir.Keyword]:
-    given: dict[str, ir.Keyword] = {}
-    errors: list[EvalError] = []  # every bad option is reported, not only the first
-    for kw in keywords:
-        if kw.name not in allowed:
-            errors.append(EvalError("E404", f"`{call_name}` has no option `{kw.name}`", kw.span,
-                                    did_you_mean(kw.name, allowed) or "its options are "
-                                    + ", ".join(allowed)))
-        elif kw.name in given:
-            errors.append(EvalError("E202", f"option `{kw.name}` is given twice", kw.span))
-        else:
-            given[kw.name] = kw
-    if errors:
+    given, errors = by_name([(kw.name, kw.span, kw) for kw in keywords], allowed,
+                            f"`{call_name}` has no option", "its options are " + ", ".join(allowed))
+    if errors:  # every bad option is reported, not only the first
         first = errors[0]
         raise EvalError(first.code, first.message, first.span, first.hint,
                         also=tuple(errors[1:]))

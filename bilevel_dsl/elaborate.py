@@ -59,6 +59,7 @@ from .values import (
     SetValue,
     TableSets,
     Val,
+    by_name,
 )
 
 RESERVED = {"policy", *CONSTANTS, *FUNCTIONS}
@@ -505,23 +506,13 @@ class _Elaborator:
     # ---------------------------------------------------------------- MDPs
     def _options(self, decl: ir.MdpDecl, allowed: tuple[str, ...],
                  required: tuple[str, ...]) -> dict[str, ir.Keyword]:
-        """The options given, by name. Every unknown one is reported; checking goes on
-        without them unless a required option is missing too (most likely misspelt)."""
+        """A generator's options by name (see ``_by_name``)."""
         if decl.args:
             raise EvalError("E404", f"options of `{decl.kind}` are given by name",
                             decl.args[0].span, f"for example {decl.kind}({allowed[0]} = ...)")
-        given, unknown = {}, False
-        for kw in decl.keywords:
-            if kw.name not in allowed:
-                self.bag.error("E404", f"`{decl.kind}` has no option `{kw.name}`", kw.span,
-                               did_you_mean(kw.name, allowed)
-                               or "its options are " + ", ".join(allowed))
-                unknown = True
-                continue
-            given[kw.name] = kw
-        if unknown and any(name not in given for name in required):
-            raise Cascade()
-        return given
+        return self._by_name([(kw.name, kw.span, kw) for kw in decl.keywords], allowed, required,
+                             f"`{decl.kind}` has no option",
+                             "its options are " + ", ".join(allowed))
 
     def _number(self, kw: ir.Keyword | None, default: float | None, what: str,
                 decl_span: ir.Span) -> float:
@@ -618,8 +609,9 @@ class _Elaborator:
         self.names[decl.name] = mdp
 
     def _table(self, decl: ir.MdpDecl) -> MdpValue:
-        items = self._block_items(decl.items, TABLE_ITEMS, ("states", "actions", "transition"),
-                                  "a table MDP", "its parts are " + ", ".join(TABLE_ITEMS))
+        items = self._by_name([(item.key, item.key_span, item) for item in decl.items],
+                              TABLE_ITEMS, ("states", "actions", "transition"),
+                              "a table MDP has no part", "its parts are " + ", ".join(TABLE_ITEMS))
         for required in ("states", "actions", "transition"):
             if required not in items:
                 raise EvalError("E404", f"the table MDP `{decl.name}` needs `{required} = ...`",
@@ -685,25 +677,16 @@ class _Elaborator:
                                    items["discount"].value.span, decl.name)
         return MdpValue(decl.name, S, A, transitions, reward, initial, gamma, terminal)
 
-    def _block_items(self, given: tuple[ir.Item, ...], allowed: tuple[str, ...],
-                     required: tuple[str, ...], what: str, parts: str) -> dict[str, ir.Item]:
-        """A block's parts by name. Every unknown or repeated part is reported; checking goes
-        on without them unless a required part is missing too (most likely misspelt)."""
-        items: dict[str, ir.Item] = {}
-        bad = False
-        for item in given:
-            if item.key not in allowed:
-                self.bag.error("E404", f"{what} has no part `{item.key}`", item.key_span,
-                               did_you_mean(item.key, allowed) or parts)
-                bad = True
-            elif item.key in items:
-                self.bag.error("E202", f"`{item.key}` is given twice", item.key_span)
-                bad = True
-            else:
-                items[item.key] = item
-        if bad and any(name not in items for name in required):
+    def _by_name(self, entries: list[tuple[str, ir.Span, Any]], allowed: tuple[str, ...],
+                 required: tuple[str, ...], unknown: str, known: str) -> dict[str, Any]:
+        """Options or block parts by name (``by_name``), every bad one reported; checking goes
+        on without them unless a required one is missing too (most likely misspelt)."""
+        found, errors = by_name(entries, allowed, unknown, known)
+        for err in errors:
+            self._report(err)
+        if errors and any(name not in found for name in required):
             raise Cascade()
-        return items
+        return found
 
     def _shape_of(self, item: ir.Item) -> int:
         return len(evaluate_val(item.value, self._scope()).dims)
@@ -788,8 +771,9 @@ class _Elaborator:
             raise EvalError("E305", f"`{decl.mdp}` is not an MDP", decl.mdp_span)
         if isinstance(mdp, MdpValue):
             self.follower = mdp
-        items = self._block_items(decl.items, LOWER_ITEMS, LOWER_ITEMS, "a lower block",
-                                  "its parts are temperature and reward")
+        items = self._by_name([(item.key, item.key_span, item) for item in decl.items],
+                              LOWER_ITEMS, LOWER_ITEMS, "a lower block has no part",
+                              "its parts are temperature and reward")
         for required in LOWER_ITEMS:
             if required not in items:
                 example = "temperature = 0.1" if required == "temperature" else \

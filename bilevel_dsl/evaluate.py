@@ -6,7 +6,7 @@ Nothing here calls Python's eval/exec or imports anything a file names: a .brl f
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -415,14 +415,17 @@ def _name(node: ir.Name, scope: Scope) -> object:
 
 def _member_names(scope: Scope) -> list[str]:
     """Every named set member in scope, for a "did you mean" on a misspelt bare member."""
-    found: list[str] = []
-    for obj in scope.names.values():
-        sets = [obj] if isinstance(obj, SetValue) else []
-        if isinstance(obj, (MdpValue, TableSets)):
-            sets = [obj.states, obj.actions]
-        for s in sets:
-            found += list(s.members or ())
-    return found
+    return [member for _, s in _named_sets(scope) for member in s.members or ()]
+
+
+def _named_sets(scope: Scope) -> Iterator[tuple[str, SetValue]]:
+    """Each set in scope, as written in a file (`Colors`, `M.S`), with its value."""
+    for key, obj in scope.names.items():
+        if isinstance(obj, SetValue):
+            yield key, obj
+        elif isinstance(obj, (MdpValue, TableSets)):
+            yield f"{key}.S", obj.states
+            yield f"{key}.A", obj.actions
 
 
 def _member(name: str, scope: Scope) -> Val | None:
@@ -436,14 +439,10 @@ def _member(name: str, scope: Scope) -> Val | None:
 def _member_sets(name: str, scope: Scope) -> list[tuple[str, int]]:
     """(the set, as written in a file; the member's position) for each set that has `name`."""
     found: list[tuple[str, int]] = []
-    for key, obj in scope.names.items():
-        sets = [(key, obj)] if isinstance(obj, SetValue) else []
-        if isinstance(obj, (MdpValue, TableSets)):
-            sets = [(f"{key}.S", obj.states), (f"{key}.A", obj.actions)]
-        for label, s in sets:
-            pos = s.member_position(name)
-            if pos is not None:
-                found.append((label, pos))
+    for label, s in _named_sets(scope):
+        pos = s.member_position(name)
+        if pos is not None:
+            found.append((label, pos))
     return found
 
 

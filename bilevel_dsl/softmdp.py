@@ -610,7 +610,7 @@ def soft_policy_iteration(
     """
     with torch.no_grad():
         if V0 is None:
-            V, _ = soft_value_iteration(P, r, gamma, tau, tol=1e-6 * (1.0 + _reward_scale(r))
+            V, _ = soft_value_iteration(P, r, gamma, tau, tol=1e-6 * (1.0 + float(r.abs().max()))
                                         / max(1.0 - gamma, 1e-3))
         else:
             V = V0.detach().to(r.dtype)
@@ -628,10 +628,6 @@ def soft_policy_iteration(
                 break
             previous = change
         return V, steps
-
-
-def _reward_scale(r: Tensor) -> float:
-    return float(r.abs().max()) if r.numel() else 0.0
 
 
 # linear systems in (I - gamma P_pi) ---------------------------------------------------------

@@ -10,9 +10,11 @@ element runs as whole-tensor operations: no Python loop over states or actions.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
+from .diagnostics import did_you_mean
 from .instance import GridLayout
 from .ir import Span
 from .softmdp import Transitions
@@ -39,6 +41,24 @@ class EvalError(Exception):
         self.hint = hint
         self.notes = notes
         self.also = also  # more independent errors found in the same place, reported too
+
+
+def by_name(entries: list[tuple[str, Span, Any]], allowed: tuple[str, ...], unknown: str,
+            known: str) -> tuple[dict[str, Any], list[EvalError]]:
+    """Options or block parts ``(name, span, entry)`` by name, and an error for every unknown
+    or repeated one (``unknown``: "`gym` has no option"; ``known``: the hint without a close
+    name), so that a file's every misspelling is reported at once."""
+    found: dict[str, Any] = {}
+    errors: list[EvalError] = []
+    for name, span, entry in entries:
+        if name not in allowed:
+            errors.append(EvalError("E404", f"{unknown} `{name}`", span,
+                                    did_you_mean(name, allowed) or known))
+        elif name in found:
+            errors.append(EvalError("E202", f"`{name}` is given twice", span))
+        else:
+            found[name] = entry
+    return found, errors
 
 
 class Cascade(EvalError):

@@ -33,12 +33,9 @@ def run(problem: TabularProblem, options: dict[str, Any], monitor: Monitor) -> S
             x_next = problem.project(x - options["beta"] * evaluated.grad)
             # stationarity: the gradient mapping, ||grad|| itself when x has no bounds (and,
             # its limit without bounds, when beta = 0 holds x still)
-            grad_norm, mapping = torch.stack([
-                torch.linalg.vector_norm(evaluated.grad),
-                torch.linalg.vector_norm(x_next - x) / (options["beta"] or 1.0),
-            ]).tolist()
-            if not options["beta"]:
-                mapping = grad_norm
+            grad_norm, step = torch.stack([torch.linalg.vector_norm(evaluated.grad),
+                                           torch.linalg.vector_norm(x_next - x)]).tolist()
+            mapping = step / options["beta"] if options["beta"] else grad_norm
             if not (math.isfinite(evaluated.objective) and math.isfinite(grad_norm)):
                 stopped = NOT_FINITE  # keep the last point whose numbers were finite
                 if result is None:  # x0 itself was not finite: report it as it is
