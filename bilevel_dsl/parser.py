@@ -159,8 +159,8 @@ def _parse(text: str, start: str, source: SourceFile):
     gc.disable()
     try:
         return tables.run(text, start)
-    except _NodeError as exc:
-        raise BrlError([exc.diagnostic], source) from None
+    except _SyntaxErrors as exc:
+        raise BrlError(exc.diagnostics, source) from None
     finally:
         if collecting:
             gc.enable()
@@ -232,7 +232,12 @@ class _Tables:
         self.ignore = frozenset(lark.ignore_tokens)
 
     def run(self, text: str, start: str):
-        """Parse `text` from `start`; the IR value, or _NodeError with a diagnostic."""
+        """Parse `text` from `start`; the IR value, or _SyntaxErrors with every syntax error.
+
+        After an error the driver skips to the next statement keyword (keywords are reserved,
+        so one can only start a statement) and drops the broken statement from the stack: each
+        later statement is parsed on its own, and its errors are reported too.
+        """
         states = self.states
         units = self.units
         ignore = self.ignore
@@ -240,6 +245,9 @@ class _Tables:
         state_stack = [self.start_states[start]]
         values: list = []
         locs: list[_Loc] = []
+        errors: list[Diagnostic] = []
+        skipping = False
+        previous = None  # the last token's location
         line, line_start = 1, 0
         for match in self.scan(text):
             kind = match.lastgroup
@@ -259,28 +267,61 @@ class _Tables:
                 end_line, end_column = line, column + len(value)
             loc = (line, column, end_line, end_column, 0, 0, None)
             line = end_line
-            if kind == _CATCH_ALL:
-                raise _NodeError(_bad_character(text, pos, loc))
             if kind in keywords:
                 kind = keywords[kind].get(value, kind)
-            while True:
-                state = state_stack[-1]
-                action = states[state].get(kind)
-                if action.__class__ is int:
-                    state_stack.append(action)
+            if skipping:
+                if kind not in STATEMENT_KEYWORDS or text[line_start:pos].strip() or \
+                        not self._resume(state_stack, values, locs, kind):
+                    continue
+                skipping = False
+            if kind == _CATCH_ALL:
+                errors.append(_bad_character(text, pos, loc))
+                skipping = True
+                continue
+            try:
+                while True:
+                    state = state_stack[-1]
+                    action = states[state].get(kind)
+                    if action.__class__ is int:
+                        state_stack.append(action)
+                        values.append(value)
+                        locs.append(loc)
+                        break
+                    if action.__class__ is str:  # unit reductions: only the state changes
+                        key = (state_stack[-2], state, kind)
+                        after = units.get(key)
+                        if after is None:
+                            after = units[key] = self._after_units(key)
+                        state_stack[-1] = after
+                    elif action is None:
+                        self._unexpected(state, kind, value, loc, text,
+                                         previous if not text[line_start:pos].strip() else None)
+                    else:
+                        self._reduce(action, state_stack, values, locs)
+            except _NodeError as exc:
+                errors.append(exc.diagnostic)
+                skipping = True
+                # a keyword that opens a line where the broken statement wanted more starts the
+                # next statement (in mid-line it is more likely a reserved word used as a name)
+                if kind in STATEMENT_KEYWORDS and not text[line_start:pos].strip() and \
+                        self._resume(state_stack, values, locs, kind):
+                    state_stack.append(states[state_stack[-1]][kind])
                     values.append(value)
                     locs.append(loc)
-                    break
-                if action.__class__ is str:  # unit reductions: only the state changes
-                    key = (state_stack[-2], state, kind)
-                    after = units.get(key)
-                    if after is None:
-                        after = units[key] = self._after_units(key)
-                    state_stack[-1] = after
-                elif action is None:
-                    self._unexpected(state, kind, value, loc, text)
-                else:
-                    self._reduce(action, state_stack, values, locs)
+                    skipping = False
+            previous = loc
+        if not skipping:
+            try:
+                self._finish(state_stack, values, locs, start, text)
+            except _NodeError as exc:
+                errors.append(exc.diagnostic)
+        if errors:
+            raise _SyntaxErrors(errors)
+        return values[-1]
+
+    def _finish(self, state_stack: list, values: list, locs: list, start: str, text: str) -> None:
+        """Take the reductions that the end of the input calls for."""
+        states = self.states
         end_state = self.end_states[start]
         while state_stack[-1] != end_state:
             state = state_stack[-1]
@@ -288,10 +329,20 @@ class _Tables:
             if action.__class__ is str:
                 state_stack[-1] = states[state_stack[-2]][action]
             elif action is None:
-                self._unexpected(state, "$END", "", None, text)
+                self._unexpected(state, "$END", "", None, text, None)
             else:
                 self._reduce(action, state_stack, values, locs)
-        return values[-1]
+
+    def _resume(self, state_stack: list, values: list, locs: list, keyword: str) -> bool:
+        """Drop the broken statement: pop the stack to where `keyword` starts a statement.
+        False (the stack untouched) where none does: an error in the header."""
+        depth = len(state_stack) - 1
+        while self.states[state_stack[depth]].get(keyword).__class__ is not int:
+            if depth == 0:
+                return False
+            depth -= 1
+        del state_stack[depth + 1:], values[depth:], locs[depth:]
+        return True
 
     def _after_units(self, key: tuple) -> int:
         below, state, kind = key
@@ -347,9 +398,11 @@ class _Tables:
         values.append(value)
         locs.append(loc)
 
-    def _unexpected(self, state: int, kind: str, value: str, loc: _Loc | None, text: str):
+    def _unexpected(self, state: int, kind: str, value: str, loc: _Loc | None, text: str,
+                    before: _Loc | None):
+        """`before`: the previous token's location, when this token opens its line."""
         expected = {t for t in self.states[state] if t.isupper()}
-        raise _NodeError(_syntax_diagnostic(kind, value, loc, expected, text))
+        raise _NodeError(_syntax_diagnostic(kind, value, loc, expected, text, before))
 
 
 def _rule_info(rule) -> tuple | None:
@@ -404,6 +457,11 @@ class _NodeError(Exception):
         self.diagnostic = diagnostic
 
 
+class _SyntaxErrors(Exception):
+    def __init__(self, diagnostics: list[Diagnostic]):
+        self.diagnostics = diagnostics
+
+
 def _bad_character(text: str, pos: int, loc: _Loc) -> Diagnostic:
     char = text[pos]
     shown = char if char.isprintable() else repr(char)
@@ -426,7 +484,7 @@ def _bad_character(text: str, pos: int, loc: _Loc) -> Diagnostic:
 
 
 def _syntax_diagnostic(kind: str, value: str, loc: _Loc | None, expected_terminals: set[str],
-                       text: str) -> Diagnostic:
+                       text: str, before: _Loc | None) -> Diagnostic:
     expected = _expected(expected_terminals)
     if loc is None:  # the end of the input
         lines = text.rstrip().split("\n")
@@ -448,6 +506,12 @@ def _syntax_diagnostic(kind: str, value: str, loc: _Loc | None, expected_termina
     elif "BRL" in expected_terminals:
         message = f"unexpected `{shown}`: a .brl file starts with the header `brl 1`"
         hint = None
+    elif kind in STATEMENT_KEYWORDS and before is not None and before[2] is not None:
+        # a keyword opening a line starts the next statement: the one before it stops short
+        line, column = before[2], before[3]
+        return Diagnostic("E100", "this statement is incomplete",
+                          ir.Span(line, column, line, column + 1),
+                          f"expected {expected} before `{shown}` on line {loc[0]}")
     elif kind == "IF":
         hint = "inside a larger expression, put the conditional in parentheses: " \
             "(if c then a else b)"
@@ -456,6 +520,10 @@ def _syntax_diagnostic(kind: str, value: str, loc: _Loc | None, expected_termina
     elif kind == "CMP_OP" and "AND" in expected_terminals:  # right after `a < b`
         message = f"comparisons cannot be chained: unexpected `{shown}` after a comparison"
         hint = "join two comparisons with `and`: `lo < x and x < hi`"
+    elif kind != "NAME" and value.isidentifier() and "NAME" in expected_terminals \
+            and "INT" not in expected_terminals:  # a name, not an expression, was due
+        message = f"`{value}` is a reserved word and cannot be a name"
+        hint = f"choose another name, such as `{value}_`"
     elif kind == "NAME" and any(t in expected_terminals for t in STATEMENT_KEYWORDS):
         keyword = did_you_mean(value, [t.lower() for t in STATEMENT_KEYWORDS])
         hint = f"{keyword} (a statement starts with a keyword)" if keyword else hint

@@ -20,8 +20,8 @@ from bilevel_dsl.diagnostics import SourceFile
 from bilevel_dsl.parser import (
     MAX_CHAIN,
     _bad_character,
-    _NodeError,
     _syntax_diagnostic,
+    _SyntaxErrors,
     _tables,
     decode,
     grammar_text,
@@ -607,9 +607,16 @@ def _lark_outcome(lark, text: str, start: str):
         return _bad_character(text, exc.pos_in_stream, (exc.line, exc.column))
     except UnexpectedToken as exc:
         token = exc.token
-        loc = None if token.type == "$END" else (
-            token.line, token.column, token.end_line, token.end_column)
-        return _syntax_diagnostic(token.type, str(token), loc, set(exc.expected), text)
+        loc = before = None
+        if token.type != "$END":
+            loc = (token.line, token.column, token.end_line, token.end_column)
+            pos = token.start_pos
+            if not text[text.rfind("\n", 0, pos) + 1:pos].strip():  # it opens its line
+                previous = list(lark.lex(text[:pos]))
+                if previous:
+                    t = previous[-1]
+                    before = (t.line, t.column, t.end_line, t.end_column)
+        return _syntax_diagnostic(token.type, str(token), loc, set(exc.expected), text, before)
     return None
 
 
@@ -647,8 +654,8 @@ def test_the_driver_accepts_and_rejects_exactly_what_lark_does():
             try:
                 _tables().run(source, start)
                 mine = None
-            except _NodeError as exc:
-                mine = exc.diagnostic
+            except _SyntaxErrors as exc:
+                mine = exc.diagnostics[0]
             if mine is not None and mine.code != "E100":
                 continue  # a semantic error (too deep, too large) stops the parse first
             assert mine == _lark_outcome(lark, source, start), source
@@ -676,3 +683,25 @@ def test_an_unknown_string_escape_is_an_error_at_the_escape():
     text = 'brl 1\ncheck 1 == 1, "a \\\\ b \\n c \\" d \\t e"\n'
     program = parse_source(SourceFile("t.brl", text))
     assert program.statements[-1].message == 'a \\ b \n c " d \t e'
+
+
+def test_every_broken_statement_is_reported_once():
+    """After a syntax error the parser resumes at the next line that opens with a statement
+    keyword: one diagnostic per broken statement, none for the sound ones between them."""
+    text = ("brl 1\n"
+            "param a = (1 +\n"                 # ends too early: reported at its end
+            "param b = 2\n"
+            "var x[2] = 0 in [0, 1] ]\n"       # a stray bracket
+            "upper minimize norm2(x)\n"
+            "set set = {p, q}\n"               # a keyword as a name, mid-line: no resync there
+            "check b > 1 $\n")
+    found = diagnostics(text)
+    assert [(d.span.line, d.span.column) for d in found] == [(2, 15), (4, 24), (6, 5), (7, 13)]
+    assert found[0].message == "this statement is incomplete"
+    assert "before `param` on line 3" in found[0].hint
+    assert "reserved word" in found[2].message
+
+
+def test_a_broken_header_stops_the_parse_at_one_error():
+    found = diagnostics("brl one\nparam a = 1 +\nparam b = (\n")
+    assert len(found) == 1 and found[0].span.line == 1
