@@ -8,35 +8,75 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
+from torch import Tensor
 
 from bilevel_dsl.instance import TabularProblem
 
-from .hypergrad import MODEL_BASED, hypergradient
+from .hypergrad import MODEL_BASED, HyperGradient, hypergradient
 from .registry import Option, SolverSpec
 from .result import NOT_FINITE, Monitor, SolveResult, stop_reason
 
+# Armijo's sufficient decrease: phi must fall by this share of ||step||^2 / step size.
+_ARMIJO = 1e-4
+_HALVINGS = 40  # at most this many per step: beta / 2^40 is below any useful step
+
+
+def _armijo_step(problem: TabularProblem, x: Tensor, here: HyperGradient, beta: float,
+                 evaluate: Callable[[Tensor, Tensor], HyperGradient]
+                 ) -> tuple[Tensor, HyperGradient | None, float]:
+    """The first of ``beta, beta/2, ...`` whose projected step decreases ``phi`` enough: the
+    new point, its evaluation (reused as the next step's), and that step size; ``None`` when
+    no step does (``x`` is stationary to rounding)."""
+    t = beta
+    for _ in range(_HALVINGS):
+        x_try = problem.project(x - t * here.grad)
+        moved = float(torch.linalg.vector_norm(x_try - x)) ** 2
+        if moved == 0.0:
+            break
+        there = evaluate(x_try, here.V)
+        if there.objective <= here.objective - _ARMIJO * moved / t:  # False for NaN
+            return x_try, there, t
+        t /= 2
+    return x, None, t
+
 
 def run(problem: TabularProblem, options: dict[str, Any], monitor: Monitor) -> SolveResult:
-    """``x <- project(x - beta grad phi(x))`` until ``outer`` steps, ``tol``, or a limit."""
+    """``x <- project(x - beta grad phi(x))`` until ``outer`` steps, ``tol``, or a limit; with
+    ``line_search = armijo``, ``beta`` halves within a step until ``phi`` decreases enough."""
     x = problem.project(problem.x0.detach().clone())
     history: dict[str, list[float]] = {"objective": [], "hypergrad_norm": [], "time": [],
                                        "stationarity": [], "lower_iterations": []}
+    beta, armijo = options["beta"], options["line_search"] == "armijo"
+    if armijo:
+        history["step_size"] = []
+
+    def evaluate(at: Tensor, V: Tensor | None) -> HyperGradient:
+        return hypergradient(problem, at, V=V, tol=options["inner_tol"],
+                             adjoint_method=options["adjoint_method"])
+
     start = time.perf_counter()
     stopped, k, k_done, V, result, x_done = "max_iterations", 0, 0, None, None, x
+    evaluated, t = None, beta
     try:
         while True:
-            evaluated = hypergradient(problem, x, V=V, tol=options["inner_tol"],
-                                      adjoint_method=options["adjoint_method"])
-            x_next = problem.project(x - options["beta"] * evaluated.grad)
-            # stationarity: the gradient mapping, ||grad|| itself when x has no bounds (and,
-            # its limit without bounds, when beta = 0 holds x still)
+            if evaluated is None:
+                evaluated = evaluate(x, V)
+            finite = math.isfinite(evaluated.objective)
+            full = problem.project(x - beta * evaluated.grad)
+            x_next, accepted = full, None
+            if armijo and finite and beta:  # from twice the last step: few halvings each
+                x_next, accepted, t = _armijo_step(problem, x, evaluated, min(beta, 2 * t),
+                                                   evaluate)
+            # stationarity: the gradient mapping at the full step beta, ||grad|| itself when x
+            # has no bounds (and, its limit without bounds, when beta = 0 holds x still)
             grad_norm, step = torch.stack([torch.linalg.vector_norm(evaluated.grad),
-                                           torch.linalg.vector_norm(x_next - x)]).tolist()
-            mapping = step / options["beta"] if options["beta"] else grad_norm
-            if not (math.isfinite(evaluated.objective) and math.isfinite(grad_norm)):
+                                           torch.linalg.vector_norm(full - x)]).tolist()
+            mapping = step / beta if beta else grad_norm
+            if not (finite and math.isfinite(grad_norm)):
                 stopped = NOT_FINITE  # keep the last point whose numbers were finite
                 if result is None:  # x0 itself was not finite: report it as it is
                     result = evaluated
@@ -48,8 +88,13 @@ def run(problem: TabularProblem, options: dict[str, Any], monitor: Monitor) -> S
             history["stationarity"].append(mapping)
             history["time"].append(time.perf_counter() - start)
             history["lower_iterations"].append(result.lower_iterations)
+            if armijo:
+                history["step_size"].append(t if accepted is not None else 0.0)
             if mapping < options["tol"]:
                 stopped = "converged"
+                break
+            if armijo and accepted is None and beta:
+                stopped = "no_descent"  # no step decreases phi: stationary to rounding
                 break
             if k == options["outer"]:
                 break
@@ -57,7 +102,7 @@ def run(problem: TabularProblem, options: dict[str, Any], monitor: Monitor) -> S
             if reason is not None:
                 stopped = reason
                 break
-            k += 1
+            k, evaluated = k + 1, accepted
     except KeyboardInterrupt:
         stopped = "interrupted"
     if result is None:  # interrupted before the first evaluation finished
@@ -90,6 +135,9 @@ SPEC = SolverSpec(
                valid="[0, inf)"),
         Option("inner_tol", float, 1e-10, "sup-norm accuracy of the lower-level soft values",
                valid="(0, inf)"),
+        Option("line_search", str, "off", "armijo: halve the step from beta until phi "
+               "decreases by 1e-4 ||step||^2 / step (one lower-level solve per halving); "
+               "off: the fixed step beta", choices=("off", "armijo")),
         Option("adjoint_method", str, "auto", "linear solver for the adjoint: direct (dense LU) "
                "or krylov (GMRES); auto picks direct for small state spaces",
                choices=("auto", "direct", "krylov")),

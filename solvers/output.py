@@ -134,7 +134,10 @@ def summary_table(problem: TabularProblem, result: SolveResult, meta: dict[str, 
     objectives = result.history.get("objective", [])
     advice = "try a smaller beta (--set beta=...)"
     if meta.get("solver") == "m_sobirl":
-        advice += ", more adjoint_steps (--set adjoint_steps=10), or --solver exact"
+        advice += (", more adjoint_steps (--set adjoint_steps=10), or --solver exact --set "
+                   "line_search=armijo")
+    elif meta.get("solver") == "exact" and meta.get("options", {}).get("line_search") != "armijo":
+        advice += ", or a line search (--set line_search=armijo)"
     if objectives and result.objective > objectives[0] + 1e-9 * (1 + abs(objectives[0])):
         rows.append(("warning", f"the objective ended worse than it started "
                                 f"({problem.sign * objectives[0]:.6g} at the first iterate): "

@@ -228,3 +228,20 @@ def test_stopping_rules_and_interruption():
     assert exact.run(problem, options(exact), Stop()).stopped_because == "stopped"
     timed = m_sobirl.run(problem, options(m_sobirl, outer=10**6, time_limit=0.2), Monitor())
     assert timed.stopped_because == "time_limit" and timed.extra["time"] < 2
+
+
+def test_exact_line_search_descends_where_the_fixed_step_is_too_long():
+    """At beta = 1 the fixed step overshoots the contract's optimum b = 0.771 and wanders;
+    Armijo's halving makes every accepted step decrease phi and stops at the optimum."""
+    from bilevel_dsl import compile_source, lower
+
+    problem = lower(compile_source(CONTRACT))
+    fixed = exact.run(problem, options(exact, beta=1.0, outer=60), Monitor())
+    searched = exact.run(problem, options(exact, beta=1.0, outer=60, line_search="armijo"),
+                         Monitor())
+    objective = searched.history["objective"]
+    assert all(b <= a for a, b in zip(objective, objective[1:]))
+    assert float(searched.x) == pytest.approx(0.7710, abs=1e-3)
+    assert searched.stopped_because in ("no_descent", "max_iterations")
+    assert min(searched.history["step_size"]) < 1.0  # it did halve
+    assert abs(float(fixed.x) - 0.771) > 1e-2
