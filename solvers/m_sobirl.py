@@ -35,11 +35,12 @@ from bilevel_dsl.softmdp import (
     sum_actions,
 )
 
-from .hypergrad import MODEL_BASED, hypergradient, reward_vjp, upper_derivatives
+from .hypergrad import MODEL_BASED, HyperGradient, hypergradient, reward_vjp, upper_derivatives
 from .registry import Option, SolverSpec
 from .result import NOT_FINITE, Monitor, SolveResult, stop_reason
 
 START_TOL = 1e-8  # sup-norm error of V_0 with start = solved
+VERIFY_TOL = 1e-10  # and of V* at the final x with verify = exact, as exact's inner_tol
 
 
 def centred_adjoint_step(P: Transitions, pi: Tensor, g: Tensor, g_sum: Tensor, z: Tensor,
@@ -182,6 +183,13 @@ def run(problem: TabularProblem, options: dict[str, Any], monitor: Monitor) -> S
     except KeyboardInterrupt:
         stopped = "interrupted"
 
+    extra: dict = {}
+    if options["verify"] == "exact" and stopped != "interrupted":
+        try:  # what the running estimates stand for: phi(x) and grad phi(x), solved exactly
+            final = hypergradient(problem, x.detach(), V=V, tol=VERIFY_TOL)
+            extra["exact"] = _exact_record(problem, x.detach(), final, beta)
+        except KeyboardInterrupt:
+            stopped = "interrupted"
     f_end, _, grad_end = upper_derivatives(problem, x, pi)
     adjoint = {"w": w.detach()}
     if centred:  # w = sum_a g - z, with g at the final point
@@ -194,8 +202,19 @@ def run(problem: TabularProblem, options: dict[str, Any], monitor: Monitor) -> S
         iterations=k,
         stopped_because=stopped,
         extra={"V": V.detach(), **adjoint, "time": time.perf_counter() - start,
-               "start_lower_iterations": start_iterations},
+               "start_lower_iterations": start_iterations, **extra},
     )
+
+
+def _exact_record(problem: TabularProblem, x: Tensor, final: HyperGradient, beta: float
+                  ) -> dict[str, float]:
+    """``phi(x)`` (minimised), ``||grad phi(x)||`` and the gradient mapping at ``beta``."""
+    norm = float(torch.linalg.vector_norm(final.grad))
+    mapping = norm
+    if problem.bounded and beta > 0:
+        mapping = float(torch.linalg.vector_norm(x - problem.project(x - beta * final.grad))
+                        ) / beta
+    return {"objective": final.objective, "hypergrad_norm": norm, "stationarity": mapping}
 
 
 SPEC = SolverSpec(
@@ -234,6 +253,11 @@ SPEC = SolverSpec(
                "pi_{k+1} after the inner loop: softmax (softmax(Q / tau), a distribution) or "
                "paper (exp((Q - V) / tau), unnormalised while V lags; equal at convergence)",
                choices=("softmax", "paper")),
+        Option("verify", str, "exact",
+               "exact: after the run, phi(x) and ||grad phi(x)|| with the follower and the "
+               "adjoint solved exactly (the cost of one exact hyper-gradient, as start = "
+               "solved), reported beside the running estimates; off: skip it",
+               choices=("exact", "off")),
         Option("log_every", int, 1, "record the history every this many iterations",
                valid="[1, inf)"),
     ),

@@ -91,6 +91,9 @@ def result_record(
             key: _omit_if_large(value) for key, value in result.extra.items()
         },
     }
+    if "exact" in result.extra:  # m_sobirl's check at the final x: phi in the user's sense
+        record["extra"]["exact"] = {**result.extra["exact"],
+                                    "objective": problem.sign * result.extra["exact"]["objective"]}
     return _jsonable(record)
 
 
@@ -129,6 +132,7 @@ def summary_table(problem: TabularProblem, result: SolveResult, meta: dict[str, 
         *([("stationarity", f"{stationarity[-1]:.3g} (the projected step's "
                             "||x - project(x - beta h)|| / beta)")]
           if problem.bounded and stationarity else []),
+        *_exact_rows(problem, result.extra.get("exact")),
         (problem.var_name, _abbreviate(result.x)),
     ]
     objectives = result.history.get("objective", [])
@@ -143,8 +147,13 @@ def summary_table(problem: TabularProblem, result: SolveResult, meta: dict[str, 
                                 f"({problem.sign * objectives[0]:.6g} at the first iterate): "
                                 f"{advice}"))
     elif meta.get("solver") in ("m_sobirl", "exact") and (  # the model-free h is noisy
-            unsettled := _unsettled(stationarity or norms, result.history.get("iteration"))):
+            unsettled := _unsettled(stationarity or norms, result.history.get("iteration"),
+                                    objectives)):
         rows.append(("warning", f"the run did not settle: {unsettled}; {advice}"))
+    elif (lag := _lagging(stationarity or norms, result.extra.get("exact"))) is not None:
+        rows.append(("warning", f"the exact stationarity at the final x is {lag:.0f}x the "
+                                f"running estimate: the follower or the adjoint still lag x; "
+                                f"run longer, or {advice}"))
     # model-free solvers count what they asked of the oracle and the simulator
     rows += [(label, f"{result.extra[key]:,}") for key, label in
              (("queries", "preference queries"), ("transitions", "simulator transitions"))
@@ -324,20 +333,58 @@ def _jsonable(value: Any) -> Any:
     return str(value)
 
 
-def _unsettled(stationarity: list[float], iterations: list[int] | None) -> str | None:
-    """What says that a run ended far from the best point it passed: its last stationarity 10x
-    above the smallest it reached (a step too large swings across the optimum; the objective
-    can still end below its start)."""
+def _unsettled(stationarity: list[float], iterations: list[int] | None,
+               objectives: list[float] = ()) -> str | None:
+    """What says that a run ended far from the best point it passed (its last stationarity 10x
+    above the smallest it reached), or never came near one (its objective still zigzagging at
+    the end, the stationarity not far below its start): a step too large swings across the
+    optimum, and the objective can still end below its start."""
     finite = [v for v in stationarity if math.isfinite(v)]
     if len(finite) < 10 or not math.isfinite(stationarity[-1]):
         return None
     best = min(finite)
-    if stationarity[-1] <= 10 * best or stationarity[-1] < 1e-6:
+    if stationarity[-1] < 1e-6:
         return None
+    if stationarity[-1] <= 10 * best:
+        return _zigzag(objectives, stationarity)
     k = stationarity.index(best)
     at = iterations[k] if iterations and len(iterations) == len(stationarity) else k
     return (f"its stationarity ended at {stationarity[-1]:.3g}, {stationarity[-1] / best:.0f}x "
             f"the smallest it reached ({best:.3g} at iteration {at})")
+
+
+def _zigzag(objectives: list[float], stationarity: list[float]) -> str | None:
+    """The objective's steps alternating in sign over the last quarter of the run (at least 20
+    recorded iterations), with the stationarity still above 1e-3 of its start."""
+    tail = objectives[-max(len(objectives) // 4, 20):]
+    if len(tail) < 20 or len(objectives) < 40 or stationarity[-1] < 1e-3 * stationarity[0]:
+        return None
+    steps = [b - a for a, b in zip(tail, tail[1:])]
+    flips = sum((a > 0) != (b > 0) for a, b in zip(steps, steps[1:]) if a and b)
+    if flips < 0.4 * (len(steps) - 1):
+        return None
+    return (f"its objective zigzags ({flips} reversals in the last {len(tail)} iterations) and "
+            f"its stationarity ended at {stationarity[-1]:.3g}, "
+            f"{stationarity[-1] / stationarity[0]:.2g} of its start")
+
+
+def _exact_rows(problem: TabularProblem, exact: dict[str, float] | None) -> list[tuple]:
+    """m_sobirl's check at the final x, beside its running estimates."""
+    if exact is None:
+        return []
+    text = (f"{problem.sign * exact['objective']:.6g}, ||grad phi|| {exact['hypergrad_norm']:.3g}"
+            + (f", stationarity {exact['stationarity']:.3g}" if problem.bounded else ""))
+    return [("exact at x", text + " (follower and adjoint solved)")]
+
+
+def _lagging(running: list[float], exact: dict[str, float] | None) -> float | None:
+    """How many times the exact stationarity exceeds the last running one, when by over 10x."""
+    if exact is None or not running or not math.isfinite(running[-1]):
+        return None
+    truth = exact["stationarity"]
+    if not math.isfinite(truth) or truth < 1e-6 or truth <= 10 * running[-1]:
+        return None
+    return truth / running[-1] if running[-1] > 0 else math.inf
 
 
 def _abbreviate(x: torch.Tensor) -> str:

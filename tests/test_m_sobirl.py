@@ -245,3 +245,14 @@ def test_exact_line_search_descends_where_the_fixed_step_is_too_long():
     assert searched.stopped_because in ("no_descent", "max_iterations")
     assert min(searched.history["step_size"]) < 1.0  # it did halve
     assert abs(float(fixed.x) - 0.771) > 1e-2
+
+
+def test_verify_reports_the_exact_hypergradient_at_the_final_x():
+    from solvers.hypergrad import hypergradient
+
+    problem = synthetic()
+    result = m_sobirl.run(problem, options(m_sobirl, outer=20, beta=8e-3), Monitor())
+    truth = hypergradient(problem, result.x)
+    assert result.extra["exact"]["hypergrad_norm"] == pytest.approx(
+        float(truth.grad.norm()), rel=1e-8)
+    assert result.extra["exact"]["objective"] == pytest.approx(truth.objective, rel=1e-10)

@@ -256,3 +256,39 @@ def test_a_run_that_swings_away_from_its_best_point_is_flagged():
     assert message == ("its stationarity ended at 0.82, 18x the smallest it reached (0.045 at "
                        "iteration 10)")
     assert _unsettled([1e-3] + [1e-8] * 9 + [1e-7], None) is None  # below 1e-6: settled
+
+
+def test_a_run_that_zigzags_without_converging_is_flagged():
+    """A step too large can cycle from the start, so the last stationarity is never 10x its
+    smallest; an objective that still reverses at most steps with the stationarity near its
+    start says the same."""
+    from solvers.output import _unsettled
+
+    cycling = [17.0 + (-1) ** k * (0.5 + 0.1 * (k % 3)) for k in range(100)]
+    stationarity = [14.0] + [5.0 + (k % 4) for k in range(99)]
+    assert "zigzags" in _unsettled(stationarity, None, cycling)
+    descending = [1.0 / (k + 1) for k in range(100)]
+    assert _unsettled(stationarity, None, descending) is None
+    # rounding noise at a converged point zigzags too, but its stationarity fell 1e5-fold
+    assert _unsettled([14.0] + [1e-4] * 99, None, cycling) is None
+
+
+def test_exact_check_after_m_sobirl_is_reported_and_flags_a_lagging_estimate():
+    from solvers.output import summary_table
+
+    problem = grid_problem(torch.zeros(len(CELLS), dtype=torch.float64), sense="minimize")
+    problem.reward = lambda x: x.unsqueeze(-1).expand(len(CELLS), len(MOVES))
+    problem.objective = lambda x, pi: -pi[0, 1] + 0.01 * x.square().sum()
+    problem.features = frozenset({"policy"})
+    spec, result = solve(problem, "m_sobirl", {"outer": 5, "beta": 0.5})
+    exact = result.extra["exact"]
+    assert set(exact) == {"objective", "hypergrad_norm", "stationarity"}
+    table = summary_table(problem, result, {"solver": spec.name})
+    assert "exact at x" in table
+    # a running estimate 1000x below the truth is flagged
+    result.history["stationarity"][-1] = exact["stationarity"] / 1000
+    result.history["hypergrad_norm"][-1] = exact["stationarity"] / 1000
+    assert "the exact stationarity at the final x is 1000x" in summary_table(
+        problem, result, {"solver": spec.name})
+    _, unchecked = solve(problem, "m_sobirl", {"outer": 5, "verify": "off"})
+    assert "exact" not in unchecked.extra
