@@ -385,6 +385,17 @@ def _positive(text: str) -> float:
     return value
 
 
+def _seed(text: str) -> int:
+    """A seed as the file's `seed` statement takes it: an integer in [0, 2^63)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if not 0 <= value < 2**63:
+        raise argparse.ArgumentTypeError(f"a seed is an integer from 0 to 2^63 - 1, got {text}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="brl",
@@ -429,7 +440,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="replace the run already in the --out folder")
     p.add_argument("--resume", metavar="DIR",
                    help="continue a deep run from the checkpoint in its output folder DIR")
-    p.add_argument("--seed", type=int, default=None, help="override the file's seed")
+    p.add_argument("--seed", type=_seed, default=None, help="override the file's seed")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     defines(p)
     p.set_defaults(run=cmd_solve)
@@ -453,7 +464,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="finite-difference step, relative to max(1, |x|); the differences at "
                    "eps and eps / 2 are extrapolated")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda", "auto"))
-    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--seed", type=_seed, default=None, help="override the file's seed")
     defines(p)
     p.set_defaults(run=cmd_gradcheck)
     return parser

@@ -43,6 +43,7 @@ from .evaluate import (
     evaluate_val,
     expand_axes,
     expected_over_next,
+    fit_declared,
     integer_value,
     set_of,
     to_real,
@@ -371,47 +372,17 @@ class _Elaborator:
             target_shape = shape if per_element else shape
             scope.draw = lambda f, args, node: _draw(f, args, node, rng, target_axes,
                                                      target_shape, per_element)
-        v = evaluate_val(value_node, scope)
-        declared_dims = tuple(s for _, s, _ in dims)
-        if per_element:
-            stray = [a for a in v.axes if a not in axes]
-            if stray:
-                raise EvalError("E302", f"index `{stray[0]}` is not bound here", value_node.span)
-            if v.dims:
-                raise EvalError("E301", f"each element of `{name}` must be a number, but the "
-                                f"value has {v.describe_shape()}", value_node.span)
-            t = expand_axes(v, axes, dict(zip(axes, shape))).clone()
-            return Val(t, (), declared_dims, v.kind)
-        if v.axes:
-            raise EvalError("E302", f"index `{v.axes[0]}` is not bound here", value_node.span,
-                            "bind it in the declaration: `param c[s in S] = ...`")
-        if not dims:
-            return v
-        if v.shape == ():
-            return Val(v.t.expand(shape).clone(), (), declared_dims, v.kind)
-        if v.shape != shape:
-            code = "E602" if isinstance(value_node, ir.Call) and value_node.function == "load" \
-                else "E301"
-            declared = ", ".join(s.name if s is not None else str(n) for _, s, n in dims)
-            sizes = ", ".join(str(n) for n in shape)
-            size_note = "" if sizes == declared else f" (shape [{sizes}])"
-            raise EvalError(code, f"{what} `{name}` is declared [{declared}]{size_note} but its "
-                            f"value has shape [{', '.join(str(n) for n in v.shape)}]",
-                            value_node.span)
-        for k, (d, declared_set) in enumerate(zip(v.dims, declared_dims)):
-            if d is not None and declared_set is not None and d is not declared_set:
-                raise EvalError("E303", f"dimension {k + 1} of `{name}` is declared over "
-                                f"{declared_set.describe()} but the value is over {d.describe()}",
-                                value_node.span)
-        dims_out = tuple(ds if ds is not None else d for d, ds in zip(v.dims, declared_dims))
-        return Val(v.t, (), dims_out, v.kind)
+        v = fit_declared(evaluate_val(value_node, scope), axes, tuple(dims), name, value_node,
+                         what)
+        return Val(v.t.clone(), (), v.dims, v.kind)
 
     def _override(self, decl: ir.ParamDecl | ir.VarDecl,
                   dims: list[tuple[str | None, SetValue | None, int]], what: str) -> Val:
         """The value ``-D name=...`` gives a param or the variable, its errors prefixed with
         the flag and placed at the declaration's name (the value itself has no file)."""
+        whole = [(None, s, n) for _, s, n in dims]  # a value, not a formula of the indices
         try:
-            return self._declared_value(decl.name, dims, self.overrides[decl.name], False,
+            return self._declared_value(decl.name, whole, self.overrides[decl.name], False,
                                         what=what)
         except Cascade:
             raise
@@ -526,11 +497,20 @@ class _Elaborator:
             raise EvalError("E301", f"`{what}` must be a single number", kw.value.span)
         return float(v.t)
 
+    def _flag(self, kw: ir.Keyword | None, default: bool, what: str, decl_span: ir.Span) -> bool:
+        value = self._number(kw, float(default), what, decl_span)
+        if value not in (0.0, 1.0):
+            raise EvalError("E305", f"`{what}` is true or false, got {value:g}", kw.value.span,
+                            f"write `{what} = true` or `{what} = false`")
+        return value == 1.0
+
     def _discount(self, value: float, span: ir.Span, owner: str) -> float:
         """The discount, or after reporting a bad one a stand-in that lets checking go on."""
         if not (0.0 <= value < 1.0):
             self.bag.error("E402", f"the discount must lie in [0, 1), got {value:g}", span,
-                           "a discount of 1 or more makes values infinite; try 0.95 or 0.99")
+                           "a discount of 1 or more makes values infinite; try 0.95 or 0.99"
+                           if value >= 1.0 else "a discount weighs the future: 0 for none, "
+                           "close to 1 for a long horizon")
             self.stand_ins.add(owner)
             return 0.9
         return value
@@ -572,7 +552,7 @@ class _Elaborator:
                 gamma,
                 self._number(opts.get("goal_reward"), 1.0, "goal_reward", decl.span),
                 self._number(opts.get("step_reward"), 0.0, "step_reward", decl.span),
-                bool(self._number(opts.get("terminal_goal"), 1.0, "terminal_goal", decl.span)),
+                self._flag(opts.get("terminal_goal"), True, "terminal_goal", decl.span),
             )
         elif decl.kind == "random_mdp":
             opts = self._options(decl, RANDOM_MDP_OPTIONS, ("states", "actions"))
@@ -727,7 +707,14 @@ class _Elaborator:
         if v.shape != (S.size,):
             raise EvalError("E301", "`terminal` is a set of states `{s1, s2}` or a 0/1 vector "
                             "over the states", item.value.span)
-        return to_real(v) != 0
+        flags = to_real(v)
+        odd = (flags != 0) & (flags != 1)
+        if bool(odd.any()):
+            s = int(torch.nonzero(odd)[0])
+            raise EvalError("E305", f"`terminal` is a 0/1 vector over the states, but its entry "
+                            f"for state {_label(S, s)} is {float(flags[s]):g}", item.value.span,
+                            "1 marks a terminal state, 0 any other")
+        return flags == 1
 
     def _check_rows(self, P: torch.Tensor, S: SetValue, A: SetValue, terminal: torch.Tensor,
                     item: ir.Item) -> None:
@@ -896,7 +883,8 @@ class _Elaborator:
         scope = self._scope(x)
         v = evaluate_val(decl.condition, scope)
         self.checks += 1
-        if bool((v.t != 0).all()):
+        truth = (v.t != 0) & ~v.t.isnan()  # NaN is neither true nor false: it fails
+        if bool(truth.all()):
             return
         if self.stand_ins & ir.names_in(decl.condition):
             raise Cascade()  # it read a stand-in for a value already reported as wrong
@@ -906,14 +894,19 @@ class _Elaborator:
         if isinstance(cond, ir.Binary) and cond.op in ("==", "!=", "<", "<=", ">", ">="):
             sides = [evaluate_val(node, scope) for node in (cond.left, cond.right)]
             shown = [_show(side) for side in sides]
-            if shown[0] == shown[1]:  # apart only in the last digits: show them all
+            if any(bool(side.t.isnan().any()) for side in sides):
+                hint = "a side is NaN (not a number: 0/0, log of a negative, ...), which " \
+                       "compares false with everything, itself included"
+            elif shown[0] == shown[1]:  # apart only in the last digits: show them all
                 shown = [_show(side, exact=True) for side in sides]
                 if cond.op == "==":
                     hint = "numbers computed in floating point rarely agree to the last digit: " \
                            "compare with a tolerance, e.g. `abs(a - b) <= 1e-9`"
             notes += [f"left side = {shown[0]}", f"right side = {shown[1]}"]
+        if bool(v.t.isnan().any()):
+            notes.append("the condition is NaN (not a number) where it fails")
         if v.t.numel() > 1:
-            failing = int((v.t == 0).sum())
+            failing = int((~truth).sum())
             notes.append(f"{failing} of {v.t.numel()} elements are false")
         message = "check failed" + (f": {decl.message}" if decl.message else "")
         raise EvalError("E702", message, decl.condition.span, hint, tuple(notes))

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -402,7 +402,7 @@ def _name(node: ir.Name, scope: Scope) -> object:
         return member
     owners = _member_sets(node.id, scope)
     if owners:  # a member of several sets, at different positions
-        where = " and ".join(f"`{label}`" for label, _ in owners)
+        where = " and ".join(f"`{label}`" for label, _, _ in owners)
         raise EvalError("E201", f"the member `{node.id}` is ambiguous: it is in {where}, at "
                         "different positions", node.span,
                         f"name its set, e.g. `{owners[0][0]}.{node.id}`")
@@ -429,20 +429,26 @@ def _named_sets(scope: Scope) -> Iterator[tuple[str, SetValue]]:
 
 
 def _member(name: str, scope: Scope) -> Val | None:
-    """A bare set member (`left`) means its position, when every set that has it agrees."""
-    found = {pos for _, pos in _member_sets(name, scope)}
-    if len(found) == 1:
-        return scalar(float(found.pop()), scope.device, "int")
+    """A bare set member (`left`) means its position, when every set that has it agrees; it
+    remembers those sets, so that indexing or comparing it with another set's is an error."""
+    owners = _member_sets(name, scope)
+    if len({pos for _, _, pos in owners}) == 1:
+        return _member_value(owners[0][2], tuple(s for _, s, _ in owners), scope.device)
     return None
 
 
-def _member_sets(name: str, scope: Scope) -> list[tuple[str, int]]:
-    """(the set, as written in a file; the member's position) for each set that has `name`."""
-    found: list[tuple[str, int]] = []
+def _member_value(position: int, sets: tuple[SetValue, ...], device: torch.device) -> Val:
+    return replace(scalar(float(position), device, "int"), member_of=sets)
+
+
+def _member_sets(name: str, scope: Scope) -> list[tuple[str, SetValue, int]]:
+    """(the set, as written in a file; the set; the member's position) for each set that has
+    `name`."""
+    found: list[tuple[str, SetValue, int]] = []
     for label, s in _named_sets(scope):
         pos = s.member_position(name)
         if pos is not None:
-            found.append((label, pos))
+            found.append((label, s, pos))
     return found
 
 
@@ -466,20 +472,50 @@ def _let(node: ir.Name, let: LetDef, scope: Scope) -> Val:
         inner.indices[axis] = Binding(axis, set_value or SetValue(f"{size}", size), scope.device)
     v = evaluate_val(let.decl.value, inner)
     if let.dims:
-        v = _to_trailing(v, tuple(names), let, node)
+        v = fit_declared(v, tuple(names), let.dims, node.id, let.decl.value, "let")
     scope.let_cache[node.id] = v
     return v
 
 
-def _to_trailing(v: Val, names: tuple[str, ...], let: LetDef, node: ir.Expr) -> Val:
-    sizes = {n: size for n, (_, _, size) in zip(names, let.dims)}
-    extra = [a for a in v.axes if a not in names]
-    if extra:
-        raise EvalError("E302", f"`{extra[0]}` is not one of this definition's indices",
-                        let.decl.value.span)
-    t = expand_axes(v, names, sizes)
-    dims = tuple(s for _, s, _ in let.dims) + v.dims
-    return Val(t, (), dims, v.kind)
+def fit_declared(v: Val, axes: tuple[str, ...], dims: tuple[tuple[str | None, SetValue | None,
+                 int], ...], name: str, value_node: ir.Expr, what: str) -> Val:
+    """A declaration's value in its declared shape, as `param`, `var` and `let` share it: with
+    bound indices (`[s in S]`) a number per element over `axes`; else an array of the declared
+    shape, or a number broadcast to it."""
+    shape = tuple(size for _, _, size in dims)
+    declared_dims = tuple(s for _, s, _ in dims)
+    if any(index is not None for index, _, _ in dims):
+        stray = [a for a in v.axes if a not in axes]
+        if stray:
+            raise EvalError("E302", f"index `{stray[0]}` is not bound here", value_node.span)
+        if v.dims:
+            raise EvalError("E301", f"each element of `{name}` must be a number, but the "
+                            f"value has {v.describe_shape()}", value_node.span)
+        t = expand_axes(v, axes, dict(zip(axes, shape)))
+        return Val(t, (), declared_dims, v.kind)
+    if v.axes:
+        raise EvalError("E302", f"index `{v.axes[0]}` is not bound here", value_node.span,
+                        f"bind it in the declaration: `{what} c[s in S] = ...`")
+    if not dims:
+        return v
+    if v.shape == ():
+        return Val(v.t.expand(shape), (), declared_dims, v.kind)
+    if v.shape != shape:
+        code = "E602" if isinstance(value_node, ir.Call) and value_node.function == "load" \
+            else "E301"
+        declared = ", ".join(s.name if s is not None else str(n) for _, s, n in dims)
+        sizes = ", ".join(str(n) for n in shape)
+        size_note = "" if sizes == declared else f" (shape [{sizes}])"
+        raise EvalError(code, f"{what} `{name}` is declared [{declared}]{size_note} but its "
+                        f"value has shape [{', '.join(str(n) for n in v.shape)}]",
+                        value_node.span)
+    for k, (d, declared_set) in enumerate(zip(v.dims, declared_dims)):
+        if d is not None and declared_set is not None and d is not declared_set:
+            raise EvalError("E303", f"dimension {k + 1} of `{name}` is declared over "
+                            f"{declared_set.describe()} but the value is over {d.describe()}",
+                            value_node.span)
+    dims_out = tuple(ds if ds is not None else d for d, ds in zip(v.dims, declared_dims))
+    return Val(v.t, (), dims_out, v.kind)
 
 
 def _attribute(node: ir.Attribute, scope: Scope) -> object:
@@ -498,7 +534,7 @@ def _attribute(node: ir.Attribute, scope: Scope) -> object:
         if pos is None:
             raise EvalError("E201", f"the set `{base.name}` has no member `{node.attr}`",
                             node.span, did_you_mean(node.attr, base.members or ()))
-        return scalar(float(pos), scope.device, "int")
+        return _member_value(pos, (base,), scope.device)
     raise EvalError("E305", f"{_what(base)} has no attributes", node.span)
 
 
@@ -579,6 +615,14 @@ def _index_one(base: Val, index_node: ir.Expr, scope: Scope, k: int, whole: ir.I
     # and v[1] agree when i = 1, and values outside the dimension are E304. An index over a set
     # of named members or an MDP's states or actions must match the dimension's size (E303).
     iset = idx.index_set
+    if idx.member_of and dim_set is not None and all(s is not dim_set for s in idx.member_of):
+        raise EvalError(
+            "E303",
+            f"`{_source_name(index_node)}` is a member of {idx.member_of[0].describe()} but "
+            f"dimension {k + 1} of {_describe(whole.base)} is indexed by {dim_set.describe()}",
+            index_node.span,
+            _member_hint(dim_set),
+        )
     by_value = (iset is not None and dim_set is None and iset.is_range
                 and not (iset.start == 0 and iset.size == size))
     if iset is not None and not by_value:
@@ -679,7 +723,35 @@ def _binary(node: ir.Binary, scope: Scope) -> Val:
     return left
 
 
+def _member_hint(s: SetValue) -> str:
+    if s.members:
+        shown = ", ".join(s.members[:4]) + (", ..." if len(s.members) > 4 else "")
+        return f"use a member of `{s.name}` ({shown})"
+    return f"use an index that ranges over `{s.name}`"
+
+
+def _same_sets(node: ir.Binary, left: Val, right: Val) -> None:
+    """A comparison of an index or member of one set with a member of another compares
+    positions, which means nothing: `a == Dir.east` with `a` over `Act`."""
+    for one, other in ((left, right), (right, left)):
+        if not one.member_of:
+            continue
+        sets = (other.index_set,) if other.index_set is not None else other.member_of
+        if sets and not any(s is t for s in sets for t in one.member_of):
+            raise EvalError("E303", f"this compares {_set_side(other)} with a member of "
+                            f"{one.member_of[0].describe()}: their positions mean different "
+                            "things", node.span, _member_hint(sets[0]))
+
+
+def _set_side(v: Val) -> str:
+    if v.index_set is not None:
+        return f"an index over {v.index_set.describe()}"
+    return f"a member of {v.member_of[0].describe()}"
+
+
 def _binary_values(node: ir.Binary, left: Val, right: Val) -> Val:
+    if node.op in _COMPARE and (left.member_of or right.member_of):
+        _same_sets(node, left, right)
     axes, (a, b), dims = align([left, right], node.span)
     if a.dtype != DTYPE:
         a = a.to(DTYPE)
@@ -760,6 +832,10 @@ def _integer(node: ir.Expr, scope: Scope) -> int:
 def _members(node: ir.Members, scope: Scope) -> SetValue:
     names = [m.name for m in node.members]
     for i, m in enumerate(node.members):
+        if m.name[0].isdigit():  # it would mean its position, not its value
+            raise EvalError("E305", f"`{m.name}` is a number, but the members of a set are "
+                            "names", m.span, "write a range such as `1..5` for consecutive "
+                            f"numbers, or names such as `n{m.name}`")
         if m.name in names[:i]:
             raise EvalError("E202", f"member `{m.name}` is listed twice", m.span)
     return SetValue("{" + ", ".join(names) + "}", len(names), tuple(names), 0)
@@ -779,10 +855,23 @@ def _reduction(node: ir.Reduction, scope: Scope) -> Val:
         )
         names.append(binder.name)
     body = evaluate_val(node.body, inner)
+    cond = None if node.where is None else evaluate_val(node.where, inner)
+    if cond is not None and cond.dims:
+        raise EvalError("E301", "a filter must be one true/false value per element",
+                        node.where.span)
     sizes = {n: inner.indices[n].set.size for n in names}
-    for i, a in enumerate(body.axes):
-        sizes.setdefault(a, body.t.shape[i])
-    keep = tuple(a for a in body.axes if a not in names)
+    empty = [n for n in names if sizes[n] == 0]
+    if empty and node.op in ("max", "min", "mean"):
+        domain = inner.indices[empty[0]].set.describe()
+        raise EvalError("E301", f"`{node.op}` over an empty set has no value", node.span,
+                        f"`{empty[0]}` ranges over {domain}")
+    present = body.axes if cond is None else \
+        body.axes + tuple(a for a in cond.axes if a not in body.axes)
+    for v in (body, cond):
+        for i, a in enumerate(v.axes if v is not None else ()):
+            sizes.setdefault(a, v.t.shape[i])
+    # the indices of outer reductions that the body or the filter uses (`b < a`) stay
+    keep = tuple(a for a in present if a not in names)
     axes = keep + tuple(names)
     terms = math.prod(sizes[a] for a in axes) * math.prod(body.shape)
     if terms > MAX_TERMS:  # a broadcast view costs nothing; summing it could take hours
@@ -790,12 +879,8 @@ def _reduction(node: ir.Reduction, scope: Scope) -> Val:
                         f"{MAX_TERMS:,}", node.span, "reduce over smaller sets")
     t = as_real(expand_axes(body, axes, sizes))
     mask = None
-    if node.where is not None:
-        cond = evaluate_val(node.where, inner)
-        if cond.dims:
-            raise EvalError("E301", "a filter must be one true/false value per element",
-                            node.where.span)
-        mask = expand_axes(cond, axes, {**sizes, **dict(zip(cond.axes, cond.t.shape))}) != 0
+    if cond is not None:
+        mask = expand_axes(cond, axes, sizes) != 0
         mask = mask.reshape((*mask.shape, *([1] * len(body.shape))))
     red = tuple(range(len(keep), len(axes)))
     op = node.op
@@ -936,6 +1021,8 @@ def _reduce_call(node: ir.Call, scope: Scope) -> Val:
         return Val(t, v.axes, ())
     flat = t.flatten(len(v.axes))
     d = len(v.axes)
+    if flat.shape[d] == 0 and f in ("max", "min", "mean"):
+        raise EvalError("E301", f"`{f}` of an empty array has no value", node.span)
     out = {
         "sum": lambda: flat.sum(dim=d),
         "prod": lambda: flat.prod(dim=d),

@@ -104,6 +104,7 @@ class Val:
     dims: tuple[SetValue | None, ...] = ()
     kind: str = "real"  # "real", "int" or "bool"
     index_set: SetValue | None = None  # set when this is a bare index variable
+    member_of: tuple[SetValue, ...] = ()  # the sets of a bare member (`left`, `A.left`)
 
     @property
     def shape(self) -> tuple[int, ...]:

@@ -69,6 +69,15 @@ def test_unknown_command_is_a_usage_error(capsys):
     assert "invalid choice" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("command", ["solve", "gradcheck"])
+@pytest.mark.parametrize("seed", ["-1", "99999999999999999999", "1.5"])
+def test_a_seed_out_of_range_is_a_usage_error(command, seed, capsys):
+    with pytest.raises(SystemExit) as info:
+        main([command, "x.brl", "--seed", seed])
+    assert info.value.code == 2
+    assert "argument --seed" in capsys.readouterr().err
+
+
 def test_solvers_table(capsys):
     code, out, err = run(["solvers"], capsys)
     assert code == 0 and not err

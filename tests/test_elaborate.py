@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from conftest import codes, compile_ok, diagnostics, param, value
@@ -659,3 +661,70 @@ def test_policy_through_a_let_without_a_follower():
     diag = first(MDP + "var x[M.S, M.A] = 0\nlet v = value(M, policy)\nupper minimize v")
     assert diag.code == "E501" and "no `lower` block" in diag.message
     assert (diag.span.line, diag.span.column, diag.span.end_column) == (5, 16, 17)
+
+
+def test_a_let_with_dimensions_has_exactly_its_declared_shape():
+    """As a param: `let g[I] = a` is `a`, not `a` repeated along I, and a wrong size is E301
+    (it used to append the value's own dimensions: sum(entropy) counted S times)."""
+    prelude = "set I = 0..2\nparam a[I] = [1, 2, 3]\nlet g[I] = a\nlet c[I] = 2\n"
+    assert value("sum(g)", prelude) == 6.0
+    assert value("sum(c)", prelude) == 6.0
+    assert value("sum {i in I} g[i] * g[i]", prelude) == 14.0
+    assert codes("brl 1\nparam a[3] = [1, 2, 3]\nlet h[2] = a\nparam z = sum(h)\n") == ["E301"]
+    assert codes("brl 1\nset I = 0..2\nparam a[I] = [1, 2, 3]\n"
+                 "let h[i in I, j in I] = a\nparam z = sum(h)\n") == ["E301"]
+    text = ("brl 1\nmdp M = random_mdp(states = 3, actions = 2, discount = 0.5)\n"
+            "var x[M.S, M.A] = 0\nlower M { temperature = 1  reward[s, a] = x[s, a] }\n"
+            "let H[M.S] = entropy(policy)\nupper maximize sum(H)\n")
+    from bilevel_dsl import lower
+
+    problem = lower(compile_ok(text))
+    pi = torch.full((3, 2), 0.5, dtype=torch.float64)
+    assert -float(problem.objective(problem.x0, pi)) == pytest.approx(3 * math.log(2))
+
+
+def test_a_member_of_one_set_cannot_index_or_match_another_set():
+    prelude = "set S = {a1, a2}\nset A = {l, r}\nparam q[s in S, c in A] = 10 * s + c\n"
+    assert value("q[a2, r]", prelude) == 11.0
+    assert value("q[S.a2, A.r]", prelude) == 11.0
+    assert codes(f"brl 1\n{prelude}param z = q[r, a1]\n") == ["E303"]
+    assert codes(f"brl 1\n{prelude}param z = q[A.l, A.r]\n") == ["E303"]
+    both = "set Dir = {north, east}\nset Act = {east, north}\n"
+    assert value("sum {a in Act : a == Act.east} a", both) == 0.0
+    assert codes(f"brl 1\n{both}param z = sum {{a in Act : a == Dir.east}} a\n") == ["E303"]
+    # a set declared once and used as an MDP's states is the same set
+    assert value("q[M.S.a2, r]", prelude + "mdp M = table { states = S  actions = A  "
+                 "discount = 0.5  transition[s, a, t] = (t == s) }\n") == 11.0
+
+
+def test_set_members_are_names_and_checks_fail_on_nan():
+    assert codes("brl 1\nset P = {1, 3, 5}\n") == ["E305"]
+    found = diagnostics('brl 1\ncheck 0/0, "never true"\n')
+    assert [d.code for d in found] == ["E702"] and "NaN" in found[0].notes[0]
+    assert "NaN" in diagnostics("brl 1\ncheck sqrt(-1) == sqrt(-1)\n")[0].hint
+
+
+def test_terminal_flags_are_zero_or_one():
+    table = ("brl 1\nmdp T = table {{ states = 3  actions = 2  discount = 0.5  "
+             "transition[s, a, t] = 1/3  terminal = {} }}\n")
+    assert codes(table.format("[0, 0.5, 0]")) == ["E305"]
+    compile_ok(table.format("[0, 0, 1]"))
+    grid = 'brl 1\nmdp G = gridworld(map = "S.G", discount = 0.9, terminal_goal = {})\n'
+    assert codes(grid.format("2")) == ["E305"]
+    compile_ok(grid.format("false"))
+
+
+def test_reductions_over_empty_sets_and_filters_on_outer_indices():
+    assert codes("brl 1\nset E = 1..0\nparam z = max {i in E} i\n") == ["E301"]
+    assert codes("brl 1\nparam w[1..0] = 0\nparam z = min(w)\n") == ["E301"]
+    assert value("sum {i in 1..0} i") == 0.0
+    # the filter uses the outer index `a`, the body does not
+    assert value("sum {a in 0..2} sum {b in 0..2 : b < a} 1") == 3.0
+    assert value("sum {a in 0..2} (sum {b in 0..2 : b != a} b) * a") == 0 * 3 + 1 * 2 + 2 * 1
+
+
+def test_a_command_line_value_replaces_a_param_declared_by_its_indices():
+    text = "brl 1\nset S = 0..2\nparam R[s in S, a in 0..1] = s + a\n"
+    checked = compile_ok(text, overrides={"R": "[[0, 1], [2, 3], [4, 9]]"})
+    assert checked.names["R"].t[2, 1] == 9.0
+    assert codes(text, overrides={"R": "[[0, 1], [2, 3]]"}) == ["E301"]
