@@ -50,6 +50,10 @@ def solver_catalog(solver: str, options: dict[str, Any]) -> list[tuple[str, str,
     from solvers import REGISTRY, OptionError, UnknownSolverError
     from solvers.registry import OptionRangeError
 
+    if solver == "auto":  # the solver is picked for the problem when it is solved
+        return [("E802", "`auto` takes no options: which solver's they are is not known yet",
+                 name, "name the solver to give it options, e.g. `solve m_sobirl(...)`")
+                for name in options]
     try:
         spec = REGISTRY.get(solver)
     except UnknownSolverError as exc:

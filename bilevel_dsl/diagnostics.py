@@ -29,6 +29,9 @@ class Diagnostic:
     severity: str = "error"
 
 
+_LONE_CR = re.compile(r"\r(?!\n)")
+
+
 @dataclass
 class SourceFile:
     """A file's name and text.  A leading byte-order mark is dropped, so that it is neither a
@@ -41,6 +44,8 @@ class SourceFile:
     def __post_init__(self) -> None:
         if self.text.startswith("\ufeff"):
             self.text = self.text[1:]
+        if "\r" in self.text:  # old Mac line ends (a lone CR) count as line breaks too
+            self.text = _LONE_CR.sub("\n", self.text)
 
     def line(self, number: int) -> str:
         if self._lines is None:

@@ -775,7 +775,8 @@ class _Elaborator:
         tau = self._number(ir.Keyword(temp_item.span, "temperature", temp_item.value), None,
                            "temperature", decl.span)
         if not tau > 0 or not math.isfinite(tau):  # reported; checking goes on with tau = 1
-            self.bag.error("E403", f"the temperature must be positive, got {tau:g}",
+            need = "positive" if math.isfinite(tau) else "finite"
+            self.bag.error("E403", f"the temperature must be {need}, got {tau:g}",
                            temp_item.value.span, "it weighs the entropy bonus; try 0.1 or 0.01")
             tau = 1.0
         reward = items["reward"]

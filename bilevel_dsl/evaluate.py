@@ -1009,6 +1009,10 @@ def _args(node: ir.Call, scope: Scope, n: int) -> list[Val]:
 
 def _reduce_call(node: ir.Call, scope: Scope) -> Val:
     f = node.function
+    if f in ("max", "min") and len(node.args) > 2:
+        raise EvalError("E305", f"`{f}` takes 1 argument (an array) or 2 (element by element), "
+                        f"got {len(node.args)}", node.span,
+                        f"nest it for more: `{f}(a, {f}(b, c))`")
     if f in ("max", "min") and len(node.args) == 2:
         a, b = _args(node, scope, 2)
         axes, (ta, tb), dims = align([a, b], node.span)

@@ -299,7 +299,7 @@ class _Tables:
                     else:
                         self._reduce(action, state_stack, values, locs)
             except _NodeError as exc:
-                errors.append(exc.diagnostic)
+                errors.append(_with_opener(exc.diagnostic, values, locs))
                 skipping = True
                 # a keyword that opens a line where the broken statement wanted more starts the
                 # next statement (in mid-line it is more likely a reserved word used as a name)
@@ -314,7 +314,7 @@ class _Tables:
             try:
                 self._finish(state_stack, values, locs, start, text)
             except _NodeError as exc:
-                errors.append(exc.diagnostic)
+                errors.append(_with_opener(exc.diagnostic, values, locs))
         if errors:
             raise _SyntaxErrors(errors)
         return values[-1]
@@ -460,6 +460,25 @@ class _NodeError(Exception):
 class _SyntaxErrors(Exception):
     def __init__(self, diagnostics: list[Diagnostic]):
         self.diagnostics = diagnostics
+
+
+_INCOMPLETE = ("the file ends in the middle of a statement", "this statement is incomplete")
+
+
+def _with_opener(diagnostic: Diagnostic, values: list, locs: list) -> Diagnostic:
+    """A statement cut short: point at the innermost bracket it left open (a bracket still on
+    the parse stack, as its own text, was never closed)."""
+    if diagnostic.message not in _INCOMPLETE:
+        return diagnostic
+    for value, loc in zip(reversed(values), reversed(locs)):
+        if value.__class__ is str and value in _CLOSERS:
+            note = f"the `{value}` at line {loc[0]}, column {loc[1]} is not closed by " \
+                f"`{_CLOSERS[value]}`"
+            return dataclasses.replace(diagnostic, notes=(*diagnostic.notes, note))
+    return diagnostic
+
+
+_CLOSERS = {"(": ")", "[": "]", "{": "}"}
 
 
 def _bad_character(text: str, pos: int, loc: _Loc) -> Diagnostic:

@@ -164,6 +164,9 @@ def _build(data: Any, hint: Any, path: str) -> Any:
         if not isinstance(data, dict) or data.get("node") != hint.__name__:
             raise IRFormatError(f"{path}: expected a {hint.__name__} node")
         hints = _HINTS[hint.__name__]
+        unknown = sorted(set(data) - set(hints) - {"node"})
+        if unknown:  # as the schema's additionalProperties: false
+            raise IRFormatError(f"{path}: {hint.__name__} has no field {unknown[0]!r}")
         kwargs = {}
         for f in dataclasses.fields(hint):
             if f.name not in data:

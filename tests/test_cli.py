@@ -580,3 +580,15 @@ def test_the_cli_runs_off_the_main_thread(tmp_path, capsys):
     worker.start()
     worker.join()
     assert codes == [0] and (tmp_path / "run" / "result.json").is_file()
+
+
+def test_solve_auto_in_a_file_picks_a_solver_and_takes_no_options(tmp_path, capsys):
+    path = tmp_path / "p.brl"
+    without = SOLVABLE.replace("solve m_sobirl(outer = 2)\n", "")
+    path.write_text(without + "solve auto\n")
+    code, out, _ = run(["solve", str(path), "--quiet", "--set", "outer=3", "--out",
+                        str(tmp_path / "run")], capsys)
+    assert code == 0 and "m_sobirl" in out
+    path.write_text(without + "solve auto(outer = 3)\n")
+    code, _, err = run(["check", str(path)], capsys)
+    assert code == 1 and "E802" in err and "`auto` takes no options" in err

@@ -728,3 +728,13 @@ def test_a_command_line_value_replaces_a_param_declared_by_its_indices():
     checked = compile_ok(text, overrides={"R": "[[0, 1], [2, 3], [4, 9]]"})
     assert checked.names["R"].t[2, 1] == 9.0
     assert codes(text, overrides={"R": "[[0, 1], [2, 3]]"}) == ["E301"]
+
+
+def test_messages_for_arities_auto_and_an_infinite_temperature():
+    found = diagnostics("brl 1\nparam z = max(1, 2, 3)\n")
+    assert "1 argument (an array) or 2" in found[0].message
+    text = ("brl 1\nmdp M = random_mdp(states = 3, actions = 2, discount = 0.5)\n"
+            "var x[M.S, M.A] = 0\nlower M {{ temperature = {}  reward[s, a] = x[s, a] }}\n"
+            "upper minimize norm2(x)\n")
+    assert "must be finite, got inf" in diagnostics(text.format("inf"))[0].message
+    assert "must be positive, got -1" in diagnostics(text.format("-1"))[0].message

@@ -261,3 +261,10 @@ def test_brl_compile_errors(tmp_path, capsys):
     assert "error[E201]" in capsys.readouterr().err
     assert main(["compile"]) == 1
     assert "give a .brl file" in capsys.readouterr().err
+
+
+def test_a_node_with_a_field_the_schema_does_not_allow_is_refused():
+    data = json.loads(to_json(compile_source("brl 1\nparam a = 1\n").program))
+    data["statements"][0]["colour"] = "red"
+    with pytest.raises(IRFormatError, match="no field 'colour'"):
+        from_json(json.dumps(data))
