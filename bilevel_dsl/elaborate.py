@@ -257,7 +257,7 @@ class _Elaborator:
             if name is not None:
                 self.names[name] = POISONED
         except EvalError as err:
-            self._report(err)
+            self._report(err, stmt)
             if name is not None:
                 self.names[name] = POISONED
         except (MemoryError, RuntimeError) as exc:
@@ -268,7 +268,7 @@ class _Elaborator:
             if name is not None:
                 self.names[name] = POISONED
 
-    def _report(self, err: EvalError) -> None:
+    def _report(self, err: EvalError, stmt: object = None) -> None:
         if isinstance(err, Cascade):  # its cause has been reported
             return
         code, message, hint = err.code, err.message, err.hint
@@ -279,9 +279,11 @@ class _Elaborator:
                 code = "E203"
                 message = f"`{missing}` is used before its declaration on line {later.line}"
                 hint = "declare names before using them"
+            elif hint is None and err.span is not None:
+                hint = _outside_its_reduction(missing, err.span, stmt)
         self.bag.error(code, message, err.span, hint, err.notes)
         for more in err.also:
-            self._report(more)
+            self._report(more, stmt)
 
     def _declare(self, stmt) -> bool:
         name = stmt.name
@@ -911,6 +913,18 @@ class _Elaborator:
             notes.append(f"{failing} of {v.t.numel()} elements are false")
         message = "check failed" + (f": {decl.message}" if decl.message else "")
         raise EvalError("E702", message, decl.condition.span, hint, tuple(notes))
+
+
+def _outside_its_reduction(name: str, span: ir.Span, stmt: object) -> str | None:
+    """Why an index of a reduction earlier in the statement is undefined here: a reduction's
+    body is a product (as in AMPL), so `sum {k in K} a[k] + b[k]` ends before the `+`."""
+    for node in ir.walk(stmt):
+        if isinstance(node, ir.Reduction) and any(b.name == name for b in node.binders) and (
+                (node.span.end_line, node.span.end_column) <= (span.line, span.column)):
+            return (f"`{name}` belongs to the `{node.op}` at {node.span.line}:"
+                    f"{node.span.column}, whose body ends before here (it is a product); "
+                    f"write `{node.op} {{{name} in ...}} (... + ...)`")
+    return None
 
 
 def _all_finite(t: torch.Tensor) -> bool:

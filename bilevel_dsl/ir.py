@@ -7,6 +7,7 @@ is the contract with other tools (see docs/ir.md).  Numbers are produced later, 
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from typing import Union
 
@@ -325,24 +326,29 @@ POLICY_FUNCTIONALS = ("value", "occupancy", "entropy")
 TRAJECTORY_FUNCTIONALS = ("expected_return", "preference_loss")
 
 
-def _policy_uses(expr: Expr):
-    """Yield (feature, node) for every use of the follower's policy inside `expr`."""
-    stack: list[object] = [expr]
+def walk(root: object) -> Iterator[object]:
+    """Every node under `root`, itself included; a loop, not recursion (expressions nest deep)."""
+    stack: list[object] = [root]
     while stack:
         node = stack.pop()
+        yield node
+        for name in getattr(node, "__dataclass_fields__", ()):
+            value = getattr(node, name)
+            if isinstance(value, tuple):
+                stack.extend(value)
+            elif hasattr(value, "__dataclass_fields__"):
+                stack.append(value)
+
+
+def _policy_uses(expr: Expr):
+    """Yield (feature, node) for every use of the follower's policy inside `expr`."""
+    for node in walk(expr):
         if isinstance(node, Name) and node.id == "policy":
             yield "policy", node
         elif isinstance(node, Call) and node.function in (
             POLICY_FUNCTIONALS + TRAJECTORY_FUNCTIONALS
         ):
             yield node.function, node
-        if hasattr(node, "__dataclass_fields__"):
-            for name in node.__dataclass_fields__:
-                value = getattr(node, name)
-                if isinstance(value, tuple):
-                    stack.extend(value)
-                elif hasattr(value, "__dataclass_fields__"):
-                    stack.append(value)
 
 
 def objective_features(expr: Expr) -> tuple[str, ...]:
@@ -363,19 +369,7 @@ def objective_form(features: tuple[str, ...]) -> str:
 
 def names_in(expr: Expr) -> set[str]:
     """Every name an expression mentions."""
-    found: set[str] = set()
-    stack: list[object] = [expr]
-    while stack:
-        node = stack.pop()
-        if isinstance(node, Name):
-            found.add(node.id)
-        for name in getattr(node, "__dataclass_fields__", ()):
-            value = getattr(node, name)
-            if isinstance(value, tuple):
-                stack.extend(value)
-            elif hasattr(value, "__dataclass_fields__"):
-                stack.append(value)
-    return found
+    return {node.id for node in walk(expr) if isinstance(node, Name)}
 
 
 def with_let_features(program: Program) -> Program:

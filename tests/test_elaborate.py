@@ -738,3 +738,8 @@ def test_messages_for_arities_auto_and_an_infinite_temperature():
             "upper minimize norm2(x)\n")
     assert "must be finite, got inf" in diagnostics(text.format("inf"))[0].message
     assert "must be positive, got -1" in diagnostics(text.format("-1"))[0].message
+
+
+def test_an_index_used_past_the_end_of_its_reduction_gets_a_hint():
+    found = diagnostics("brl 1\nparam a[3] = [1, 2, 3]\nparam t = sum {k in 0..2} a[k] + a[k]\n")
+    assert found[0].code == "E201" and "belongs to the `sum` at 3:11" in found[0].hint
