@@ -64,6 +64,7 @@ SPEC = SolverSpec(
         forms=frozenset({TRAJECTORY}),
         features=frozenset({"policy", "preference_loss"}),
         devices=frozenset({"cpu", "cuda"}),
+        needs_linear_terms=True,
     ),
     options=(
         Option("outer", int, 200, "outer iterations K", valid="[1, inf)"),

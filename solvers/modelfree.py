@@ -65,7 +65,7 @@ from bilevel_dsl.softmdp import soft_bellman_update, soft_policy
 
 from .hypergrad import reward_vjp
 from .registry import Option
-from .result import Monitor, SolveResult, stop_reason
+from .result import NOT_FINITE, Monitor, SolveResult, stop_reason
 
 # Preferences keeps pairs as dense visit-count rows while S*A <= this * 2H.
 DENSE_PREFERENCES = 4
@@ -74,8 +74,8 @@ DENSE_PREFERENCES = 4
 ESTIMATOR_OPTIONS = (
     Option("batch", int, 0, "trajectories (pairs, for preference_loss) per estimate; 0: the "
            "term's own `pairs` for preference_loss, 64 for expected_return", valid="[0, inf)"),
-    Option("rollouts", int, 4, "rollouts m per start pair for dQ/dx (and for Q estimates)",
-           valid="[1, inf)"),
+    Option("rollouts", int, 4, "rollouts m per start pair for dQ/dx in the score term (13); "
+           "the sampled follower's Q estimates take `q_rollouts`", valid="[1, inf)"),
     Option("rollout_horizon", int, 0, "rollout length H' (truncation bias ~ gamma^H'); 0: the "
            "smallest H' with gamma^H' <= 1e-4", valid="[0, inf)"),
     Option("baseline", bool, True, "subtract from each trajectory's loss, in the score term "
@@ -124,22 +124,12 @@ def rollout_horizon(gamma: float, given: int, tol: float = 1e-4) -> int:
 
 
 class Streams:
-    """Two seeded generators: one for trajectories and labels, one for lower-level rollouts.
-
-    Kept apart so that ``state()`` / ``restore()`` can replay the same draws at two points
-    (STORM's correction term) even when the number of rollouts differs between them.
-    """
+    """Two seeded generators: one for trajectories and labels, one for lower-level rollouts, so
+    that the number of rollouts an estimate draws does not shift its trajectories."""
 
     def __init__(self, seed: int, device: torch.device) -> None:
         self.trajectories = torch.Generator(device=device).manual_seed(seed)
         self.rollouts = torch.Generator(device=device).manual_seed(seed + 0x9E3779B9)
-
-    def state(self) -> tuple[Tensor, Tensor]:
-        return self.trajectories.get_state(), self.rollouts.get_state()
-
-    def restore(self, state: tuple[Tensor, Tensor]) -> None:
-        self.trajectories.set_state(state[0])
-        self.rollouts.set_state(state[1])
 
 
 @dataclass
@@ -170,9 +160,6 @@ class Estimate:
     grad: Tensor
     objective: float  # sum_k c_k mean(l_k) + policy_free(x)
     losses: list[float]  # mean l per trajectory term
-    # per preference term, the fresh pairs' visits (pairs, 2H), -1 past an episode's end: each
-    # row is one labelled pair, i.e. one preference query
-    pairs: list[Tensor] = field(default_factory=list)
 
 
 class Preferences:
@@ -252,21 +239,41 @@ def _table(index: Tensor, weights: Tensor, n: int) -> Tensor:
     return out.index_add_(0, index.reshape(-1), weights.reshape(-1))
 
 
-def reward_flow(simulator: TabularSimulator, pi: Tensor, states: Tensor, actions: Tensor | None,
-                weights: Tensor, horizon: int, gamma: float, generator: torch.Generator
-                ) -> Tensor:
-    """``sum_j weights[j] sum_{t<H'} gamma^t 1{(s_t,a_t)}`` over rollouts from each start.
+def _log(pi: Tensor) -> Tensor:
+    return torch.log(pi.clamp_min(torch.finfo(pi.dtype).tiny))
 
-    ``J_r^T`` of the result is ``sum_j weights[j] * (a one-rollout estimate of dQ(s_j,a_j)/dx)``
-    (of ``dV(s_j)/dx`` where ``actions`` is None).
+
+def _path_ratios(log_ratio: Tensor, index: Tensor, alive: Tensor, given: Tensor | None = None
+                 ) -> Tensor:
+    """``rho_t = prod_{u <= t} pi'(a_u|s_u) / pi(a_u|s_u)`` along paths ``(H, n)`` drawn under
+    ``pi`` (``log_ratio``: ``log pi' - log pi``, flat): the importance weight of a path's first
+    ``t + 1`` steps, which is all a reward at step ``t`` depends on (per-decision weights).
+    ``given[j]``: path ``j``'s first action was chosen, not drawn (a rollout from ``(s, a)``)."""
+    steps = _gather(log_ratio, index) * alive
+    if given is not None:
+        steps[0] = torch.where(given, 0.0, steps[0])
+    return torch.exp(torch.cumsum(steps, 0))
+
+
+def reward_flows(simulator: TabularSimulator, pis: Sequence[Tensor], log_ratios: Sequence[Tensor],
+                 states: Tensor, actions: Tensor, given: Tensor, weights: Sequence[Tensor],
+                 horizon: int, gamma: float, generator: torch.Generator) -> list[Tensor]:
+    """Per policy ``pis[j]``: ``sum_i weights[j][i] sum_{t<H'} gamma^t rho_t 1{(s_t,a_t)}`` over
+    one set of rollouts drawn under ``pis[0]`` from each start (``rho``: ``_path_ratios``).
+
+    ``J_r^T`` of entry ``j`` is ``sum_i weights[j][i] * (a one-rollout estimate, under
+    ``pis[j]``, of dQ(s_i,a_i)/dx)``; of ``dV(s_i)/dx`` where the first action was drawn
+    (``given[i]`` false).
     """
-    S, A = pi.shape
+    S, A = pis[0].shape
     if states.numel() == 0:
-        return torch.zeros(S, A, dtype=pi.dtype, device=pi.device)
-    st, ac, alive = rollout(simulator, pi, states, actions, horizon, generator)
-    discount = gamma ** torch.arange(horizon, dtype=pi.dtype, device=pi.device)
-    w = discount.unsqueeze(-1) * weights.unsqueeze(0) * alive
-    return _table(st * A + ac, w, S * A).view(S, A)
+        return [torch.zeros(S, A, dtype=pi.dtype, device=pi.device) for pi in pis]
+    st, ac, alive = rollout(simulator, pis[0], states, actions, horizon, generator)
+    index = st * A + ac
+    discount = gamma ** torch.arange(horizon, dtype=pis[0].dtype, device=pis[0].device)
+    base = discount.unsqueeze(-1) * alive
+    return [_table(index, base * w.unsqueeze(0) * _path_ratios(r, index, alive, given), S * A)
+            .view(S, A) for w, r in zip(weights, log_ratios)]
 
 
 @dataclass
@@ -285,27 +292,36 @@ class _Visits:
         self.weights.append(weight.unsqueeze(0).expand_as(st).reshape(-1)[mask])
 
 
-def _score_flow(problem: TabularProblem, env: Environment, pi: Tensor, visits: _Visits,
-                rollouts: int, horizon: int, share: str, generator: torch.Generator) -> Tensor:
-    """The ``(S, A)`` table ``T`` with ``J_r^T T / tau`` estimating term (13)."""
-    S, A = pi.shape
+def _score_flows(problem: TabularProblem, env: Environment, pis: Sequence[Tensor],
+                 log_ratios: Sequence[Tensor], visits: Sequence[_Visits], rollouts: int,
+                 horizon: int, share: str, generator: torch.Generator) -> list[Tensor]:
+    """Per policy, the ``(S, A)`` table ``T`` with ``J_r^T T / tau`` estimating term (13), all
+    from rollouts under ``pis[0]`` (the visits are the same trajectories, weighted per policy)."""
+    S, A = pis[0].shape
     gamma = problem.discount
-    if not visits.states:
-        return torch.zeros(S, A, dtype=pi.dtype, device=pi.device)
-    st, ac, w = torch.cat(visits.states), torch.cat(visits.actions), torch.cat(visits.weights)
+    if not visits[0].states:
+        return [torch.zeros(S, A, dtype=pi.dtype, device=pi.device) for pi in pis]
+    st, ac = torch.cat(visits[0].states), torch.cat(visits[0].actions)
     if share == "pair":
-        W = _table(st * A + ac, w, S * A).view(S, A)
-        net = (W - pi * W.sum(-1, keepdim=True)).reshape(-1)
-        starts = torch.nonzero(net).squeeze(-1).repeat_interleave(rollouts)
-        weights = torch.index_select(net, 0, starts) / rollouts
-        return reward_flow(env.lower, pi, torch.div(starts, A, rounding_mode="floor"),
-                           starts % A, weights, horizon, gamma, generator)
-    st, ac, w = (t.repeat_interleave(rollouts) for t in (st, ac, w))
-    w = w / rollouts
+        nets = []
+        for pi, v in zip(pis, visits):
+            W = _table(st * A + ac, torch.cat(v.weights), S * A).view(S, A)
+            nets.append((W - pi * W.sum(-1, keepdim=True)).reshape(-1))
+        # rollouts from every pair that some policy's net weight needs
+        support = torch.stack(nets).abs().sum(0)
+        starts = torch.nonzero(support).squeeze(-1).repeat_interleave(rollouts)
+        weights = [torch.index_select(net, 0, starts) / rollouts for net in nets]
+        given = torch.ones_like(starts, dtype=torch.bool)
+        return reward_flows(env.lower, pis, log_ratios, torch.div(starts, A, rounding_mode="floor"),
+                            starts % A, given, weights, horizon, gamma, generator)
+    st, ac = st.repeat_interleave(rollouts), ac.repeat_interleave(rollouts)
+    w = [torch.cat(v.weights).repeat_interleave(rollouts) / rollouts for v in visits]
     # dQ from (s_t, a_t) minus dV from (s_t, a ~ pi), in one batch of rollouts
-    other = sample_actions(pi, st, generator)
-    return reward_flow(env.lower, pi, torch.cat([st, st]), torch.cat([ac, other]),
-                       torch.cat([w, -w]), horizon, gamma, generator)
+    other = sample_actions(pis[0], st, generator)
+    given = torch.cat([torch.ones_like(st, dtype=torch.bool),
+                       torch.zeros_like(st, dtype=torch.bool)])
+    return reward_flows(env.lower, pis, log_ratios, torch.cat([st, st]), torch.cat([ac, other]),
+                        given, [torch.cat([v, -v]) for v in w], horizon, gamma, generator)
 
 
 def _centred(loss: Tensor, baseline: bool) -> Tensor:
@@ -329,86 +345,110 @@ def estimate(problem: TabularProblem, env: Environment, x: Tensor, pi: Tensor,
     a preference term then fits the whole dataset instead of the fresh pairs alone, and term
     (13), which only the fresh pairs (drawn from ``pi``) carry, gets their share of the data,
     ``B / size``: the gradient of the dataset's mean loss. ``record``: the fresh pairs are new
-    queries: count them in ``env.queries`` and append them to ``data`` (stoc_sobirl's replay of
-    a sample at the previous point counts its own, see ``new_queries``).
+    queries: count them in ``env.queries`` and append them to ``data``.
+    """
+    return estimates(problem, env, [(x, pi)], options, streams, score, data, record)[0]
+
+
+def estimates(problem: TabularProblem, env: Environment, points: Sequence[tuple[Tensor, Tensor]],
+              options: dict, streams: Streams, score: bool = True,
+              data: Sequence[Preferences | None] | None = None, record: bool = True
+              ) -> list[Estimate]:
+    """``estimate`` at each ``(x, pi)`` of ``points``, all from the trajectories, labels and
+    rollouts of one draw under the first point's policy, reweighted for the others by importance
+    ratios ``prod_t pi(a_t|s_t) / pi_0(a_t|s_t)``: per decision for returns and rollouts (a
+    reward at step ``t`` is weighted by the ratio of the steps up to ``t``), per trajectory (pair)
+    for the score term (13) and the preference loss. Each estimate is unbiased for its point,
+    and one sample's estimates move smoothly with ``(x, pi)``: what stoc_sobirl's correction
+    term needs. The first point's estimate is ``estimate``'s, number for number.
     """
     terms = problem.trajectory_terms
     if terms is None:
         raise ValueError("the problem's objective has no trajectory form")
-    pi = pi.detach()
-    S, A = pi.shape
-    x = x.detach().requires_grad_(True)
-    grad = torch.zeros_like(x)
-    visits = _Visits()
-    losses: list[float] = []
-    pairs: list[Tensor] = []
-    objective = 0.0
+    behaviour = points[0][1].detach()
+    S, A = behaviour.shape
+    xs = [x.detach().requires_grad_(True) for x, _ in points]
+    pis = [pi.detach() for _, pi in points]
+    log_ratios = [(_log(pi) - _log(behaviour)).reshape(-1) for pi in pis]
+    grads = [torch.zeros_like(x) for x in xs]
+    visits = [_Visits() for _ in points]
+    losses: list[list[float]] = [[] for _ in points]
+    objectives = [0.0 for _ in points]
     with torch.enable_grad():
         for i, (term, sim) in enumerate(zip(terms, env.upper)):
-            reward = term.reward(x)
-            flat = reward.detach().reshape(-1)
             c, H = term.coefficient, term.horizon
             if term.kind == "expected_return":
                 B = options["batch"] or 64
-                st, ac, alive = rollout(sim, pi, sim.reset(B, streams.trajectories), None, H,
-                                        streams.trajectories)
-                discount = term.discount ** torch.arange(H, dtype=pi.dtype, device=pi.device)
-                w = discount.unsqueeze(-1) * alive  # (H, B)
+                st, ac, alive = rollout(sim, behaviour, sim.reset(B, streams.trajectories), None,
+                                        H, streams.trajectories)
+                discount = term.discount ** torch.arange(H, dtype=behaviour.dtype,
+                                                         device=behaviour.device)
+                base = discount.unsqueeze(-1) * alive  # (H, B)
                 index = st * A + ac
-                loss = (w * _gather(flat, index)).sum(0)  # (B,)
-                exploit = _table(index, w * (c / B), S * A)
-                visits.add(st, ac, alive, _centred(loss, options["baseline"]) * (c / B))
+                for j, x in enumerate(xs):
+                    reward = term.reward(x)
+                    rewards = _gather(reward.detach().reshape(-1), index)
+                    rho = _path_ratios(log_ratios[j], index, alive)
+                    w = base * rho
+                    loss = (w * rewards).sum(0)  # (B,), per-decision weighted
+                    exploit = _table(index, w * (c / B), S * A)
+                    # the score term weights a trajectory's whole return by its whole ratio
+                    plain = (base * rewards).sum(0)
+                    visits[j].add(st, ac, alive,
+                                  _centred(plain, options["baseline"]) * rho[-1] * (c / B))
+                    grads[j] += reward_vjp(x, reward, exploit.view(S, A))
+                    losses[j].append(float(loss.mean()))
             elif term.kind == "preference_loss":
                 B = options["batch"] or term.pairs
-                st, ac, alive = rollout(sim, pi, sim.reset(2 * B, streams.trajectories), None, H,
-                                        streams.trajectories)
+                st, ac, alive = rollout(sim, behaviour, sim.reset(2 * B, streams.trajectories),
+                                        None, H, streams.trajectories)
                 index = st * A + ac
-                model = (alive * _gather(flat, index)).sum(0)
                 truth = (alive * _gather(term.truth.reshape(-1), index)).sum(0)
-                d = model[:B] - model[B:]
                 p = torch.sigmoid(term.scale * (truth[:B] - truth[B:]))
-                u = uniform(2 * B, streams.trajectories, pi.dtype)
-                y = ((u[:B] < p) ^ (u[B:] < term.noise)).to(pi.dtype)
-                loss = torch.nn.functional.softplus(d) - y * d  # BCE(y, sigmoid(d))
-                pair_index = torch.cat([index[:, :B], index[:, B:]]).T  # (B, 2H)
-                live = alive.to(pi.dtype)
-                sign = torch.cat([live[:, :B], -live[:, B:]]).T
-                pairs.append(torch.where(sign != 0, pair_index, -1))
+                u = uniform(2 * B, streams.trajectories, behaviour.dtype)
+                y = ((u[:B] < p) ^ (u[B:] < term.noise)).to(behaviour.dtype)
+                dataset = data[i] if data is not None else None
                 if record:
                     env.queries += B
-                dataset = data[i] if data is not None else None
-                share = 1.0  # the fresh pairs' share of the fitted loss
-                if dataset is None:
-                    slope = (torch.sigmoid(d) - y) * (c / B)  # dl/dd, per pair
-                    exploit = _table(index, alive * torch.cat([slope, -slope]), S * A)
-                else:
-                    if record:
-                        dataset.add(pair_index, sign, y)
-                    exploit = dataset.fit_table(flat, c)
-                    share = min(1.0, B / dataset.size)  # only the fresh pairs depend on pi
-                centred = _centred(loss, options["baseline"])
-                visits.add(st, ac, alive, torch.cat([centred, centred]) * (c * share / B))
+                    if dataset is not None:
+                        live = alive.to(behaviour.dtype)
+                        dataset.add(torch.cat([index[:, :B], index[:, B:]]).T,
+                                    torch.cat([live[:, :B], -live[:, B:]]).T, y)
+                # the fresh pairs' share of the fitted loss: only they depend on pi
+                share = 1.0 if dataset is None else min(1.0, B / dataset.size)
+                for j, x in enumerate(xs):
+                    reward = term.reward(x)
+                    flat = reward.detach().reshape(-1)
+                    model = (alive * _gather(flat, index)).sum(0)
+                    d = model[:B] - model[B:]
+                    rho = _path_ratios(log_ratios[j], index, alive)[-1]
+                    rho = rho[:B] * rho[B:]  # a pair's weight
+                    loss = torch.nn.functional.softplus(d) - y * d  # BCE(y, sigmoid(d))
+                    if dataset is None:
+                        slope = (torch.sigmoid(d) - y) * rho * (c / B)  # dl/dd, per pair
+                        exploit = _table(index, alive * torch.cat([slope, -slope]), S * A)
+                    else:
+                        exploit = dataset.fit_table(flat, c)
+                    centred = _centred(loss, options["baseline"]) * rho
+                    visits[j].add(st, ac, alive, torch.cat([centred, centred]) * (c * share / B))
+                    grads[j] += reward_vjp(x, reward, exploit.view(S, A))
+                    losses[j].append(float((rho * loss).mean()))
             else:
                 raise ValueError(f"unknown trajectory term {term.kind!r}")
-            grad += reward_vjp(x, reward, exploit.view(S, A))
-            losses.append(float(loss.mean()))
-            objective += c * losses[-1]
-        if problem.policy_free is not None:
-            rest = problem.policy_free(x)
-            objective += float(rest.detach())
-            grad += reward_vjp(x, rest, torch.ones_like(rest))
+            for j in range(len(points)):
+                objectives[j] += c * losses[j][-1]
+        for j, x in enumerate(xs):
+            if problem.policy_free is not None:
+                rest = problem.policy_free(x)
+                objectives[j] += float(rest.detach())
+                grads[j] += reward_vjp(x, rest, torch.ones_like(rest))
         if score:
             H_roll = rollout_horizon(problem.discount, options["rollout_horizon"])
-            flow = _score_flow(problem, env, pi, visits, options["rollouts"], H_roll,
-                               options["share"], streams.rollouts)
-            grad += reward_vjp(x, problem.reward(x), flow / problem.temperature)
-    return Estimate(grad.detach(), objective, losses, pairs)
-
-
-def new_queries(fresh: Estimate, replay: Estimate) -> int:
-    """Pairs of ``replay`` (the same random numbers at another point) that differ from
-    ``fresh``'s: only those need a new label, the others repeat a labelled pair exactly."""
-    return sum(int((a != b).any(-1).sum()) for a, b in zip(fresh.pairs, replay.pairs))
+            flows = _score_flows(problem, env, pis, log_ratios, visits, options["rollouts"],
+                                 H_roll, options["share"], streams.rollouts)
+            for j, x in enumerate(xs):
+                grads[j] += reward_vjp(x, problem.reward(x), flows[j] / problem.temperature)
+    return [Estimate(g.detach(), f, l) for g, f, l in zip(grads, objectives, losses)]
 
 
 def sampled_q(problem: TabularProblem, env: Environment, r: Tensor, pi: Tensor, rollouts: int,
@@ -421,8 +461,7 @@ def sampled_q(problem: TabularProblem, env: Environment, r: Tensor, pi: Tensor, 
     S, A = pi.shape
     tau, gamma = problem.temperature, problem.discount
     r = r.detach()
-    log_pi = torch.log(pi.clamp_min(torch.finfo(pi.dtype).tiny))
-    r_pi = (pi * (r - tau * log_pi)).sum(-1)
+    r_pi = (pi * (r - tau * _log(pi))).sum(-1)
     starts = torch.arange(S * A, device=pi.device).repeat(rollouts)
     st, _, alive = rollout(env.lower, pi, torch.div(starts, A, rounding_mode="floor"),
                            starts % A, horizon + 1, generator)
@@ -441,8 +480,7 @@ def mirror_step(pi: Tensor, Q: Tensor, tau: float, rate: float) -> Tensor:
     """
     if rate >= 1.0:
         return soft_policy(Q, tau)
-    log_pi = torch.log(pi.clamp_min(torch.finfo(pi.dtype).tiny))
-    return soft_policy((1.0 - rate) * tau * log_pi + rate * Q, tau)
+    return soft_policy((1.0 - rate) * tau * _log(pi) + rate * Q, tau)
 
 
 class Follower:
@@ -493,10 +531,13 @@ def outer_loop(problem: TabularProblem, options: dict[str, Any], monitor: Monito
     """``x <- project(x - beta d_k)`` with ``pi_k`` from the follower and ``d_k`` from
     ``direction``; records ``objective`` (the sampled estimate of the minimised objective),
     ``hypergrad_norm``, ``stationarity``, ``time``, ``iteration``, and the cumulative
-    ``queries`` (preference pairs labelled) and ``transitions`` (simulator draws) after it.
+    ``queries`` (preference pairs labelled) and ``transitions`` (simulator draws) after it,
+    every ``log_every`` iterations and at the last one.
 
-    The returned ``objective`` is exact (``problem.objective``) where the objective has a
-    closed form (no ``preference_loss``), else the mean of the last ten sampled estimates.
+    The returned ``objective`` is ``f(x, pi)`` at the follower's running policy where the
+    objective has a closed form (no ``preference_loss``), else the mean of the last ten sampled
+    estimates; ``extra["objective_is"]`` says which. An estimate, a step or a policy that is
+    not finite stops the run (``NOT_FINITE``) at the last iterate whose numbers were finite.
     """
     env = follower.env
     x = problem.project(problem.x0.detach().clone())
@@ -508,6 +549,18 @@ def outer_loop(problem: TabularProblem, options: dict[str, Any], monitor: Monito
     start = time.perf_counter()
     stopped, k = "max_iterations", 0
     recent: list[float] = []
+    last: tuple[Tensor, Tensor] | None = None  # the last finite iterate and its policy
+    pending: tuple[int, float, float, float] | None = None  # the last iteration, unrecorded
+
+    def record(k: int, f: float, h_norm: float, mapping: float) -> None:
+        history["iteration"].append(k)
+        history["objective"].append(f)
+        history["hypergrad_norm"].append(h_norm)
+        history["stationarity"].append(mapping)
+        history["time"].append(time.perf_counter() - start)
+        history["queries"].append(env.queries)
+        history["transitions"].append(env.transitions)
+
     try:
         # the warm start, a step at a time: Ctrl-C and time_limit may come during it too (with
         # sampled Q estimates each step can draw millions of transitions)
@@ -523,17 +576,18 @@ def outer_loop(problem: TabularProblem, options: dict[str, Any], monitor: Monito
                 observer(k, x, pi, env)
             d, f, h_norm = direction(k, x, pi)
             x_next = problem.project(x - beta * d)
+            if not (math.isfinite(f) and math.isfinite(h_norm)
+                    and bool(torch.isfinite(x_next).all() and torch.isfinite(pi).all())):
+                stopped = NOT_FINITE
+                break
+            last = (x, pi)
             mapping = float(torch.linalg.vector_norm(x - x_next)) / beta
             monitor.update(k, f, h_norm)
             recent = (recent + [f])[-10:]
+            pending = (k, f, h_norm, mapping)
             if k % log_every == 0:
-                history["iteration"].append(k)
-                history["objective"].append(f)
-                history["hypergrad_norm"].append(h_norm)
-                history["stationarity"].append(mapping)
-                history["time"].append(time.perf_counter() - start)
-                history["queries"].append(env.queries)
-                history["transitions"].append(env.transitions)
+                record(*pending)
+                pending = None
             x = x_next
             k += 1
             reason = stop_reason(options, start, monitor)
@@ -544,13 +598,21 @@ def outer_loop(problem: TabularProblem, options: dict[str, Any], monitor: Monito
                 break
     except KeyboardInterrupt:
         stopped = "interrupted"
-    pi = follower.improve(x, options["inner"])
+    if pending is not None:
+        record(*pending)
+    if stopped == NOT_FINITE:
+        if last is not None:  # else x0 itself was not finite: report it as it is
+            (x, pi), k = last, k - 1
+    else:
+        pi = follower.improve(x, options["inner"])
     if "preference_loss" in problem.features or not recent:
         objective = sum(recent) / len(recent) if recent else math.nan
+        meaning = f"the mean of the last {len(recent)} sampled estimates"
     else:
         with torch.no_grad():
             objective = float(problem.objective(x, pi))
+        meaning = "f(x, pi) at the follower's running policy, not phi(x)"
     return SolveResult(x=x.detach(), policy=pi.detach(), objective=objective, history=history,
                        iterations=k, stopped_because=stopped,
                        extra={"time": time.perf_counter() - start, "queries": env.queries,
-                              "transitions": env.transitions})
+                              "transitions": env.transitions, "objective_is": meaning})

@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     from bilevel_dsl.instance import GridLayout, TabularProblem
 
 RESULT_FORMAT_VERSION = 1
+_SAMPLES_COMPARED = 10  # sampled objectives: the mean of the first and last this many recorded
 _X_SHOWN = 6  # entries of x printed in the summary before it is abbreviated
 _CELL_INCHES = 0.6  # size of a grid cell in the policy picture, shrunk for large grids
 # read once, at import: os.umask can only be read by setting it, which would briefly change it
@@ -123,9 +124,7 @@ def summary_table(problem: TabularProblem, result: SolveResult, meta: dict[str, 
         ("device", str(problem.device)),
         ("iterations", str(result.iterations)),
         ("stopped because", result.stopped_because),
-        ("objective", (f"{problem.sign * result.objective:.6g}"
-                       + (" (at the solver's running policy, not yet phi(x) exactly)"
-                          if meta.get("solver") == "m_sobirl" else ""))
+        ("objective", f"{problem.sign * result.objective:.6g}{_objective_note(result, meta)}"
                       if math.isfinite(result.objective) else "- (no estimate yet)"),
         ("||h|| final", f"{norms[-1]:.3g}" if norms else "-"),
         # at an optimum on a bound ||h|| stays large; the projected step is what goes to 0
@@ -142,9 +141,8 @@ def summary_table(problem: TabularProblem, result: SolveResult, meta: dict[str, 
                    "line_search=armijo")
     elif meta.get("solver") == "exact" and meta.get("options", {}).get("line_search") != "armijo":
         advice += ", or a line search (--set line_search=armijo)"
-    if objectives and result.objective > objectives[0] + 1e-9 * (1 + abs(objectives[0])):
-        rows.append(("warning", f"the objective ended worse than it started "
-                                f"({problem.sign * objectives[0]:.6g} at the first iterate): "
+    if (worse := _ended_worse(problem, result, objectives)) is not None:
+        rows.append(("warning", f"the objective ended worse than it started ({worse}): "
                                 f"{advice}"))
     elif meta.get("solver") in ("m_sobirl", "exact") and (  # the model-free h is noisy
             unsettled := _unsettled(stationarity or norms, result.history.get("iteration"),
@@ -368,6 +366,36 @@ def _zigzag(objectives: list[float], stationarity: list[float]) -> str | None:
             f"{stationarity[-1] / stationarity[0]:.2g} of its start")
 
 
+def _objective_note(result: SolveResult, meta: dict[str, Any]) -> str:
+    """What the final objective is, where it is not ``phi(x)``."""
+    if "objective_is" in result.extra:  # the model-free solvers say
+        return f" ({result.extra['objective_is']})"
+    if meta.get("solver") == "m_sobirl":
+        return " (at the solver's running policy, not yet phi(x) exactly)"
+    return ""
+
+
+def _ended_worse(problem: TabularProblem, result: SolveResult, objectives: list[float]
+                 ) -> str | None:
+    """How the objective ended worse than it started, if it did, comparing like with like: the
+    final objective with the first iterate's, or for sampled objectives (the model-free
+    solvers', noisy and not ``phi``) the mean of the last ten recorded samples with that of the
+    first ten (no verdict with fewer than 20)."""
+    if "objective_is" in result.extra:
+        if len(objectives) < 2 * _SAMPLES_COMPARED:
+            return None
+        first = sum(objectives[:_SAMPLES_COMPARED]) / _SAMPLES_COMPARED
+        last = sum(objectives[-_SAMPLES_COMPARED:]) / _SAMPLES_COMPARED
+        if last <= first + 1e-9 * (1 + abs(first)):
+            return None
+        return (f"the last {_SAMPLES_COMPARED} recorded samples average "
+                f"{problem.sign * last:.6g}, the first {_SAMPLES_COMPARED} "
+                f"{problem.sign * first:.6g}")
+    if not objectives or result.objective <= objectives[0] + 1e-9 * (1 + abs(objectives[0])):
+        return None
+    return f"{problem.sign * objectives[0]:.6g} at the first iterate"
+
+
 def _exact_rows(problem: TabularProblem, exact: dict[str, float] | None) -> list[tuple]:
     """m_sobirl's check at the final x, beside its running estimates."""
     if exact is None:
@@ -393,7 +421,8 @@ def _abbreviate(x: torch.Tensor) -> str:
     if x.dim() == 0:  # a scalar variable
         return f"{flat[0]:.6g}"
     if len(flat) <= _X_SHOWN:
-        return "[" + ", ".join(f"{v:.4g}" for v in flat) + "]"
+        shape = f" (shape {tuple(x.shape)})" if x.dim() > 1 else ""  # flattened: say so
+        return "[" + ", ".join(f"{v:.4g}" for v in flat) + "]" + shape
     half = _X_SHOWN // 2
     shown = [f"{v:.4g}" for v in flat[:half]] + ["..."] + [f"{v:.4g}" for v in flat[-half:]]
     return f"[{', '.join(shown)}] (shape {tuple(x.shape)})"

@@ -22,6 +22,8 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from bilevel_dsl.instance import TRAJECTORY
+
 from .result import Monitor, SolveResult
 
 if TYPE_CHECKING:
@@ -152,6 +154,9 @@ class Capabilities:
     forms: frozenset[str]
     features: frozenset[str]
     devices: frozenset[str]
+    # samples the objective's trajectory terms: needs a trajectory objective that is a linear
+    # combination of them plus a policy-free rest (ProblemFeatures.linear_terms)
+    needs_linear_terms: bool = False
 
 
 @dataclass(frozen=True)
@@ -174,12 +179,17 @@ class ProblemFeatures:
     form: str
     features: frozenset[str]
     device: str
+    # false for a trajectory objective that is not a linear combination of its trajectory
+    # terms (``policy`` beside ``expected_return``, ``log(expected_return(...))``)
+    linear_terms: bool = True
 
     @classmethod
     def of(cls, problem: TabularProblem) -> ProblemFeatures:
         """The demands of a lowered problem (tabular, or deep with ``environment``)."""
+        linear = (problem.form != TRAJECTORY
+                  or getattr(problem, "trajectory_terms", None) is not None)
         return cls(getattr(problem, "environment", "tabular"), problem.form,
-                   frozenset(problem.features), problem.device.type)
+                   frozenset(problem.features), problem.device.type, linear)
 
 
 @dataclass(frozen=True)
@@ -402,6 +412,10 @@ def _gaps(spec: SolverSpec, features: ProblemFeatures) -> list[_Gap]:
         gaps.append(_Gap("environment", features.environment, caps.environments))
     if features.form not in caps.forms:
         gaps.append(_Gap("objective form", features.form, caps.forms))
+    elif caps.needs_linear_terms and not features.linear_terms:
+        gaps.append(_Gap("objective form", f"{features.form}, not linear in its terms",
+                         frozenset({f"{form}: constant multiples of its trajectory terms, plus "
+                                    "terms without the policy" for form in caps.forms})))
     gaps += [
         _Gap("feature", feature, caps.features)
         for feature in sorted(features.features - caps.features)

@@ -41,6 +41,7 @@ MODEL_FREE = Capabilities(
     forms=frozenset({TRAJECTORY}),
     features=frozenset({"policy", "expected_return", "preference_loss"}),
     devices=frozenset({"cpu", "cuda"}),
+    needs_linear_terms=True,
 )
 
 

@@ -1,25 +1,35 @@
 """Stoc-SoBiRL (the paper's Algorithms 3 and 4): SoBiRL's estimator with STORM momentum.
 
 Outer iteration ``k``: the follower's solver gives ``pi_k``; a sample ``xi_k`` (``B`` trajectory
-tuples in the upper MDP and ``m`` rollouts of ``H'`` steps per start pair in the lower MDP) gives
-``h(x_k; xi_k)`` at ``pi_k``, and the *same* sample gives ``h(x_{k-1}; xi_k)`` at ``pi_{k-1}``:
-both are drawn from the same generator states (common random numbers: inverse-CDF draws from the
-same uniforms, so trajectories coincide wherever the two policies agree closely). Then
+tuples in the upper MDP and ``m`` rollouts of ``H'`` steps per start pair in the lower MDP,
+drawn under ``pi_k``) gives ``h(x_k; xi_k)``, and the *same* trajectories, labels and rollouts,
+reweighted by the importance ratios ``prod_t pi_{k-1}(a_t|s_t) / pi_k(a_t|s_t)``, give
+``h(x_{k-1}; xi_k)`` (``modelfree.estimates``), unbiased at the previous point and smooth in
+``x``. Then
 
     d_k     = h(x_k; xi_k) + (1 - eta_k) (d_{k-1} - h(x_{k-1}; xi_k))      (d_0 = h(x_0; xi_0))
-    eta_k   = min(1, c / (k + 1)^(2/3))
+    eta_k   = min(1, max(c / (k + 1)^(2/3), sqrt(V_diff / V_h)))
     x_{k+1} = project(x_k - beta d_k)
 
 ``eta_k = 1`` is plain SoBiRL (and the replay is skipped); smaller ``eta`` averages the noise of
-past samples away while the correction term tracks the drift of the hyper-gradient. Two
-estimates per iteration once ``eta_k < 1``. With a preference dataset, both fit the same data
-``D_k`` (the replay adds nothing to it); the replay's pairs need labels of their own wherever
-they differ from the fresh pairs, and are counted as queries. ``history["hypergrad_norm"]``
-records ``||d_k||``, the direction actually stepped along.
+past samples away while the correction term tracks the drift of the hyper-gradient, but it
+also adds up the noise of the replayed differences: the error settles near ``(eta^2 V_h +
+V_diff) / (2 eta)``, with ``V_h`` the variance of an estimate and ``V_diff`` that of
+``h(x_k; xi) - h(x_{k-1}; xi)``. The paper's schedule assumes ``V_diff`` small (a smooth
+per-sample gradient and short steps); on trajectory objectives the ratios over ``H`` steps make
+it as large as ``V_h`` at the default step size (docs/solvers.md has the measurements), and
+the schedule alone then diverges. The ``sqrt(V_diff / V_h)`` floor (option ``adaptive``) is
+the weight that minimises that error; both variances are estimated at no extra cost, from the
+replay against the fresh estimate (``V_diff``) and against the previous iteration's fresh
+estimate at the same point (``2 V_h``), in decayed sums. Two estimates' work per iteration once
+``eta_k < 1``, but no extra queries: the replay reuses the fresh pairs and their labels. With
+a preference dataset both fit the same data ``D_k``. ``history["hypergrad_norm"]`` records
+``||d_k||``, the direction actually stepped along.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -34,7 +44,7 @@ from .modelfree import (
     Follower,
     Streams,
     estimate,
-    new_queries,
+    estimates,
     outer_loop,
     preference_data,
 )
@@ -42,10 +52,22 @@ from .registry import Option, SolverSpec
 from .result import Monitor, SolveResult
 from .sobirl import MODEL_FREE
 
+# per iteration, the weight of the past in the noise estimates of the adaptive eta_k
+NOISE_DECAY = 0.9
+
 
 def momentum_weight(k: int, c: float) -> float:
     """``eta_k = min(1, c / (k + 1)^(2/3))``."""
     return min(1.0, c / (k + 1) ** (2.0 / 3.0))
+
+
+def adaptive_weight(eta: float, diff: float, twice: float) -> float:
+    """``max(eta, sqrt(V_diff / V_h))``, at most 1: STORM's error settles near ``(eta^2 V_h +
+    V_diff) / (2 eta)``, least at ``eta = sqrt(V_diff / V_h)`` and never below plain SGD's
+    ``V_h`` once ``V_diff >= V_h`` (``diff`` estimates ``V_diff``, ``twice`` ``2 V_h``)."""
+    if twice <= 0.0:
+        return 1.0 if diff > 0.0 else eta
+    return min(1.0, max(eta, math.sqrt(2.0 * diff / twice)))
 
 
 def setup(problem: TabularProblem, options: dict[str, Any]) -> tuple[Follower, Direction]:
@@ -54,22 +76,26 @@ def setup(problem: TabularProblem, options: dict[str, Any]) -> tuple[Follower, D
     streams = Streams(problem.seed, problem.device)
     follower = Follower(problem, env, options, streams.rollouts)
     data = preference_data(problem, options)
-    state: dict[str, Any] = {"d": None, "x": None, "pi": None}
+    state: dict[str, Any] = {"d": None, "h": None, "x": None, "pi": None}
+    # decayed sums of ||h(x_k; xi_k) - h(x_{k-1}; xi_k)||^2 and ||h(x_{k-1}; xi_{k-1}) -
+    # h(x_{k-1}; xi_k)||^2 (two independent samples at one point: twice the variance)
+    noise = {"diff": 0.0, "twice": 0.0}
 
     def direction(k: int, x: torch.Tensor, pi: torch.Tensor) -> tuple[torch.Tensor, float, float]:
-        sample = streams.state()
-        e = estimate(problem, env, x, pi, options, streams, data=data)
-        d = e.grad
         eta = momentum_weight(k, options["momentum"])
-        if state["d"] is not None and eta < 1.0:  # (eta = 1: the correction has weight 0)
-            after = streams.state()
-            streams.restore(sample)  # the same xi_k at the previous point
-            previous = estimate(problem, env, state["x"], state["pi"], options, streams,
-                                data=data, record=False)
-            streams.restore(after)
-            env.queries += new_queries(e, previous)
-            d = e.grad + (1.0 - eta) * (state["d"] - previous.grad)
-        state.update(d=d, x=x.detach().clone(), pi=pi.detach().clone())
+        if state["d"] is None or eta >= 1.0:  # (eta = 1: the correction has weight 0)
+            e = estimate(problem, env, x, pi, options, streams, data=data)
+            d = e.grad
+        else:  # xi_k, reweighted to the previous point
+            e, replay = estimates(problem, env, [(x, pi), (state["x"], state["pi"])], options,
+                                  streams, data=data)
+            if options["adaptive"]:
+                for key, other in (("diff", e.grad), ("twice", state["h"])):
+                    change = float((other - replay.grad).square().sum())
+                    noise[key] = NOISE_DECAY * noise[key] + change
+                eta = adaptive_weight(eta, noise["diff"], noise["twice"])
+            d = e.grad + (1.0 - eta) * (state["d"] - replay.grad)
+        state.update(d=d, h=e.grad, x=x.detach().clone(), pi=pi.detach().clone())
         return d, e.objective, float(torch.linalg.vector_norm(d))
 
     return follower, direction
@@ -90,6 +116,9 @@ SPEC = SolverSpec(
         Option("beta", float, 0.05, "step size on x", valid="(0, inf)"),
         Option("momentum", float, 1.0, "c in the STORM weight eta_k = min(1, c / (k+1)^(2/3)) "
                "(c >= k^(2/3) for all k: no momentum)", valid="(0, inf)"),
+        Option("adaptive", bool, True, "raise eta_k to sqrt(V_diff / V_h), estimated from the "
+               "replays: momentum only where the replayed difference is less noisy than a fresh "
+               "estimate (false: the paper's schedule alone)"),
         *LOOP_OPTIONS,
         *ESTIMATOR_OPTIONS,
     ),

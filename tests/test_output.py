@@ -292,3 +292,32 @@ def test_exact_check_after_m_sobirl_is_reported_and_flags_a_lagging_estimate():
         problem, result, {"solver": spec.name})
     _, unchecked = solve(problem, "m_sobirl", {"outer": 5, "verify": "off"})
     assert "exact" not in unchecked.extra
+
+
+def test_model_free_objective_is_labelled_and_compared_like_with_like() -> None:
+    """A model-free run's objective says what it is, and the "worse than it started" warning
+    compares the mean of its first ten recorded samples with that of its last ten, not one
+    noisy first sample with the final value."""
+    x = torch.zeros(4, dtype=torch.float64)
+    result = fake_result(x)
+    meta = {**META, "solver": "sobirl"}
+    result.extra["objective_is"] = "f(x, pi) at the follower's running policy, not phi(x)"
+    result.history["objective"] = [-3.0] + [-1.0] * 9 + [-1.5] * 20  # a lucky first sample
+    result.objective = -1.6
+    rows = {line.split("  ")[0]: line
+            for line in summary_table(grid_problem(x), result, meta).splitlines()}
+    assert "at the follower's running policy, not phi(x)" in rows["objective"]
+    assert "warning" not in rows
+    result.history["objective"] = [-2.0] * 10 + [-1.0] * 20
+    rows = {line.split("  ")[0]: line
+            for line in summary_table(grid_problem(x), result, meta).splitlines()}
+    # (maximised: the user's sense flips the minimised samples' sign)
+    assert "the last 10 recorded samples average 1, the first 10 2" in rows["warning"]
+
+
+def test_a_small_matrix_variable_is_shown_with_its_shape():
+    from solvers.output import _abbreviate
+
+    assert _abbreviate(torch.arange(6.0).view(3, 2)) == "[0, 1, 2, 3, 4, 5] (shape (3, 2))"
+    assert _abbreviate(torch.tensor([1.0, 2.0])) == "[1, 2]"
+    assert _abbreviate(torch.tensor(0.5)) == "0.5"

@@ -424,3 +424,18 @@ def test_built_in_solvers_declare_a_range_for_every_number(name: str) -> None:
             assert option.valid is not None, f"{name}: option `{option.name}` has no range"
             if option.default is not None:
                 assert option.default in option.valid
+
+
+def test_a_sampling_solver_refuses_a_trajectory_objective_without_linear_terms() -> None:
+    """A solver that samples trajectory terms needs the objective to be linear in them."""
+    caps = Capabilities(False, frozenset({"tabular"}), frozenset({"trajectory"}),
+                        frozenset({"policy", "expected_return"}), frozenset({"cpu"}),
+                        needs_linear_terms=True)
+    reg = Registry()
+    reg.register(SolverSpec("sampler", (), "samples", caps, (), lambda p, o, m: None))
+    mixed = ProblemFeatures("tabular", "trajectory", frozenset({"policy", "expected_return"}),
+                            "cpu", linear_terms=False)
+    assert reg.missing(reg.get("sampler"), mixed) == ["objective form `trajectory, not linear in "
+                                                      "its terms`"]
+    assert reg.missing(reg.get("sampler"), ProblemFeatures(
+        "tabular", "trajectory", frozenset({"expected_return"}), "cpu")) == []
