@@ -139,6 +139,9 @@ def _at_solve_statement(checked: Any, exc: Exception) -> BrlError:
 
 def cmd_compile(args: argparse.Namespace) -> int:
     if args.schema:
+        if args.file:
+            raise UsageError("brl compile: --schema prints the IR's schema, which does not "
+                             "depend on a file: give --schema or a file, not both")
         _write(json.dumps(json_schema(), indent=2), args.output)
         return EXIT_OK
     if not args.file:

@@ -328,6 +328,9 @@ class _Elaborator:
             obj = evaluate(dim.domain, scope)
             if isinstance(obj, SetValue):
                 out_set, size = obj, obj.size
+                if size < 1:
+                    raise EvalError("E301", f"a dimension must have at least 1 element, but "
+                                    f"{obj.describe()} is empty", dim.domain.span)
             elif isinstance(obj, Val) and not obj.dims and not obj.axes:
                 size = integer_value(dim.domain, scope)
                 if size < 1:

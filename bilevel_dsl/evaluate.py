@@ -571,13 +571,18 @@ def _index(node: ir.Index, scope: Scope) -> Val:
         base = _name(ir.Name(node.span, "policy"), scope)
     base = need_val(base, node.base)
     if len(node.indices) > len(base.dims):
+        hint = f"it is {base.describe_shape()}"
+        name = node.base.id if isinstance(node.base, ir.Name) else None
+        if name in scope.indices and name in scope.names:  # an index hides a declaration
+            hint = (f"`{name}` here is an index, which hides the declared `{name}`: rename one "
+                    "of them")
         raise EvalError(
             "E302",
             f"too many indices: {_describe(node.base)} has {len(base.dims)} "
             f"dimension{'s' if len(base.dims) != 1 else ''} but {len(node.indices)} "
             f"indices are given",
             node.span,
-            f"it is {base.describe_shape()}",
+            hint,
         )
     result = base
     for k, index_node in enumerate(node.indices):

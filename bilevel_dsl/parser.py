@@ -531,6 +531,10 @@ def _syntax_diagnostic(kind: str, value: str, loc: _Loc | None, expected_termina
         return Diagnostic("E100", "this statement is incomplete",
                           ir.Span(line, column, line, column + 1),
                           f"expected {expected} before `{shown}` on line {loc[0]}")
+    elif kind in ("INT", "FLOAT", "NAME", "STRING") and "ADD_OP" in expected_terminals and not (
+            kind == "NAME" and did_you_mean(value, [t.lower() for t in STATEMENT_KEYWORDS])):
+        hint = "two values in a row: is an operator (`+`, `*`, ...) or a `,` missing before " \
+            "it?"
     elif kind == "IF":
         hint = "inside a larger expression, put the conditional in parentheses: " \
             "(if c then a else b)"

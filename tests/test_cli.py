@@ -592,3 +592,8 @@ def test_solve_auto_in_a_file_picks_a_solver_and_takes_no_options(tmp_path, caps
     path.write_text(without + "solve auto(outer = 3)\n")
     code, _, err = run(["check", str(path)], capsys)
     assert code == 1 and "E802" in err and "`auto` takes no options" in err
+
+
+def test_compile_schema_takes_no_file(capsys):
+    code, _, err = run(["compile", "--schema", "problems/maze_nav.brl"], capsys)
+    assert code == 1 and "--schema or a file, not both" in err

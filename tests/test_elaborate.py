@@ -743,3 +743,14 @@ def test_messages_for_arities_auto_and_an_infinite_temperature():
 def test_an_index_used_past_the_end_of_its_reduction_gets_a_hint():
     found = diagnostics("brl 1\nparam a[3] = [1, 2, 3]\nparam t = sum {k in 0..2} a[k] + a[k]\n")
     assert found[0].code == "E201" and "belongs to the `sum` at 3:11" in found[0].hint
+
+
+def test_an_index_hiding_a_declaration_and_an_empty_dimension_are_explained():
+    found = diagnostics("brl 1\nparam a[4] = [1, 2, 3, 4]\n"
+                        "mdp M = random_mdp(states = 4, actions = 2, discount = 0.5)\n"
+                        "var x[M.S, M.A] = 0\n"
+                        "lower M { temperature = 1  reward[s, a] = x[s, a] + a[s] }\n"
+                        "upper minimize norm2(x)\n")
+    assert found[0].code == "E302" and "hides the declared `a`" in found[0].hint
+    found = diagnostics("brl 1\nvar x[1..0] = 0\n")
+    assert found[0].code == "E301" and "is empty" in found[0].message

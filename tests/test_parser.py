@@ -718,3 +718,9 @@ def test_a_statement_cut_short_names_the_bracket_it_left_open():
 def test_lone_carriage_returns_break_lines():
     found = diagnostics("brl 1\rparam a = 1\rparam b = (a +\r")
     assert (found[0].span.line, found[0].span.column) == (3, 15)
+
+
+def test_two_values_in_a_row_suggest_a_missing_operator_or_comma():
+    found = diagnostics("brl 1\nparm h = 1\nparam f = 3 4\nparam g[2] = [1 2]\n")
+    assert ["two values in a row" in (d.hint or "") for d in found] == [False, True, True]
+    assert "did you mean `param`" in found[0].hint
