@@ -238,8 +238,6 @@ class _Tables:
         so one can only start a statement) and drops the broken statement from the stack: each
         later statement is parsed on its own, and its errors are reported too.
         """
-        states = self.states
-        units = self.units
         ignore = self.ignore
         keywords = self.keywords
         state_stack = [self.start_states[start]]
@@ -279,25 +277,7 @@ class _Tables:
                 skipping = True
                 continue
             try:
-                while True:
-                    state = state_stack[-1]
-                    action = states[state].get(kind)
-                    if action.__class__ is int:
-                        state_stack.append(action)
-                        values.append(value)
-                        locs.append(loc)
-                        break
-                    if action.__class__ is str:  # unit reductions: only the state changes
-                        key = (state_stack[-2], state, kind)
-                        after = units.get(key)
-                        if after is None:
-                            after = units[key] = self._after_units(key)
-                        state_stack[-1] = after
-                    elif action is None:
-                        self._unexpected(state, kind, value, loc, text,
-                                         previous if not text[line_start:pos].strip() else None)
-                    else:
-                        self._reduce(action, state_stack, values, locs)
+                self._push(kind, value, loc, state_stack, values, locs, text, pos, previous)
             except _NodeError as exc:
                 errors.append(_with_opener(exc.diagnostic, values, locs))
                 skipping = True
@@ -305,10 +285,11 @@ class _Tables:
                 # next statement (in mid-line it is more likely a reserved word used as a name)
                 if kind in STATEMENT_KEYWORDS and not text[line_start:pos].strip() and \
                         self._resume(state_stack, values, locs, kind):
-                    state_stack.append(states[state_stack[-1]][kind])
-                    values.append(value)
-                    locs.append(loc)
-                    skipping = False
+                    try:
+                        self._push(kind, value, loc, state_stack, values, locs, text, pos, None)
+                        skipping = False
+                    except _NodeError:  # reported already, at this keyword: skip on
+                        pass
             previous = loc
         if not skipping:
             try:
@@ -318,6 +299,31 @@ class _Tables:
         if errors:
             raise _SyntaxErrors(errors)
         return values[-1]
+
+    def _push(self, kind: str, value: str, loc: _Loc, state_stack: list, values: list,
+              locs: list, text: str, pos: int, previous: _Loc | None) -> None:
+        """Take the reductions that token `kind` (at `pos` in `text`) calls for, then shift it;
+        `previous`: the last token's location, for an error's message."""
+        states = self.states
+        while True:
+            state = state_stack[-1]
+            action = states[state].get(kind)
+            if action.__class__ is int:
+                state_stack.append(action)
+                values.append(value)
+                locs.append(loc)
+                return
+            if action.__class__ is str:  # unit reductions: only the state changes
+                key = (state_stack[-2], state, kind)
+                after = self.units.get(key)
+                if after is None:
+                    after = self.units[key] = self._after_units(key)
+                state_stack[-1] = after
+            elif action is None:
+                opens_line = not text[pos - loc[1] + 1:pos].strip()
+                self._unexpected(state, kind, value, loc, text, previous if opens_line else None)
+            else:
+                self._reduce(action, state_stack, values, locs)
 
     def _finish(self, state_stack: list, values: list, locs: list, start: str, text: str) -> None:
         """Take the reductions that the end of the input calls for."""
@@ -334,9 +340,12 @@ class _Tables:
                 self._reduce(action, state_stack, values, locs)
 
     def _resume(self, state_stack: list, values: list, locs: list, keyword: str) -> bool:
-        """Drop the broken statement: pop the stack to where `keyword` starts a statement.
-        False (the stack untouched) where none does: an error in the header."""
+        """Drop the broken statement: pop the stack to where `keyword` starts a statement, or
+        keep it whole where what it holds can end before `keyword` (the tokens that broke it
+        were skipped, and were never pushed). False (the stack untouched) where neither."""
         depth = len(state_stack) - 1
+        if self.states[state_stack[depth]].get(keyword) is not None:
+            return True
         while self.states[state_stack[depth]].get(keyword).__class__ is not int:
             if depth == 0:
                 return False
