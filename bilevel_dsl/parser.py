@@ -245,6 +245,7 @@ class _Tables:
         locs: list[_Loc] = []
         errors: list[Diagnostic] = []
         skipping = False
+        resume_at = None  # while skipping: the position of a block's closing `}`, if known
         previous = None  # the last token's location
         line, line_start = 1, 0
         for match in self.scan(text):
@@ -268,7 +269,11 @@ class _Tables:
             if kind in keywords:
                 kind = keywords[kind].get(value, kind)
             if skipping:
-                if kind not in STATEMENT_KEYWORDS or text[line_start:pos].strip() or \
+                if resume_at is not None:  # a block's own `}`: it closes the block as written
+                    if pos < resume_at:
+                        continue
+                    resume_at = None
+                elif kind not in STATEMENT_KEYWORDS or text[line_start:pos].strip() or \
                         not self._resume(state_stack, values, locs, kind):
                     continue
                 skipping = False
@@ -279,12 +284,23 @@ class _Tables:
             try:
                 self._push(kind, value, loc, state_stack, values, locs, text, pos, previous)
             except _NodeError as exc:
-                errors.append(_with_opener(exc.diagnostic, values, locs))
                 skipping = True
+                opens_line = kind in STATEMENT_KEYWORDS and not text[line_start:pos].strip()
+                if opens_line and self.states[state_stack[-1]].get("RBRACE") is not None:
+                    resume_at = self._closing_brace(text, match.end())
+                if resume_at is not None:  # a statement, or a reserved word, inside a block
+                    named = self._next_value(text, match.end()) in ("=", "[")
+                    errors.append(Diagnostic(
+                        "E100", f"`{value}` is a reserved word and cannot be a name" if named
+                        else f"`{value}` starts a statement, which cannot appear inside a block",
+                        _span(loc), f"choose another name, such as `{value}_`" if named else
+                        "a block holds parts written `name = value`: write the "
+                        f"`{value}` statement before the block"))
+                    continue
+                errors.append(_with_opener(exc.diagnostic, values, locs))
                 # a keyword that opens a line where the broken statement wanted more starts the
                 # next statement (in mid-line it is more likely a reserved word used as a name)
-                if kind in STATEMENT_KEYWORDS and not text[line_start:pos].strip() and \
-                        self._resume(state_stack, values, locs, kind):
+                if opens_line and self._resume(state_stack, values, locs, kind):
                     try:
                         self._push(kind, value, loc, state_stack, values, locs, text, pos, None)
                         skipping = False
@@ -324,6 +340,34 @@ class _Tables:
                 self._unexpected(state, kind, value, loc, text, previous if opens_line else None)
             else:
                 self._reduce(action, state_stack, values, locs)
+
+    def _next_value(self, text: str, start: int) -> str | None:
+        """The text of the first token after `start`."""
+        for match in self.scan(text, start):
+            if match.lastgroup not in self.ignore:
+                return match.group()
+        return None
+
+    def _closing_brace(self, text: str, start: int) -> int | None:
+        """Where the block around `start` is closed, if that `}` comes before the next statement
+        keyword that opens a line (else the block is the one left open)."""
+        depth = 0
+        for match in self.scan(text, start):
+            kind, value = match.lastgroup, match.group()
+            if kind in self.ignore:
+                continue
+            if kind in self.keywords:
+                kind = self.keywords[kind].get(value, kind)
+            if kind in STATEMENT_KEYWORDS and \
+                    not text[text.rfind("\n", 0, match.start()) + 1:match.start()].strip():
+                return None
+            if value == "{":
+                depth += 1
+            elif value == "}":
+                if depth == 0:
+                    return match.start()
+                depth -= 1
+        return None
 
     def _finish(self, state_stack: list, values: list, locs: list, start: str, text: str) -> None:
         """Take the reductions that the end of the input calls for."""
@@ -479,8 +523,16 @@ def _with_opener(diagnostic: Diagnostic, values: list, locs: list) -> Diagnostic
     the parse stack, as its own text, was never closed)."""
     if diagnostic.message not in _INCOMPLETE:
         return diagnostic
+    closed = 0  # brackets closed above: `sum {i in I}` waits for its body with both on the stack
     for value, loc in zip(reversed(values), reversed(locs)):
-        if value.__class__ is str and value in _CLOSERS:
+        if value.__class__ is not str:
+            continue
+        if value in _CLOSERS.values():
+            closed += 1
+        elif value in _CLOSERS:
+            if closed:
+                closed -= 1
+                continue
             note = f"the `{value}` at line {loc[0]}, column {loc[1]} is not closed by " \
                 f"`{_CLOSERS[value]}`"
             return dataclasses.replace(diagnostic, notes=(*diagnostic.notes, note))

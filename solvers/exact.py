@@ -65,7 +65,8 @@ def run(problem: TabularProblem, options: dict[str, Any], monitor: Monitor) -> S
         while True:
             if evaluated is None:
                 evaluated = evaluate(x, V)
-            finite = math.isfinite(evaluated.objective)
+            finite = math.isfinite(evaluated.objective) and bool(
+                torch.isfinite(evaluated.grad).all())
             full = problem.project(x - beta * evaluated.grad)
             x_next, accepted = full, None
             if armijo and finite and beta:  # from twice the last step: few halvings each
@@ -90,7 +91,7 @@ def run(problem: TabularProblem, options: dict[str, Any], monitor: Monitor) -> S
             history["lower_iterations"].append(result.lower_iterations)
             if armijo:
                 history["step_size"].append(t if accepted is not None else 0.0)
-            if mapping < options["tol"]:
+            if mapping < options["tol"] or mapping == 0.0:  # (0: a fixed point of the step)
                 stopped = "converged"
                 break
             if armijo and accepted is None and beta:

@@ -754,3 +754,9 @@ def test_an_index_hiding_a_declaration_and_an_empty_dimension_are_explained():
     assert found[0].code == "E302" and "hides the declared `a`" in found[0].hint
     found = diagnostics("brl 1\nvar x[1..0] = 0\n")
     assert found[0].code == "E301" and "is empty" in found[0].message
+
+
+def test_a_filter_that_keeps_nothing_has_no_max():
+    assert codes("brl 1\nparam a = max {x in 0..3 : x > 5} x\n") == ["E301"]
+    assert value("max {i in 0..3 : i > 1} i") == 3.0
+    assert value("sum {x in 0..3 : x > 5} x") == 0.0

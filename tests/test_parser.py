@@ -724,3 +724,20 @@ def test_two_values_in_a_row_suggest_a_missing_operator_or_comma():
     found = diagnostics("brl 1\nparm h = 1\nparam f = 3 4\nparam g[2] = [1 2]\n")
     assert ["two values in a row" in (d.hint or "") for d in found] == [False, True, True]
     assert "did you mean `param`" in found[0].hint
+
+
+def test_a_statement_inside_a_block_is_reported_once_and_the_block_still_closes():
+    found = diagnostics("brl 1\nmdp M = random_mdp(states = 3, actions = 2)\nvar x[M.S, M.A] = 0\n"
+                        "lower M {\n    temperature = 0.5\n    let bonus = 1\n"
+                        "    reward[s, a] = x[s, a] + bonus\n}\nupper maximize value(M, policy)\n"
+                        "param p = (1\n")
+    assert [(d.span.line, d.span.column) for d in found] == [(6, 5), (10, 13)]
+    assert "cannot appear inside a block" in found[0].message
+    found = diagnostics("brl 1\nmdp M = table {\n    states = 2\n    set = 3\n}\n")
+    assert [d.message for d in found] == ["`set` is a reserved word and cannot be a name"]
+
+
+def test_a_closed_bracket_waiting_for_a_body_is_not_called_open():
+    found = diagnostics("brl 1\nparam a = sum {i in 1..3}\nparam b = (1 + [2, 3\n")
+    assert found[0].notes == ()
+    assert found[1].notes == ("the `[` at line 3, column 16 is not closed by `]`",)
