@@ -30,6 +30,7 @@ class Diagnostic:
 
 
 _LONE_CR = re.compile(r"\r(?!\n)")
+MAX_SHOWN = 50  # diagnostics printed per file
 
 
 @dataclass
@@ -64,7 +65,12 @@ class BrlError(Exception):
         super().__init__(self.render())
 
     def render(self) -> str:
-        return "\n".join(render(d, self.source) for d in self.diagnostics)
+        shown = [render(d, self.source) for d in self.diagnostics[:MAX_SHOWN]]
+        hidden = len(self.diagnostics) - MAX_SHOWN
+        if hidden > 0:  # a file of broken lines: the first ones say what to fix
+            name = self.source.name if self.source is not None else "<input>"
+            shown.append(f"{name}: ... and {hidden:,} more error{'s' if hidden > 1 else ''}")
+        return "\n".join(shown)
 
 
 def render(diag: Diagnostic, source: SourceFile | None) -> str:

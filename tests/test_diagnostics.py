@@ -247,3 +247,13 @@ def test_carets_count_screen_columns_under_wide_characters():
     source_line, caret_line = info.value.render().split("\n")[1:3]
     assert source_line == '3 | param b = "字字" + 1'
     assert caret_line == "  |           ^^^^^^"  # `"字字"`: 1 + 2 + 2 + 1 columns
+
+
+def test_at_most_fifty_diagnostics_are_printed_per_file():
+    text = "brl 1\n" + "".join(f"param p{i} = 1 +\n" for i in range(120))
+    with pytest.raises(BrlError) as info:
+        compile_source(text, "many.brl")
+    assert len(info.value.diagnostics) == 120
+    rendered = info.value.render()
+    assert rendered.count("error[E100]") == 50
+    assert rendered.endswith("many.brl: ... and 70 more errors")
