@@ -183,18 +183,11 @@ def run(problem: TabularProblem, options: dict[str, Any], monitor: Monitor) -> S
     except KeyboardInterrupt:
         stopped = "interrupted"
 
-    extra: dict = {}
-    if options["verify"] == "exact" and stopped != "interrupted":
-        try:  # what the running estimates stand for: phi(x) and grad phi(x), solved exactly
-            final = hypergradient(problem, x.detach(), V=V, tol=VERIFY_TOL)
-            extra["exact"] = _exact_record(problem, x.detach(), final, beta)
-        except KeyboardInterrupt:
-            stopped = "interrupted"
     f_end, _, grad_end = upper_derivatives(problem, x, pi)
     adjoint = {"w": w.detach()}
     if centred:  # w = sum_a g - z, with g at the final point
         adjoint = {"w": sum_actions(pi * grad_end).detach() - w.detach(), "z": w.detach()}
-    return SolveResult(
+    result = SolveResult(
         x=x.detach(),
         policy=pi.detach(),
         objective=float(f_end),
@@ -202,8 +195,18 @@ def run(problem: TabularProblem, options: dict[str, Any], monitor: Monitor) -> S
         iterations=k,
         stopped_because=stopped,
         extra={"V": V.detach(), **adjoint, "time": time.perf_counter() - start,
-               "start_lower_iterations": start_iterations, **extra},
+               "start_lower_iterations": start_iterations},
     )
+    if options["verify"] == "exact" and stopped != "interrupted":
+        try:  # what the running estimates stand for: phi(x), pi*_x and grad phi(x), exactly
+            final = hypergradient(problem, x.detach(), V=V, tol=VERIFY_TOL)
+        except KeyboardInterrupt:
+            result.stopped_because = "interrupted"
+        else:
+            result.extra["exact"] = _exact_record(problem, x.detach(), final, beta)
+            result.extra["running_objective"] = result.objective
+            result.objective, result.policy = final.objective, final.pi.detach()
+    return result
 
 
 def _exact_record(problem: TabularProblem, x: Tensor, final: HyperGradient, beta: float

@@ -95,6 +95,7 @@ def result_record(
     if "exact" in result.extra:  # m_sobirl's check at the final x: phi in the user's sense
         record["extra"]["exact"] = {**result.extra["exact"],
                                     "objective": problem.sign * result.extra["exact"]["objective"]}
+        record["extra"]["running_objective"] = problem.sign * result.extra["running_objective"]
     return _jsonable(record)
 
 
@@ -148,7 +149,7 @@ def summary_table(problem: TabularProblem, result: SolveResult, meta: dict[str, 
             unsettled := _unsettled(stationarity or norms, result.history.get("iteration"),
                                     objectives)):
         rows.append(("warning", f"the run did not settle: {unsettled}; {advice}"))
-    elif (lag := _lagging(stationarity or norms, result.extra.get("exact"))) is not None:
+    if (lag := _lagging(stationarity or norms, result.extra.get("exact"))) is not None:
         rows.append(("warning", f"the exact stationarity at the final x is {lag:.0f}x the "
                                 f"running estimate: the follower or the adjoint still lag x; "
                                 f"run longer, or {advice}"))
@@ -343,9 +344,10 @@ def _unsettled(stationarity: list[float], iterations: list[int] | None,
     best = min(finite)
     if stationarity[-1] < 1e-6:
         return None
-    if stationarity[-1] <= 10 * best:
-        return _zigzag(objectives, stationarity)
     k = stationarity.index(best)
+    if stationarity[-1] <= 10 * best or (  # still improving since then: a flat start, not a swing
+            len(objectives) == len(stationarity) and objectives[-1] < objectives[k]):
+        return _zigzag(objectives, stationarity)
     at = iterations[k] if iterations and len(iterations) == len(stationarity) else k
     return (f"its stationarity ended at {stationarity[-1]:.3g}, {stationarity[-1] / best:.0f}x "
             f"the smallest it reached ({best:.3g} at iteration {at})")
@@ -363,7 +365,7 @@ def _zigzag(objectives: list[float], stationarity: list[float]) -> str | None:
         return None
     return (f"its objective zigzags ({flips} reversals in the last {len(tail)} iterations) and "
             f"its stationarity ended at {stationarity[-1]:.3g}, "
-            f"{stationarity[-1] / stationarity[0]:.2g} of its start")
+            f"{stationarity[-1] / stationarity[0]:.2g}x its start")
 
 
 def _objective_note(result: SolveResult, meta: dict[str, Any]) -> str:
@@ -371,6 +373,8 @@ def _objective_note(result: SolveResult, meta: dict[str, Any]) -> str:
     if "objective_is" in result.extra:  # the model-free solvers say
         return f" ({result.extra['objective_is']})"
     if meta.get("solver") == "m_sobirl":
+        if "exact" in result.extra:
+            return " (phi(x): the follower solved exactly at the final x)"
         return " (at the solver's running policy, not yet phi(x) exactly)"
     return ""
 
@@ -400,7 +404,7 @@ def _exact_rows(problem: TabularProblem, exact: dict[str, float] | None) -> list
     """m_sobirl's check at the final x, beside its running estimates."""
     if exact is None:
         return []
-    text = (f"{problem.sign * exact['objective']:.6g}, ||grad phi|| {exact['hypergrad_norm']:.3g}"
+    text = (f"||grad phi|| {exact['hypergrad_norm']:.3g}"
             + (f", stationarity {exact['stationarity']:.3g}" if problem.bounded else ""))
     return [("exact at x", text + " (follower and adjoint solved)")]
 

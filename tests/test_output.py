@@ -321,3 +321,30 @@ def test_a_small_matrix_variable_is_shown_with_its_shape():
     assert _abbreviate(torch.arange(6.0).view(3, 2)) == "[0, 1, 2, 3, 4, 5] (shape (3, 2))"
     assert _abbreviate(torch.tensor([1.0, 2.0])) == "[1, 2]"
     assert _abbreviate(torch.tensor(0.5)) == "0.5"
+
+
+def test_a_run_still_improving_from_a_flat_start_is_not_called_unsettled():
+    """The smallest stationarity at a flat start is no optimum passed: while the objective kept
+    falling since then, no 'did not settle' (a blind user's shaping run, monotone throughout)."""
+    from solvers.output import _unsettled
+
+    stationarity = [0.01] + [0.5 - 0.001 * k for k in range(59)]
+    falling = [-0.01 * k for k in range(60)]
+    assert _unsettled(stationarity, None, falling) is None
+    rising_again = falling[:30] + [falling[29] + 0.01 * k for k in range(30)]
+    assert "smallest it reached" in _unsettled(stationarity, None, rising_again)
+
+
+def test_m_sobirl_verified_reports_phi_and_the_exact_policy():
+    from solvers.hypergrad import hypergradient
+
+    problem = grid_problem(torch.zeros(len(CELLS), dtype=torch.float64), sense="minimize")
+    problem.reward = lambda x: x.unsqueeze(-1).expand(len(CELLS), len(MOVES))
+    problem.objective = lambda x, pi: -pi[0, 1] + 0.01 * x.square().sum()
+    problem.features = frozenset({"policy"})
+    spec, result = solve(problem, "m_sobirl", {"outer": 5, "beta": 0.5})
+    truth = hypergradient(problem, result.x)
+    assert result.objective == pytest.approx(truth.objective, rel=1e-10)
+    assert torch.allclose(result.policy, truth.pi, atol=1e-9)
+    assert "running_objective" in result.extra
+    assert "phi(x)" in summary_table(problem, result, {"solver": spec.name})
