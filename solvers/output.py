@@ -176,10 +176,18 @@ def plot_curves(path: Path, problem: TabularProblem, result: SolveResult) -> Pat
     top.set_ylabel(f"objective ({problem.sense})")
     top.set_title(problem.name)
     bottom.plot(_iterations(result, len(norms)), np.where(norms > 0, norms, np.nan),
-                color="tab:red")
-    if np.any(norms > 0):
+                color="tab:red", label="||hyper-gradient||")
+    stationarity = np.asarray(result.history.get("stationarity", []), dtype=float)
+    shown = norms
+    if problem.bounded and len(stationarity):  # at an optimum on a bound ||h|| stays large
+        bottom.plot(_iterations(result, len(stationarity)),
+                    np.where(stationarity > 0, stationarity, np.nan), color="tab:green",
+                    label="stationarity (projected step / beta)")
+        bottom.legend(loc="best", fontsize="small")
+        shown = np.concatenate([norms, stationarity])
+    if np.any(shown > 0):
         bottom.set_yscale("log")
-    bottom.set_ylabel("||hyper-gradient||")
+    bottom.set_ylabel("||hyper-gradient||" if shown is norms else "norm")
     bottom.set_xlabel("iteration")
     bottom.xaxis.set_major_locator(MaxNLocator(integer=True))
     for ax in (top, bottom):
