@@ -142,8 +142,8 @@ def gym_mdp(decl: ir.MdpDecl, number: Number) -> GymMdp:
         fields["grey"] = _flag(opts["grey"], number)
     discount = 0.99
     if "discount" in opts:
-        discount = _scalar(opts["discount"], number, 0, 1, False, "in [0, 1)")
-        if discount >= 1:
+        discount = _scalar(opts["discount"], number, -math.inf, math.inf, False, "finite")
+        if not 0 <= discount < 1:  # as for tabular MDPs
             raise EvalError("E402", f"the discount must lie in [0, 1), got {discount:g}",
                             opts["discount"].value.span)
     return GymMdp(decl.name, EnvSpec(id_node.value, **fields), discount)
