@@ -38,6 +38,12 @@ _HEADER = re.compile(r"(?:[ \t\f\r\n]|#[^\n]*)*brl[ \t\f\r\n]+([0-9]+)")
 MAX_DEPTH = 200
 MAX_CHAIN = 5_000
 _STARTS = ("start", "expr")
+# Rules above expressions: the levels they add to an IR tree (a few at most) are not the
+# expression's nesting, which MAX_DEPTH limits and reports at the expression itself.
+_STATEMENT_RULES = frozenset({
+    "start", "header", "problem_stmt", "seed_stmt", "param_stmt", "set_stmt", "var_stmt",
+    "let_stmt", "mdp_stmt", "lower_stmt", "upper_stmt", "solve_stmt", "check_stmt",
+    "initializer", "bounds", "dims", "dim", "item", "item_indices"})
 
 # What each terminal is called in an error message.
 TERMINAL_NAMES = {
@@ -432,7 +438,7 @@ class _Tables:
                 else:  # starting one (`(a) + b`) is nesting, as any other rule
                     depth, links = max(depth, left[4]) + 1, max(links, left[5])
                 meta = _meta(where)
-                if depth > MAX_DEPTH:
+                if depth > MAX_DEPTH and origin not in _STATEMENT_RULES:
                     raise _NodeError(Diagnostic(
                         "E902", f"expression nested more than {MAX_DEPTH} levels deep",
                         _span(meta), "split it with `let` definitions, or use `sum {i in I} ...`"))

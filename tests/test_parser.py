@@ -556,7 +556,7 @@ def test_chain_of_products_and_mixed_operators():
 
 
 def test_parentheses_still_count_as_nesting_inside_a_chain():
-    deep = "(" * 199 + "1" + ")" * 199
+    deep = "(" * 200 + "1" + ")" * 200
     assert codes(f"brl 1\nparam p = {deep} + 1 + 1") == ["E902"]
     assert value("(" * 150 + "1" + ")" * 150 + " + 1" * 1000) == 1001.0
     # a chain nested in parentheses, in a chain: each chain is flat
@@ -741,3 +741,9 @@ def test_a_closed_bracket_waiting_for_a_body_is_not_called_open():
     found = diagnostics("brl 1\nparam a = sum {i in 1..3}\nparam b = (1 + [2, 3\n")
     assert found[0].notes == ()
     assert found[1].notes == ("the `[` at line 3, column 16 is not closed by `]`",)
+
+
+def test_the_nesting_limit_counts_the_expression_alone_and_points_at_it():
+    compile_ok("brl 1\nparam a = " + "(" * 200 + "1" + ")" * 200 + "\n")
+    found = diagnostics("brl 1\nparam a = " + "(" * 201 + "1" + ")" * 201 + "\n")
+    assert found[0].code == "E902" and (found[0].span.line, found[0].span.column) == (2, 11)
