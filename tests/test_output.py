@@ -118,6 +118,15 @@ def grid_problem(x0: torch.Tensor, sense: str = "maximize") -> TabularProblem:
     )
 
 
+def policy_problem() -> TabularProblem:
+    """The grid with a reward of one number per state and a policy objective: solvable."""
+    problem = grid_problem(torch.zeros(len(CELLS), dtype=torch.float64), sense="minimize")
+    problem.reward = lambda x: x.unsqueeze(-1).expand(len(CELLS), len(MOVES))
+    problem.objective = lambda x, pi: -pi[0, 1] + 0.01 * x.square().sum()
+    problem.features = frozenset({"policy"})
+    return problem
+
+
 def fake_result(x: torch.Tensor) -> SolveResult:
     policy = torch.full((len(CELLS), len(MOVES)), 0.1, dtype=torch.float64)
     policy[[0, 1, 2, 3], [1, 1, 3, 3]] = 0.7  # down, down, right, right
@@ -230,10 +239,7 @@ def test_summary_table_shows_model_free_counts() -> None:
 
 @pytest.mark.parametrize("solver", ["m_sobirl", "exact"])
 def test_a_registered_solver_runs_end_to_end(solver: str, tmp_path: Path) -> None:
-    problem = grid_problem(torch.zeros(len(CELLS), dtype=torch.float64), sense="minimize")
-    problem.reward = lambda x: x.unsqueeze(-1).expand(len(CELLS), len(MOVES))
-    problem.objective = lambda x, pi: -pi[0, 1] + 0.01 * x.square().sum()
-    problem.features = frozenset({"policy"})
+    problem = policy_problem()
     stream = io.StringIO()
     spec, result = solve(problem, solver, {"outer": 20, "beta": 0.005}, ProgressMonitor(20, stream))
     assert spec.name == solver
@@ -276,10 +282,7 @@ def test_a_run_that_zigzags_without_converging_is_flagged():
 def test_exact_check_after_m_sobirl_is_reported_and_flags_a_lagging_estimate():
     from solvers.output import summary_table
 
-    problem = grid_problem(torch.zeros(len(CELLS), dtype=torch.float64), sense="minimize")
-    problem.reward = lambda x: x.unsqueeze(-1).expand(len(CELLS), len(MOVES))
-    problem.objective = lambda x, pi: -pi[0, 1] + 0.01 * x.square().sum()
-    problem.features = frozenset({"policy"})
+    problem = policy_problem()
     spec, result = solve(problem, "m_sobirl", {"outer": 5, "beta": 0.5})
     exact = result.extra["exact"]
     assert set(exact) == {"objective", "hypergrad_norm", "stationarity"}
@@ -338,10 +341,7 @@ def test_a_run_still_improving_from_a_flat_start_is_not_called_unsettled():
 def test_m_sobirl_verified_reports_phi_and_the_exact_policy():
     from solvers.hypergrad import hypergradient
 
-    problem = grid_problem(torch.zeros(len(CELLS), dtype=torch.float64), sense="minimize")
-    problem.reward = lambda x: x.unsqueeze(-1).expand(len(CELLS), len(MOVES))
-    problem.objective = lambda x, pi: -pi[0, 1] + 0.01 * x.square().sum()
-    problem.features = frozenset({"policy"})
+    problem = policy_problem()
     spec, result = solve(problem, "m_sobirl", {"outer": 5, "beta": 0.5})
     truth = hypergradient(problem, result.x)
     assert result.objective == pytest.approx(truth.objective, rel=1e-10)
