@@ -53,7 +53,7 @@ def compile_source(
     name: str = "<string>",
     *,
     base_dir: str | Path | None = None,
-    overrides: dict[str, str] | None = None,
+    overrides: dict[str, str | float] | None = None,
     seed: int | None = None,
     solver_catalog: SolverCatalog | None = None,
 ) -> CheckedProgram:
@@ -63,6 +63,11 @@ def compile_source(
     program = parse_source(source)
     parsed = {}
     for key, value in (overrides or {}).items():
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            value = repr(value)  # a number given as one, not as text
+        if not isinstance(value, str):
+            raise TypeError(f"overrides[{key!r}]: give the value as brl text, such as '0.5' "
+                            f"or '[0, 1]', not {type(value).__name__}")
         parsed[key] = parse_expression(value, f"-D {key}")
     return elaborate(program, source, Path(base_dir) if base_dir is not None else None, parsed,
                      seed, solver_catalog)

@@ -64,6 +64,9 @@ class BrlError(Exception):
         self.source = source
         super().__init__(self.render())
 
+    def __reduce__(self):  # picklable, so that it crosses process pools whole
+        return (BrlError, (self.diagnostics, self.source))
+
     def render(self) -> str:
         shown = [render(d, self.source) for d in self.diagnostics[:MAX_SHOWN]]
         hidden = len(self.diagnostics) - MAX_SHOWN

@@ -758,7 +758,8 @@ class _Elaborator:
                 elif hint is None and mdps:
                     hint = f"the MDPs declared are {', '.join(f'`{m}`' for m in mdps)}"
                 elif hint is None:
-                    hint = "declare it first: `mdp NAME = gridworld(...)` or `mdp NAME { ... }`"
+                    hint = ("declare it first: `mdp NAME = gridworld(...)` or "
+                            "`mdp NAME = table { ... }`")
                 raise EvalError("E201", f"undefined MDP `{decl.mdp}`", decl.mdp_span, hint)
             raise EvalError("E305", f"`{decl.mdp}` is not an MDP", decl.mdp_span)
         if isinstance(mdp, MdpValue):
@@ -841,7 +842,7 @@ class _Elaborator:
             use = ir.first_policy_use(decl.objective)
             raise EvalError("E501", "the objective uses the follower's policy, but no `lower` "
                             "block defines a follower", use.span if use else decl.objective.span,
-                            "add `lower M { temperature = ..., reward[s, a] = ... }`")
+                            "add `lower M { temperature = ...  reward[s, a] = ... }`")
         scope.exact_trajectories = False
         v = evaluate_val(decl.objective, scope)
         if v.axes or v.dims:

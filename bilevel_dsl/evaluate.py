@@ -376,7 +376,7 @@ def _name(node: ir.Name, scope: Scope) -> object:
                             "`upper` objective (a reward cannot depend on it)")
         if scope.policy is None:  # checking without a lower level
             raise EvalError("E501", "`policy` is used but no `lower` block defines a follower",
-                            node.span, "add `lower M { temperature = ..., reward[s, a] = ... }`")
+                            node.span, "add `lower M { temperature = ...  reward[s, a] = ... }`")
         return Val(scope.policy, (), (scope.policy_ref.mdp.states, scope.policy_ref.mdp.actions))
     if node.id in scope.names:
         obj = scope.names[node.id]

@@ -321,6 +321,14 @@ class Program:
         return stem[:-4] if stem.endswith(".brl") else stem or "problem"
 
 
+# The words a node's string fields may hold (the schema enumerates them; from_json checks them).
+UNARY_OPS = ("-", "+", "not")
+BINARY_OPS = ("+", "-", "*", "/", "^", "and", "or", "==", "!=", "<", "<=", ">", ">=")
+REDUCERS = ("sum", "prod", "max", "min", "mean", "logsumexp")
+SENSES = ("minimize", "maximize")
+MDP_KINDS = ("gridworld", "random_mdp", "gym", "table")
+FORMS = ("policy_functional", "trajectory")
+
 # Functions of the follower's policy that an upper objective may use, and their form.
 POLICY_FUNCTIONALS = ("value", "occupancy", "entropy")
 TRAJECTORY_FUNCTIONALS = ("expected_return", "preference_loss")
@@ -372,16 +380,15 @@ def names_in(expr: Expr) -> set[str]:
     return {node.id for node in walk(expr) if isinstance(node, Name)}
 
 
-def with_let_features(program: Program) -> Program:
-    """The program with each objective's features and form counting what it uses through
-    `let`s (`let d = occupancy(M, policy)` ... `upper maximize sum(d)` uses `occupancy`)."""
+def with_features(program: Program) -> Program:
+    """The program with each objective's `features` and `form` computed from what it uses,
+    through `let`s too (`let d = occupancy(M, policy)` ... `upper maximize sum(d)` uses
+    `occupancy`): what a solver must support, never taken on trust from a document."""
     lets = {s.name: s.value for s in program.statements if isinstance(s, LetDecl)}
-    if not lets:
-        return program
     statements = []
     for stmt in program.statements:
         if isinstance(stmt, UpperDecl):
-            found = set(stmt.features)
+            found: set[str] = set()
             seen: set[str] = set()
             stack = [stmt.objective]
             while stack:
@@ -392,7 +399,7 @@ def with_let_features(program: Program) -> Program:
                         seen.add(name)
                         stack.append(lets[name])
             features = tuple(sorted(found))
-            if features != stmt.features:
+            if features != stmt.features or stmt.form != objective_form(features):
                 stmt = replace(stmt, features=features, form=objective_form(features))
         statements.append(stmt)
     return replace(program, statements=tuple(statements))

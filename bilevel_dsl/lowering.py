@@ -25,13 +25,19 @@ from .instance import TabularProblem, TrajectoryTerm
 from .values import DTYPE, EvalError, MdpValue, PolicyRef, Val
 
 
-def resolve_device(name: str | None, source: SourceFile | None = None,
+def resolve_device(name: str | torch.device | None, source: SourceFile | None = None,
                    span: ir.Span | None = None) -> torch.device:
     """The torch device for `cpu`, `cuda` or `auto`; E804 (at ``span`` of ``source``, the
     file's `on cuda`, when that is where it was asked for) if CUDA is asked for and absent."""
+    if isinstance(name, torch.device):
+        name = str(name)
     if name in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
+    kind, _, number = name.partition(":") if isinstance(name, str) else (None, "", "")
+    if kind not in ("cpu", "cuda") or (number and not number.isdigit()):
+        raise BrlError([Diagnostic("E804", f"unknown device {name!r}", span,
+                                   "use cpu, cuda (or cuda:N) or auto")], source)
+    if kind == "cuda" and not torch.cuda.is_available():
         raise BrlError([Diagnostic("E804", "device `cuda` was asked for, but torch sees no CUDA "
                                    "GPU on this machine", span, "use --device cpu or auto")],
                        source)
@@ -84,7 +90,13 @@ def lower(checked: CheckedProgram, device: str | torch.device | None = None) -> 
 
     constants = ConstantCache(varying_nodes([lower_info.reward, upper.objective], names))
 
+    x_shape = tuple(var.x0.shape)
+
     def scope(x: torch.Tensor, policy: torch.Tensor | None = None):
+        # broadcasting would silently read a wrong x (an empty x: parts that cannot use it)
+        if x.numel() and tuple(x.shape) != x_shape:
+            raise ValueError(f"x has shape {tuple(x.shape)}, but `{var.name}` is declared "
+                             f"with shape {x_shape}")
         s = checked.scope(dev, names, x=x, policy=policy)
         s.policy_ref = PolicyRef(follower)
         s.constants = constants
@@ -114,7 +126,7 @@ def lower(checked: CheckedProgram, device: str | torch.device | None = None) -> 
         temperature=lower_info.temperature,
         reward=reward,
         objective=objective,
-        x0=var.x0.to(dev),
+        x0=var.x0.to(dev).clone(),  # each problem its own: a caller may edit it in place
         var_name=var.name,
         sense=upper.sense,
         form=upper.form,

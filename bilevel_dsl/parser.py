@@ -107,7 +107,10 @@ def decode(data: bytes, name: str) -> SourceFile:
     return SourceFile(name, text)  # SourceFile drops a byte-order mark
 
 
-def parse_source(source: SourceFile) -> ir.Program:
+def parse_source(source: SourceFile | str) -> ir.Program:
+    """Parse a file's text (a `SourceFile`, or plain text named `<string>`) into the IR."""
+    if isinstance(source, str):
+        source = SourceFile("<string>", source)
     text = source.text
     nul = text.find("\0")
     if nul >= 0:
@@ -137,7 +140,7 @@ def parse_source(source: SourceFile) -> ir.Program:
                         ir.Span(line, column, line, end), "this compiler reads `brl 1`")],
             source,
         )
-    return ir.with_let_features(dataclasses.replace(program, source=source.name))
+    return ir.with_features(dataclasses.replace(program, source=source.name))
 
 
 def parse_expression(text: str, name: str = "<expression>") -> ir.Expr:

@@ -59,6 +59,9 @@ def _frames() -> Iterator[None]:
 
 
 def to_json(program: ir.Program, indent: int | None = 2) -> str:
+    if not isinstance(program, ir.Program):  # a CheckedProgram holds one: `.program`
+        raise TypeError(f"to_json takes an ir.Program, not {type(program).__name__}"
+                        + (" (use its .program)" if hasattr(program, "program") else ""))
     with _frames():
         data = to_dict(program)
         if indent is None:
@@ -133,7 +136,7 @@ def _from_json(text: str) -> ir.Program:
     except RecursionError:
         raise IRFormatError("not a brl IR document (nested too deeply)") from None
     assert isinstance(program, ir.Program)
-    return program
+    return ir.with_features(program)  # what the objective uses, recomputed
 
 
 def _build(data: Any, hint: Any, path: str) -> Any:
@@ -172,6 +175,13 @@ def _build(data: Any, hint: Any, path: str) -> Any:
             if f.name not in data:
                 raise IRFormatError(f"{path}: {hint.__name__} lacks field {f.name!r}")
             kwargs[f.name] = _build(data[f.name], hints[f.name], f"{path}.{f.name}")
+            words = _WORDS.get((hint.__name__, f.name))
+            if words is not None:
+                value = kwargs[f.name]
+                for word in value if isinstance(value, tuple) else (value,):
+                    if word not in words:
+                        raise IRFormatError(f"{path}.{f.name}: {word!r} is not one of "
+                                            + ", ".join(repr(w) for w in words))
         return hint(**kwargs)
     if hint is float:
         if isinstance(data, bool) or not isinstance(data, (int, float)):
@@ -182,6 +192,18 @@ def _build(data: Any, hint: Any, path: str) -> Any:
             raise IRFormatError(f"{path}: expected {hint.__name__}")
         return data
     raise IRFormatError(f"{path}: cannot read {hint!r}")  # pragma: no cover
+
+
+# String fields that hold one of a few words: anything else would be computed as something.
+_WORDS: dict[tuple[str, str], tuple[str, ...]] = {
+    ("Unary", "op"): ir.UNARY_OPS,
+    ("Binary", "op"): ir.BINARY_OPS,
+    ("Reduction", "op"): ir.REDUCERS,
+    ("UpperDecl", "sense"): ir.SENSES,
+    ("UpperDecl", "form"): ir.FORMS,
+    ("UpperDecl", "features"): ("policy", *ir.POLICY_FUNCTIONALS, *ir.TRAJECTORY_FUNCTIONALS),
+    ("MdpDecl", "kind"): ir.MDP_KINDS,
+}
 
 
 def json_schema() -> dict[str, Any]:
@@ -199,6 +221,11 @@ def json_schema() -> dict[str, Any]:
         props: dict[str, Any] = {"node": {"const": name}}
         for f in dataclasses.fields(cls):
             props[f.name] = _schema_of(_HINTS[name][f.name])
+            words = _WORDS.get((name, f.name))
+            if words is not None:
+                target = props[f.name]["items"] if props[f.name].get("type") == "array" \
+                    else props[f.name]
+                target["enum"] = list(words)
         defs[name] = {
             "type": "object",
             "properties": props,

@@ -11,6 +11,7 @@ import torch
 from conftest import DOCS, PROBLEMS, brl_blocks
 
 from bilevel_dsl import (
+    BrlError,
     IRFormatError,
     compile_file,
     compile_source,
@@ -268,3 +269,58 @@ def test_a_node_with_a_field_the_schema_does_not_allow_is_refused():
     data["statements"][0]["colour"] = "red"
     with pytest.raises(IRFormatError, match="no field 'colour'"):
         from_json(json.dumps(data))
+
+
+def test_words_in_the_ir_are_checked_and_features_recomputed():
+    """An edited document cannot smuggle in an operator the evaluator would compute as another
+    one, a sense other than minimize/maximize, or stale features."""
+    text = ("brl 1\nmdp M = random_mdp(states = 3, actions = 2, discount = 0.5)\n"
+            "var x[M.S, M.A] = 0\nlower M { temperature = 1  reward[s, a] = x[s, a] }\n"
+            "param a = 7 - 2\nupper maximize value(M, policy)\n")
+    data = json.loads(to_json(compile_source(text).program))
+    param = data["statements"][3]
+    upper = data["statements"][4]
+    for node, field, bad in ((param["value"], "op", "%"), (upper, "sense", "sideways"),
+                             (upper, "features", ["teleport"])):
+        edited = json.loads(json.dumps(data))
+        target = edited["statements"][3]["value"] if node is param["value"] \
+            else edited["statements"][4]
+        target[field] = bad
+        with pytest.raises(IRFormatError, match="is not one of"):
+            from_json(json.dumps(edited))
+    stale = json.loads(json.dumps(data))
+    stale["statements"][4]["features"] = ["entropy"]
+    recomputed = from_json(json.dumps(stale)).statements[4].features
+    assert list(recomputed) == data["statements"][4]["features"]
+    enum = json_schema()["$defs"]["Binary"]["properties"]["op"]["enum"]
+    assert "%" not in enum and "+" in enum
+
+
+def test_library_misuse_gets_clear_errors():
+    import pickle
+
+    text = "brl 1\nparam lam = 0.5\nparam b = lam * 2\n"
+    assert float(compile_source(text, overrides={"lam": 2}).names["b"].t) == 4.0
+    with pytest.raises(TypeError, match="as brl text"):
+        compile_source(text, overrides={"lam": object()})
+    assert parse_source("brl 1\nparam a = 1\n").statements[0].name == "a"
+    with pytest.raises(TypeError, match="use its .program"):
+        to_json(compile_source(text))
+    with pytest.raises(BrlError) as info:
+        compile_source("brl 1\nparam a = b\n")
+    again = pickle.loads(pickle.dumps(info.value))
+    assert again.diagnostics == info.value.diagnostics and again.render() == info.value.render()
+
+
+def test_lower_checks_the_device_and_the_shape_of_x():
+    text = ("brl 1\nmdp M = random_mdp(states = 4, actions = 2, discount = 0.5)\n"
+            "var x[M.S, M.A] = 0\nlower M { temperature = 1  reward[s, a] = x[s, a] }\n"
+            "upper minimize norm2(x) - value(M, policy)\n")
+    checked = compile_source(text)
+    with pytest.raises(BrlError, match="unknown device 'bogus'"):
+        lower(checked, device="bogus")
+    problem = lower(checked, device=torch.device("cpu"))
+    with pytest.raises(ValueError, match=r"x has shape \(5, 2\)"):
+        problem.reward(torch.zeros(5, 2, dtype=torch.float64))
+    problem.x0 += 1  # each lowering has its own start
+    assert float(lower(checked).x0.abs().sum()) == 0.0
