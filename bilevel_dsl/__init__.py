@@ -60,7 +60,29 @@ def compile_source(
     """Parse and check brl source text.  ``overrides`` maps param names to value expressions
     (as `-D name=value` does); ``solver_catalog`` validates the `solve` statement's options."""
     source = SourceFile(name, text)
-    program = parse_source(source)
+    return _checked(parse_source(source), source, base_dir, overrides, seed, solver_catalog)
+
+
+def compile_program(
+    program: ir.Program,
+    text: str = "",
+    *,
+    base_dir: str | Path | None = None,
+    overrides: dict[str, str | float] | None = None,
+    seed: int | None = None,
+    solver_catalog: SolverCatalog | None = None,
+) -> CheckedProgram:
+    """Check an IR program (say one read with `from_json` and edited); ``text``, the source
+    its spans point into, if any, lets diagnostics quote it."""
+    if not isinstance(program, ir.Program):
+        raise TypeError(f"compile_program takes an ir.Program, not {type(program).__name__}")
+    return _checked(program, SourceFile(program.source, text), base_dir, overrides, seed,
+                    solver_catalog)
+
+
+def _checked(program: ir.Program, source: SourceFile, base_dir: str | Path | None,
+             overrides: dict[str, str | float] | None, seed: int | None,
+             solver_catalog: SolverCatalog | None) -> CheckedProgram:
     parsed = {}
     for key, value in (overrides or {}).items():
         if isinstance(value, (int, float)) and not isinstance(value, bool):
@@ -83,8 +105,10 @@ __all__ = [
     "CheckedProgram",
     "Diagnostic",
     "IRFormatError",
+    "SourceFile",
     "TabularProblem",
     "compile_file",
+    "compile_program",
     "compile_source",
     "from_json",
     "ir",

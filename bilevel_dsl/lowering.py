@@ -69,6 +69,9 @@ def _device(checked: CheckedProgram, device: str | torch.device | None) -> torch
 
 def lower(checked: CheckedProgram, device: str | torch.device | None = None) -> TabularProblem:
     """The tabular instance of a checked program; ``device`` overrides the file's `on ...`."""
+    if not isinstance(checked, CheckedProgram):
+        raise TypeError(f"lower takes a CheckedProgram (from compile_file, compile_source or "
+                        f"compile_program), not {type(checked).__name__}")
     if checked.deep is not None:
         return lower_deep(checked, _device(checked, device))
     if checked.var is None or checked.lower is None or checked.upper is None:

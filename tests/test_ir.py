@@ -324,3 +324,20 @@ def test_lower_checks_the_device_and_the_shape_of_x():
         problem.reward(torch.zeros(5, 2, dtype=torch.float64))
     problem.x0 += 1  # each lowering has its own start
     assert float(lower(checked).x0.abs().sum()) == 0.0
+
+
+def test_an_edited_ir_program_compiles():
+    import dataclasses
+
+    from bilevel_dsl import compile_program
+
+    program = compile_source("brl 1\nparam lam = 0.5\nparam b = lam * 2\n").program
+    edited = from_json(to_json(program))
+    number = edited.statements[0].value
+    edited = dataclasses.replace(edited, statements=(
+        dataclasses.replace(edited.statements[0], value=dataclasses.replace(number, value=3.0)),
+        edited.statements[1]))
+    assert float(compile_program(edited).names["b"].t) == 6.0
+    assert float(compile_program(edited, overrides={"lam": 1}).names["b"].t) == 2.0
+    with pytest.raises(TypeError, match="takes a CheckedProgram"):
+        lower(program)
