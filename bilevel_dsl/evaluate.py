@@ -890,11 +890,11 @@ def _reduction(node: ir.Reduction, scope: Scope) -> Val:
     red = tuple(range(len(keep), len(axes)))
     op = node.op
     if mask is not None:
-        if op in ("max", "min", "mean") and bool((mask.flatten(len(keep), len(axes) - 1)
-                                                  .sum(len(keep)) == 0).any()):
+        # (with outer indices an empty group may be one that an outer filter or `if` drops,
+        # so only a single reduction is judged here; empty groups give -inf, inf or NaN)
+        if op in ("max", "min", "mean") and not keep and not bool(mask.any()):
             raise EvalError("E301", f"`{op}` over an empty set has no value: the filter leaves "
-                            "no element" + (" for some values of the outer indices" if keep
-                                            else ""), node.span)
+                            "no element", node.span)
         fill = {"sum": 0.0, "mean": 0.0, "prod": 1.0, "max": -math.inf, "min": math.inf,
                 "logsumexp": -math.inf}[op]
         t = torch.where(mask, t, torch.tensor(fill, dtype=DTYPE, device=t.device))

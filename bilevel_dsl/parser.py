@@ -256,6 +256,7 @@ class _Tables:
         skipping = False
         resume_at = None  # while skipping: the position of a block's closing `}`, if known
         previous = None  # the last token's location
+        fresh = True  # no token yet on this line
         line, line_start = 1, 0
         for match in self.scan(text):
             kind = match.lastgroup
@@ -264,7 +265,9 @@ class _Tables:
                 if "\n" in value:
                     line += value.count("\n")
                     line_start = match.start() + value.rindex("\n") + 1
+                    fresh = True
                 continue
+            opens_line, fresh = fresh, False
             pos = match.start()
             column = pos - line_start + 1
             if "\n" in value:  # a """ string
@@ -282,7 +285,7 @@ class _Tables:
                     if pos < resume_at:
                         continue
                     resume_at = None
-                elif kind not in STATEMENT_KEYWORDS or text[line_start:pos].strip() or \
+                elif kind not in STATEMENT_KEYWORDS or not opens_line or \
                         not self._resume(state_stack, values, locs, kind):
                     continue
                 skipping = False
@@ -291,10 +294,11 @@ class _Tables:
                 skipping = True
                 continue
             try:
-                self._push(kind, value, loc, state_stack, values, locs, text, pos, previous)
+                self._push(kind, value, loc, state_stack, values, locs, text,
+                           previous if opens_line else None)
             except _NodeError as exc:
                 skipping = True
-                opens_line = kind in STATEMENT_KEYWORDS and not text[line_start:pos].strip()
+                opens_line = opens_line and kind in STATEMENT_KEYWORDS
                 if opens_line and self.states[state_stack[-1]].get("RBRACE") is not None:
                     resume_at = self._closing_brace(text, match.end())
                 if resume_at is not None:  # a statement, or a reserved word, inside a block
@@ -311,7 +315,7 @@ class _Tables:
                 # next statement (in mid-line it is more likely a reserved word used as a name)
                 if opens_line and self._resume(state_stack, values, locs, kind):
                     try:
-                        self._push(kind, value, loc, state_stack, values, locs, text, pos, None)
+                        self._push(kind, value, loc, state_stack, values, locs, text, None)
                         skipping = False
                     except _NodeError:  # reported already, at this keyword: skip on
                         pass
@@ -326,9 +330,9 @@ class _Tables:
         return values[-1]
 
     def _push(self, kind: str, value: str, loc: _Loc, state_stack: list, values: list,
-              locs: list, text: str, pos: int, previous: _Loc | None) -> None:
-        """Take the reductions that token `kind` (at `pos` in `text`) calls for, then shift it;
-        `previous`: the last token's location, for an error's message."""
+              locs: list, text: str, before: _Loc | None) -> None:
+        """Take the reductions that token `kind` calls for, then shift it; `before`: the last
+        token's location when this one opens its line, for an error's message."""
         states = self.states
         while True:
             state = state_stack[-1]
@@ -345,10 +349,26 @@ class _Tables:
                     after = self.units[key] = self._after_units(key)
                 state_stack[-1] = after
             elif action is None:
-                opens_line = not text[pos - loc[1] + 1:pos].strip()
-                self._unexpected(state, kind, value, loc, text, previous if opens_line else None)
+                self._unexpected(state, kind, value, loc, text, before)
             else:
                 self._reduce(action, state_stack, values, locs)
+
+    def _accepts(self, state_stack: list, kind: str) -> bool:
+        """Whether the parser, as it stands, would shift `kind` after the reductions it calls
+        for (run on a copy of the states: no values are built)."""
+        stack = state_stack[:]
+        while True:
+            action = self.states[stack[-1]].get(kind)
+            if action is None:
+                return False
+            if action.__class__ is int:
+                return True
+            if action.__class__ is str:  # a unit reduction
+                stack[-1] = self.states[stack[-2]][action]
+            else:
+                size, origin = action[0], action[1]
+                del stack[len(stack) - size:]
+                stack.append(self.states[stack[-1]][origin])
 
     def _next_value(self, text: str, start: int) -> str | None:
         """The text of the first token after `start`."""
@@ -359,7 +379,7 @@ class _Tables:
 
     def _closing_brace(self, text: str, start: int) -> int | None:
         """Where the block around `start` is closed, if that `}` comes before the next statement
-        keyword that opens a line (else the block is the one left open)."""
+        keyword at the start of a line (else the block is the one left open)."""
         depth = 0
         for match in self.scan(text, start):
             kind, value = match.lastgroup, match.group()
@@ -367,9 +387,12 @@ class _Tables:
                 continue
             if kind in self.keywords:
                 kind = self.keywords[kind].get(value, kind)
-            if kind in STATEMENT_KEYWORDS and \
-                    not text[text.rfind("\n", 0, match.start()) + 1:match.start()].strip():
-                return None
+            if kind in STATEMENT_KEYWORDS:
+                indent = text[text.rfind("\n", 0, match.start()) + 1:match.start()]
+                # a statement at the margin: the block was left open (an indented one, or a
+                # reserved word used as a name, is more of the block's contents)
+                if indent == "" and self._next_value(text, match.end()) not in ("=", "["):
+                    return None
             if value == "{":
                 depth += 1
             elif value == "}":
@@ -396,9 +419,9 @@ class _Tables:
         """Drop the broken statement: pop the stack to where `keyword` starts a statement, or
         keep it whole where what it holds can end before `keyword` (the tokens that broke it
         were skipped, and were never pushed). False (the stack untouched) where neither."""
-        depth = len(state_stack) - 1
-        if self.states[state_stack[depth]].get(keyword) is not None:
+        if self._accepts(state_stack, keyword):
             return True
+        depth = len(state_stack) - 1
         while self.states[state_stack[depth]].get(keyword).__class__ is not int:
             if depth == 0:
                 return False

@@ -91,7 +91,8 @@ def run(problem: TabularProblem, options: dict[str, Any], monitor: Monitor) -> S
             history["lower_iterations"].append(result.lower_iterations)
             if armijo:
                 history["step_size"].append(t if accepted is not None else 0.0)
-            if mapping < options["tol"] or mapping == 0.0:  # (0: a fixed point of the step)
+            if mapping < options["tol"] or (mapping == 0.0 and (
+                    grad_norm == 0.0 or problem.bounded)):  # a fixed point of the step
                 stopped = "converged"
                 break
             if armijo and accepted is None and beta:

@@ -142,7 +142,9 @@ def summary_table(problem: TabularProblem, result: SolveResult, meta: dict[str, 
                    "line_search=armijo")
     elif meta.get("solver") == "exact" and meta.get("options", {}).get("line_search") != "armijo":
         advice += ", or a line search (--set line_search=armijo)"
-    if (worse := _ended_worse(problem, result, objectives)) is not None:
+    # from a cold start the first objective is at the uniform policy, not phi(x0): unlike
+    cold = meta.get("options", {}).get("start") == "cold"
+    if not cold and (worse := _ended_worse(problem, result, objectives)) is not None:
         rows.append(("warning", f"the objective ended worse than it started ({worse}): "
                                 f"{advice}"))
     elif meta.get("solver") in ("m_sobirl", "exact") and (  # the model-free h is noisy

@@ -760,3 +760,8 @@ def test_a_filter_that_keeps_nothing_has_no_max():
     assert codes("brl 1\nparam a = max {x in 0..3 : x > 5} x\n") == ["E301"]
     assert value("max {i in 0..3 : i > 1} i") == 3.0
     assert value("sum {x in 0..3 : x > 5} x") == 0.0
+
+
+def test_an_empty_group_that_an_outer_filter_drops_is_no_error():
+    assert value("sum {j in 1..2 : j < 2} max {i in 1..3 : i > j + 1} i") == 3.0
+    assert value("sum {j in 1..2} (if j < 2 then max {i in 1..3 : i > j + 1} i else 0)") == 3.0

@@ -212,6 +212,8 @@ def test_summary_table_warns_when_the_objective_ends_worse() -> None:
     rows = {line.split("  ")[0]: line
             for line in summary_table(grid_problem(x), worse, META).splitlines()}
     assert "ended worse than it started" in rows["warning"] and "beta" in rows["warning"]
+    cold = {**META, "options": {"start": "cold"}}  # the first objective is not phi(x0) then
+    assert "ended worse" not in summary_table(grid_problem(x), worse, cold)
 
 
 def test_summary_table_shows_stationarity_with_bounds() -> None:
