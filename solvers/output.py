@@ -261,18 +261,24 @@ def plot_policy(path: Path, problem: TabularProblem, result: SolveResult) -> Pat
 def _draw_greedy_actions(
     ax: Any, grid: GridLayout, policy: torch.Tensor, cells: np.ndarray, terminal_goal: bool
 ) -> None:
-    """An arrow along each state's most likely move; a dot where it stays; nothing at a
-    terminal goal."""
-    greedy = policy.detach().argmax(dim=-1).cpu().numpy()
-    moves = np.asarray(grid.action_moves, dtype=np.float64)[greedy]  # (S, 2): d_row, d_col
+    """An arrow along each state's most likely move (one per move where several tie); a dot
+    where it stays; nothing at a terminal goal. White with a black edge: visible on any heat
+    map."""
+    pi = policy.detach().cpu().to(torch.float64)
+    tied = (pi >= pi.amax(dim=-1, keepdim=True) * (1 - 1e-9)).numpy()  # (S, A)
     if terminal_goal:
-        moves[grid.goal] = np.nan
-    lengths = np.hypot(moves[:, 0], moves[:, 1])
-    go, stay = lengths > 0, lengths == 0
-    scale = 0.7 / lengths[go]  # every arrow spans 70% of a cell, whatever the move's size
-    ax.quiver(cells[go, 1], cells[go, 0], moves[go, 1] * scale, moves[go, 0] * scale,
-              angles="xy", scale_units="xy", scale=1, pivot="middle", color="black")
-    ax.plot(cells[stay, 1], cells[stay, 0], "k.", markersize=4)
+        tied[grid.goal] = False
+    all_moves = np.asarray(grid.action_moves, dtype=np.float64)  # (A, 2): d_row, d_col
+    for a, move in enumerate(all_moves):
+        at = cells[tied[:, a]]
+        length = float(np.hypot(*move))
+        if length == 0:
+            ax.plot(at[:, 1], at[:, 0], "k.", markersize=4)
+            continue
+        step = move * (0.7 / length)  # every arrow spans 70% of a cell, whatever the move's size
+        ax.quiver(at[:, 1], at[:, 0], np.full(len(at), step[1]), np.full(len(at), step[0]),
+                  angles="xy", scale_units="xy", scale=1, pivot="middle", color="white",
+                  edgecolor="black", linewidth=0.6)
 
 
 def _iterations(result: SolveResult, n: int) -> list[int] | range:
