@@ -6,6 +6,7 @@ import io
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -350,3 +351,21 @@ def test_m_sobirl_verified_reports_phi_and_the_exact_policy():
     assert torch.allclose(result.policy, truth.pi, atol=1e-9)
     assert "running_objective" in result.extra
     assert "phi(x)" in summary_table(problem, result, {"solver": spec.name})
+
+
+def test_tied_moves_each_get_an_arrow():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.quiver import Quiver
+
+    from solvers.output import _draw_greedy_actions
+
+    problem = grid_problem(torch.zeros(len(CELLS), dtype=torch.float64))
+    cells = np.asarray(problem.grid.cells, dtype=np.int64).reshape(-1, 2)
+    uniform = torch.full((len(CELLS), len(MOVES)), 0.25, dtype=torch.float64)
+    fig = matplotlib.figure.Figure()
+    ax = fig.subplots()
+    _draw_greedy_actions(ax, problem.grid, uniform, cells, terminal_goal=True)
+    arrows = [c for c in ax.collections if isinstance(c, Quiver)]
+    assert len(arrows) == 4 and all(len(q.X) == len(CELLS) - 1 for q in arrows)
