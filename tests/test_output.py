@@ -354,9 +354,7 @@ def test_m_sobirl_verified_reports_phi_and_the_exact_policy():
 
 
 def test_tied_moves_each_get_an_arrow():
-    import matplotlib
-
-    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
     from matplotlib.quiver import Quiver
 
     from solvers.output import _draw_greedy_actions
@@ -364,7 +362,7 @@ def test_tied_moves_each_get_an_arrow():
     problem = grid_problem(torch.zeros(len(CELLS), dtype=torch.float64))
     cells = np.asarray(problem.grid.cells, dtype=np.int64).reshape(-1, 2)
     uniform = torch.full((len(CELLS), len(MOVES)), 0.25, dtype=torch.float64)
-    fig = matplotlib.figure.Figure()
+    fig = Figure()
     ax = fig.subplots()
     _draw_greedy_actions(ax, problem.grid, uniform, cells, terminal_goal=True)
     arrows = [c for c in ax.collections if isinstance(c, Quiver)]
