@@ -37,7 +37,7 @@ ELEMENTWISE = {
     "sin": torch.sin,
     "cos": torch.cos,
 }
-REDUCERS = ("sum", "prod", "max", "min", "mean", "logsumexp")
+REDUCERS = ir.REDUCERS
 DRAWS = ("normal", "uniform", "bernoulli")
 FUNCTIONALS = ir.POLICY_FUNCTIONALS + ir.TRAJECTORY_FUNCTIONALS
 OTHER_FUNCTIONS = ("norm", "norm1", "norm2", "dot", "quad", "card", "load")

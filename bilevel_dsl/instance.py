@@ -11,11 +11,8 @@ from typing import Any
 
 import torch
 
+from .ir import POLICY_FUNCTIONAL
 from .softmdp import Transitions
-
-# Features an upper objective may use; solvers declare which of them they accept.
-POLICY_FUNCTIONAL = "policy_functional"
-TRAJECTORY = "trajectory"
 
 
 @dataclass(frozen=True)

@@ -327,7 +327,9 @@ BINARY_OPS = ("+", "-", "*", "/", "^", "and", "or", "==", "!=", "<", "<=", ">", 
 REDUCERS = ("sum", "prod", "max", "min", "mean", "logsumexp")
 SENSES = ("minimize", "maximize")
 MDP_KINDS = ("gridworld", "random_mdp", "gym", "table")
-FORMS = ("policy_functional", "trajectory")
+POLICY_FUNCTIONAL = "policy_functional"  # a differentiable function of x and the policy table
+TRAJECTORY = "trajectory"  # an expectation over sampled trajectories
+FORMS = (POLICY_FUNCTIONAL, TRAJECTORY)
 
 # Functions of the follower's policy that an upper objective may use, and their form.
 POLICY_FUNCTIONALS = ("value", "occupancy", "entropy")
@@ -371,8 +373,8 @@ def first_policy_use(expr: Expr) -> Expr | None:
 
 def objective_form(features: tuple[str, ...]) -> str:
     if any(f in TRAJECTORY_FUNCTIONALS for f in features):
-        return "trajectory"
-    return "policy_functional"
+        return TRAJECTORY
+    return POLICY_FUNCTIONAL
 
 
 def names_in(expr: Expr) -> set[str]:

@@ -117,7 +117,7 @@ def lower(checked: CheckedProgram, device: str | torch.device | None = None) -> 
 
     assert isinstance(names[var.name], VarRef)
     terms = policy_free = None
-    if upper.form == "trajectory":
+    if upper.form == ir.TRAJECTORY:
         terms, policy_free = _trajectory_form(checked, upper, sign, scope, reward, names,
                                                follower)
     solve = checked.solve

@@ -14,7 +14,8 @@ from typing import Any
 
 import torch
 
-from bilevel_dsl.instance import TRAJECTORY, TabularProblem
+from bilevel_dsl.instance import TabularProblem
+from bilevel_dsl.ir import TRAJECTORY
 
 from .modelfree import (
     ESTIMATOR_OPTIONS,

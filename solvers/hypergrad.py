@@ -12,7 +12,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from bilevel_dsl.instance import POLICY_FUNCTIONAL, TRAJECTORY, TabularProblem
+from bilevel_dsl.instance import TabularProblem
+from bilevel_dsl.ir import POLICY_FUNCTIONAL, TRAJECTORY
 from bilevel_dsl.softmdp import (
     newton_pays,
     soft_policy,

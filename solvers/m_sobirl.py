@@ -137,14 +137,7 @@ def run(problem: TabularProblem, options: dict[str, Any], monitor: Monitor) -> S
             with torch.no_grad():
                 # 4. projected hyper-gradient step
                 x_next = problem.project(torch.add(x, h, alpha=-beta))
-                # stationarity: the gradient mapping, ||h|| itself when x has no bounds (or
-                # when beta = 0, the mapping's limit without bounds)
-                if problem.bounded and beta > 0:
-                    h_norm, mapping = torch.stack([torch.linalg.vector_norm(h),
-                                                   torch.linalg.vector_norm(x - x_next) / beta]
-                                                  ).tolist()
-                else:
-                    h_norm = mapping = float(torch.linalg.vector_norm(h))
+                h_norm, mapping = _stationarity(problem, x, x_next, h, beta)
             f = float(f)
             if not (math.isfinite(f) and math.isfinite(h_norm)):
                 stopped = NOT_FINITE  # back to the last point whose numbers were finite
@@ -209,14 +202,24 @@ def run(problem: TabularProblem, options: dict[str, Any], monitor: Monitor) -> S
     return result
 
 
+def _stationarity(problem: TabularProblem, x: Tensor, x_next: Tensor, h: Tensor, beta: float
+                  ) -> tuple[float, float]:
+    """``||h||`` and the gradient mapping ``||x - x_next|| / beta`` (``x_next = project(x -
+    beta h)``): ``||h||`` itself when x has no bounds (or when beta = 0, the mapping's limit
+    without bounds), in one synchronisation."""
+    if problem.bounded and beta > 0:
+        norm, mapping = torch.stack([torch.linalg.vector_norm(h),
+                                     torch.linalg.vector_norm(x - x_next) / beta]).tolist()
+        return norm, mapping
+    norm = float(torch.linalg.vector_norm(h))
+    return norm, norm
+
+
 def _exact_record(problem: TabularProblem, x: Tensor, final: HyperGradient, beta: float
                   ) -> dict[str, float]:
     """``phi(x)`` (minimised), ``||grad phi(x)||`` and the gradient mapping at ``beta``."""
-    norm = float(torch.linalg.vector_norm(final.grad))
-    mapping = norm
-    if problem.bounded and beta > 0:
-        mapping = float(torch.linalg.vector_norm(x - problem.project(x - beta * final.grad))
-                        ) / beta
+    norm, mapping = _stationarity(problem, x, problem.project(x - beta * final.grad),
+                                  final.grad, beta)
     return {"objective": final.objective, "hypergrad_norm": norm, "stationarity": mapping}
 
 

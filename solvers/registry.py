@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from bilevel_dsl.instance import TRAJECTORY
+from bilevel_dsl.ir import TRAJECTORY
 
 from .result import Monitor, SolveResult
 
