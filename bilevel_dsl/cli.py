@@ -161,6 +161,9 @@ def _write(text: str, output: str | None) -> None:
                          f"{path / 'ir.json'}")
     if not path.parent.is_dir():
         raise UsageError(f"-o {output}: the folder {path.parent} does not exist")
+    if path.is_file() and not _holds_ir(path):
+        raise UsageError(f"-o {output}: that file exists and holds no IR (a run's result.json?); "
+                         "give another name, or remove it first")
     tmp = path.with_name(path.name + ".tmp")
     try:
         tmp.write_text(text + "\n", encoding="utf-8")
@@ -169,6 +172,16 @@ def _write(text: str, output: str | None) -> None:
         tmp.unlink(missing_ok=True)
         raise UsageError(f"-o {output}: cannot write it ({exc.strerror})") from None
     print(f"wrote {path}", file=sys.stderr)
+
+
+def _holds_ir(path: Path) -> bool:
+    """Whether ``path`` is empty or an IR document that ``brl compile -o`` may replace."""
+    try:
+        with path.open("rb") as f:
+            head = f.read(4096)
+    except OSError:
+        return False
+    return not head.strip() or b'"node": "Program"' in head
 
 
 def cmd_solvers(args: argparse.Namespace) -> int:
@@ -205,6 +218,15 @@ def cmd_solve(args: argparse.Namespace) -> int:
     from solvers.output import default_out_dir, summary_table, write_run
     from solvers.progress import ProgressMonitor
 
+    # a resumed run continues with the solver, seed and options it was saved with; --set
+    # changes those the checkpoint allows (outer, time_limit, ...) and the solver refuses others
+    saved = _saved_run(args.resume)
+    if saved is not None and args.seed is None and isinstance(saved.get("seed"), int):
+        args.seed = saved["seed"]
+    if saved is not None and isinstance(saved.get("defines"), dict):
+        given = _overrides(args.define)
+        args.define = [f"{name}={text}" for name, text in saved["defines"].items()
+                       if name not in given and isinstance(text, str)] + (args.define or [])
     checked, timings = _compile(args.file, args)
     start = time.perf_counter()
     problem = lower(checked, device=args.device)
@@ -214,6 +236,8 @@ def cmd_solve(args: argparse.Namespace) -> int:
         raise solvers.SolverError("--resume continues deep (gym) runs; tabular runs are not "
                           "checkpointed")
     requested = args.solver
+    if requested is None and saved is not None and isinstance(saved.get("solver"), str):
+        requested = saved["solver"]
     try:
         spec, _ = solvers.resolve(problem, requested)
     except solvers.SolverError as exc:
@@ -221,18 +245,26 @@ def cmd_solve(args: argparse.Namespace) -> int:
             raise _at_solve_statement(checked, exc) from None
         raise
     options = _set_options(spec, args.set)
+    if saved is not None and isinstance(saved.get("options"), dict):
+        known = {option.name for option in spec.options}
+        options = {**{k: v for k, v in saved["options"].items() if k in known}, **options}
     spec, options = solvers.resolve(problem, spec.name, options)
+    if saved is None:
+        _note_dropped_options(problem, spec)
     torch.manual_seed(problem.seed)
     total = int(options.get("outer", 1))
-    limit = options.get("time_limit") or None
-    monitor = ProgressMonitor(total, time_limit=limit, sign=problem.sign,
+    # no time limit on the monitor: the solver's own `time_limit` option ends the run, and says so
+    monitor = ProgressMonitor(total, sign=problem.sign,
                               stream=open(os.devnull, "w") if args.quiet else sys.stderr)
     out_dir = _output_folder(Path(args.resume or args.out or default_out_dir(problem.name)),
                              replace=args.force or bool(args.resume),
                              flag="--resume" if args.resume else "--out")
+    if args.force and not args.resume:
+        _clear_run(out_dir)
     extra: dict[str, Any] = {}
     if deep:  # checkpoints go to the output folder as the run goes
-        extra = {"out": out_dir, "resume": _checkpoint(args.resume)}
+        extra = {"out": out_dir, "resume": _checkpoint(args.resume),
+                 "defines": _overrides(args.define)}
     start = time.perf_counter()
     try:
         result = spec.run(problem, options, monitor, **extra)
@@ -251,20 +283,61 @@ def cmd_solve(args: argparse.Namespace) -> int:
     }
     with solvers.interrupts_deferred():  # a second Ctrl-C must not cut the record short
         if deep:
-            from solvers.deep.output import deep_summary, write_deep_run
-
-            write_deep_run(out_dir, problem, result, meta)
-            print(deep_summary(problem, result, meta))
+            from solvers.deep.output import deep_summary as summary
+            from solvers.deep.output import write_deep_run as write
         else:
-            write_run(out_dir, problem, result, meta)
-            print(summary_table(problem, result, meta))
+            summary, write = summary_table, write_run
+        try:
+            write(out_dir, problem, result, meta)
+        except OSError as exc:  # a full disk or a vanished folder: the summary still shows x
+            print(summary(problem, result, meta))
+            print(f"error: cannot write the run to {out_dir}: {exc.strerror or exc}; the "
+                  "summary above is all that is left of it (free space, or pass --out with "
+                  "another folder)", file=sys.stderr)
+            return EXIT_ERROR
+        print(summary(problem, result, meta))
+    if result.extra.get("failure"):  # a run that could not go on, its work kept
+        print(f"error: {result.extra['failure']}; the run stopped after iteration "
+              f"{result.iterations}, which the output folder keeps", file=sys.stderr)
+        return EXIT_ERROR
     if result.stopped_because == solvers.NOT_FINITE:
         print(f"error: the objective or the hyper-gradient became NaN or infinite after "
               f"iteration {result.iterations}; the results above are the last finite iterate's. "
-              "A reward such as log(x) at x = 0 does this: bound the variable away from it, or "
-              "take a smaller step (--set beta=...)", file=sys.stderr)
+              "A reward such as log(x) at x = 0 does this (bound the variable away from it), "
+              "as do a step too large (--set beta=...) and a param set to inf or a huge value",
+              file=sys.stderr)
         return EXIT_ERROR
     return EXIT_INTERRUPTED if result.stopped_because == "interrupted" else EXIT_OK
+
+
+def _note_dropped_options(problem: Any, spec: Any) -> None:
+    """Say so when ``--solver`` leaves the options of the file's `solve` statement behind:
+    they belong to the file's solver (docs/solvers.md)."""
+    from solvers import REGISTRY
+
+    named = getattr(problem, "solver", None)
+    given = getattr(problem, "solver_options", None) or {}
+    if not given or named in (None, "auto") or REGISTRY.get(named) is spec:
+        return
+    listed = ", ".join(f"{name} = {value}" for name, value in given.items())
+    print(f"note: the file's options for {named} ({listed}) do not apply to {spec.name}; "
+          "pass those you want with --set", file=sys.stderr)
+
+
+# Files a run writes into its output folder; --force removes them so that nothing of the old
+# run (a checkpoint above all, which --resume would bring back) survives beside the new one.
+_RUN_OUTPUTS = ("result.json", "curve.png", "policy.png", "reward_net.pt")
+_RUN_FOLDERS = ("checkpoint", "checkpoint.tmp", "checkpoint.old")
+
+
+def _clear_run(out_dir: Path) -> None:
+    import shutil
+
+    for name in _RUN_OUTPUTS:
+        (out_dir / name).unlink(missing_ok=True)
+    for name in _RUN_FOLDERS:
+        if (out_dir / name).is_dir():
+            shutil.rmtree(out_dir / name)
 
 
 def _output_folder(out_dir: Path, replace: bool, flag: str = "--out") -> Path:
@@ -275,6 +348,9 @@ def _output_folder(out_dir: Path, replace: bool, flag: str = "--out") -> Path:
             (out_dir / name).exists() for name in ("result.json", "checkpoint")):
         raise UsageError(f"--out {out_dir} already holds a run; choose another folder, pass "
                          "--force to replace it, or --resume it (deep runs)")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UsageError(f"{flag} {out_dir}: that is a file, not a folder; pass {flag} with a "
+                         "folder")
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
         probe = out_dir / ".brl-write-test"
@@ -287,6 +363,16 @@ def _output_folder(out_dir: Path, replace: bool, flag: str = "--out") -> Path:
     return out_dir
 
 
+def _saved_run(resume: str | None) -> dict[str, Any] | None:
+    """The solver, seed and options a ``--resume`` folder's checkpoint was saved with (None
+    without one: ``_checkpoint`` then says what is missing)."""
+    if resume is None:
+        return None
+    from solvers.deep.sobirl_sac import CHECKPOINT, saved_run
+
+    return saved_run(Path(resume) / CHECKPOINT)
+
+
 def _checkpoint(resume: str | None) -> Path | None:
     """The checkpoint inside a ``--resume`` folder, or a clear error when there is none."""
     if resume is None:
@@ -297,7 +383,8 @@ def _checkpoint(resume: str | None) -> Path | None:
     path = Path(resume) / CHECKPOINT
     if not (path / "progress.json").is_file():
         raise SolverError(f"--resume {resume}: no checkpoint there (expected {path}/); a run "
-                          "saves one every `checkpoint_every` outer iterations")
+                          "saves one every `checkpoint_every` outer iterations and when it "
+                          "ends")
     return path
 
 
@@ -312,7 +399,6 @@ def cmd_gradcheck(args: argparse.Namespace) -> int:
                          "is trained from samples (docs/deep.md)")
     rows = gradcheck(problem, n_random=args.points, eps=args.eps, seed=problem.seed)
     print(f"{'point':<10} {'rel. error':>11} {'max abs err':>12} {'||grad||':>10} {'dirs':>5}")
-    worst = 0.0
     failed = by_atol = 0
     for row in rows:
         # At a stationary point the relative error of a ~0 gradient is noise: an absolute
@@ -321,13 +407,21 @@ def cmd_gradcheck(args: argparse.Namespace) -> int:
         ok = relative_ok or row.max_abs_error <= args.atol
         failed += not ok
         by_atol += ok and not relative_ok
-        worst = max(worst, row.rel_error)
         note = "" if relative_ok else ("  ok: abs. error below --atol" if ok else "  FAIL")
         print(f"{row.label:<10} {row.rel_error:>11.2e} {row.max_abs_error:>12.2e} "
               f"{row.grad_norm:>10.3g} {row.n_directions:>5}{note}")
+    # the worst relative error among the points it judges (a point that passed on the absolute
+    # error has a meaningless one); NaN counts as the worst, which max() would pass over
+    judged = [row.rel_error for row in rows
+              if not (row.rel_error > args.tol and row.max_abs_error <= args.atol)]
     verdict = "ok" if not failed else f"FAILED at {failed} point{'s' if failed > 1 else ''}"
-    print(f"{verdict}: worst relative error {worst:.2e} (tolerance {args.tol:g}, or absolute "
-          f"error below {args.atol:g})")
+    if judged:
+        worst = max(judged, key=lambda e: math.inf if math.isnan(e) else e)
+        print(f"{verdict}: worst relative error {worst:.2e} (tolerance {args.tol:g}, or "
+              f"absolute error below {args.atol:g})")
+    else:
+        print(f"{verdict}: largest absolute error "
+              f"{max(row.max_abs_error for row in rows):.2e} (below --atol {args.atol:g})")
     if by_atol:
         print(f"  {by_atol} point{'s' if by_atol > 1 else ''} passed on the absolute error: the "
               "hyper-gradient is about zero there, so its relative error says nothing")
@@ -377,7 +471,8 @@ def _at_least(low: float, kind: type) -> Any:
         except ValueError:
             value = math.nan
         if not math.isfinite(value):  # not a number, NaN or infinite
-            raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+            what = "an integer" if kind is int else "a finite number"
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
         if value < low:
             raise argparse.ArgumentTypeError(f"must be at least {low}, got {text}")
         return value

@@ -111,7 +111,7 @@ def _word(kw: ir.Keyword, choices: tuple[str, ...]) -> str:
 
 def gym_mdp(decl: ir.MdpDecl, number: Number) -> GymMdp:
     """``mdp NAME = gym("Id-v5", option = value, ...)``."""
-    from solvers.deep.envs import EnvSpec, check_id, is_atari, known_ids
+    from solvers.deep.envs import EnvSpec, check_id, is_atari, known_ids, unusable
 
     if len(decl.args) != 1 or not isinstance(decl.args[0], ir.String):
         span = decl.args[0].span if decl.args else decl.kind_span
@@ -146,7 +146,13 @@ def gym_mdp(decl: ir.MdpDecl, number: Number) -> GymMdp:
         if not 0 <= discount < 1:  # as for tabular MDPs
             raise EvalError("E402", f"the discount must lie in [0, 1), got {discount:g}",
                             opts["discount"].value.span)
-    return GymMdp(decl.name, EnvSpec(id_node.value, **fields), discount)
+    env = EnvSpec(id_node.value, **fields)
+    problem = unusable(env)
+    if problem is not None:
+        why, _, detail = problem.partition(": ")
+        raise EvalError("E406", f"environment `{id_node.value}`: {why}", id_node.span,
+                        detail or None)
+    return GymMdp(decl.name, env, discount)
 
 
 def reward_net_var(decl: ir.VarDecl, names: dict[str, object], number: Number
@@ -241,6 +247,7 @@ def deep_lower(decl: ir.LowerDecl, mdp: GymMdp, items: dict[str, ir.Item],
 
 def preference_objective(decl: ir.UpperDecl, lower: DeepLower, number: Number) -> object:
     """``upper minimize preference_loss(env, policy, truth = env.reward, ...)``."""
+    from solvers.deep.envs import episode_limit
     from solvers.deep.problem import PreferenceSpec
 
     call = decl.objective
@@ -296,7 +303,16 @@ def preference_objective(decl: ir.UpperDecl, lower: DeepLower, number: Number) -
                             opts["total_pairs"].value.span,
                             f"raise `total_pairs` to at least {initial} or lower `initial_pairs`")
         fields["total_pairs"] = total
-    return PreferenceSpec(**fields)
+    spec = PreferenceSpec(**fields)
+    limit = episode_limit(lower.mdp.env)
+    if limit is not None and spec.fragment > limit:
+        where = opts["fragment"].value.span if "fragment" in opts else call.span
+        raise EvalError("E305", f"fragments of {spec.fragment} steps are longer than the "
+                        f"episodes of `{lower.mdp.env.env_id}` (at most {limit} steps), and a "
+                        "fragment never spans two episodes", where,
+                        f"set `fragment` to at most {limit}, or raise the gym MDP's "
+                        "`max_episode_steps`")
+    return spec
 
 
 def lower_deep(checked, device: torch.device):

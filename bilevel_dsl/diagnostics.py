@@ -131,8 +131,12 @@ def _printable(text: str) -> str:
 
 
 def did_you_mean(name: str, candidates: Iterable[str]) -> str | None:
-    matches = difflib.get_close_matches(name, list(candidates), n=1, cutoff=0.6)
-    return f"did you mean `{matches[0]}`?" if matches else None
+    """The closest candidate, ignoring case (`OUTER` finds `outer`)."""
+    by_lower: dict[str, str] = {}
+    for candidate in candidates:
+        by_lower.setdefault(candidate.lower(), candidate)
+    matches = difflib.get_close_matches(name.lower(), list(by_lower), n=1, cutoff=0.6)
+    return f"did you mean `{by_lower[matches[0]]}`?" if matches else None
 
 
 class DiagnosticBag:

@@ -101,7 +101,8 @@ def decode(data: bytes, name: str) -> SourceFile:
         span = ir.Span(line, column, line, column + 1)
         raise BrlError(
             [Diagnostic("E001", "this file is not UTF-8 text (is it a binary file?)", span,
-                        "a .brl file is plain text that starts with `brl 1`")],
+                        "a .brl file is UTF-8 text that starts with `brl 1`: save it from "
+                        "your editor as UTF-8")],
             source,
         ) from None
     return SourceFile(name, text)  # SourceFile drops a byte-order mark

@@ -151,6 +151,17 @@ def summary_table(problem: TabularProblem, result: SolveResult, meta: dict[str, 
             unsettled := _unsettled(stationarity or norms, result.history.get("iteration"),
                                     objectives)):
         rows.append(("warning", f"the run did not settle: {unsettled}; {advice}"))
+    elif meta.get("solver") in ("m_sobirl", "exact") and result.stopped_because == \
+            "max_iterations" and (going := _still_going(stationarity or norms, objectives)):
+        rows.append(("warning", f"the run ended still improving: {going}; run longer (--set "
+                                "outer=...) or take larger steps (--set beta=...)"))
+    final = (stationarity or norms or [0.0])[-1]
+    if result.stopped_because == "no_descent" and final > _KINK_STATIONARITY * max(
+            1.0, abs(result.objective)):
+        rows.append(("warning", f"no step along -grad decreased the objective, yet the "
+                                f"stationarity is {final:.3g}: x sits on a kink of the "
+                                "objective (abs, norm1, max, min), which gradient steps cannot "
+                                "cross; the optimum may lie past it"))
     if (lag := _lagging(stationarity or norms, result.extra.get("exact"))) is not None:
         rows.append(("warning", f"the exact stationarity at the final x is {lag:.0f}x the "
                                 f"running estimate: the follower or the adjoint still lag x; "
@@ -369,6 +380,22 @@ def _unsettled(stationarity: list[float], iterations: list[int] | None,
             f"the smallest it reached ({best:.3g} at iteration {at})")
 
 
+def _still_going(stationarity: list[float], objectives: list[float]) -> str | None:
+    """What says that a run ran out of iterations on its way (its objective still falling over
+    the last ten records, its stationarity not a tenth of where it started): a step too small,
+    which no other warning catches."""
+    n = _SAMPLES_COMPARED
+    if len(stationarity) < n or len(objectives) != len(stationarity):
+        return None
+    first, last = stationarity[0], stationarity[-1]
+    drop = objectives[-n] - objectives[-1]
+    if not (math.isfinite(first) and math.isfinite(last) and last > 1e-6 and
+            last >= 0.1 * first and drop > 0):
+        return None
+    return (f"the objective fell by {drop:.3g} over its last {n} records and the stationarity "
+            f"ended at {last:.3g}, {last / first:.2g}x where it started")
+
+
 def _zigzag(objectives: list[float], stationarity: list[float]) -> str | None:
     """The objective's steps alternating in sign over the last quarter of the run (at least 20
     recorded iterations), with the stationarity still above 1e-3 of its start."""
@@ -395,14 +422,21 @@ def _objective_note(result: SolveResult, meta: dict[str, Any]) -> str:
     return ""
 
 
+# exact's line search stops (no_descent) at rounding level at a smooth stationary point: a
+# stationarity above this (relative to max(1, |objective|)) there means a kink
+_KINK_STATIONARITY = 1e-6
+
+
 def _ended_worse(problem: TabularProblem, result: SolveResult, objectives: list[float]
                  ) -> str | None:
     """How the objective ended worse than it started, if it did, comparing like with like: the
     final objective with the first iterate's, or for sampled objectives (the model-free
     solvers', noisy and not ``phi``) the mean of the last ten recorded samples with that of the
-    first ten (no verdict with fewer than 20)."""
+    first ten (no verdict with fewer than 20). A preference loss over pairs queried during
+    the run gets no verdict: each sample is a loss on other pairs, drawn from a policy that got
+    better (rlhf_grid.brl's loss rises while its true return reaches the optimum's)."""
     if "objective_is" in result.extra:
-        if len(objectives) < 2 * _SAMPLES_COMPARED:
+        if len(objectives) < 2 * _SAMPLES_COMPARED or result.extra.get("queries"):
             return None
         first = sum(objectives[:_SAMPLES_COMPARED]) / _SAMPLES_COMPARED
         last = sum(objectives[-_SAMPLES_COMPARED:]) / _SAMPLES_COMPARED

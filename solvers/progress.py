@@ -43,10 +43,15 @@ class ProgressMonitor(Monitor):
         self._last_draw = -math.inf
         self._width = 0
         self._pending: tuple[int, float, float, float] | None = None
+        # the rate counts from the first update: a solver's set-up (an exact solve at x0, a
+        # warm-up) before it is no iteration
+        self._first: tuple[int, float] | None = None
 
     def update(self, iteration: int, objective: float, hypergrad_norm: float) -> None:
         """Redraw the bar (terminal) or print a line when another tenth is done (elsewhere)."""
         now = self._clock()
+        if self._first is None:
+            self._first = (iteration, now)
         self._pending = (iteration, objective, hypergrad_norm, now)
         final = iteration >= self.total
         if self._tty:
@@ -81,8 +86,9 @@ class ProgressMonitor(Monitor):
         self.stream.flush()
 
     def _line(self, iteration: int, objective: float, norm: float, now: float) -> str:
-        elapsed = now - self._start
-        rate = iteration / elapsed if elapsed > 0 else 0.0
+        first, since = self._first if self._first is not None else (0, self._start)
+        elapsed = now - since
+        rate = (iteration - first) / elapsed if elapsed > 0 else 0.0
         eta = (self.total - iteration) / rate if rate > 0 else math.inf
         done = min(iteration / self.total, 1.0)
         head = f"{iteration}/{self.total}"

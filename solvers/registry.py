@@ -13,7 +13,6 @@ command line prints them without a traceback.
 
 from __future__ import annotations
 
-import difflib
 import importlib
 import math
 import re
@@ -22,6 +21,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from bilevel_dsl.diagnostics import did_you_mean
 from bilevel_dsl.ir import TRAJECTORY
 
 from .result import Monitor, SolveResult
@@ -334,6 +334,9 @@ class Registry:
 REGISTRY = Registry(tuple(f"solvers.{name}" for name in AUTO_ORDER))
 
 
+_NUMBER = re.compile(r"[+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
+
+
 def parse_option_value(option: Option, text: str) -> Any:
     """Turn the text of ``--set name=value`` into a value of the option's type."""
     stripped = text.strip()
@@ -347,6 +350,9 @@ def parse_option_value(option: Option, text: str) -> Any:
             value = stripped.lower() in _TRUE
         elif option.type is str:
             value = stripped
+        elif not _NUMBER.fullmatch(stripped) and stripped.lower().lstrip("+-") not in (
+                "inf", "infinity", "nan"):  # int() and float() take `1_0` and `٣` too
+            raise ValueError(stripped)
         else:
             value = option.type(stripped)
     except ValueError:
@@ -430,8 +436,8 @@ def _normalise(name: str) -> str:
 
 
 def _did_you_mean(name: str, candidates: Iterable[str]) -> str:
-    close = difflib.get_close_matches(name, list(candidates), n=1)
-    return f"; did you mean `{close[0]}`?" if close else ""
+    hint = did_you_mean(name, candidates)
+    return f"; {hint}" if hint else ""
 
 
 def _join(items: Iterable[str]) -> str:

@@ -215,7 +215,7 @@ def test_an_unwritable_out_fails_before_the_solve(tmp_path, capsys):
     code, out, err = run(["solve", str(path), "--quiet", "--out", str(taken),
                           "--set", "outer=100000"], capsys)
     assert code == 1 and out == ""
-    assert err.startswith(f"error: cannot write the output folder {taken}") and "--out" in err
+    assert err.startswith(f"error: --out {taken}: that is a file, not a folder")
 
 
 @pytest.mark.parametrize("solver", ["exact", "m_sobirl"])
@@ -535,6 +535,13 @@ def test_compile_output_and_gradcheck_misuse_are_errors_not_tracebacks(tmp_path,
     assert code == 1 and "does not exist" in err
     code, _, err = run(["gradcheck", str(ROOT / "problems" / "rlhf_hopper.brl")], capsys)
     assert code == 1 and "gymnasium environment" in err
+    record = tmp_path / "result.json"  # a run's record is not overwritten by an IR
+    record.write_text('{"problem": "synthetic", "history": {}}')
+    code, _, err = run(["compile", synthetic, "-o", str(record)], capsys)
+    assert code == 1 and "holds no IR" in err and "history" in record.read_text()
+    ir_file = tmp_path / "ir.json"  # an IR is replaced
+    assert run(["compile", synthetic, "-o", str(ir_file)], capsys)[0] == 0
+    assert run(["compile", synthetic, "-o", str(ir_file)], capsys)[0] == 0
 
 
 def test_check_reports_a_solve_statement_that_cannot_solve_the_file(tmp_path, capsys):
@@ -597,3 +604,88 @@ def test_solve_auto_in_a_file_picks_a_solver_and_takes_no_options(tmp_path, caps
 def test_compile_schema_takes_no_file(capsys):
     code, _, err = run(["compile", "--schema", "problems/maze_nav.brl"], capsys)
     assert code == 1 and "--schema or a file, not both" in err
+
+
+def test_a_failed_write_still_prints_the_summary(tmp_path, capsys, monkeypatch):
+    """A full disk at the end of a run: the summary (x, the objective) is printed before the
+    error, so the run is not lost from the console too; exit 1, no internal error."""
+    import solvers.output
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(solvers.output, "write_run", full_disk)
+    path = tmp_path / "p.brl"
+    path.write_text(SOLVABLE)
+    code, out, err = run(["solve", str(path), "--quiet", "--out", str(tmp_path / "run")], capsys)
+    assert code == 1 and "objective" in out and "x" in out
+    assert err.startswith(f"error: cannot write the run to {tmp_path / 'run'}: No space left")
+
+
+def test_force_removes_the_old_runs_checkpoint(tmp_path, capsys):
+    """--force replaces a run: its checkpoint must go too, or --resume would bring it back."""
+    path = tmp_path / "p.brl"
+    path.write_text(SOLVABLE)
+    out_dir = tmp_path / "run"
+    (out_dir / "checkpoint").mkdir(parents=True)
+    (out_dir / "checkpoint" / "progress.json").write_text("{}")
+    (out_dir / "reward_net.pt").write_text("old")
+    (out_dir / "notes.txt").write_text("mine")
+    code, _, err = run(["solve", str(path), "--quiet", "--out", str(out_dir), "--force"], capsys)
+    assert code == 0, err
+    assert sorted(p.name for p in out_dir.iterdir()) == ["curve.png", "notes.txt",
+                                                         "result.json"]
+
+
+def test_another_solver_says_the_files_options_are_left_behind(tmp_path, capsys):
+    path = tmp_path / "p.brl"
+    path.write_text(SOLVABLE)
+    code, _, err = run(["solve", str(path), "--quiet", "--solver", "exact", "--set", "outer=1",
+                        "--out", str(tmp_path / "run")], capsys)
+    assert code == 0
+    assert ("note: the file's options for m_sobirl (outer = 2) do not apply to exact; pass "
+            "those you want with --set") in err
+
+
+def test_a_time_limit_is_named_as_the_reason_to_stop(tmp_path, capsys):
+    path = tmp_path / "p.brl"
+    path.write_text(SOLVABLE)
+    code, out, _ = run(["solve", str(path), "--quiet", "--set", "outer=100000000",
+                        "--set", "time_limit=0.5", "--out", str(tmp_path / "run")], capsys)
+    assert code == 0
+    assert re.search(r"stopped because\s+time_limit", out)
+
+
+@pytest.mark.parametrize(("setting", "message"), [
+    ("outer=1_0", "option `outer` expects an integer, got `1_0`"),
+    ("beta=\u0663", "option `beta` expects a number, got `\u0663`"),
+    ("OUTER=3", "did you mean `outer`?"),
+])
+def test_set_takes_plain_numbers_and_names_only(setting, message, tmp_path, capsys):
+    path = tmp_path / "p.brl"
+    path.write_text(SOLVABLE)
+    code, _, err = run(["solve", str(path), "--quiet", "--set", setting], capsys)
+    assert code == 1 and message in err
+
+
+def test_gradcheck_reports_a_non_finite_error_as_the_worst(tmp_path, capsys):
+    path = tmp_path / "p.brl"
+    path.write_text(SOLVABLE)
+    code, out, _ = run(["gradcheck", str(path), "--eps", "1e300", "--points", "0"], capsys)
+    assert code == 1 and re.search(r"FAILED at 1 point: worst relative error (inf|nan) ", out)
+
+
+def test_gradcheck_leaves_points_passed_on_the_absolute_error_out_of_the_worst(tmp_path,
+                                                                                 capsys):
+    """At x0 = 0 the gradient of this problem is 0 and its relative error is noise (about
+    1e5): the verdict's worst relative error is that of the other points."""
+    path = tmp_path / "tiny.brl"
+    path.write_text("brl 1\nmdp M = random_mdp(states = 4, actions = 2, discount = 0.9)\n"
+                    "var x[M.S, M.A] = 0 in [-1, 1]\n"
+                    "lower M { temperature = 0.5  reward[s, a] = x[s, a] }\n"
+                    "upper minimize 0.5 * norm2(x) - value(M, policy, M.R + 1)\n")
+    code, out, _ = run(["gradcheck", str(path)], capsys)
+    worst = float(re.search(r"ok: worst relative error (\S+)", out).group(1))
+    assert code == 0 and worst < 1e-6 and "1 point passed on the absolute error" in out
+    code, out, _ = run(["gradcheck", str(path), "--points", "0"], capsys)
+    assert code == 0 and re.search(r"ok: largest absolute error \S+ \(below --atol 1e-08\)", out)

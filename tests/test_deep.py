@@ -204,8 +204,9 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path, text, queries):
     half = _brl("solve", str(source), "--quiet", "--out", str(tmp_path / "half"),
                 "--set", "outer=2", cwd=tmp_path)
     assert half.returncode == 0, half.stderr
+    # a resumed run keeps the options it was saved with (outer = 2 here) unless told
     resumed = _brl("solve", str(source), "--quiet", "--resume", str(tmp_path / "half"),
-                   cwd=tmp_path)
+                   "--set", "outer=4", cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr
     a = torch.load(tmp_path / "whole" / "reward_net.pt", weights_only=True)
     b = torch.load(tmp_path / "half" / "reward_net.pt", weights_only=True)

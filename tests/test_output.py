@@ -217,6 +217,18 @@ def test_summary_table_warns_when_the_objective_ends_worse() -> None:
     assert "ended worse" not in summary_table(grid_problem(x), worse, cold)
 
 
+def test_sampled_objectives_end_worse_only_on_the_same_data() -> None:
+    """Model-free runs compare their first and last ten samples; a preference loss over pairs
+    queried during the run is a loss on other data each time, so it gets no verdict."""
+    x = torch.zeros(4, dtype=torch.float64)
+    rising = fake_result(x)
+    rising.history["objective"] = [0.1 * i for i in range(20)]
+    rising.extra["objective_is"] = "the mean of the last 10 sampled estimates"
+    assert "ended worse" in summary_table(grid_problem(x), rising, META)
+    rising.extra["queries"] = 1280
+    assert "ended worse" not in summary_table(grid_problem(x), rising, META)
+
+
 def test_summary_table_shows_stationarity_with_bounds() -> None:
     """At an optimum on a bound ||h|| stays large: the summary adds the projected step."""
     x = torch.zeros(4, dtype=torch.float64)
@@ -367,3 +379,32 @@ def test_tied_moves_each_get_an_arrow():
     _draw_greedy_actions(ax, problem.grid, uniform, cells, terminal_goal=True)
     arrows = [c for c in ax.collections if isinstance(c, Quiver)]
     assert len(arrows) == 4 and all(len(q.X) == len(CELLS) - 1 for q in arrows)
+
+
+def test_a_line_search_stuck_on_a_kink_says_so() -> None:
+    """exact's line search stops (no_descent) where no step decreases phi: at rounding level
+    that is a stationary point, with a large gradient it is a kink of the objective."""
+    x = torch.zeros(4, dtype=torch.float64)
+    result = fake_result(x)
+    result.stopped_because = "no_descent"
+    result.history["hypergrad_norm"][-1] = 1e-9
+    assert "kink" not in summary_table(grid_problem(x), result, META)
+    result.history["hypergrad_norm"][-1] = 0.08
+    assert "x sits on a kink" in summary_table(grid_problem(x), result, META)
+
+
+def test_a_run_that_ran_out_of_iterations_on_its_way_says_so() -> None:
+    """A step too small: the objective still falls at the end and the stationarity is where it
+    started (a blind user's goal relocation: 0.268 to 0.141 in 500 iterations, far from the
+    optimum). A run that got there, or that stopped for another reason, says nothing."""
+    x = torch.zeros(4, dtype=torch.float64)
+    result = fake_result(x)
+    result.history.update(objective=[1.0 - 0.01 * i for i in range(20)],
+                          hypergrad_norm=[0.27 - 0.005 * i for i in range(20)])
+    result.history["stationarity"] = []
+    result.history["iteration"] = list(range(20))
+    result.stopped_because = "max_iterations"
+    meta = {**META, "solver": "m_sobirl"}
+    assert "ended still improving" in summary_table(grid_problem(x), result, meta)
+    result.history["hypergrad_norm"] = [0.27 * 0.5**i for i in range(20)]
+    assert "still improving" not in summary_table(grid_problem(x), result, meta)

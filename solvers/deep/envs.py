@@ -49,6 +49,50 @@ def check_id(env_id: str) -> str | None:
     return None
 
 
+# gymnasium's families whose every environment has Box observations and Discrete or bounded
+# Box actions: known without making one (a MuJoCo model prints deprecation warnings when made)
+_SUITED_FAMILIES = ("gymnasium.envs.mujoco.", "gymnasium.envs.classic_control.")
+
+
+def unusable(spec: EnvSpec) -> str | None:
+    """Why the deep solvers cannot run on this environment, or None when they can: it must be
+    made (optional dependencies such as Box2D installed) and have ``Box`` observations and
+    ``Discrete`` or bounded 1-D ``Box`` actions, which is what SAC and the reward networks
+    take. Atari games, MuJoCo and classic control always qualify; others are made once to see."""
+    problem = check_id(spec.env_id)
+    if problem is not None or spec.atari:
+        return problem
+    entry = getattr(gym.registry.get(spec.env_id), "entry_point", None)
+    if isinstance(entry, str) and entry.startswith(_SUITED_FAMILIES):
+        return None
+    try:
+        env = gym.make(spec.env_id, **_make_kwargs(spec))
+    except gym.error.DependencyNotInstalled as exc:
+        return f"it needs a package that is not installed: {str(exc).strip()}"
+    try:
+        obs, action = env.observation_space, env.action_space
+    finally:
+        env.close()
+    if not isinstance(obs, gym.spaces.Box):
+        return (f"its observations are {obs}; the deep solvers take Box observations (vectors "
+                "or images), as in MuJoCo, classic control and Atari")
+    if not (isinstance(action, gym.spaces.Discrete) or (
+            isinstance(action, gym.spaces.Box) and len(action.shape) == 1
+            and action.is_bounded("both"))):
+        return (f"its actions are {action}; SAC takes Discrete actions or a bounded 1-D Box")
+    return None
+
+
+def episode_limit(spec: EnvSpec) -> int | None:
+    """The most steps an episode can last (the time limit), or None when there is none.
+    Fragments never span two episodes, so they cannot be longer than this."""
+    if spec.max_episode_steps is not None:
+        return spec.max_episode_steps
+    if spec.atari:  # make_vector_env's frame cap, in agent steps
+        return 27_000
+    return gym.registry[spec.env_id].max_episode_steps if spec.env_id in gym.registry else None
+
+
 def is_atari(env_id: str) -> bool:
     return env_id.startswith(ATARI_PREFIX)
 
@@ -108,11 +152,8 @@ def make_vector_env(spec: EnvSpec, n_envs: int, seed: int) -> gym.vector.VectorE
             **spec.extra,
         )
     else:
-        kwargs = dict(spec.extra)
-        if spec.max_episode_steps is not None:
-            kwargs["max_episode_steps"] = spec.max_episode_steps
         env = gym.vector.SyncVectorEnv(
-            [partial(gym.make, spec.env_id, **kwargs) for _ in range(n_envs)],
+            [partial(gym.make, spec.env_id, **_make_kwargs(spec)) for _ in range(n_envs)],
             autoreset_mode=gym.vector.AutoresetMode.SAME_STEP,
         )
     env.reset(seed=seed)
@@ -127,11 +168,16 @@ def make_env(spec: EnvSpec) -> gym.Env:
         problem = check_id(spec.env_id)
         if problem is not None:
             raise ValueError(f"environment `{spec.env_id}`: {problem}")
-        kwargs = dict(spec.extra)
-        if spec.max_episode_steps is not None:
-            kwargs["max_episode_steps"] = spec.max_episode_steps
-        return gym.make(spec.env_id, **kwargs)
+        return gym.make(spec.env_id, **_make_kwargs(spec))
     return _OneCopy(make_vector_env(spec, 1, 0))
+
+
+def _make_kwargs(spec: EnvSpec) -> dict[str, Any]:
+    """``gym.make``'s keywords for a non-Atari environment."""
+    kwargs = dict(spec.extra)
+    if spec.max_episode_steps is not None:
+        kwargs["max_episode_steps"] = spec.max_episode_steps
+    return kwargs
 
 
 class _OneCopy(gym.Env):

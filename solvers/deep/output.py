@@ -74,10 +74,16 @@ def deep_summary(problem: DeepProblem, result: SolveResult, meta: dict[str, Any]
         ("iterations", str(result.iterations)),
         ("stopped because", result.stopped_because),
         ("env steps", f"{result.extra.get('env_steps', 0):,}"),
-        ("preference queries", f"{result.extra.get('queries', 0):,}"),
-        ("preference loss", f"{result.objective:.4g}"),
-        ("held-out accuracy", f"{accuracy[-1]:.3f}" if accuracy and
-         math.isfinite(accuracy[-1]) else "-"),
+    ]
+    if meta.get("solver") != "sac_true":  # SAC on the true reward asks no preferences
+        rows += [
+            ("preference queries", f"{result.extra.get('queries', 0):,}"),
+            ("preference loss", f"{result.objective:.4g}" if math.isfinite(result.objective)
+             else "-"),
+            ("held-out accuracy", f"{accuracy[-1]:.3f}" if accuracy and
+             math.isfinite(accuracy[-1]) else "-"),
+        ]
+    rows += [
         ("true return (train)", f"{train[-1]:.1f}" if train and math.isfinite(train[-1])
          else "-"),
         ("true return (eval)", f"{evals[-1]:.1f}" if evals else "-"),

@@ -17,7 +17,19 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
+from ..registry import SolverError
+from .replay import DamagedCheckpoint
 from .reward_model import RewardNet
+
+# the rollout steps a query may take, per step of the fragments it asks for, before the
+# collector gives up: episodes that end before `length` steps yield no fragment at all (a
+# falling Hopper early in training needed 63,000 steps for 12 fragments of 25: 210 per step)
+PATIENCE = 1000
+
+
+class FragmentShortage(SolverError):
+    """The follower's episodes are too short for the fragments: the run stops, keeping its
+    last whole iteration."""
 
 
 @dataclass
@@ -53,10 +65,25 @@ class FragmentCollector:
         self.obs, _ = self.env.reset(seed=seed)
         self.partial = [[] for _ in range(self.env.num_envs)]
 
-    def collect(self, count: int, policy: Callable[[Tensor], Tensor]) -> Fragments:
-        """``count`` fragments under ``policy`` (batched observations -> actions)."""
+    def collect(self, count: int, policy: Callable[[Tensor], Tensor],
+                stop: Callable[[], None] | None = None) -> Fragments:
+        """``count`` fragments under ``policy`` (batched observations -> actions). ``stop`` is
+        called before every step, so a time limit can end a long query by raising; after
+        ``PATIENCE * count * length`` steps without the fragments, ``FragmentShortage`` says
+        that the episodes are too short."""
         done_fragments: list[list[tuple[np.ndarray, np.ndarray, float]]] = []
+        budget = PATIENCE * count * self.length
+        taken = 0
         while len(done_fragments) < count:
+            if stop is not None:
+                stop()
+            if taken >= budget:
+                raise FragmentShortage(
+                    f"the query found {len(done_fragments)} of {count} fragments of "
+                    f"{self.length} steps in {taken:,} rollout steps: the follower's episodes "
+                    f"rarely last {self.length} steps, and a fragment never spans two episodes; "
+                    "lower `fragment` in the file's preference_loss")
+            taken += self.env.num_envs
             actions = policy(torch.as_tensor(self.obs, device=self.device)).cpu().numpy()
             next_obs, reward, terminated, truncated, info = self.env.step(actions)
             self.steps += self.env.num_envs
@@ -150,13 +177,31 @@ class PreferenceQueue:
                     f"{name}_rewards": frags.rewards}
         return out
 
-    def load_tensors(self, tensors: dict[str, Tensor]) -> None:
+    def load_tensors(self, tensors: dict[str, Tensor], length: int,
+                     obs_shape: tuple[int, ...]) -> None:
+        """Restore ``tensors()`` (empty: no pairs); a ``ValueError`` if its pairs are not
+        fragments of ``length`` steps of ``obs_shape`` observations, as this run's are."""
         if not tensors:
+            self.first = self.second = self.labels = self.true_better = None
             return
-        self.labels, self.true_better = tensors["labels"], tensors["true_better"]
-        self.first, self.second = (
+        labels, better = tensors["labels"], tensors["true_better"]
+        first, second = (
             Fragments(tensors[f"{n}_obs"], tensors[f"{n}_actions"], tensors[f"{n}_rewards"])
             for n in ("first", "second"))
+        n = labels.shape[0] if labels.dim() == 1 else -1
+        for frags in (first, second):
+            if frags.obs.dim() < 2 or tuple(better.shape) != (n,) or \
+                    frags.obs.shape[0] != n or tuple(frags.actions.shape[:1]) != (n,) or \
+                    tuple(frags.rewards.shape) != tuple(frags.obs.shape[:2]):
+                raise DamagedCheckpoint("its preference pairs' tensors disagree in size")
+            if frags.obs.shape[1] != length:
+                raise ValueError(f"its preference pairs are fragments of {frags.obs.shape[1]} "
+                                 f"steps, this run's of {length} (`fragment`)")
+            if tuple(frags.obs.shape[2:]) != tuple(obs_shape):
+                raise ValueError(f"its fragments hold observations of shape "
+                                 f"{tuple(frags.obs.shape[2:])}, this run's environment "
+                                 f"{tuple(obs_shape)}")
+        self.first, self.second, self.labels, self.true_better = first, second, labels, better
 
 
 def concat(a: Fragments, b: Fragments) -> Fragments:

@@ -39,6 +39,11 @@ from torch import Tensor
 FIELDS = ("obs", "action", "reward", "terminated")
 
 
+class DamagedCheckpoint(Exception):
+    """A checkpoint file that is missing, truncated or garbled, as opposed to a whole one that
+    another run saved (a ``ValueError``): the two call for different remedies."""
+
+
 class Batch(NamedTuple):
     """A minibatch of transitions; ``reward`` is whatever reward the learner should fit."""
 
@@ -83,6 +88,8 @@ class ReplayBuffer:
         self._pending = self.obs[:0].clone()
         self._pending_rows = torch.zeros(0, dtype=torch.long, device=self.device)
         self._apart: dict[int, Tensor] = {}
+        self._mark: tuple | None = None  # the counters at ``mark()``
+        self._overwritten: dict[int, tuple[Tensor, ...]] = {}  # rows' contents at the mark
 
     @classmethod
     def for_spaces(
@@ -134,6 +141,9 @@ class ReplayBuffer:
         rows = (self.pos + torch.arange(n, device=self.device)) % self.capacity
         for row in rows.tolist():
             self._apart.pop(row, None)
+            if self._mark is not None and row < self._mark[1] and row not in self._overwritten:
+                self._overwritten[row] = tuple(getattr(self, name)[row].clone()
+                                               for name in FIELDS)
         self.obs[rows] = obs
         self.action[rows] = action
         self.reward[rows] = reward
@@ -142,6 +152,26 @@ class ReplayBuffer:
         self._pending_rows = rows
         self.pos = (self.pos + n) % self.capacity
         self.size = min(self.size + n, self.capacity)
+
+    def mark(self) -> None:
+        """Remember the buffer as it is now, so that ``rollback`` can undo the adds after it
+        (a run stopped halfway through an outer iteration saves the buffer of the last whole
+        one). Until the next mark, each stored row that an add overwrites is copied first:
+        at most one outer iteration's rows, and none while the buffer is not yet full."""
+        self._mark = (self.pos, self.size, self.copies, self._pending, self._pending_rows,
+                      dict(self._apart))
+        self._overwritten = {}
+
+    def rollback(self) -> None:
+        """Return to the buffer as it was at the last ``mark``."""
+        if self._mark is None:
+            return
+        for row, values in self._overwritten.items():
+            for name, value in zip(FIELDS, values):
+                getattr(self, name)[row] = value
+        (self.pos, self.size, self.copies, self._pending, self._pending_rows,
+         self._apart) = self._mark
+        self.mark()
 
     def next_obs_of(self, rows: Tensor) -> Tensor:
         """``next_obs`` of the stored transitions in ``rows``."""
@@ -186,31 +216,62 @@ class ReplayBuffer:
         (directory / "counters.json").write_text(json.dumps(counters))
 
     def load(self, directory: str | Path) -> None:
-        """Read back what ``save`` wrote into this (same-shaped, same-capacity) buffer."""
+        """Read back what ``save`` wrote into this (same-shaped, same-capacity) buffer: a
+        ``ValueError`` if it was another buffer, ``DamagedCheckpoint`` if a file is missing,
+        cut short or garbled."""
         directory = Path(directory)
-        counters = json.loads((directory / "counters.json").read_text())
-        if counters["capacity"] != self.capacity:
-            raise ValueError(f"the saved buffer holds {counters['capacity']} transitions, "
+        try:
+            counters = json.loads((directory / "counters.json").read_text())
+            size, pos, copies = (int(counters[k]) for k in ("size", "pos", "copies"))
+            apart_rows = [int(r) for r in counters["apart_rows"]]
+            pending_rows = [int(r) for r in counters["pending_rows"]]
+            capacity = counters["capacity"]
+        except KeyError as exc:
+            if exc.args == ("copies",):
+                raise ValueError("this checkpoint's replay buffer was written by an older "
+                                 "version of brl (with next_obs stored); start the run "
+                                 "afresh") from None
+            raise DamagedCheckpoint(f"counters.json lacks {exc}") from None
+        except FileNotFoundError:
+            raise DamagedCheckpoint("counters.json is missing") from None
+        except (OSError, ValueError, TypeError) as exc:
+            raise DamagedCheckpoint(f"counters.json: {first_line(exc)}") from None
+        if capacity != self.capacity:
+            raise ValueError(f"the saved buffer holds {capacity} transitions, "
                              f"this one {self.capacity}")
-        if "copies" not in counters:
-            raise ValueError("this checkpoint's replay buffer was written by an older version "
-                             "of brl (with next_obs stored); start the run afresh")
-        size = counters["size"]
-        apart_rows, pending_rows = counters["apart_rows"], counters["pending_rows"]
+        if not (0 <= size <= self.capacity and 0 <= pos < max(self.capacity, 1)
+                and 0 <= copies <= self.capacity
+                and all(0 <= r < self.capacity for r in apart_rows + pending_rows)):
+            raise DamagedCheckpoint("counters.json holds counters out of range")
         expected = {name: (size, *getattr(self, name).shape[1:]) for name in FIELDS}
         expected["pending_obs"] = (len(pending_rows), *self.obs.shape[1:])
         expected["apart_obs"] = (len(apart_rows), *self.obs.shape[1:])
         loaded = {}
         for name, shape in expected.items():
-            saved = torch.from_numpy(np.load(directory / f"{name}.npy", allow_pickle=False))
+            try:
+                saved = torch.from_numpy(np.load(directory / f"{name}.npy", allow_pickle=False))
+            except FileNotFoundError:
+                raise DamagedCheckpoint(f"{name}.npy is missing") from None
+            except (OSError, ValueError, EOFError) as exc:
+                raise DamagedCheckpoint(f"{name}.npy: {first_line(exc)}") from None
             dtype = (self.obs if name.endswith("_obs") else getattr(self, name)).dtype
-            if saved.shape != shape or saved.dtype != dtype:
+            if saved.shape[1:] != shape[1:] or saved.dtype != dtype:
                 raise ValueError(f"{name}.npy holds {saved.dtype} {tuple(saved.shape)}, "
                                  f"expected {dtype} {shape}")
+            if saved.shape[0] != shape[0]:
+                raise DamagedCheckpoint(f"{name}.npy holds {saved.shape[0]} rows, "
+                                        f"counters.json says {shape[0]}")
             loaded[name] = saved.to(self.device)
         for name in FIELDS:
             getattr(self, name)[:size] = loaded[name]
-        self.pos, self.size, self.copies = counters["pos"], size, counters["copies"]
+        self.pos, self.size, self.copies = pos, size, copies
         self._pending = loaded["pending_obs"]
         self._pending_rows = torch.tensor(pending_rows, dtype=torch.long, device=self.device)
         self._apart = dict(zip(apart_rows, loaded["apart_obs"]))
+        self._mark, self._overwritten = None, {}
+
+
+def first_line(exc: BaseException) -> str:
+    """An exception's first line, or its kind when it has no message."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

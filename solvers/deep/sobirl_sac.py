@@ -23,15 +23,21 @@ One outer iteration:
 ``sac_true`` trains SAC on the true reward (the ceiling). Every ``checkpoint_every`` iterations
 the whole state is saved; the environments are reset with seeds derived from the run's seed and
 the iteration at those points, in resumed and uninterrupted runs alike, so a resumed run
-reproduces the uninterrupted one.
+reproduces the uninterrupted one. A run that stops (Ctrl-C, ``time_limit``, its last iteration)
+saves the state of its last whole iteration too, and a checkpoint records the run's problem,
+seed, solver and options, so that ``--resume`` refuses to continue another run's.
 """
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import json
 import math
 import shutil
 import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -43,10 +49,11 @@ from torch import Tensor
 from ..registry import SolverError
 from ..result import Monitor, SolveResult, interrupts_deferred, stop_reason
 from .critic import SuccessorCritic, policy_expectation
-from .envs import make_env, make_vector_env
+from .envs import episode_limit, make_env, make_vector_env, unusable
 from .preferences import (
     FragmentCollector,
     Fragments,
+    FragmentShortage,
     Oracle,
     PreferenceQueue,
     bradley_terry,
@@ -54,10 +61,19 @@ from .preferences import (
     preference_accuracy,
 )
 from .problem import DeepProblem
+from .replay import DamagedCheckpoint, first_line
 from .reward_model import RewardNet, build_reward_net
 from .sac import SACAgent, SACConfig, SACLearner
 
 CHECKPOINT = "checkpoint"
+# stopped_because when the query could not find its fragments (``extra["failure"]`` says why):
+# the run keeps its last whole iteration, and the command line exits 1
+NO_FRAGMENTS = "no_fragments"
+SOLVER_NAMES = {"sobirl": "sobirl_sac", "drlhf": "drlhf_sac", "sac_true": "sac_true"}
+# options a resumed run may change: they say how long to go on and what to record, not what
+# is computed
+RESUME_MAY_CHANGE = frozenset({"outer", "time_limit", "checkpoint_every", "eval_every",
+                               "eval_episodes"})
 
 
 def _action_shape(space) -> tuple[int | None, int | None]:
@@ -146,17 +162,36 @@ def reward_terms(model: RewardModel, agent: SACAgent, frags: Fragments, kind: st
 
 
 def run(problem: DeepProblem, options: dict[str, Any], monitor: Monitor,
-        variant: str = "sobirl", resume: Path | None = None, out: Path | None = None
-        ) -> SolveResult:
+        variant: str = "sobirl", resume: Path | None = None, out: Path | None = None,
+        defines: dict[str, str] | None = None) -> SolveResult:
     """Algorithm 5 (``variant = sobirl``), DRLHF (``drlhf``) or SAC on the true reward
-    (``sac_true``), from scratch or from the checkpoint in ``resume``."""
+    (``sac_true``), from scratch or from the checkpoint in ``resume``.
+
+    A run stopped halfway through an outer iteration (Ctrl-C, SIGTERM, ``time_limit`` during
+    a query) returns to the end of the last whole iteration, so that its record and its last
+    checkpoint agree; with checkpoints on, that state is saved when the run ends, however it
+    ends. ``defines``: the command line's ``-D`` overrides (texts), kept in the checkpoint so
+    that a resumed run compiles the file as this one did."""
     device = problem.device
     seed = problem.seed
-    torch.manual_seed(seed)
-    generator = torch.Generator().manual_seed(seed)
+    spec = problem.preferences
+    learned = variant != "sac_true"
+    identity = {"problem": problem.name, "seed": seed, "solver": SOLVER_NAMES[variant],
+                "options": _strict(dict(options)), "defines": dict(defines or {})}
     if options["sac_steps"] % options["envs"]:
         raise SolverError(f"sac_steps ({options['sac_steps']}) must be a multiple of envs "
                           f"({options['envs']}): each vector step advances every copy")
+    why = unusable(problem.env)
+    if why is not None:
+        raise SolverError(f"environment `{problem.env.env_id}`: {why}")
+    limit = episode_limit(problem.env)
+    if learned and limit is not None and spec.fragment > limit:
+        raise SolverError(f"fragments of {spec.fragment} steps are longer than the episodes of "
+                          f"`{problem.env.env_id}` (at most {limit} steps), and a fragment "
+                          f"never spans two episodes: set `fragment` to at most {limit}")
+    progress = _read_progress(resume, identity, options["outer"]) if resume else None
+    torch.manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)
     envs = make_vector_env(problem.env, options["envs"], seed)
     obs_shape = envs.single_observation_space.shape
     changes = sac_overrides(options, problem)
@@ -164,12 +199,10 @@ def run(problem: DeepProblem, options: dict[str, Any], monitor: Monitor,
     learner = SACLearner(envs, config, device)
     agent = learner.agent
     model = RewardModel(problem, obs_shape, envs.single_action_space, device)
-    spec = problem.preferences
     oracle = Oracle(spec.scale, spec.noise, spec.clip)
     queue, heldout = PreferenceQueue(spec.queue), PreferenceQueue(max(1, spec.queue // 10))
     collector = FragmentCollector(make_vector_env(problem.env, 1, seed + 10_007),
                                   spec.fragment, device)
-    learned = variant != "sac_true"
     implicit = options.get("implicit", "off") if variant == "sobirl" else "off"
     critic = SuccessorCritic(
         envs.single_observation_space, envs.single_action_space, model.net, config.hidden,
@@ -181,10 +214,13 @@ def run(problem: DeepProblem, options: dict[str, Any], monitor: Monitor,
         "query_steps": [], "queries": [], "train_return": [], "eval_return": [],
         "eval_step": [], "preference_accuracy": [], "alpha": [], "critic_td_error": []}
     k, queries, carry, wall_before = 0, 0, 0.0, 0.0
-    if resume is not None:
-        progress, history = _load(resume, learner, model, critic, queue, heldout, generator)
+    saved_k = None  # the iteration of the checkpoint on disk, if this run wrote or read it
+    if progress is not None:
+        history = progress.pop("history")
+        _load(resume, learner, model, critic, queue, heldout, generator, spec.fragment,
+              obs_shape)
         k, queries, wall_before = progress["iteration"], progress["queries"], progress["wall"]
-        carry = progress.get("query_carry", 0.0)
+        carry, collector.steps, saved_k = progress["query_carry"], progress["query_steps"], k
         _reset(learner, collector, seed, k)
     elif learned:  # warm-up: initial pairs from random rollouts, trained for many epochs
         # (the action space's own sampler is seeded apart from the run: draw from ours)
@@ -196,53 +232,82 @@ def run(problem: DeepProblem, options: dict[str, Any], monitor: Monitor,
                       gamma=problem.discount, generator=generator)
 
     start = time.perf_counter() - wall_before
-    stopped = "max_iterations"
+
+    def stop() -> None:
+        reason = stop_reason(options, start, monitor)
+        if reason is not None:
+            raise _Stopped(reason)
+
+    def snapshot() -> _Snapshot:
+        with interrupts_deferred():
+            return _Snapshot.take(k, queries, carry, time.perf_counter() - start, history,
+                                  learner, model, critic, queue, heldout, generator, collector)
+
+    checkpoints = out is not None and options["checkpoint_every"] > 0
+    stopped, failure = "max_iterations", ""
     reward_fn = model if learned else None
+    last = snapshot()
     try:
-        while k < options["outer"]:
-            # 1. a block of SAC steps on the current reward model
-            steps_before = learner.steps
-            learner.train(options["sac_steps"], reward_fn)
-            critic_error = math.nan
-            if critic is not None:  # trained from the start, so it is ready after the warm-up
-                critic_error = critic.update(learner.buffer, model.net, agent,
-                                             options["critic_updates"], options["samples"])
-            loss, grad_norm = math.nan, math.nan
-            if learned:
-                # 2. new pairs from the current policy (as many as the schedule says),
-                # labelled by the oracle
-                due, carry = spec.pairs_due(steps_before, carry, queries)
-                queries += _query(collector, lambda o: agent.act(o), due, oracle, queue,
-                                  heldout, generator, spec.heldout_every, queries)
-                # 3. reward-model steps: BCE plus the implicit term after the warm-up
-                on = "off" if implicit == "off" or learner.steps < options["implicit_warmup"] \
-                    else implicit
-                loss, grad_norm = _train_reward(model, agent, queue, options,
-                                                epochs=options["reward_epochs"], implicit=on,
-                                                gamma=problem.discount, generator=generator,
-                                                critic=critic)
-            k += 1
-            _record(history, k, loss, grad_norm, start, learner, collector, queries,
-                    heldout, model, agent, critic_error)
-            if options["eval_every"] and k % options["eval_every"] == 0:
-                history["eval_step"].append(learner.steps)
-                history["eval_return"].append(learner.evaluate(
-                    partial(make_env, problem.env), options["eval_episodes"],
-                    seed + 20_011 + k))
-            monitor.update(k, loss if learned else -_last(history["train_return"]), grad_norm)
-            if out is not None and options["checkpoint_every"] and \
-                    k % options["checkpoint_every"] == 0:
-                _reset(learner, collector, seed, k)
-                progress = {"iteration": k, "queries": queries, "query_carry": carry,
-                            "wall": time.perf_counter() - start}
-                _save(out / CHECKPOINT, progress, history, learner, model, critic, queue,
-                      heldout, generator)
-            reason = stop_reason(options, start, monitor)
-            if reason is not None:
-                stopped = reason
-                break
-    except KeyboardInterrupt:
-        stopped = "interrupted"
+        try:
+            while k < options["outer"]:
+                # 1. a block of SAC steps on the current reward model
+                steps_before = learner.steps
+                learner.train(options["sac_steps"], reward_fn)
+                critic_error = math.nan
+                if critic is not None:  # trained from the start: ready after the warm-up
+                    critic_error = critic.update(learner.buffer, model.net, agent,
+                                                 options["critic_updates"], options["samples"])
+                loss, grad_norm = math.nan, math.nan
+                if learned:
+                    # 2. new pairs from the current policy (as many as the schedule says),
+                    # labelled by the oracle
+                    due, carry = spec.pairs_due(steps_before, carry, queries)
+                    queries += _query(collector, lambda o: agent.act(o), due, oracle, queue,
+                                      heldout, generator, spec.heldout_every, queries, stop)
+                    # 3. reward-model steps: BCE plus the implicit term after the warm-up
+                    on = "off" if implicit == "off" or \
+                        learner.steps < options["implicit_warmup"] else implicit
+                    loss, grad_norm = _train_reward(model, agent, queue, options,
+                                                    epochs=options["reward_epochs"],
+                                                    implicit=on, gamma=problem.discount,
+                                                    generator=generator, critic=critic)
+                k += 1
+                _record(history, k, loss, grad_norm, start, learner, collector, queries,
+                        heldout, model, agent, critic_error)
+                if options["eval_every"] and k % options["eval_every"] == 0:
+                    history["eval_step"].append(learner.steps)
+                    history["eval_return"].append(learner.evaluate(
+                        partial(make_env, problem.env), options["eval_episodes"],
+                        seed + 20_011 + k))
+                monitor.update(k, loss if learned else -_last(history["train_return"]),
+                               grad_norm)
+                last = snapshot()
+                if checkpoints and k % options["checkpoint_every"] == 0:
+                    _reset(learner, collector, seed, k)
+                    _save(out / CHECKPOINT, last.progress(identity), history, learner, model,
+                          critic, queue, heldout, generator)
+                    saved_k = k
+                reason = stop_reason(options, start, monitor)
+                if reason is not None:
+                    stopped = reason
+                    break
+        except (KeyboardInterrupt, _Stopped, FragmentShortage) as exc:  # back to the last
+            # whole iteration
+            if isinstance(exc, FragmentShortage):
+                stopped, failure = NO_FRAGMENTS, str(exc)
+            else:
+                stopped = exc.reason if isinstance(exc, _Stopped) else "interrupted"
+            with interrupts_deferred():
+                k, queries, carry, history = last.restore(learner, model, critic, queue,
+                                                          heldout, generator, collector)
+        if checkpoints and k != saved_k:
+            try:
+                with interrupts_deferred():
+                    _reset(learner, collector, seed, k)
+                    _save(out / CHECKPOINT, last.progress(identity), history, learner, model,
+                          critic, queue, heldout, generator)
+            except KeyboardInterrupt:
+                stopped = "interrupted"
     finally:
         envs.close()
         collector.env.close()
@@ -253,7 +318,8 @@ def run(problem: DeepProblem, options: dict[str, Any], monitor: Monitor,
         x=parameters, policy=torch.empty(0), objective=final, history=history,
         iterations=k, stopped_because=stopped,
         extra={"reward_net": model.net.state_dict(), "env_steps": learner.steps,
-               "queries": queries, "time": time.perf_counter() - start})
+               "queries": queries, "time": time.perf_counter() - start,
+               **({"failure": failure} if failure else {})})
 
 
 def sac_overrides(options: dict[str, Any], problem: DeepProblem) -> dict[str, Any]:
@@ -278,12 +344,12 @@ def _last(values: list[float]) -> float:
 
 def _query(collector: FragmentCollector, policy, pairs: int, oracle: Oracle,
            queue: PreferenceQueue, heldout: PreferenceQueue, generator: torch.Generator,
-           heldout_every: int, asked: int) -> int:
+           heldout_every: int, asked: int, stop: Callable[[], None] | None = None) -> int:
     """Collect and label ``pairs`` new pairs; every ``heldout_every``-th query of the run
-    (``asked`` were made before) goes to ``heldout``."""
+    (``asked`` were made before) goes to ``heldout``. ``stop`` may end a long rollout."""
     if pairs == 0:
         return 0
-    frags = collector.collect(2 * pairs, policy)
+    frags = collector.collect(2 * pairs, policy, stop)
     first = Fragments(frags.obs[0::2], frags.actions[0::2], frags.rewards[0::2])
     second = Fragments(frags.obs[1::2], frags.actions[1::2], frags.rewards[1::2])
     labels = oracle.label(first, second, generator)
@@ -309,6 +375,7 @@ def _train_reward(model: RewardModel, agent: SACAgent, queue: PreferenceQueue,
     """``epochs`` passes over the queue in minibatches; returns the last mean BCE and the norm
     of the last gradient."""
     batch = options["reward_batch"]
+    samples = options.get("samples", 1)  # drlhf_sac has no implicit term, so no `samples`
     loss_value, grad_norm = math.nan, math.nan
     model.net.train()
     for _ in range(epochs):
@@ -317,7 +384,7 @@ def _train_reward(model: RewardModel, agent: SACAgent, queue: PreferenceQueue,
             first, second, labels = queue.batch(order[begin:begin + batch])
             # both fragments of every pair in one forward pass (one batch-norm batch)
             returns, term = reward_terms(model, agent, concat(first, second), implicit, gamma,
-                                         options["samples"], critic)
+                                         samples, critic)
             pairs = len(first)
             bce = bradley_terry(returns[:pairs], returns[pairs:], labels)
             loss = bce.mean()
@@ -357,13 +424,78 @@ def _reset(learner: SACLearner, collector: FragmentCollector, seed: int, k: int)
     collector.reset(seed + 1_000 * k + 2)
 
 
+class _Stopped(Exception):
+    """Raised inside a long query phase when the run must stop (``time_limit``)."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+@dataclass
+class _Snapshot:
+    """The run at the end of its last whole outer iteration, kept in memory so that a run
+    stopped halfway through the next one can return to it: every network, optimiser, counter
+    and random state (copies), the preference queues (their tensors are replaced, never
+    changed in place, so references do) and a mark in the replay buffer."""
+
+    k: int
+    queries: int
+    carry: float
+    wall: float
+    query_steps: int
+    history: dict[str, list[float]]
+    learner: dict[str, Any]
+    model: dict[str, Any]
+    critic: dict[str, Any] | None
+    queue: dict[str, Tensor]
+    heldout: dict[str, Tensor]
+    generator: Tensor
+    torch_rng: Tensor
+
+    @classmethod
+    def take(cls, k: int, queries: int, carry: float, wall: float, history, learner: SACLearner,
+             model: RewardModel, critic: SuccessorCritic | None, queue: PreferenceQueue,
+             heldout: PreferenceQueue, generator: torch.Generator,
+             collector: FragmentCollector) -> _Snapshot:
+        learner.buffer.mark()
+        return cls(k, queries, carry, wall, collector.steps,
+                   {key: list(values) for key, values in history.items()},
+                   copy.deepcopy(learner.state_dict()), copy.deepcopy(model.state()),
+                   copy.deepcopy(critic.state()) if critic is not None else None,
+                   queue.tensors(), heldout.tensors(), generator.get_state(),
+                   torch.get_rng_state())
+
+    def restore(self, learner: SACLearner, model: RewardModel, critic: SuccessorCritic | None,
+                queue: PreferenceQueue, heldout: PreferenceQueue, generator: torch.Generator,
+                collector: FragmentCollector) -> tuple[int, int, float, dict[str, list[float]]]:
+        """Put the objects back; returns the iteration, queries, carry and history."""
+        learner.load_state_dict(self.learner)
+        learner.buffer.rollback()
+        model.load(self.model)
+        if critic is not None:
+            critic.load(self.critic)
+        fragment, obs_shape = collector.length, tuple(learner.buffer.obs.shape[1:])
+        queue.load_tensors(self.queue, fragment, obs_shape)
+        heldout.load_tensors(self.heldout, fragment, obs_shape)
+        generator.set_state(self.generator)
+        torch.set_rng_state(self.torch_rng)
+        collector.steps = self.query_steps
+        return self.k, self.queries, self.carry, self.history
+
+    def progress(self, identity: dict[str, Any]) -> dict[str, Any]:
+        """``progress.json`` of a checkpoint of this state, but its history."""
+        return {"iteration": self.k, "queries": self.queries, "query_carry": self.carry,
+                "query_steps": self.query_steps, "wall": self.wall, "run": identity}
+
+
 def _save(path: Path, progress: dict[str, Any], history, learner: SACLearner,
           model: RewardModel, critic: SuccessorCritic | None, queue: PreferenceQueue,
           heldout: PreferenceQueue, generator: torch.Generator) -> None:
     """Everything a resumed run needs; tensors only (``torch.load(weights_only=True)``) and
-    JSON, written to a temporary folder and renamed so a kill never leaves half a checkpoint.
-    ``progress``: the iteration, the queries so far, the query schedule's fractional carry and
-    the wall time."""
+    strict JSON (NaN written as null), written to a temporary folder and renamed so a kill
+    never leaves half a checkpoint. ``progress``: the iteration, the queries and rollout steps
+    so far, the query schedule's fractional carry, the wall time and the run's identity."""
     tmp = path.with_name(path.name + ".tmp")
     tmp.mkdir(parents=True, exist_ok=True)
     state = {"model": model.state(), "queue": queue.tensors(), "heldout": heldout.tensors(),
@@ -372,7 +504,8 @@ def _save(path: Path, progress: dict[str, Any], history, learner: SACLearner,
         state["critic"] = critic.state()
     torch.save(state, tmp / "state.pt")
     learner.save(tmp / "learner")
-    (tmp / "progress.json").write_text(json.dumps(progress | {"history": history}))
+    (tmp / "progress.json").write_text(
+        json.dumps(_strict(progress | {"history": history}), allow_nan=False))
     with interrupts_deferred():  # never between the two renames
         if path.exists():
             old = path.with_name(path.name + ".old")
@@ -383,37 +516,208 @@ def _save(path: Path, progress: dict[str, Any], history, learner: SACLearner,
             tmp.rename(path)
 
 
-def _load(path: Path, learner: SACLearner, model: RewardModel, critic: SuccessorCritic | None,
-          queue: PreferenceQueue, heldout: PreferenceQueue, generator: torch.Generator):
+def saved_run(checkpoint: Path) -> dict[str, Any] | None:
+    """The identity of the run that saved ``checkpoint`` (a run's ``checkpoint/`` folder):
+    ``{"problem": str, "seed": int, "solver": str, "options": {name: value}, "defines":
+    {name: text}}``, the options as that run resolved them (non-finite numbers as None), the
+    defines as its ``-D`` gave them. None when the checkpoint predates
+    this record or cannot be read; never raises, so a caller can offer the saved options as
+    defaults before the run checks the checkpoint properly."""
     try:
-        return _load_state(path, learner, model, critic, queue, heldout, generator)
-    except (ValueError, RuntimeError, KeyError) as exc:  # other sizes, networks or format
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise SolverError(f"the checkpoint in {path} does not fit this run ({first}); resume "
-                          "with the file and options it was saved with, or start afresh "
-                          "with another --out") from None
+        run = json.loads((Path(checkpoint) / "progress.json").read_text()).get("run")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return run if _is_identity(run) else None
+
+
+def _is_identity(run: Any) -> bool:
+    return isinstance(run, dict) and isinstance(run.get("problem"), str) and \
+        _whole(run.get("seed")) and isinstance(run.get("solver"), str) and \
+        isinstance(run.get("options"), dict)
+
+
+def _whole(value: Any) -> bool:
+    """A JSON integer that is not negative."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _strict(value: Any) -> Any:
+    """``value`` with NaN and infinities as None, for strict JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: _strict(v) for key, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_strict(v) for v in value]
+    return value
+
+
+def _damaged(path: Path, why: str) -> SolverError:
+    return SolverError(f"the checkpoint in {path} is damaged or incomplete ({why}), so it "
+                       "cannot be resumed; start afresh with another --out (or --force)")
+
+
+def _read_progress(path: Path, identity: dict[str, Any], outer: int) -> dict[str, Any]:
+    """``progress.json``, checked: the run it belongs to must be this one (but for the
+    options in ``RESUME_MAY_CHANGE``) and its counters whole; null history entries read back
+    as NaN."""
+    try:
+        progress = json.loads((path / "progress.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise _damaged(path, f"progress.json: {first_line(exc)}") from None
+    if not isinstance(progress, dict):
+        raise _damaged(path, "progress.json does not hold an object")
+    saved = progress.get("run")
+    if saved is not None:
+        if not _is_identity(saved):
+            raise _damaged(path, "progress.json: `run` is garbled")
+        _check_identity(path, saved, identity)
+    k = progress.get("iteration")
+    if not _whole(k):
+        raise _damaged(path, f"progress.json: `iteration` is {json.dumps(k)}, not a whole "
+                             "number")
+    saved_outer = saved["options"].get("outer") if saved is not None else None
+    if _number(saved_outer) and k > saved_outer:
+        raise _damaged(path, f"progress.json: iteration {k} is past the saved run's outer = "
+                             f"{saved_outer}")
+    history = progress.get("history")
+    for name, check in (("queries", _whole), ("wall", _number)):
+        if not check(progress.get(name)):
+            raise _damaged(path, f"progress.json: `{name}` is missing or not a number")
+    progress.setdefault("query_carry", 0.0)
+    if not _number(progress["query_carry"]):
+        raise _damaged(path, "progress.json: `query_carry` is not a number")
+    if not (isinstance(history, dict) and all(
+            isinstance(v, list) and all(x is None or _number(x) for x in v)
+            for v in history.values()) and len(history.get("iteration", [])) == k):
+        raise _damaged(path, f"progress.json: its `history` is missing, garbled or not "
+                             f"{k} iterations long")
+    # (a checkpoint written before `query_steps` was kept has it as the last recorded value)
+    steps = history.get("query_steps") or [0]
+    progress.setdefault("query_steps", steps[-1])
+    if not _whole(progress["query_steps"]):
+        raise _damaged(path, "progress.json: `query_steps` is not a whole number")
+    progress["history"] = {name: [math.nan if x is None else x for x in values]
+                           for name, values in history.items()}
+    if k > outer:
+        raise SolverError(f"the checkpoint in {path} is at iteration {k}, past this run's "
+                          f"outer = {outer}; resume with --set outer=N for an N above {k}")
+    return progress
+
+
+def _check_identity(path: Path, saved: dict[str, Any], identity: dict[str, Any]) -> None:
+    """Refuse to mix two runs: a SolverError naming every difference in problem, seed,
+    solver and options (but those in ``RESUME_MAY_CHANGE``)."""
+    before, now, remedy = [], [], []
+    if saved["problem"] != identity["problem"]:
+        before.append(f"problem `{saved['problem']}`")
+        now.append(f"problem `{identity['problem']}`")
+        remedy.append(f"the file of problem `{saved['problem']}`")
+    for name, flag in (("seed", "--seed"), ("solver", "--solver")):
+        if saved[name] != identity[name]:
+            before.append(f"{name} {saved[name]}")
+            now.append(f"{name} {identity[name]}")
+            remedy.append(f"{flag} {saved[name]}")
+    saved_defines = saved.get("defines")
+    if isinstance(saved_defines, dict) and saved_defines != identity["defines"]:
+        before.append(f"-D {_defines(saved_defines)}")
+        now.append(f"-D {_defines(identity['defines'])}")
+        remedy.append(" ".join(f"-D {name}={text}" for name, text in saved_defines.items())
+                      or "no -D")
+    if saved["solver"] == identity["solver"]:  # other solvers take other options
+        options = identity["options"]
+        for name in sorted(saved["options"].keys() & options.keys() - RESUME_MAY_CHANGE):
+            value = saved["options"][name]
+            if value != options[name]:
+                before.append(f"{name} = {value}")
+                now.append(f"{name} = {options[name]}")
+                remedy.append(f"--set {name}={value}")
+    if before:
+        raise SolverError(f"the checkpoint in {path} was saved with {', '.join(before)}; this "
+                          f"run has {', '.join(now)}. Resume with {' '.join(remedy)}, or start "
+                          "afresh with another --out")
+
+
+def _defines(defines: dict[str, str]) -> str:
+    return ", ".join(f"{name}={text}" for name, text in defines.items()) or "(none)"
+
+
+def _load(path: Path, learner: SACLearner, model: RewardModel, critic: SuccessorCritic | None,
+          queue: PreferenceQueue, heldout: PreferenceQueue, generator: torch.Generator,
+          fragment: int, obs_shape: tuple[int, ...]) -> None:
+    """Load the checkpoint's tensors into this run's objects: a SolverError that says whether
+    a file is damaged or the checkpoint belongs to another run."""
+    try:
+        _load_state(path, learner, model, critic, queue, heldout, generator, fragment,
+                    obs_shape)
+    except DamagedCheckpoint as exc:
+        raise _damaged(path, str(exc)) from None
+    except (ValueError, RuntimeError) as exc:  # other sizes, networks or format
+        raise SolverError(f"the checkpoint in {path} does not fit this run "
+                          f"({first_line(exc)}); resume with the file and options it was saved "
+                          "with, or start afresh with another --out") from None
 
 
 def _load_state(path: Path, learner: SACLearner, model: RewardModel,
                 critic: SuccessorCritic | None, queue: PreferenceQueue,
-                heldout: PreferenceQueue, generator: torch.Generator):
-    state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
-    learner.load(path / "learner")
+                heldout: PreferenceQueue, generator: torch.Generator, fragment: int,
+                obs_shape: tuple[int, ...]) -> None:
+    device = learner.device
+    state = _read_tensors(path, "state.pt", "cpu")
+    learned = _read_tensors(path, "learner/learner.pt", device)
+    with _entries("learner/learner.pt"):
+        learner.load_state_dict(learned)
+    try:
+        learner.buffer.load(path / "learner" / "replay")
+    except DamagedCheckpoint as exc:
+        raise DamagedCheckpoint(f"learner/replay/{exc}") from None
     copies = learner.buffer.copies
     if copies and copies != learner.envs.num_envs:
         raise ValueError(f"its replay buffer was filled by {copies} environment copies, this "
                          f"run has {learner.envs.num_envs} (--set envs={copies})")
-    device = learner.device
-    model.load(state["model"])
-    model.shift, model.scale = model.shift.to(device), model.scale.to(device)
-    if critic is not None:
-        if "critic" not in state:
-            raise SolverError(f"the checkpoint in {path} was saved without `implicit = critic`, "
-                              "so it has no critic to resume")
-        critic.load(state["critic"])
-    queue.load_tensors({k: v.to(device) for k, v in state["queue"].items()})
-    heldout.load_tensors({k: v.to(device) for k, v in state["heldout"].items()})
-    generator.set_state(state["generator"])
-    torch.set_rng_state(state["torch_rng"])  # dropout in the reward network draws from it
-    progress = json.loads((path / "progress.json").read_text())
-    return progress, progress.pop("history")
+    with _entries("state.pt"):
+        model.load(state["model"])
+        model.shift, model.scale = model.shift.to(device), model.scale.to(device)
+        if critic is not None:
+            if "critic" not in state:
+                raise SolverError(f"the checkpoint in {path} was saved without "
+                                  "`implicit = critic`, so it has no critic to resume")
+            critic.load(state["critic"])
+        queue.load_tensors({k: v.to(device) for k, v in state["queue"].items()}, fragment,
+                           obs_shape)
+        heldout.load_tensors({k: v.to(device) for k, v in state["heldout"].items()},
+                             fragment, obs_shape)
+        generator.set_state(state["generator"])
+        torch.set_rng_state(state["torch_rng"])  # dropout in the reward network draws from it
+
+
+def _read_tensors(path: Path, name: str, device: torch.device | str) -> dict[str, Any]:
+    """A checkpoint's torch file, tensors only; DamagedCheckpoint if it cannot be read."""
+    file = path / name
+    if not file.is_file():
+        raise DamagedCheckpoint(f"{name} is missing")
+    try:
+        state = torch.load(file, map_location=device, weights_only=True)
+    except Exception as exc:  # torch reports a cut or garbled file in many ways
+        raise DamagedCheckpoint(f"{name} cannot be read: "
+                                f"{first_line(exc).split('. ')[0]}") from None
+    if not isinstance(state, dict):
+        raise DamagedCheckpoint(f"{name} does not hold a dictionary")
+    return state
+
+
+@contextlib.contextmanager
+def _entries(name: str) -> Iterator[None]:
+    """Report a missing or ill-typed entry of the file ``name`` as damage."""
+    try:
+        yield
+    except DamagedCheckpoint as exc:
+        raise DamagedCheckpoint(f"{name}: {exc}") from None
+    except (KeyError, TypeError, AttributeError, IndexError) as exc:
+        raise DamagedCheckpoint(f"{name} lacks an entry or holds a garbled one "
+                                f"({first_line(exc)})") from None
+
