@@ -89,7 +89,8 @@ def _scalar(kw: ir.Keyword, number: Number, low: float, high: float, integer: bo
         raise EvalError("E305", f"`{kw.name}` must be a whole number, got {value:g}",
                         kw.value.span)
     if not (low <= value <= high and math.isfinite(value)):
-        raise EvalError("E305", f"`{kw.name}` must be {what}, got {value:g}", kw.value.span)
+        shown = f"{int(value)}" if integer and math.isfinite(value) else f"{value:g}"
+        raise EvalError("E305", f"`{kw.name}` must be {what}, got {shown}", kw.value.span)
     return int(value) if integer else value
 
 

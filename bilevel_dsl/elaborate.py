@@ -206,7 +206,8 @@ class _Elaborator:
                     and self.names.get(name) is not POISONED:
                 params = [s.name for s in self.program.statements
                           if isinstance(s, (ir.ParamDecl, ir.VarDecl))]
-                kind = {LetDef: "a `let`", SetValue: "a set", MdpValue: "an MDP"}.get(
+                kind = {LetDef: "a `let`", SetValue: "a set", MdpValue: "an MDP",
+                        GymMdp: "an MDP"}.get(
                     type(self.names.get(name)))
                 if kind is not None:
                     self.bag.error("E201", f"-D {name}: `{name}` is {kind}, not a param or var",

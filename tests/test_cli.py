@@ -689,3 +689,11 @@ def test_gradcheck_leaves_points_passed_on_the_absolute_error_out_of_the_worst(t
     assert code == 0 and worst < 1e-6 and "1 point passed on the absolute error" in out
     code, out, _ = run(["gradcheck", str(path), "--points", "0"], capsys)
     assert code == 0 and re.search(r"ok: largest absolute error \S+ \(below --atol 1e-08\)", out)
+
+
+def test_gym_overrides_say_what_is_wrong(capsys):
+    hopper = str(ROOT / "problems" / "rlhf_hopper.brl")
+    code, _, err = run(["check", hopper, "-D", "env=1"], capsys)
+    assert code == 1 and "-D env: `env` is an MDP, not a param or var" in err
+    code, _, err = run(["check", hopper, "-D", "initial_pairs=1000000000"], capsys)
+    assert code == 1 and "from 0 to 10000000, got 1000000000" in err
