@@ -175,13 +175,14 @@ def _write(text: str, output: str | None) -> None:
 
 
 def _holds_ir(path: Path) -> bool:
-    """Whether ``path`` is empty or an IR document that ``brl compile -o`` may replace."""
+    """Whether ``path`` is empty, an IR document or the IR's schema: what ``brl compile -o``
+    may replace."""
     try:
         with path.open("rb") as f:
             head = f.read(4096)
     except OSError:
         return False
-    return not head.strip() or b'"node": "Program"' in head
+    return not head.strip() or b'"node": "Program"' in head or b'"$schema"' in head
 
 
 def cmd_solvers(args: argparse.Namespace) -> int:
@@ -220,7 +221,7 @@ def cmd_solve(args: argparse.Namespace) -> int:
 
     # a resumed run continues with the solver, seed and options it was saved with; --set
     # changes those the checkpoint allows (outer, time_limit, ...) and the solver refuses others
-    saved = _saved_run(args.resume)
+    saved = _saved_run(args.resume, args.file)
     if saved is not None and args.seed is None and isinstance(saved.get("seed"), int):
         args.seed = saved["seed"]
     if saved is not None and isinstance(saved.get("defines"), dict):
@@ -246,8 +247,7 @@ def cmd_solve(args: argparse.Namespace) -> int:
         raise
     options = _set_options(spec, args.set)
     if saved is not None and isinstance(saved.get("options"), dict):
-        known = {option.name for option in spec.options}
-        options = {**{k: v for k, v in saved["options"].items() if k in known}, **options}
+        options = _resumed_options(problem, spec, saved["options"], options)
     spec, options = solvers.resolve(problem, spec.name, options)
     if saved is None:
         _note_dropped_options(problem, spec)
@@ -333,11 +333,12 @@ _RUN_FOLDERS = ("checkpoint", "checkpoint.tmp", "checkpoint.old")
 def _clear_run(out_dir: Path) -> None:
     import shutil
 
-    for name in _RUN_OUTPUTS:
-        (out_dir / name).unlink(missing_ok=True)
-    for name in _RUN_FOLDERS:
-        if (out_dir / name).is_dir():
-            shutil.rmtree(out_dir / name)
+    for name in _RUN_OUTPUTS + _RUN_FOLDERS:
+        path = out_dir / name
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
 
 
 def _output_folder(out_dir: Path, replace: bool, flag: str = "--out") -> Path:
@@ -363,14 +364,37 @@ def _output_folder(out_dir: Path, replace: bool, flag: str = "--out") -> Path:
     return out_dir
 
 
-def _saved_run(resume: str | None) -> dict[str, Any] | None:
-    """The solver, seed and options a ``--resume`` folder's checkpoint was saved with (None
-    without one: ``_checkpoint`` then says what is missing)."""
+def _saved_run(resume: str | None, path: str) -> dict[str, Any] | None:
+    """The solver, seed, options and -D values a ``--resume`` folder's checkpoint was saved
+    with, when it is a checkpoint of the problem in ``path`` (None otherwise: ``_checkpoint``
+    then says what is missing, or the solver which problem the checkpoint belongs to)."""
     if resume is None:
         return None
-    from solvers.deep.sobirl_sac import CHECKPOINT, saved_run
+    from solvers.deep.sobirl_sac import find_checkpoint, saved_run
 
-    return saved_run(Path(resume) / CHECKPOINT)
+    checkpoint = find_checkpoint(Path(resume))
+    saved = saved_run(checkpoint) if checkpoint is not None else None
+    try:
+        name = parse_source(read_source(path)).name
+    except BrlError:
+        return None  # compiling the file reports it
+    return saved if saved is not None and saved["problem"] == name else None
+
+
+def _resumed_options(problem: Any, spec: Any, saved: dict[str, Any], given: dict[str, Any]
+                     ) -> dict[str, Any]:
+    """The options of a resumed run: ``--set`` over the checkpoint's (but its `time_limit`,
+    which was that invocation's); a note for each option of the file's `solve` statement that
+    the checkpoint's value overrides."""
+    known = {option.name for option in spec.options}
+    kept = {name: value for name, value in saved.items()
+            if name in known and name != "time_limit" and name not in given}
+    if getattr(problem, "solver", None) == spec.name:
+        for name, value in (getattr(problem, "solver_options", None) or {}).items():
+            if name in kept and kept[name] != value:
+                print(f"note: resuming with the checkpoint's {name} = {kept[name]}; the file "
+                      f"says {value} (--set {name}={value} to use it)", file=sys.stderr)
+    return {**kept, **given}
 
 
 def _checkpoint(resume: str | None) -> Path | None:
@@ -378,13 +402,13 @@ def _checkpoint(resume: str | None) -> Path | None:
     if resume is None:
         return None
     from solvers import SolverError
-    from solvers.deep.sobirl_sac import CHECKPOINT
+    from solvers.deep.sobirl_sac import CHECKPOINT, find_checkpoint
 
-    path = Path(resume) / CHECKPOINT
-    if not (path / "progress.json").is_file():
-        raise SolverError(f"--resume {resume}: no checkpoint there (expected {path}/); a run "
-                          "saves one every `checkpoint_every` outer iterations and when it "
-                          "ends")
+    path = find_checkpoint(Path(resume))
+    if path is None:
+        raise SolverError(f"--resume {resume}: no checkpoint there (expected "
+                          f"{Path(resume) / CHECKPOINT}/); a run saves one every "
+                          "`checkpoint_every` outer iterations and when it ends")
     return path
 
 

@@ -150,9 +150,8 @@ def gym_mdp(decl: ir.MdpDecl, number: Number) -> GymMdp:
     env = EnvSpec(id_node.value, **fields)
     problem = unusable(env)
     if problem is not None:
-        why, _, detail = problem.partition(": ")
-        raise EvalError("E406", f"environment `{id_node.value}`: {why}", id_node.span,
-                        detail or None)
+        why, hint = problem
+        raise EvalError("E406", f"environment `{id_node.value}`: {why}", id_node.span, hint)
     return GymMdp(decl.name, env, discount)
 
 

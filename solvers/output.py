@@ -392,8 +392,8 @@ def _still_going(stationarity: list[float], objectives: list[float]) -> str | No
     if not (math.isfinite(first) and math.isfinite(last) and last > 1e-6 and
             last >= 0.1 * first and drop > 0):
         return None
-    return (f"the objective fell by {drop:.3g} over its last {n} records and the stationarity "
-            f"ended at {last:.3g}, {last / first:.2g}x where it started")
+    return (f"the objective improved by {drop:.3g} over its last {n} records and the "
+            f"stationarity ended at {last:.3g}, {last / first:.2g}x where it started")
 
 
 def _zigzag(objectives: list[float], stationarity: list[float]) -> str | None:

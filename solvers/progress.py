@@ -1,4 +1,4 @@
-"""A dependency-free progress bar for ``brl solve``, which also enforces a time limit."""
+"""A dependency-free progress bar for ``brl solve``."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ _REDRAW_SECONDS = 0.1  # a fast solver must not spend its time redrawing the ter
 
 
 class ProgressMonitor(Monitor):
-    """Shows progress on ``stream`` and asks the solver to stop once ``time_limit`` has passed.
+    """Shows progress on ``stream`` (the solvers enforce their own ``time_limit``).
 
     On a terminal it redraws one line in place; elsewhere (CI logs, files) it prints a plain line
     about every 10% of ``total`` so logs stay short. ``sign`` (``problem.sign``) turns the
@@ -26,14 +26,12 @@ class ProgressMonitor(Monitor):
         self,
         total: int,
         stream: TextIO | None = None,
-        time_limit: float | None = None,
         *,
         sign: float = 1.0,
         clock: Callable[[], float] = time.perf_counter,
     ) -> None:
         self.total = max(int(total), 1)
         self.stream = stream if stream is not None else sys.stderr
-        self.time_limit = time_limit
         self.sign = sign
         self._clock = clock
         self._start = clock()
@@ -61,10 +59,6 @@ class ProgressMonitor(Monitor):
         elif final or iteration >= self._next_line:
             self._next_line = (iteration // self._every + 1) * self._every
             self._draw(self._pending)
-
-    def should_stop(self) -> bool:
-        """True once ``time_limit`` seconds have passed since the monitor was made."""
-        return self.time_limit is not None and self._clock() - self._start >= self.time_limit
 
     def close(self) -> None:
         """Show the last update if it was not shown (a run stopped early), and end the line."""

@@ -697,3 +697,9 @@ def test_gym_overrides_say_what_is_wrong(capsys):
     assert code == 1 and "-D env: `env` is an MDP, not a param or var" in err
     code, _, err = run(["check", hopper, "-D", "initial_pairs=1000000000"], capsys)
     assert code == 1 and "from 0 to 10000000, got 1000000000" in err
+
+
+def test_compile_replaces_its_own_schema(tmp_path, capsys):
+    schema = tmp_path / "schema.json"
+    assert run(["compile", "--schema", "-o", str(schema)], capsys)[0] == 0
+    assert run(["compile", "--schema", "-o", str(schema)], capsys)[0] == 0

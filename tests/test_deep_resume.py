@@ -7,7 +7,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import shutil
+import signal
 import time
 from pathlib import Path
 
@@ -23,7 +25,7 @@ from solvers.deep.output import deep_summary
 from solvers.deep.preferences import FragmentCollector
 from solvers.deep.replay import ReplayBuffer
 from solvers.deep.sac import SACLearner
-from solvers.deep.sobirl_sac import CHECKPOINT, saved_run
+from solvers.deep.sobirl_sac import CHECKPOINT, find_checkpoint, saved_run
 
 SMALL = """brl 1
 problem small "a tiny deep problem"
@@ -153,8 +155,86 @@ def test_an_interrupted_run_saves_its_last_whole_iteration(tmp_path, monkeypatch
     progress = json.loads((checkpoint / "progress.json").read_text())
     assert progress["iteration"] == 2 and progress["history"]["env_steps"] == [40, 80]
     assert len(np.load(checkpoint / "learner" / "replay" / "obs.npy")) == 80
+    _, two = _run(text, outer=2)  # what the interrupted run returned to, computed plainly
+    assert torch.equal(result.x, two.x)
     _, resumed = _run(text, resume=checkpoint, outer=4, checkpoint_every=10)
     assert resumed.iterations == 4 and resumed.history["env_steps"] == [40, 80, 120, 160]
+
+
+def test_a_ctrl_c_while_the_state_is_copied_keeps_it_consistent(tmp_path, monkeypatch):
+    """A Ctrl-C held while the end-of-iteration copy is taken: the run stops at that whole
+    iteration, and the checkpoint's replay buffer matches its history."""
+    from solvers.deep import sobirl_sac
+
+    take, calls = sobirl_sac._Snapshot.take.__func__, []
+
+    def take_then_ctrl_c(cls, *args):
+        calls.append(1)
+        if len(calls) == 3:  # the copy at the end of iteration 2 (the first is before the loop)
+            os.kill(os.getpid(), signal.SIGINT)  # held until the copy is done
+        return take(cls, *args)
+
+    monkeypatch.setattr(sobirl_sac._Snapshot, "take", classmethod(take_then_ctrl_c))
+    _, result = _run(_source(), out=tmp_path, outer=4, checkpoint_every=10)
+    assert result.stopped_because == "interrupted" and result.iterations == 2
+    progress = json.loads((tmp_path / CHECKPOINT / "progress.json").read_text())
+    counters = json.loads((tmp_path / CHECKPOINT / "learner/replay/counters.json").read_text())
+    assert progress["history"]["env_steps"] == [40, 80] and counters["size"] == 80
+
+
+def test_a_second_ctrl_c_while_returning_to_the_last_iteration_still_saves(tmp_path,
+                                                                           monkeypatch):
+    from solvers.deep import sobirl_sac
+
+    restore = sobirl_sac._Snapshot.restore
+
+    def restore_with_ctrl_c(self, *args):
+        os.kill(os.getpid(), signal.SIGINT)  # pressed again: held until the restore is done
+        return restore(self, *args)
+
+    train, calls = SACLearner.train, []
+
+    def train_then_interrupt(self, steps, reward_fn=None):
+        calls.append(steps)
+        out = train(self, steps, reward_fn)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return out
+
+    monkeypatch.setattr(sobirl_sac._Snapshot, "restore", restore_with_ctrl_c)
+    monkeypatch.setattr(SACLearner, "train", train_then_interrupt)
+    _, result = _run(_source(), out=tmp_path, outer=4, checkpoint_every=10)
+    assert result.stopped_because == "interrupted" and result.iterations == 2
+    assert json.loads((tmp_path / CHECKPOINT / "progress.json").read_text())["iteration"] == 2
+
+
+def test_leftovers_of_a_killed_save_do_not_stop_the_next(tmp_path):
+    """A kill between a save's two renames leaves `checkpoint.old` (and no `checkpoint/`), one
+    during its writes a `checkpoint.tmp`: --resume finds the old checkpoint, the next save
+    clears both."""
+    text = _source()
+    _run(text, out=tmp_path, outer=1)
+    (tmp_path / CHECKPOINT).rename(tmp_path / (CHECKPOINT + ".old"))
+    (tmp_path / (CHECKPOINT + ".tmp")).write_text("half")
+    found = find_checkpoint(tmp_path)
+    assert found == tmp_path / (CHECKPOINT + ".old")
+    _, result = _run(text, out=tmp_path, resume=found, outer=2)
+    assert result.iterations == 2 and result.stopped_because == "max_iterations"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [CHECKPOINT]
+
+
+def test_a_time_limit_is_not_carried_over_on_resume(tmp_path, capsys):
+    from bilevel_dsl.cli import main
+
+    path = tmp_path / "small.brl"
+    path.write_text(_source().replace("outer = 2", "outer = 1000"))
+    out = tmp_path / "run"
+    assert main(["solve", str(path), "--quiet", "--out", str(out), "--set",
+                 "time_limit=2"]) == 0
+    first = json.loads((out / "result.json").read_text())["iterations"]
+    assert main(["solve", str(path), "--quiet", "--resume", str(out), "--set",
+                 f"outer={first + 1}"]) == 0
+    assert json.loads((out / "result.json").read_text())["iterations"] == first + 1
 
 
 def test_a_finished_run_can_be_extended_and_counts_query_steps_on(tmp_path):
@@ -241,11 +321,11 @@ def test_a_damaged_checkpoint_is_named_as_such(saved, tmp_path, case):
                         "sac_width=8"),
     ({"seed": 5}, "seed 2; this run has seed 5. Resume with --seed 2"),
     ({"solver": "drlhf_sac"}, "solver sobirl_sac; this run has solver drlhf_sac"),
-    ({"name": "other"}, "problem `small`; this run has problem `other`"),
+    ({"name": "other"}, "belongs to problem `small`; this file is problem `other`"),
 ])
 def test_resume_refuses_another_run(saved, change, said):
     text = _source(name=change.pop("name", "small"))
-    with pytest.raises(SolverError, match="was saved with") as info:
+    with pytest.raises(SolverError, match="was saved with|belongs to") as info:
         _run(text, resume=saved, **change)
     assert said in str(info.value)
 
@@ -272,7 +352,13 @@ def test_environments_the_solvers_cannot_take_are_refused():
     with pytest.raises(BrlError) as info:
         compile_source(_source("FrozenLake-v1"), "t.brl")
     diag = info.value.diagnostics[0]
-    assert diag.code == "E406" and "Box observations" in diag.message
+    assert diag.code == "E406" and "Discrete(16)" in diag.message
+    assert "Box observations" in diag.hint
+    for env_id in ("Hopper-v3", "phys2d/Pendulum-v0"):  # moved to another package; needs jax
+        with pytest.raises(BrlError) as info:
+            compile_source(_source(env_id), "t.brl")
+        assert info.value.diagnostics[0].code == "E406"
+        assert "gymnasium cannot make it" in info.value.diagnostics[0].message
     problem = lower(compile_source(_source(), "t.brl"), device="cpu")
     problem = dataclasses.replace(problem, env=EnvSpec("Blackjack-v1"))
     spec, typed = resolve(problem, None, {})
@@ -324,3 +410,26 @@ def test_the_command_line_resumes_with_the_saved_options_and_defines(tmp_path, c
     assert main(["solve", str(path), "--quiet", "--resume", str(out), "--set", "outer=3",
                  "-D", "more=4"]) == 1
     assert "-D more=3" in capsys.readouterr().err
+
+
+def test_resuming_another_problems_folder_names_the_problem(tmp_path, capsys):
+    """The checkpoint's -D values are not applied to another problem's file: the refusal is
+    about the problem, not about a -D the user never typed; and a file whose `solve` options
+    differ from the checkpoint's gets a note saying which is used."""
+    from bilevel_dsl.cli import main
+
+    path = tmp_path / "small.brl"
+    path.write_text(_source().replace("pairs = 2,", "pairs = more,")
+                    .replace("seed 2\n", "seed 2\nparam more = 2\n"))
+    out = tmp_path / "run"
+    assert main(["solve", str(path), "--quiet", "--out", str(out), "-D", "more=3",
+                 "--set", "outer=1"]) == 0
+    other = tmp_path / "other.brl"
+    other.write_text(_source(name="other"))
+    capsys.readouterr()
+    assert main(["solve", str(other), "--quiet", "--resume", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert "belongs to problem `small`" in err and "-D more" not in err
+    assert main(["solve", str(path), "--quiet", "--resume", str(out)]) == 0
+    assert ("note: resuming with the checkpoint's outer = 1; the file says 2 (--set outer=2 "
+            "to use it)") in capsys.readouterr().err

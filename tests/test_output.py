@@ -67,17 +67,6 @@ def test_progress_on_a_terminal_redraws_one_line() -> None:
     assert "50/50 [####################] 100%" in text.splitlines()[-1]
 
 
-def test_time_limit_stops_the_run() -> None:
-    clock = FakeClock()
-    monitor = ProgressMonitor(10, io.StringIO(), time_limit=5.0, clock=clock)
-    assert not monitor.should_stop()
-    clock.now = 4.9
-    assert not monitor.should_stop()
-    clock.now = 5.0
-    assert monitor.should_stop()
-    assert not ProgressMonitor(10, io.StringIO(), clock=clock).should_stop()
-
-
 def test_default_out_dir_is_timestamped_and_unique(tmp_path: Path) -> None:
     first = default_out_dir("maze", root=tmp_path)
     assert first.parent == tmp_path and first.name.startswith("maze-")

@@ -11,6 +11,7 @@ stored transition never links two episodes.
 from __future__ import annotations
 
 import re
+import warnings
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
@@ -54,32 +55,41 @@ def check_id(env_id: str) -> str | None:
 _SUITED_FAMILIES = ("gymnasium.envs.mujoco.", "gymnasium.envs.classic_control.")
 
 
-def unusable(spec: EnvSpec) -> str | None:
-    """Why the deep solvers cannot run on this environment, or None when they can: it must be
-    made (optional dependencies such as Box2D installed) and have ``Box`` observations and
-    ``Discrete`` or bounded 1-D ``Box`` actions, which is what SAC and the reward networks
-    take. Atari games, MuJoCo and classic control always qualify; others are made once to see."""
+def unusable(spec: EnvSpec) -> tuple[str, str | None] | None:
+    """Why the deep solvers cannot run on this environment, and a hint, or None when they
+    can: it must be made (optional dependencies such as Box2D installed) and have ``Box``
+    observations and ``Discrete`` or bounded 1-D ``Box`` actions, which is what SAC and the
+    reward networks take. Atari games, MuJoCo and classic control always qualify; others are
+    made once to see."""
     problem = check_id(spec.env_id)
-    if problem is not None or spec.atari:
-        return problem
+    if problem is not None:
+        return problem, None
+    if spec.atari:
+        return None
     entry = getattr(gym.registry.get(spec.env_id), "entry_point", None)
     if isinstance(entry, str) and entry.startswith(_SUITED_FAMILIES):
         return None
     try:
-        env = gym.make(spec.env_id, **_make_kwargs(spec))
+        with warnings.catch_warnings():  # a probe: the run itself shows gymnasium's warnings
+            warnings.simplefilter("ignore")
+            env = gym.make(spec.env_id, **_make_kwargs(spec))
     except gym.error.DependencyNotInstalled as exc:
-        return f"it needs a package that is not installed: {str(exc).strip()}"
+        return "it needs a package that is not installed", str(exc).strip()
+    except Exception as exc:  # noqa: BLE001 - gymnasium fails in many ways (moved ids, jax...)
+        text = str(exc).strip()
+        return (f"gymnasium cannot make it ({type(exc).__name__})",
+                text.splitlines()[0] if text else None)
     try:
         obs, action = env.observation_space, env.action_space
     finally:
         env.close()
     if not isinstance(obs, gym.spaces.Box):
-        return (f"its observations are {obs}; the deep solvers take Box observations (vectors "
-                "or images), as in MuJoCo, classic control and Atari")
+        return (f"its observations are {obs}", "the deep solvers take Box observations "
+                "(vectors or images), as in MuJoCo, classic control and Atari")
     if not (isinstance(action, gym.spaces.Discrete) or (
             isinstance(action, gym.spaces.Box) and len(action.shape) == 1
             and action.is_bounded("both"))):
-        return (f"its actions are {action}; SAC takes Discrete actions or a bounded 1-D Box")
+        return f"its actions are {action}", "SAC takes Discrete actions or a bounded 1-D Box"
     return None
 
 

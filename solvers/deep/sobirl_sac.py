@@ -69,6 +69,8 @@ CHECKPOINT = "checkpoint"
 # stopped_because when the query could not find its fragments (``extra["failure"]`` says why):
 # the run keeps its last whole iteration, and the command line exits 1
 NO_FRAGMENTS = "no_fragments"
+# ... and when a checkpoint could not be written (a full disk): the run stops there too
+CANNOT_SAVE = "cannot_save"
 SOLVER_NAMES = {"sobirl": "sobirl_sac", "drlhf": "drlhf_sac", "sac_true": "sac_true"}
 # options a resumed run may change: they say how long to go on and what to record, not what
 # is computed
@@ -181,9 +183,11 @@ def run(problem: DeepProblem, options: dict[str, Any], monitor: Monitor,
     if options["sac_steps"] % options["envs"]:
         raise SolverError(f"sac_steps ({options['sac_steps']}) must be a multiple of envs "
                           f"({options['envs']}): each vector step advances every copy")
-    why = unusable(problem.env)
-    if why is not None:
-        raise SolverError(f"environment `{problem.env.env_id}`: {why}")
+    problem_with_env = unusable(problem.env)
+    if problem_with_env is not None:
+        why, hint = problem_with_env
+        raise SolverError(f"environment `{problem.env.env_id}`: {why}"
+                          + (f"; {hint}" if hint else ""))
     limit = episode_limit(problem.env)
     if learned and limit is not None and spec.fragment > limit:
         raise SolverError(f"fragments of {spec.fragment} steps are longer than the episodes of "
@@ -231,22 +235,35 @@ def run(problem: DeepProblem, options: dict[str, Any], monitor: Monitor,
         _train_reward(model, agent, queue, options, epochs=spec.warmup_epochs, implicit="off",
                       gamma=problem.discount, generator=generator)
 
-    start = time.perf_counter() - wall_before
+    start = time.perf_counter() - wall_before  # the run's clock, its earlier parts included
+    invoked = time.perf_counter()  # time_limit counts this invocation's time only
 
     def stop() -> None:
-        reason = stop_reason(options, start, monitor)
+        reason = stop_reason(options, invoked, monitor)
         if reason is not None:
             raise _Stopped(reason)
 
-    def snapshot() -> _Snapshot:
+    def snapshot() -> None:
+        nonlocal last  # set before a held interrupt is raised: the buffer's mark moved with it
         with interrupts_deferred():
-            return _Snapshot.take(k, queries, carry, time.perf_counter() - start, history,
+            last = _Snapshot.take(k, queries, carry, time.perf_counter() - start, history,
                                   learner, model, critic, queue, heldout, generator, collector)
+
+    def save() -> None:
+        """The checkpoint of ``last``; a failed write ends the run as a failure."""
+        _reset(learner, collector, seed, k)
+        try:
+            _save(out / CHECKPOINT, last.progress(identity), history, learner, model, critic,
+                  queue, heldout, generator)
+        except OSError as exc:
+            raise _CannotSave(f"cannot write the checkpoint in {out / CHECKPOINT}: "
+                              f"{exc.strerror or exc}") from None
 
     checkpoints = out is not None and options["checkpoint_every"] > 0
     stopped, failure = "max_iterations", ""
     reward_fn = model if learned else None
-    last = snapshot()
+    last: _Snapshot
+    snapshot()
     try:
         try:
             while k < options["outer"]:
@@ -281,33 +298,35 @@ def run(problem: DeepProblem, options: dict[str, Any], monitor: Monitor,
                         seed + 20_011 + k))
                 monitor.update(k, loss if learned else -_last(history["train_return"]),
                                grad_norm)
-                last = snapshot()
+                snapshot()
                 if checkpoints and k % options["checkpoint_every"] == 0:
-                    _reset(learner, collector, seed, k)
-                    _save(out / CHECKPOINT, last.progress(identity), history, learner, model,
-                          critic, queue, heldout, generator)
+                    save()
                     saved_k = k
-                reason = stop_reason(options, start, monitor)
+                reason = stop_reason(options, invoked, monitor)
                 if reason is not None:
                     stopped = reason
                     break
-        except (KeyboardInterrupt, _Stopped, FragmentShortage) as exc:  # back to the last
-            # whole iteration
-            if isinstance(exc, FragmentShortage):
-                stopped, failure = NO_FRAGMENTS, str(exc)
+        except (KeyboardInterrupt, _Stopped, FragmentShortage, _CannotSave) as exc:
+            # back to the last whole iteration
+            if isinstance(exc, (FragmentShortage, _CannotSave)):
+                stopped = NO_FRAGMENTS if isinstance(exc, FragmentShortage) else CANNOT_SAVE
+                failure = str(exc)
             else:
                 stopped = exc.reason if isinstance(exc, _Stopped) else "interrupted"
-            with interrupts_deferred():
-                k, queries, carry, history = last.restore(learner, model, critic, queue,
-                                                          heldout, generator, collector)
-        if checkpoints and k != saved_k:
             try:
-                with interrupts_deferred():
-                    _reset(learner, collector, seed, k)
-                    _save(out / CHECKPOINT, last.progress(identity), history, learner, model,
-                          critic, queue, heldout, generator)
+                with interrupts_deferred():  # a Ctrl-C now is held until the restore is done
+                    k, queries, carry, history = last.restore(learner, model, critic, queue,
+                                                              heldout, generator, collector)
             except KeyboardInterrupt:
                 stopped = "interrupted"
+        if checkpoints and k != saved_k and stopped != CANNOT_SAVE:
+            try:
+                with interrupts_deferred():
+                    save()
+            except KeyboardInterrupt:
+                stopped = "interrupted"
+            except _CannotSave as exc:
+                stopped, failure = CANNOT_SAVE, str(exc)
     finally:
         envs.close()
         collector.env.close()
@@ -424,6 +443,10 @@ def _reset(learner: SACLearner, collector: FragmentCollector, seed: int, k: int)
     collector.reset(seed + 1_000 * k + 2)
 
 
+class _CannotSave(Exception):
+    """A checkpoint could not be written: the run stops at its last whole iteration."""
+
+
 class _Stopped(Exception):
     """Raised inside a long query phase when the run must stop (``time_limit``)."""
 
@@ -451,7 +474,7 @@ class _Snapshot:
     queue: dict[str, Tensor]
     heldout: dict[str, Tensor]
     generator: Tensor
-    torch_rng: Tensor
+    torch_rng: dict[str, Tensor]
 
     @classmethod
     def take(cls, k: int, queries: int, carry: float, wall: float, history, learner: SACLearner,
@@ -464,7 +487,7 @@ class _Snapshot:
                    copy.deepcopy(learner.state_dict()), copy.deepcopy(model.state()),
                    copy.deepcopy(critic.state()) if critic is not None else None,
                    queue.tensors(), heldout.tensors(), generator.get_state(),
-                   torch.get_rng_state())
+                   _rng_states(learner.device))
 
     def restore(self, learner: SACLearner, model: RewardModel, critic: SuccessorCritic | None,
                 queue: PreferenceQueue, heldout: PreferenceQueue, generator: torch.Generator,
@@ -479,7 +502,7 @@ class _Snapshot:
         queue.load_tensors(self.queue, fragment, obs_shape)
         heldout.load_tensors(self.heldout, fragment, obs_shape)
         generator.set_state(self.generator)
-        torch.set_rng_state(self.torch_rng)
+        _set_rng_states(self.torch_rng, learner.device)
         collector.steps = self.query_steps
         return self.k, self.queries, self.carry, self.history
 
@@ -496,10 +519,15 @@ def _save(path: Path, progress: dict[str, Any], history, learner: SACLearner,
     strict JSON (NaN written as null), written to a temporary folder and renamed so a kill
     never leaves half a checkpoint. ``progress``: the iteration, the queries and rollout steps
     so far, the query schedule's fractional carry, the wall time and the run's identity."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.mkdir(parents=True, exist_ok=True)
+    tmp, old = path.with_name(path.name + ".tmp"), path.with_name(path.name + ".old")
+    # leftovers of a save that a kill cut short: between the renames, `old` is the checkpoint
+    if not path.exists() and (old / "progress.json").is_file():
+        old.rename(path)
+    _remove(old)
+    _remove(tmp)
+    tmp.mkdir(parents=True)
     state = {"model": model.state(), "queue": queue.tensors(), "heldout": heldout.tensors(),
-             "generator": generator.get_state(), "torch_rng": torch.get_rng_state()}
+             "generator": generator.get_state(), **_rng_states(learner.device)}
     if critic is not None:
         state["critic"] = critic.state()
     torch.save(state, tmp / "state.pt")
@@ -508,12 +536,42 @@ def _save(path: Path, progress: dict[str, Any], history, learner: SACLearner,
         json.dumps(_strict(progress | {"history": history}), allow_nan=False))
     with interrupts_deferred():  # never between the two renames
         if path.exists():
-            old = path.with_name(path.name + ".old")
             path.rename(old)
             tmp.rename(path)
             shutil.rmtree(old)
         else:
             tmp.rename(path)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
+
+
+def _rng_states(device: torch.device) -> dict[str, Tensor]:
+    """torch's global generators that the run draws from: the CPU's, and the GPU's when it
+    runs there (the reward network's dropout)."""
+    states = {"torch_rng": torch.get_rng_state()}
+    if device.type == "cuda":
+        states["cuda_rng"] = torch.cuda.get_rng_state(device)
+    return states
+
+
+def _set_rng_states(states: dict[str, Tensor], device: torch.device) -> None:
+    torch.set_rng_state(states["torch_rng"])
+    if device.type == "cuda" and "cuda_rng" in states:
+        torch.cuda.set_rng_state(states["cuda_rng"], device)
+
+
+def find_checkpoint(folder: Path) -> Path | None:
+    """The checkpoint in a run's output folder: ``checkpoint/``, or the previous one that a
+    kill between ``_save``'s two renames left as ``checkpoint.old``; None without either."""
+    for name in (CHECKPOINT, CHECKPOINT + ".old"):
+        if (Path(folder) / name / "progress.json").is_file():
+            return Path(folder) / name
+    return None
 
 
 def saved_run(checkpoint: Path) -> dict[str, Any] | None:
@@ -612,11 +670,11 @@ def _read_progress(path: Path, identity: dict[str, Any], outer: int) -> dict[str
 def _check_identity(path: Path, saved: dict[str, Any], identity: dict[str, Any]) -> None:
     """Refuse to mix two runs: a SolverError naming every difference in problem, seed,
     solver and options (but those in ``RESUME_MAY_CHANGE``)."""
+    if saved["problem"] != identity["problem"]:  # then nothing else is worth comparing
+        raise SolverError(f"the checkpoint in {path} belongs to problem `{saved['problem']}`; "
+                          f"this file is problem `{identity['problem']}`. Resume it with the "
+                          "file of that problem, or start afresh with another --out")
     before, now, remedy = [], [], []
-    if saved["problem"] != identity["problem"]:
-        before.append(f"problem `{saved['problem']}`")
-        now.append(f"problem `{identity['problem']}`")
-        remedy.append(f"the file of problem `{saved['problem']}`")
     for name, flag in (("seed", "--seed"), ("solver", "--solver")):
         if saved[name] != identity[name]:
             before.append(f"{name} {saved[name]}")
@@ -692,7 +750,8 @@ def _load_state(path: Path, learner: SACLearner, model: RewardModel,
         heldout.load_tensors({k: v.to(device) for k, v in state["heldout"].items()},
                              fragment, obs_shape)
         generator.set_state(state["generator"])
-        torch.set_rng_state(state["torch_rng"])  # dropout in the reward network draws from it
+        # dropout in the reward network draws from torch's generators
+        _set_rng_states(state, device)
 
 
 def _read_tensors(path: Path, name: str, device: torch.device | str) -> dict[str, Any]:
