@@ -268,6 +268,7 @@ def cmd_solve(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     try:
         result = spec.run(problem, options, monitor, **extra)
+        _show_end(monitor, result)
     finally:
         monitor.close()
     timings["solve"] = time.perf_counter() - start
@@ -308,6 +309,15 @@ def cmd_solve(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return EXIT_ERROR
     return EXIT_INTERRUPTED if result.stopped_because == "interrupted" else EXIT_OK
+
+
+def _show_end(monitor: Any, result: Any) -> None:
+    """The progress line at the run's last iterate: a solver reports each iterate before its
+    step, so the line would otherwise end one short (`999/1000`)."""
+    norms = result.history.get("hypergrad_norm") or [math.nan]
+    if result.history.get("iteration") and result.history["iteration"][-1] < result.iterations:
+        norm = (result.extra.get("exact") or {}).get("hypergrad_norm", norms[-1])
+        monitor.update(result.iterations, result.objective, norm)
 
 
 def _note_dropped_options(problem: Any, spec: Any) -> None:

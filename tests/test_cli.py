@@ -703,3 +703,11 @@ def test_compile_replaces_its_own_schema(tmp_path, capsys):
     schema = tmp_path / "schema.json"
     assert run(["compile", "--schema", "-o", str(schema)], capsys)[0] == 0
     assert run(["compile", "--schema", "-o", str(schema)], capsys)[0] == 0
+
+
+def test_the_progress_ends_at_the_last_iteration(tmp_path, capsys):
+    """m_sobirl reports each iterate before its step; the line still ends at `2/2`."""
+    path = tmp_path / "p.brl"
+    path.write_text(SOLVABLE)
+    code, _, err = run(["solve", str(path), "--out", str(tmp_path / "run")], capsys)
+    assert code == 0 and err.splitlines()[-1].startswith("2/2 100%")
