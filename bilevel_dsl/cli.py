@@ -253,7 +253,6 @@ def cmd_solve(args: argparse.Namespace) -> int:
         _note_dropped_options(problem, spec)
     torch.manual_seed(problem.seed)
     total = int(options.get("outer", 1))
-    # no time limit on the monitor: the solver's own `time_limit` option ends the run, and says so
     monitor = ProgressMonitor(total, sign=problem.sign,
                               stream=open(os.devnull, "w") if args.quiet else sys.stderr)
     out_dir = _output_folder(Path(args.resume or args.out or default_out_dir(problem.name)),
