@@ -46,6 +46,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ..output import _jsonable
 from ..registry import SolverError
 from ..result import Monitor, SolveResult, interrupts_deferred, stop_reason
 from .critic import SuccessorCritic, policy_expectation
@@ -179,7 +180,7 @@ def run(problem: DeepProblem, options: dict[str, Any], monitor: Monitor,
     spec = problem.preferences
     learned = variant != "sac_true"
     identity = {"problem": problem.name, "seed": seed, "solver": SOLVER_NAMES[variant],
-                "options": _strict(dict(options)), "defines": dict(defines or {})}
+                "options": _jsonable(dict(options)), "defines": dict(defines or {})}
     if options["sac_steps"] % options["envs"]:
         raise SolverError(f"sac_steps ({options['sac_steps']}) must be a multiple of envs "
                           f"({options['envs']}): each vector step advances every copy")
@@ -533,7 +534,7 @@ def _save(path: Path, progress: dict[str, Any], history, learner: SACLearner,
     torch.save(state, tmp / "state.pt")
     learner.save(tmp / "learner")
     (tmp / "progress.json").write_text(
-        json.dumps(_strict(progress | {"history": history}), allow_nan=False))
+        json.dumps(_jsonable(progress | {"history": history}), allow_nan=False))
     with interrupts_deferred():  # never between the two renames
         if path.exists():
             path.rename(old)
@@ -601,17 +602,6 @@ def _whole(value: Any) -> bool:
 
 def _number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def _strict(value: Any) -> Any:
-    """``value`` with NaN and infinities as None, for strict JSON."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {key: _strict(v) for key, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_strict(v) for v in value]
-    return value
 
 
 def _damaged(path: Path, why: str) -> SolverError:
