@@ -255,8 +255,9 @@ def cmd_solve(args: argparse.Namespace) -> int:
     total = int(options.get("outer", 1))
     monitor = ProgressMonitor(total, sign=problem.sign,
                               stream=open(os.devnull, "w") if args.quiet else sys.stderr)
-    out_dir = _output_folder(Path(args.resume or args.out or default_out_dir(problem.name)),
-                             replace=args.force or bool(args.resume),
+    out_dir = Path(args.resume or args.out or default_out_dir(problem.name))
+    made_here = not out_dir.exists()
+    out_dir = _output_folder(out_dir, replace=args.force or bool(args.resume),
                              flag="--resume" if args.resume else "--out")
     if args.force and not args.resume:
         _clear_run(out_dir)
@@ -268,6 +269,14 @@ def cmd_solve(args: argparse.Namespace) -> int:
     try:
         result = spec.run(problem, options, monitor, **extra)
         _show_end(monitor, result)
+    except KeyboardInterrupt:
+        # stopped while setting up (a deep run's first queries and warm-up): nothing was
+        # saved, so the folder made for the run goes too rather than stay behind empty
+        if made_here and out_dir.is_dir() and not any(out_dir.iterdir()):
+            out_dir.rmdir()
+            print(f"note: stopped before the run had anything to save; {out_dir} removed",
+                  file=sys.stderr)
+        raise
     finally:
         monitor.close()
     timings["solve"] = time.perf_counter() - start
@@ -340,14 +349,10 @@ _RUN_FOLDERS = ("checkpoint", "checkpoint.tmp", "checkpoint.old")
 
 
 def _clear_run(out_dir: Path) -> None:
-    import shutil
+    from solvers.output import remove_path
 
     for name in _RUN_OUTPUTS + _RUN_FOLDERS:
-        path = out_dir / name
-        if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path)
-        else:
-            path.unlink(missing_ok=True)
+        remove_path(out_dir / name)
 
 
 def _output_folder(out_dir: Path, replace: bool, flag: str = "--out") -> Path:

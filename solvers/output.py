@@ -13,6 +13,7 @@ import json
 import math
 import os
 import platform
+import shutil
 import tempfile
 from datetime import datetime, timezone
 from importlib import metadata
@@ -307,6 +308,15 @@ def _figure(width: float, height: float) -> Any:
     fig = Figure(figsize=(width, height))
     FigureCanvasAgg(fig)
     return fig
+
+
+def remove_path(path: Path) -> None:
+    """Remove a file, a link (not what it points to) or a folder with its contents; nothing if
+    ``path`` is not there. What replacing or tidying a run's outputs needs."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
 
 
 def _write_json_atomic(path: Path, record: dict[str, Any]) -> Path:

@@ -637,6 +637,37 @@ def test_force_removes_the_old_runs_checkpoint(tmp_path, capsys):
                                                          "result.json"]
 
 
+@pytest.mark.parametrize("existing", [False, True])
+def test_an_interrupt_before_anything_is_saved_leaves_no_empty_folder(tmp_path, capsys,
+                                                                     monkeypatch, existing):
+    """Ctrl-C while a run sets up (a deep run's first queries): the folder made for it goes,
+    a folder the user made stays; exit 130 either way."""
+    import dataclasses
+
+    import solvers
+
+    def stopped_early(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    resolve = solvers.resolve
+
+    def resolve_to_a_stopping_solver(*args):
+        spec, options = resolve(*args)
+        return dataclasses.replace(spec, run=stopped_early), options
+
+    monkeypatch.setattr(solvers, "resolve", resolve_to_a_stopping_solver)
+    path = tmp_path / "p.brl"
+    path.write_text(SOLVABLE)
+    out_dir = tmp_path / "run"
+    if existing:
+        out_dir.mkdir()
+    code, _, err = run(["solve", str(path), "--quiet", "--solver", "m_sobirl", "--out",
+                        str(out_dir)], capsys)
+    assert code == 130 and err.endswith("interrupted\n")
+    assert out_dir.is_dir() == existing
+    assert ("removed" in err) != existing
+
+
 def test_another_solver_says_the_files_options_are_left_behind(tmp_path, capsys):
     path = tmp_path / "p.brl"
     path.write_text(SOLVABLE)

@@ -46,7 +46,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..output import _jsonable
+from ..output import _jsonable, remove_path
 from ..registry import SolverError
 from ..result import Monitor, SolveResult, interrupts_deferred, stop_reason
 from .critic import SuccessorCritic, policy_expectation
@@ -524,8 +524,8 @@ def _save(path: Path, progress: dict[str, Any], history, learner: SACLearner,
     # leftovers of a save that a kill cut short: between the renames, `old` is the checkpoint
     if not path.exists() and (old / "progress.json").is_file():
         old.rename(path)
-    _remove(old)
-    _remove(tmp)
+    remove_path(old)
+    remove_path(tmp)
     tmp.mkdir(parents=True)
     state = {"model": model.state(), "queue": queue.tensors(), "heldout": heldout.tensors(),
              "generator": generator.get_state(), **_rng_states(learner.device)}
@@ -542,13 +542,6 @@ def _save(path: Path, progress: dict[str, Any], history, learner: SACLearner,
             shutil.rmtree(old)
         else:
             tmp.rename(path)
-
-
-def _remove(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path)
-    elif path.exists() or path.is_symlink():
-        path.unlink()
 
 
 def _rng_states(device: torch.device) -> dict[str, Tensor]:
