@@ -1,6 +1,6 @@
 """Parse-and-check time of a generated 10,000-line .brl file (issue 2's target: <= 2 s).
 
-    python bench/parse_check.py [--lines 10000] [--repeat 3]
+    python bench/parse_check.py [--lines 10000] [--repeat 3] [--threads N]
 
 Prints the best of `--repeat` runs for each stage, in wall-clock and CPU time, with the load
 average (on a busy machine, compare CPU times).  Not a test: it measures.
@@ -12,6 +12,8 @@ import argparse
 import os
 import platform
 import time
+
+import common
 
 from bilevel_dsl import SourceFile, parse_source
 from bilevel_dsl.elaborate import elaborate
@@ -61,7 +63,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--lines", type=int, default=10_000)
     parser.add_argument("--repeat", type=int, default=3)
+    common.add_machine_options(parser)
     args = parser.parse_args()
+    common.set_threads(args.threads)
     text = generate(args.lines)
     source = SourceFile("generated.brl", text)
     parse_source(SourceFile("warm-up.brl", "brl 1\nparam a = 1\n"))  # builds the parser once

@@ -21,8 +21,10 @@ SUFFIXES = (".npy", ".csv")
 
 def load_array(name: str, base_dir: Path | None, span: Span) -> np.ndarray:
     if base_dir is None:
-        raise EvalError("E603", "data files can only be loaded from a .brl file on disk", span,
-                        "compile the file with `brl` or `compile_file` instead of a string")
+        raise EvalError("E603", "`load` needs a folder to read from, and this text was "
+                        "compiled without one", span,
+                        "compile the file with `brl` or `compile_file`, or give `compile_source` "
+                        "the folder to read from (`base_dir=...`)")
     relative = Path(name)
     if relative.is_absolute():
         raise EvalError("E603", f"`{name}` is an absolute path", span,

@@ -273,7 +273,7 @@ class _Elaborator:
         if isinstance(err, Cascade):  # its cause has been reported
             return
         code, message, hint = err.code, err.message, err.hint
-        if code == "E201" and message.startswith("undefined name `"):
+        if code == "E201" and message.startswith(("undefined name `", "undefined MDP `")):
             missing = message.split("`")[1]
             later = self.all_names.get(missing)
             if later is not None and err.span is not None and later.line >= err.span.line:
@@ -348,7 +348,7 @@ class _Elaborator:
             out.append((dim.index, out_set, size))
         if math.prod(size for _, _, size in out) > MAX_ELEMENTS:
             raise EvalError("E301", f"a declaration holds at most {MAX_ELEMENTS:,} numbers, "
-                            f"but these dimensions make {math.prod(s for _, _, s in out):.3g}",
+                            f"but these dimensions make {math.prod(s for _, _, s in out):,}",
                             dims[0].span if len(dims) == 1 else
                             ir.Span(dims[0].span.line, dims[0].span.column,
                                     dims[-1].span.end_line, dims[-1].span.end_column))
@@ -410,9 +410,10 @@ class _Elaborator:
                                 f"`{decl.name}` is declared here")
         else:
             v = self._declared_value(decl.name, dims, value_node, decl.random)
-        if not _all_finite(v.t) and not _is_infinity_literal(value_node):
+        if not _all_finite(v.t) and not _writes_infinity(value_node, v.t):
             raise EvalError("E305", f"param `{decl.name}` is not finite (NaN or infinity)",
-                            value_node.span)
+                            value_node.span, "a param may hold infinities only where its "
+                            "expression writes `inf` (bounds such as `[1, inf]`), and NaN never")
         self.names[decl.name] = v
 
     def _var(self, decl: ir.VarDecl) -> None:
@@ -995,10 +996,10 @@ def _show(v: Val, exact: bool = False) -> str:
     return f"[{flat}{', ...' if t.numel() > 6 else ''}]"
 
 
-def _is_infinity_literal(node: ir.Expr) -> bool:
-    if isinstance(node, ir.Unary):
-        return _is_infinity_literal(node.operand)
-    return isinstance(node, ir.Name) and node.id == "inf"
+def _writes_infinity(node: ir.Expr, value: torch.Tensor) -> bool:
+    """Infinities that the expression asks for with `inf` (`[1, inf]`, `if i == 0 then 1 else
+    inf`), not ones that overflow or come from a data file, and no NaN."""
+    return "inf" in ir.names_in(node) and not bool(torch.isnan(value).any())
 
 
 def _draw(f: str, args: list[Val], node: ir.Call, rng: np.random.Generator,

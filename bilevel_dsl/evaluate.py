@@ -267,7 +267,7 @@ def _align_plan(values: list[Val], span: ir.Span) -> tuple:
             axis_sizes[a] = max(axis_sizes.get(a, 1), n)
     total = math.prod(axis_sizes.values()) * math.prod(out_sizes)
     if total > MAX_TERMS:  # refused before torch tries to allocate it
-        raise EvalError("E301", f"this expression would hold {total:.3g} numbers, more than "
+        raise EvalError("E301", f"this expression would hold {total:,} numbers, more than "
                         f"{MAX_TERMS:,}", span, "index over smaller sets")
     layouts = []
     for v in values:
@@ -880,7 +880,7 @@ def _reduction(node: ir.Reduction, scope: Scope) -> Val:
     axes = keep + tuple(names)
     terms = math.prod(sizes[a] for a in axes) * math.prod(body.shape)
     if terms > MAX_TERMS:  # a broadcast view costs nothing; summing it could take hours
-        raise EvalError("E301", f"this reduction has {terms:.3g} terms, more than "
+        raise EvalError("E301", f"this reduction has {terms:,} terms, more than "
                         f"{MAX_TERMS:,}", node.span, "reduce over smaller sets")
     t = as_real(expand_axes(body, axes, sizes))
     mask = None

@@ -164,9 +164,8 @@ def summary_table(problem: TabularProblem, result: SolveResult, meta: dict[str, 
                                 "objective (abs, norm1, max, min), which gradient steps cannot "
                                 "cross; the optimum may lie past it"))
     if (lag := _lagging(stationarity or norms, result.extra.get("exact"))) is not None:
-        rows.append(("warning", f"the exact stationarity at the final x is {lag:.0f}x the "
-                                f"running estimate: the follower or the adjoint still lag x; "
-                                f"run longer, or {advice}"))
+        rows.append(("warning", f"the exact stationarity at the final x is {lag}: the follower "
+                                f"or the adjoint still lag x; run longer, or {advice}"))
     # model-free solvers count what they asked of the oracle and the simulator
     rows += [(label, f"{result.extra[key]:,}") for key, label in
              (("queries", "preference queries"), ("transitions", "simulator transitions"))
@@ -469,14 +468,16 @@ def _exact_rows(problem: TabularProblem, exact: dict[str, float] | None) -> list
     return [("exact at x", text + " (follower and adjoint solved)")]
 
 
-def _lagging(running: list[float], exact: dict[str, float] | None) -> float | None:
-    """How many times the exact stationarity exceeds the last running one, when by over 10x."""
+def _lagging(running: list[float], exact: dict[str, float] | None) -> str | None:
+    """The exact stationarity beside the last running one, when it is over 10x larger."""
     if exact is None or not running or not math.isfinite(running[-1]):
         return None
-    truth = exact["stationarity"]
-    if not math.isfinite(truth) or truth < 1e-6 or truth <= 10 * running[-1]:
+    truth, last = exact["stationarity"], running[-1]
+    if not math.isfinite(truth) or truth < 1e-6 or truth <= 10 * last:
         return None
-    return truth / running[-1] if running[-1] > 0 else math.inf
+    if last > 0:
+        return f"{truth:.3g}, {truth / last:.0f}x the running estimate ({last:.3g})"
+    return f"{truth:.3g}, where the running estimate was 0"
 
 
 def _abbreviate(x: torch.Tensor) -> str:

@@ -30,6 +30,10 @@ def test_undefined_name_suggests_a_close_one():
 def test_used_before_declaration_is_e203_not_e201():
     diag = first("brl 1\nparam a = b + 1\nparam b = 2")
     assert diag.code == "E203" and "line 3" in diag.message
+    # an MDP named by a lower block before its declaration, too
+    diag = first("brl 1\nlower M { temperature = 1  reward[s, a] = 0 }\n"
+                 "mdp M = random_mdp(states = 3, actions = 2)")
+    assert diag.code == "E203" and diag.message == "`M` is used before its declaration on line 3"
 
 
 def test_duplicates_and_builtin_names():
@@ -604,11 +608,11 @@ def test_huge_declarations_are_refused_before_allocation():
 
 def test_huge_reductions_are_refused_not_run():
     diag = first("brl 1\nparam x = sum {i in 0..99999, j in 0..99999} 1")
-    assert diag.code == "E301" and "1e+10 terms" in diag.message
+    assert diag.code == "E301" and "10,000,000,000 terms" in diag.message
     assert (diag.span.column, diag.span.end_column) == (11, 47)  # under the reduction
     # an element-wise product over two large index sets is refused before it is allocated
     diag = first("brl 1\nparam x = sum {i in 0..99999} sum {j in 0..99999} i * j")
-    assert diag.code == "E301" and "would hold 1e+10 numbers" in diag.message
+    assert diag.code == "E301" and "would hold 10,000,000,000 numbers" in diag.message
     assert (diag.span.column, diag.span.end_column) == (51, 56)  # under `i * j`
 
 
@@ -765,3 +769,15 @@ def test_a_filter_that_keeps_nothing_has_no_max():
 def test_an_empty_group_that_an_outer_filter_drops_is_no_error():
     assert value("sum {j in 1..2 : j < 2} max {i in 1..3 : i > j + 1} i") == 3.0
     assert value("sum {j in 1..2} (if j < 2 then max {i in 1..3 : i > j + 1} i else 0)") == 3.0
+
+
+def test_a_param_holds_infinities_only_where_it_writes_inf():
+    """Bounds written as params (`[1, inf]`) are accepted; an overflow, a NaN or an infinity
+    that the expression does not ask for is E305."""
+    assert param("param hi[2] = [1, inf]", "hi").tolist() == [1.0, math.inf]
+    assert param("param lo[i in 0..1] = if i == 0 then -inf else 0", "lo").tolist() == [
+        -math.inf, 0.0]
+    compile_ok("brl 1\nparam hi[2] = [1, inf]\nvar x[2] = 0 in [-hi, hi]")
+    for text in ("[exp(1000), 1]", "inf - inf", "[0 * inf, 1]"):
+        diag = first(f"brl 1\nparam p[2] = {text}")
+        assert diag.code == "E305" and "not finite" in diag.message, text
