@@ -176,6 +176,7 @@ class _Elaborator:
         self.deep: DeepLower | None = None
         self.preferences: Any = None
         self.policy_lets: set[str] = set()
+        self.let_values: dict[str, Val] = {}  # the lets evaluated at x0 (or without x)
         seed_decl = program.first(ir.SeedDecl)
         self.seed = seed if seed is not None else (seed_decl.seed if seed_decl else 0)
         self.device = torch.device("cpu")
@@ -472,14 +473,16 @@ class _Elaborator:
         self.names[decl.name] = VarRef(decl.name, x0.dims)
 
     def _let(self, decl: ir.LetDecl) -> None:
-        let = LetDef(decl, tuple(self._dims(decl.dims)))
+        let = LetDef(decl, tuple(self._dims(decl.dims)), frozenset(ir.names_in(decl.value)))
         self.names[decl.name] = let
         if _uses_policy(decl.value, self.policy_lets):
             # uses the policy, maybe through another let: checked where the objective uses it
             self.policy_lets.add(decl.name)
             return
         x = self.var.x0 if self.var is not None else None
-        evaluate_val(ir.Name(decl.name_span, decl.name), self._scope(x))
+        scope = self._scope(x)
+        scope.let_cache = self.let_values  # each let once, not once per later let using it
+        evaluate_val(ir.Name(decl.name_span, decl.name), scope)
 
     # ---------------------------------------------------------------- MDPs
     def _options(self, decl: ir.MdpDecl, allowed: tuple[str, ...],

@@ -51,6 +51,7 @@ MAX_HORIZON = 100_000  # steps of expected_return and preference_loss
 class LetDef:
     decl: ir.LetDecl
     dims: tuple[tuple[str | None, SetValue | None, int], ...]  # (index name, set, size)
+    uses: frozenset[str] = frozenset()  # every name its value mentions
 
 
 @dataclass
@@ -154,6 +155,12 @@ def varying_nodes(roots: list[ir.Expr], names: dict[str, object]) -> set[int]:
             done.append(moves)
         return done[0]
 
+    # every let first, in the order declared: a let uses only earlier ones, so each finds
+    # those it uses settled, and a chain of thousands of lets never recurses through `own`
+    for name, obj in names.items():
+        if isinstance(obj, LetDef) and name not in lets:
+            lets[name] = False
+            lets[name] = visit(obj.decl.value)
     for root in roots:
         visit(root)
     return varying
@@ -461,9 +468,14 @@ def _let(node: ir.Name, let: LetDef, scope: Scope) -> Val:
         via = f" (through {', '.join(f'`{n}`' for n in through)})" if through else ""
         raise EvalError("E203", f"`{node.id}` is defined in terms of itself{via}", node.span,
                         "a definition can only use names declared before it")
-    inner = scope.copy()
+    if not scope.lets:
+        # a chain of lets, each using the one before, would recurse once per link (and 300
+        # links exceed Python's stack): the lets this one uses go first, oldest first, so
+        # each finds those it uses evaluated
+        for name in _lets_used(node.id, scope):
+            _let(ir.Name(node.span, name), scope.names[name], scope)
+    inner = scope.copy()  # sharing the cache: a let's value depends on x and pi, not on where
     inner.indices = {}
-    inner.let_cache = {}
     inner.lets = (*scope.lets, node.id)
     names: list[str] = []
     for i, (index, set_value, size) in enumerate(let.dims):
@@ -475,6 +487,29 @@ def _let(node: ir.Name, let: LetDef, scope: Scope) -> Val:
         v = fit_declared(v, tuple(names), let.dims, node.id, let.decl.value, "let")
     scope.let_cache[node.id] = v
     return v
+
+
+def _lets_used(name: str, scope: Scope) -> list[str]:
+    """The lets declared before let ``name`` that it uses, directly or through others, and that
+    are not evaluated yet, each after the lets it uses itself. (A use of a later let, which
+    only a cycle through the policy's lets can make, is left to the evaluation, which reports
+    the cycle.)"""
+    order: list[str] = []
+    seen, stack = {name}, [(name, False)]
+    while stack:
+        current, expanded = stack.pop()
+        if expanded:
+            order.append(current)
+            continue
+        stack.append((current, True))
+        here = scope.names[current].decl.span
+        for used in scope.names[current].uses:
+            let = scope.names.get(used)
+            if (used not in seen and used not in scope.let_cache and isinstance(let, LetDef)
+                    and (let.decl.span.line, let.decl.span.column) < (here.line, here.column)):
+                seen.add(used)
+                stack.append((used, False))
+    return order[:-1]  # the last is `name` itself
 
 
 def fit_declared(v: Val, axes: tuple[str, ...], dims: tuple[tuple[str | None, SetValue | None,

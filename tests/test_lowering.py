@@ -407,3 +407,18 @@ def test_closures_of_two_sizes_interleaved_keep_their_own_layouts():
             assert torch.allclose(problem.reward(x), c * (x @ W @ x) + x[:, None])
             pi = torch.softmax(c, -1)
             assert torch.allclose(problem.objective(x, pi), (pi * c).sum() + 0.5 * x @ x)
+
+
+def test_a_chain_of_thousands_of_lets_neither_recurses_nor_repeats():
+    """Each let using the one before, 3,000 deep (and twice each, which would double the work
+    per link if a let were evaluated once per use): checked, lowered and evaluated with x."""
+    links = 3000
+    lets = "\n".join(f"let L{k}[M.S, M.A] = 0.5 * (L{k - 1} + L{k - 1}) + 0.001 * x"
+                     for k in range(1, links + 1))
+    text = ("brl 1\nmdp M = random_mdp(states = 3, actions = 2)\nvar x[M.S, M.A] = 1\n"
+            f"let L0[M.S, M.A] = x\n{lets}\n"
+            f"lower M {{ temperature = 1  reward[s, a] = L{links}[s, a] }}\n"
+            f"upper minimize norm2(L{links}) - value(M, policy)\n")
+    problem = lower(compile_ok(text))
+    x = torch.full((3, 2), 2.0, dtype=torch.float64)
+    assert torch.allclose(problem.reward(x), x * (1 + 0.001 * links))
