@@ -10,6 +10,7 @@ import argparse
 import json
 import math
 import os
+import re
 import signal
 import sys
 import threading
@@ -19,7 +20,7 @@ from typing import Any
 
 from . import __version__, json_schema, lower, read_source, to_json
 from .diagnostics import BrlError, Diagnostic, did_you_mean
-from .elaborate import elaborate
+from .elaborate import elaborate, out_of_memory
 from .parser import parse_expression, parse_source
 
 EXIT_OK, EXIT_ERROR, EXIT_INTERNAL, EXIT_INTERRUPTED = 0, 1, 2, 130
@@ -164,6 +165,13 @@ def _write(text: str, output: str | None) -> None:
     if path.is_file() and not _holds_ir(path):
         raise UsageError(f"-o {output}: that file exists and holds no IR (a run's result.json?); "
                          "give another name, or remove it first")
+    if path.exists() and not path.is_file():  # /dev/null, a pipe: written to, never replaced
+        try:
+            with path.open("w", encoding="utf-8") as handle:
+                handle.write(text + "\n")
+        except OSError as exc:
+            raise UsageError(f"-o {output}: cannot write it ({exc.strerror})") from None
+        return
     tmp = path.with_name(path.name + ".tmp")
     try:
         tmp.write_text(text + "\n", encoding="utf-8")
@@ -335,7 +343,7 @@ def _note_dropped_options(problem: Any, spec: Any) -> None:
 
     named = getattr(problem, "solver", None)
     given = getattr(problem, "solver_options", None) or {}
-    if not given or named in (None, "auto") or REGISTRY.get(named) is spec:
+    if not given or named in (None, "auto") or REGISTRY.get(named).name == spec.name:
         return
     listed = ", ".join(f"{name} = {value}" for name, value in given.items())
     print(f"note: the file's options for {named} ({listed}) do not apply to {spec.name}; "
@@ -649,6 +657,14 @@ def _main(argv: list[str] | None) -> int:
             return EXIT_ERROR
         if os.environ.get("BRL_DEBUG"):
             raise
+        if isinstance(exc, (MemoryError, RuntimeError)) and out_of_memory(exc):
+            wanted = re.search(r"allocate (\d+) bytes", str(exc))
+            size = f" ({int(wanted[1]) / 2**30:.1f} GiB at once)" if wanted else ""
+            print(f"error: the run needs more memory than this machine has{size}; make the "
+                  "problem smaller, and with a sampled follower (sobirl, stoc_sobirl, drlhf), "
+                  "whose rollouts take memory for every state-action pair, try --set "
+                  "q_rollouts=1 or --set follower=exact", file=sys.stderr)
+            return EXIT_ERROR
         print(f"internal error: {type(exc).__name__}: {exc}\n"
               "This is a bug in brl; rerun with BRL_DEBUG=1 for the traceback and report it.",
               file=sys.stderr)

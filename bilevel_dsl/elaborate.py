@@ -263,7 +263,7 @@ class _Elaborator:
             if name is not None:
                 self.names[name] = POISONED
         except (MemoryError, RuntimeError) as exc:
-            if not _out_of_memory(exc):
+            if not out_of_memory(exc):
                 raise
             self.bag.error("E301", "this needs more memory than the machine has", stmt.span,
                            "make the sets or dimensions smaller")
@@ -975,7 +975,7 @@ def _policy_use(expr: ir.Expr, policy_lets: set[str]) -> ir.Expr | None:
     return None
 
 
-def _out_of_memory(exc: BaseException) -> bool:
+def out_of_memory(exc: BaseException) -> bool:
     """numpy's MemoryError, or torch's failure to allocate a tensor (a RuntimeError)."""
     return isinstance(exc, MemoryError) or "allocate" in str(exc) or "out of memory" in str(exc)
 

@@ -190,7 +190,7 @@ def run(problem: TabularProblem, options: dict[str, Any], monitor: Monitor) -> S
         extra={"V": V.detach(), **adjoint, "time": time.perf_counter() - start,
                "start_lower_iterations": start_iterations},
     )
-    if options["verify"] == "exact" and stopped != "interrupted":
+    if options["verify"] == "exact" and stopped not in ("interrupted", "time_limit"):
         try:  # what the running estimates stand for: phi(x), pi*_x and grad phi(x), exactly
             final = hypergradient(problem, x.detach(), V=V, tol=VERIFY_TOL)
         except KeyboardInterrupt:

@@ -742,3 +742,46 @@ def test_the_progress_ends_at_the_last_iteration(tmp_path, capsys):
     path.write_text(SOLVABLE)
     code, _, err = run(["solve", str(path), "--out", str(tmp_path / "run")], capsys)
     assert code == 0 and err.splitlines()[-1].startswith("2/2 100%")
+
+
+def test_running_out_of_memory_is_an_error_not_a_bug(tmp_path, capsys, monkeypatch):
+    """torch's failed allocation deep in a solver: a plain error with what to try, exit 1."""
+    import dataclasses
+
+    import solvers
+
+    def out_of_memory(*args, **kwargs):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] DefaultCPUAllocator: can't "
+                           "allocate memory: you tried to allocate 2252800000 bytes.")
+
+    resolve = solvers.resolve
+
+    def resolve_to_a_hungry_solver(*args):
+        spec, options = resolve(*args)
+        return dataclasses.replace(spec, run=out_of_memory), options
+
+    monkeypatch.setattr(solvers, "resolve", resolve_to_a_hungry_solver)
+    path = tmp_path / "p.brl"
+    path.write_text(SOLVABLE)
+    code, _, err = run(["solve", str(path), "--quiet", "--out", str(tmp_path / "run")], capsys)
+    assert code == 1 and "internal error" not in err
+    assert err.startswith("error: the run needs more memory than this machine has (2.1 GiB")
+
+
+def test_compile_writes_into_a_pipe_without_replacing_it(tmp_path, capsys):
+    """`-o /dev/null` or a named pipe is written to: renaming a file over it (what a regular
+    output gets, so that a crash leaves no half file) would replace the device itself."""
+    import stat
+    import threading
+
+    pipe = tmp_path / "pipe"
+    os.mkfifo(pipe)
+    received: list[str] = []
+    reader = threading.Thread(target=lambda: received.append(pipe.read_text()))
+    reader.start()
+    code, _, err = run(["compile", str(ROOT / "problems" / "synthetic.brl"), "-o", str(pipe)],
+                         capsys)
+    reader.join(timeout=30)
+    assert code == 0, err
+    assert stat.S_ISFIFO(pipe.stat().st_mode)
+    assert json.loads(received[0])["node"] == "Program"

@@ -228,6 +228,7 @@ def test_stopping_rules_and_interruption():
     assert exact.run(problem, options(exact), Stop()).stopped_because == "stopped"
     timed = m_sobirl.run(problem, options(m_sobirl, outer=10**6, time_limit=0.2), Monitor())
     assert timed.stopped_because == "time_limit" and timed.extra["time"] < 2
+    assert "exact" not in timed.extra  # the final check, as long as the start, is skipped
 
 
 def test_exact_line_search_descends_where_the_fixed_step_is_too_long():
