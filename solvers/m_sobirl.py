@@ -106,6 +106,7 @@ def run(problem: TabularProblem, options: dict[str, Any], monitor: Monitor) -> S
     start = time.perf_counter()
     stopped, k, start_iterations = "max_iterations", 0, 0
     previous: tuple[Tensor, Tensor, Tensor, Tensor] | None = None  # x, pi, V, w of iteration k-1
+    known: tuple[Tensor, float, Tensor | None] | None = None  # x_k, f and sum_a g there
     try:
         if options["start"] == "solved":
             # one exact solve: the follower's and the adjoint's fixed points at x0 (counted in
@@ -145,6 +146,7 @@ def run(problem: TabularProblem, options: dict[str, Any], monitor: Monitor) -> S
                     x, pi, V, w, k = *previous, k - 1
                 break
             previous = (x, pi, V, w)
+            known = (x, f, g_sum if centred else None)
             monitor.update(k, f, h_norm)
             if k % log_every == 0:
                 history["iteration"].append(k)
@@ -176,10 +178,18 @@ def run(problem: TabularProblem, options: dict[str, Any], monitor: Monitor) -> S
     except KeyboardInterrupt:
         stopped = "interrupted"
 
-    f_end, _, grad_end = upper_derivatives(problem, x, pi)
+    if stopped == "interrupted" and previous is not None and known is not None:
+        # back to the last iterate whose objective is known, rather than evaluate it again:
+        # with value(...) on a large problem that is as long as an iteration, after Ctrl-C
+        if known[0] is not x:
+            x, pi, V, w, k = *previous, k - 1
+        f_end, g_sum_end = known[1], known[2]
+    else:
+        f_end, _, grad_end = upper_derivatives(problem, x, pi)
+        g_sum_end = sum_actions(pi * grad_end) if centred else None
     adjoint = {"w": w.detach()}
     if centred:  # w = sum_a g - z, with g at the final point
-        adjoint = {"w": sum_actions(pi * grad_end).detach() - w.detach(), "z": w.detach()}
+        adjoint = {"w": g_sum_end.detach() - w.detach(), "z": w.detach()}
     result = SolveResult(
         x=x.detach(),
         policy=pi.detach(),

@@ -163,6 +163,32 @@ def test_interrupt_during_the_solved_start_returns_x0(monkeypatch):
     assert torch.equal(result.x, problem.x0)
 
 
+@pytest.mark.parametrize("adjoint", ["centred", "fixed_point"])
+def test_an_interrupt_returns_the_last_iterate_whose_objective_is_known(monkeypatch, adjoint):
+    """Ctrl-C while the objective of x_5 is being evaluated: the run returns x_4 with the
+    objective it recorded, without evaluating it again (as long as an iteration with a value
+    objective on a large problem)."""
+    calls = []
+    derivatives = m_sobirl.upper_derivatives
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 6:
+            raise KeyboardInterrupt
+        return derivatives(*args, **kwargs)
+
+    monkeypatch.setattr(m_sobirl, "upper_derivatives", counted)
+    problem = synthetic(seed=4)
+    result = m_sobirl.run(problem, options(m_sobirl, outer=10, adjoint=adjoint), Monitor())
+    assert result.stopped_because == "interrupted" and result.iterations == 4
+    assert len(calls) == 6 and result.objective == result.history["objective"][-1]
+    monkeypatch.setattr(m_sobirl, "upper_derivatives", derivatives)
+    whole = m_sobirl.run(problem, options(m_sobirl, outer=4, adjoint=adjoint, verify="off"),
+                         Monitor())  # four steps: x_4, and f(x_4, pi_4) evaluated at the end
+    assert torch.equal(result.x, whole.x) and result.objective == whole.objective
+    assert torch.isfinite(result.extra["w"]).all()
+
+
 def test_caches_filled_in_inference_mode_still_serve_autograd():
     # the interpreter's and the kernel's shared tensors (index positions, literals, ones) are
     # made outside inference mode, whichever mode first asks for them
