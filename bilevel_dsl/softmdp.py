@@ -24,9 +24,10 @@ _SPARSE_MIN_ENTRIES = 1 << 20
 _DENSE_MAX_BYTES = 1 << 30
 
 # solve_policy_system(method="auto") factorises a dense S x S matrix up to this many states
-# (a few tens of MB and well under a second); it also does so for sparse P up to
-# _DIRECT_MAX_STATES_SPARSE states, where densifying P_pi costs next to nothing.
-DIRECT_MAX_STATES = 2000
+# for dense P (200 MB and a few seconds at 5,000, next to P's own S*A*S entries; an LU costs
+# about S / (50 A) products with P, fewer than GMRES takes); it also does so for sparse P up
+# to _DIRECT_MAX_STATES_SPARSE states, where densifying P_pi costs next to nothing.
+DIRECT_MAX_STATES = 5000
 _DIRECT_MAX_STATES_SPARSE = 500
 
 _GMRES_RESTART = 30
@@ -761,7 +762,7 @@ def newton_pays(P: Transitions, gamma: float) -> bool:
     """Whether solving the soft Bellman equation by Newton's method (a few factorised solves,
     about ``S^3 / 3`` each) is cheaper than value iteration (about ``23 / (1 - gamma)``
     sweeps of ``nnz`` to reach 1e-10): at gamma 0.999 on a small grid by 100x, while a dense
-    2,000-state problem at gamma 0.5 is better served by its few dozen sweeps."""
+    5,000-state problem at gamma 0.5 is better served by its few dozen sweeps."""
     if not direct_solves(P):
         return False
     S = P.n_states

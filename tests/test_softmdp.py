@@ -413,3 +413,5 @@ def test_newton_is_chosen_where_it_pays():
     assert newton_pays(P(35, 4), 0.999) and newton_pays(P(35, 4), 0.9)
     assert not newton_pays(P(2000, 4), 0.5) and newton_pays(P(2000, 4), 0.999)
     assert not newton_pays(P(10_000, 4, sparse=True, nnz=160_000), 0.999)
+    # dense P factorises up to 5,000 states (an LU is about S / (50 A) products with P)
+    assert newton_pays(P(5000, 4), 0.999) and not newton_pays(P(5001, 4), 0.999)
