@@ -140,10 +140,12 @@ class MdpValue:
             S, A = self.states.size, self.actions.size
             if S * A * S > DENSE_INDEXING_LIMIT:
                 raise EvalError(
-                    "E301", f"`{self.name}.P` has {S * A * S:.3g} entries: too many to index one "
+                    "E301", f"`{self.name}.P` has {S * A * S:,} entries: too many to index one "
                     "by one", span,
-                    "write the reward over the next state instead: `reward[s, a, t] = ...` is "
-                    "averaged over t ~ P(.|s, a) without forming P densely")
+                    "in a `lower` block, write the reward over the next state instead: "
+                    "`reward[s, a, t] = ...` is averaged over t ~ P(.|s, a) without forming P "
+                    "densely; elsewhere, the policy functionals (value, occupancy, "
+                    "expected_return) apply P without forming it")
             self._dense = self.transitions.dense()
         return self._dense
 

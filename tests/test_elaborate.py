@@ -781,3 +781,12 @@ def test_a_param_holds_infinities_only_where_it_writes_inf():
     for text in ("[exp(1000), 1]", "inf - inf", "[0 * inf, 1]"):
         diag = first(f"brl 1\nparam p[2] = {text}")
         assert diag.code == "E305" and "not finite" in diag.message, text
+
+
+def test_indexing_a_large_p_entry_by_entry_is_refused_with_a_way_out():
+    diag = first("brl 1\nmdp M = random_mdp(states = 4000, actions = 4, successors = 2)\n"
+                 "var x[M.S] = 0\nlower M { temperature = 1  reward[s, a] = x[s] }\n"
+                 "upper minimize norm2(x) + sum {s in M.S, a in M.A, t in M.S} M.P[s, a, t]")
+    assert diag.code == "E301"
+    assert diag.message == "`M.P` has 64,000,000 entries: too many to index one by one"
+    assert "in a `lower` block" in diag.hint and "policy functionals" in diag.hint
