@@ -443,7 +443,8 @@ def cmd_gradcheck(args: argparse.Namespace) -> int:
         raise UsageError(f"brl gradcheck checks the exact hyper-gradient of tabular problems; "
                          f"{args.file} declares a gymnasium environment, whose reward network "
                          "is trained from samples (docs/deep.md)")
-    rows = gradcheck(problem, n_random=args.points, eps=args.eps, seed=problem.seed)
+    rows = gradcheck(problem, n_random=args.points, eps=args.eps, seed=problem.seed,
+                     progress=_GradcheckProgress(sys.stderr))
     print(f"{'point':<10} {'rel. error':>11} {'max abs err':>12} {'||grad||':>10} {'dirs':>5}")
     failed = by_atol = 0
     for row in rows:
@@ -474,6 +475,28 @@ def cmd_gradcheck(args: argparse.Namespace) -> int:
     if failed:
         print("  " + _gradcheck_advice(rows, args))
     return EXIT_OK if not failed else EXIT_ERROR
+
+
+class _GradcheckProgress:
+    """Where gradcheck is, on stderr: on a big problem each direction takes seconds. A line
+    rewritten in place on a terminal; elsewhere (a log) one line per point, when it is done."""
+
+    def __init__(self, stream: Any) -> None:
+        self.stream, self.since = stream, time.perf_counter()  # the last point's end
+        self.live = hasattr(stream, "isatty") and stream.isatty()
+
+    def __call__(self, label: str, done: int, total: int) -> None:
+        now = time.perf_counter()
+        seconds = now - self.since
+        if done == total:
+            self.since = now
+        if self.live:
+            end = "\r\033[K" if done == total else ""
+            self.stream.write(f"\r\033[Kgradcheck {label}: {done}/{total} directions, "
+                              f"{seconds:.0f} s{end}")
+        elif done == total:
+            self.stream.write(f"gradcheck {label}: {total} directions, {seconds:.1f} s\n")
+        self.stream.flush()
 
 
 def _gradcheck_advice(rows: list, args: argparse.Namespace) -> str:

@@ -283,10 +283,13 @@ upper maximize value(M, policy, pay) - norm2(x)
 def test_gradcheck_passes_at_low_temperature(tmp_path, capsys):
     path = tmp_path / "cold.brl"
     path.write_text(LOW_TEMPERATURE, encoding="utf-8")
-    code, out, _ = run(["gradcheck", str(path)], capsys)
+    code, out, err = run(["gradcheck", str(path)], capsys)
     assert code == 0, out
     errors = [float(line.split()[-4]) for line in out.splitlines()[1:4]]
     assert max(errors) <= 1e-6 and out.splitlines()[4].startswith("ok: ")
+    # where it is, on stderr (one line per point in a log): big problems take minutes
+    assert [line.split(":")[0] for line in err.splitlines()] == [
+        "gradcheck x0", "gradcheck random 1", "gradcheck random 2"]
 
 
 def test_gradcheck_fails_with_a_coarse_step_and_says_why(tmp_path, capsys):
