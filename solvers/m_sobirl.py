@@ -112,6 +112,7 @@ def run(problem: TabularProblem, options: dict[str, Any], monitor: Monitor) -> S
             # one exact solve: the follower's and the adjoint's fixed points at x0 (counted in
             # the run's time). From V = 0 and w = 0 the single adjoint step per iteration lags
             # by gamma^k, and while it lags h can be many times too large and send x far off
+            monitor.note("m_sobirl: solving the follower and the adjoint at x0 (start = solved)")
             solved = hypergradient(problem, x.detach(), tol=START_TOL)
             V, pi, pihat = solved.V, solved.pi, solved.pi
             w = solved.z if centred else solved.w
@@ -202,6 +203,8 @@ def run(problem: TabularProblem, options: dict[str, Any], monitor: Monitor) -> S
     )
     if options["verify"] == "exact" and stopped not in ("interrupted", "time_limit"):
         try:  # what the running estimates stand for: phi(x), pi*_x and grad phi(x), exactly
+            monitor.note("m_sobirl: phi(x) and its gradient at the final x, exactly "
+                         "(verify = exact)")
             final = hypergradient(problem, x.detach(), V=V, tol=VERIFY_TOL)
         except KeyboardInterrupt:
             result.stopped_because = "interrupted"

@@ -60,6 +60,16 @@ class ProgressMonitor(Monitor):
             self._next_line = (iteration // self._every + 1) * self._every
             self._draw(self._pending)
 
+    def note(self, text: str) -> None:
+        """In place of the bar on a terminal (the next update draws over it); a line
+        elsewhere."""
+        if self._tty:
+            self.stream.write("\r" + text.ljust(self._width))
+            self._width = len(text)
+        else:
+            self.stream.write(text + "\n")
+        self.stream.flush()
+
     def close(self) -> None:
         """Show the last update if it was not shown (a run stopped early), and end the line."""
         if self._pending is not None:

@@ -52,6 +52,10 @@ class Monitor:
         """Whether the solver should end the run now (for example, a time limit has passed)."""
         return False
 
+    def note(self, text: str) -> None:
+        """A phase outside the iterations that can take a while on a big problem (an exact
+        solve), shown until the next update."""
+
     def close(self) -> None:
         """Finish any output (a progress bar's line) once the run has ended."""
 
