@@ -471,7 +471,9 @@ def cmd_gradcheck(args: argparse.Namespace) -> int:
               f"{max(row.max_abs_error for row in rows):.2e} (below --atol {args.atol:g})")
     if by_atol:
         print(f"  {by_atol} point{'s' if by_atol > 1 else ''} passed on the absolute error: the "
-              "hyper-gradient is about zero there, so its relative error says nothing")
+              "derivatives along its directions are about zero (the hyper-gradient there, or "
+              "its projection on a few random directions in many dimensions), so their "
+              "relative error says nothing")
     if failed:
         print("  " + _gradcheck_advice(rows, args))
     return EXIT_OK if not failed else EXIT_ERROR
