@@ -63,12 +63,7 @@ class ProgressMonitor(Monitor):
     def note(self, text: str) -> None:
         """In place of the bar on a terminal (the next update draws over it); a line
         elsewhere."""
-        if self._tty:
-            self.stream.write("\r" + text.ljust(self._width))
-            self._width = len(text)
-        else:
-            self.stream.write(text + "\n")
-        self.stream.flush()
+        self._show(text)
 
     def close(self) -> None:
         """Show the last update if it was not shown (a run stopped early), and end the line."""
@@ -80,8 +75,10 @@ class ProgressMonitor(Monitor):
             self._width = 0
 
     def _draw(self, update: tuple[int, float, float, float]) -> None:
-        line = self._line(*update)
         self._pending = None
+        self._show(self._line(*update))
+
+    def _show(self, line: str) -> None:
         if self._tty:
             self.stream.write("\r" + line.ljust(self._width))
             self._width = len(line)

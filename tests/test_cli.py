@@ -640,25 +640,30 @@ def test_force_removes_the_old_runs_checkpoint(tmp_path, capsys):
                                                          "result.json"]
 
 
+def _solvers_raise(monkeypatch, error: BaseException) -> None:
+    """Every solver `brl solve` picks raises ``error`` as soon as it runs."""
+    import dataclasses
+
+    import solvers
+
+    def raising(*args, **kwargs):
+        raise error
+
+    resolve = solvers.resolve
+
+    def resolve_to_a_raising_solver(*args):
+        spec, options = resolve(*args)
+        return dataclasses.replace(spec, run=raising), options
+
+    monkeypatch.setattr(solvers, "resolve", resolve_to_a_raising_solver)
+
+
 @pytest.mark.parametrize("existing", [False, True])
 def test_an_interrupt_before_anything_is_saved_leaves_no_empty_folder(tmp_path, capsys,
                                                                      monkeypatch, existing):
     """Ctrl-C while a run sets up (a deep run's first queries): the folder made for it goes,
     a folder the user made stays; exit 130 either way."""
-    import dataclasses
-
-    import solvers
-
-    def stopped_early(*args, **kwargs):
-        raise KeyboardInterrupt
-
-    resolve = solvers.resolve
-
-    def resolve_to_a_stopping_solver(*args):
-        spec, options = resolve(*args)
-        return dataclasses.replace(spec, run=stopped_early), options
-
-    monkeypatch.setattr(solvers, "resolve", resolve_to_a_stopping_solver)
+    _solvers_raise(monkeypatch, KeyboardInterrupt())
     path = tmp_path / "p.brl"
     path.write_text(SOLVABLE)
     out_dir = tmp_path / "run"
@@ -749,21 +754,9 @@ def test_the_progress_ends_at_the_last_iteration(tmp_path, capsys):
 
 def test_running_out_of_memory_is_an_error_not_a_bug(tmp_path, capsys, monkeypatch):
     """torch's failed allocation deep in a solver: a plain error with what to try, exit 1."""
-    import dataclasses
-
-    import solvers
-
-    def out_of_memory(*args, **kwargs):
-        raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] DefaultCPUAllocator: can't "
-                           "allocate memory: you tried to allocate 2252800000 bytes.")
-
-    resolve = solvers.resolve
-
-    def resolve_to_a_hungry_solver(*args):
-        spec, options = resolve(*args)
-        return dataclasses.replace(spec, run=out_of_memory), options
-
-    monkeypatch.setattr(solvers, "resolve", resolve_to_a_hungry_solver)
+    _solvers_raise(monkeypatch, RuntimeError(
+        "[enforce fail at alloc_cpu.cpp:127] DefaultCPUAllocator: can't allocate memory: you "
+        "tried to allocate 2252800000 bytes."))
     path = tmp_path / "p.brl"
     path.write_text(SOLVABLE)
     code, _, err = run(["solve", str(path), "--quiet", "--out", str(tmp_path / "run")], capsys)
