@@ -106,7 +106,7 @@ def run(problem: TabularProblem, options: dict[str, Any], monitor: Monitor) -> S
     start = time.perf_counter()
     stopped, k, start_iterations = "max_iterations", 0, 0
     previous: tuple[Tensor, Tensor, Tensor, Tensor] | None = None  # x, pi, V, w of iteration k-1
-    known: tuple[Tensor, float, Tensor | None] | None = None  # x_k, f and sum_a g there
+    known: tuple[float, Tensor | None] = (math.nan, None)  # f and sum_a g at previous's x
     try:
         if options["start"] == "solved":
             # one exact solve: the follower's and the adjoint's fixed points at x0 (counted in
@@ -147,7 +147,7 @@ def run(problem: TabularProblem, options: dict[str, Any], monitor: Monitor) -> S
                     x, pi, V, w, k = *previous, k - 1
                 break
             previous = (x, pi, V, w)
-            known = (x, f, g_sum if centred else None)
+            known = (f, g_sum if centred else None)
             monitor.update(k, f, h_norm)
             if k % log_every == 0:
                 history["iteration"].append(k)
@@ -179,12 +179,12 @@ def run(problem: TabularProblem, options: dict[str, Any], monitor: Monitor) -> S
     except KeyboardInterrupt:
         stopped = "interrupted"
 
-    if stopped == "interrupted" and previous is not None and known is not None:
+    if stopped == "interrupted" and previous is not None:
         # back to the last iterate whose objective is known, rather than evaluate it again:
         # with value(...) on a large problem that is as long as an iteration, after Ctrl-C
-        if known[0] is not x:
+        if previous[0] is not x:
             x, pi, V, w, k = *previous, k - 1
-        f_end, g_sum_end = known[1], known[2]
+        f_end, g_sum_end = known
     else:
         f_end, _, grad_end = upper_derivatives(problem, x, pi)
         g_sum_end = sum_actions(pi * grad_end) if centred else None
