@@ -444,7 +444,7 @@ def cmd_gradcheck(args: argparse.Namespace) -> int:
                          f"{args.file} declares a gymnasium environment, whose reward network "
                          "is trained from samples (docs/deep.md)")
     rows = gradcheck(problem, n_random=args.points, eps=args.eps, seed=problem.seed,
-                     progress=_GradcheckProgress(sys.stderr))
+                     n_directions=args.directions, progress=_GradcheckProgress(sys.stderr))
     print(f"{'point':<10} {'rel. error':>11} {'max abs err':>12} {'||grad||':>10} {'dirs':>5}")
     failed = by_atol = 0
     for row in rows:
@@ -636,6 +636,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eps", type=_positive, default=1e-5,
                    help="finite-difference step, relative to max(1, |x|); the differences at "
                    "eps and eps / 2 are extrapolated")
+    p.add_argument("--directions", type=_at_least(1, int), default=10,
+                   help="random unit directions per point when x has more than 50 entries "
+                   "(default 10; each costs four solves of phi)")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda", "auto"))
     p.add_argument("--seed", type=_seed, default=None, help="override the file's seed")
     defines(p)

@@ -55,18 +55,20 @@ def gradcheck(
     n_random: int = 2,
     eps: float = 1e-5,
     seed: int = 0,
+    n_directions: int = N_DIRECTIONS,
     progress: Callable[[str, int, int], None] | None = None,
 ) -> list[GradcheckRow]:
     """Compare ``hypergradient`` with central differences of ``phi`` at each point.
 
     Along every coordinate when ``x`` has at most 50 entries (step ``h = eps * max(1, |x_i|)``),
-    else along 10 random unit directions (step ``h = eps * max(1, ||x||_inf)``). The differences
-    at ``h`` and ``h / 2`` are combined by Richardson extrapolation, which cancels the ``h^2``
-    term: at low temperatures ``phi`` curves on the scale of ``tau`` (with a near-deterministic
-    follower at ``tau = 1e-3`` a plain central difference with ``h = 1e-5`` was off by 2.6e-5
-    relative, the extrapolation by 7e-8). Whether the errors are small enough is the caller's
-    decision. ``progress(label, done, total)`` hears of each direction finished (``done = 0``
-    once the point's exact hyper-gradient is known): on a big problem each takes seconds.
+    else along ``n_directions`` random unit directions (step ``h = eps * max(1, ||x||_inf)``).
+    The differences at ``h`` and ``h / 2`` are combined by Richardson extrapolation, which
+    cancels the ``h^2`` term: at low temperatures ``phi`` curves on the scale of ``tau`` (with
+    a near-deterministic follower at ``tau = 1e-3`` a plain central difference with ``h =
+    1e-5`` was off by 2.6e-5 relative, the extrapolation by 7e-8). Whether the errors are
+    small enough is the caller's decision. ``progress(label, done, total)`` hears of each
+    direction finished (``done = 0`` once the point's exact hyper-gradient is known): on a big
+    problem each takes seconds.
     """
     labelled = (
         default_points(problem, n_random, seed)
@@ -83,10 +85,10 @@ def gradcheck(
             directions = torch.eye(flat.numel(), dtype=flat.dtype, device=flat.device)
             steps = eps * flat.abs().clamp_min(1.0)
         else:
-            directions = torch.randn(N_DIRECTIONS, flat.numel(), generator=generator,
+            directions = torch.randn(n_directions, flat.numel(), generator=generator,
                                      dtype=flat.dtype).to(flat.device)
             directions /= torch.linalg.vector_norm(directions, dim=1, keepdim=True)
-            steps = torch.full((N_DIRECTIONS,), eps * max(1.0, float(flat.abs().max())),
+            steps = torch.full((n_directions,), eps * max(1.0, float(flat.abs().max())),
                                dtype=flat.dtype, device=flat.device)
         pairs = []
         for d, h in zip(directions, steps.tolist()):

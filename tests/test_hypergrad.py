@@ -113,6 +113,12 @@ def test_random_directions_for_large_variables():
     rows = gradcheck(problem, points=[big], seed=5)
     assert rows[0].n_directions == 10 and rows[0].label == "point 1"
     assert rows[0].rel_error <= 1e-6
+    # fewer directions for a quicker check of a big problem (`brl gradcheck --directions 3`)
+    heard = []
+    rows = gradcheck(problem, points=[big], seed=5, n_directions=3,
+                     progress=lambda *args: heard.append(args))
+    assert rows[0].n_directions == 3 and rows[0].rel_error <= 1e-6
+    assert heard == [("point 1", done, 3) for done in range(4)]
 
 
 def test_near_deterministic_follower_with_a_large_reward_keeps_every_digit():
