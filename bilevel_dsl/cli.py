@@ -15,6 +15,7 @@ import signal
 import sys
 import threading
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -651,13 +652,25 @@ def _terminated(signum: int, frame: Any) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    if threading.current_thread() is not threading.main_thread():
-        return _main(argv)
-    previous = signal.signal(signal.SIGTERM, _terminated)
+    shown = warnings.showwarning
+    warnings.showwarning = _show_warning
     try:
-        return _main(argv)
+        if threading.current_thread() is not threading.main_thread():
+            return _main(argv)
+        previous = signal.signal(signal.SIGTERM, _terminated)
+        try:
+            return _main(argv)
+        finally:
+            signal.signal(signal.SIGTERM, previous)
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        warnings.showwarning = shown
+
+
+def _show_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                  file: Any = None, line: str | None = None) -> None:
+    """A library's warning (GMRES stopping short, a system with NaN in it) as one of the
+    command line's own lines, without a path into brl's source."""
+    print(f"warning: {message}", file=sys.stderr)
 
 
 def _main(argv: list[str] | None) -> int:

@@ -2,8 +2,9 @@
 
 Transitions, soft Bellman operators and linear systems in ``(I - gamma P_pi)`` live here and
 nowhere else, so a fix or a speed-up reaches every solver at once. Everything runs on the device
-of its inputs with torch alone (no scipy, no numpy), and never assumes that rows of ``P`` sum to
-one: the lowering removes the probability mass that flows into terminal states.
+of its inputs with torch alone, except the sparse factorisation of ``I - gamma P_pi`` (SuperLU,
+through scipy, on the host), and never assumes that rows of ``P`` sum to one: the lowering
+removes the probability mass that flows into terminal states.
 """
 
 from __future__ import annotations
@@ -12,6 +13,10 @@ import math
 import warnings
 from collections.abc import Callable
 
+import numpy as np
+import scipy.sparse
+import scipy.sparse.csgraph
+import scipy.sparse.linalg
 import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
@@ -25,10 +30,19 @@ _DENSE_MAX_BYTES = 1 << 30
 
 # solve_policy_system(method="auto") factorises a dense S x S matrix up to this many states
 # for dense P (200 MB and a few seconds at 5,000, next to P's own S*A*S entries; an LU costs
-# about S / (50 A) products with P, fewer than GMRES takes); it also does so for sparse P up
-# to _DIRECT_MAX_STATES_SPARSE states, where densifying P_pi costs next to nothing.
+# about S / (50 A) products with P, fewer than GMRES takes).
 DIRECT_MAX_STATES = 5000
-_DIRECT_MAX_STATES_SPARSE = 500
+# For sparse P it factorises the sparse matrix (SuperLU) up to _SPARSE_LU_ALWAYS states, and
+# above that where the state graph has a narrow envelope (Transitions.envelope): a bandwidth at
+# most _SPARSE_LU_MAX_BAND_FRACTION of the states and at most _SPARSE_LU_MAX_WORK multiply-adds
+# for the elimination. Grid worlds pass (a 100 x 110 maze: 1.6e8; SuperLU's own ordering needs
+# less), and there GMRES is slow: gamma 0.99 and a nearly deterministic policy mix slowly
+# (0.2-0.5 s a solve against 0.02 s for the factorisation and solve). Random MDPs do not: their
+# chains are expanders, whose factors fill in (80 million entries and 80 s at 10^4 states), but
+# on which GMRES converges within a few dozen products.
+_SPARSE_LU_ALWAYS = 500
+_SPARSE_LU_MAX_BAND_FRACTION = 0.25
+_SPARSE_LU_MAX_WORK = 5e9
 
 _GMRES_RESTART = 30
 # Arnoldi's Gram-Schmidt projects a second time only where the first left less than this
@@ -140,6 +154,8 @@ class Transitions:
         self._csr_t = csr_t
         self._csr_by_action: Tensor | None = None  # built on first use, see flat_matrix
         self._row_sum_range: tuple[float, float] | None = None  # see row_sum_range
+        self._envelope: tuple[int, float] | None = None  # see envelope
+        self._host_pattern: tuple[np.ndarray, np.ndarray] | None = None  # see policy_matrix_csc
 
     # construction -------------------------------------------------------------------------
 
@@ -331,6 +347,46 @@ class Transitions:
         state = torch.div(rows, self.n_actions, rounding_mode="floor")
         out.index_add_(0, state * self.n_states + cols, values * pi.reshape(-1)[rows])
         return out.view(self.n_states, self.n_states)
+
+    def policy_matrix_csc(self, pi: Tensor) -> scipy.sparse.csc_matrix:
+        """``P_pi`` as a scipy CSC matrix on the host (sparse storage only): what SuperLU
+        factorises. Each entry's state and successor are kept on the host after the first call."""
+        crow = self._csr.crow_indices().long()
+        if self._host_pattern is None:
+            per_state = crow.diff().view(self.n_states, self.n_actions).sum(-1).cpu().numpy()
+            self._host_pattern = (np.repeat(np.arange(self.n_states), per_state),
+                                  self._csr.col_indices().cpu().numpy())
+        state, cols = self._host_pattern
+        weights = torch.repeat_interleave(pi.reshape(-1), crow.diff()) * self._csr.values()
+        return scipy.sparse.csc_matrix((weights.detach().cpu().numpy(), (state, cols)),
+                                       shape=(self.n_states, self.n_states))
+
+    def envelope(self) -> tuple[int, float]:
+        """The bandwidth of the state graph (``s -> t`` where some ``P[s, a, t] > 0``, made
+        symmetric) in reverse Cuthill-McKee order, and ``sum_s width_s^2`` over its rows: the
+        multiply-adds of an LU of ``I - gamma P_pi`` that keeps within that envelope, for any
+        policy. Computed once (a fifth of a second at 10^5 states and 2 * 10^6 entries)."""
+        if self._envelope is None:
+            S = self.n_states
+            if self._dense is not None:
+                self._envelope = (S - 1, float(S) ** 3 / 3)
+                return self._envelope
+            graph = self.policy_matrix_csc(torch.ones(S, self.n_actions, dtype=self.dtype,
+                                                      device=self.device)).tocsr()
+            graph = (graph + graph.T).tocsr()
+            order = scipy.sparse.csgraph.reverse_cuthill_mckee(graph, symmetric_mode=True)
+            position = np.empty(S, dtype=np.int64)
+            position[order] = np.arange(S)
+            # each row's leftmost neighbour in the new order (itself if it has none to the left)
+            leftmost = position.copy()
+            nonempty = np.flatnonzero(np.diff(graph.indptr))
+            if nonempty.size:
+                leftmost[nonempty] = np.minimum(
+                    position[nonempty],
+                    np.minimum.reduceat(position[graph.indices], graph.indptr[nonempty]))
+            width = (position - leftmost).astype(np.float64)
+            self._envelope = (int(width.max(initial=0)), float(np.square(width).sum()))
+        return self._envelope
 
 
 # reductions over actions ------------------------------------------------------------------
@@ -755,30 +811,68 @@ def _not_finite(v: Tensor) -> Tensor:
 
 def direct_solves(P: Transitions) -> bool:
     """Whether ``solve_policy_system(method="auto")`` factorises (else it runs GMRES)."""
-    return P.n_states <= (_DIRECT_MAX_STATES_SPARSE if P.is_sparse else DIRECT_MAX_STATES)
+    if not P.is_sparse:
+        return P.n_states <= DIRECT_MAX_STATES
+    if P.n_states <= _SPARSE_LU_ALWAYS:
+        return True
+    band, work = P.envelope()
+    return band <= _SPARSE_LU_MAX_BAND_FRACTION * P.n_states and work <= _SPARSE_LU_MAX_WORK
 
 
 def newton_pays(P: Transitions, gamma: float) -> bool:
-    """Whether solving the soft Bellman equation by Newton's method (a few factorised solves,
-    about ``S^3 / 3`` each) is cheaper than value iteration (about ``23 / (1 - gamma)``
-    sweeps of ``nnz`` to reach 1e-10): at gamma 0.999 on a small grid by 100x, while a dense
-    5,000-state problem at gamma 0.5 is better served by its few dozen sweeps."""
+    """Whether solving the soft Bellman equation by Newton's method (a few factorised solves)
+    is cheaper than value iteration (about ``23 / (1 - gamma)`` sweeps of ``nnz`` to reach
+    1e-10): at gamma 0.999 on a small grid by 100x, while a dense 5,000-state problem at gamma
+    0.5 is better served by its few dozen sweeps. A factorisation is costed at its envelope's
+    work (``S^3 / 3`` when dense)."""
     if not direct_solves(P):
         return False
-    S = P.n_states
-    nnz = P.nnz if P.is_sparse else S * P.n_actions * S
+    nnz = P.nnz if P.is_sparse else P.n_states * P.n_actions * P.n_states
     sweeps = 23.0 / max(1.0 - gamma, 1e-6)
-    return 4 * (S**3 / 3 + nnz) < sweeps * nnz
+    return 4 * (P.envelope()[1] + nnz) < sweeps * nnz
+
+
+class _Factorisation:
+    """``I - gamma P_pi`` factorised once, for solves in either orientation (the backward pass
+    of a policy solve reuses its forward pass's factors): LU with partial pivoting in torch for
+    dense ``P``, SuperLU on the host for sparse ``P``."""
+
+    def __init__(self, P: Transitions, pi: Tensor, gamma: float) -> None:
+        self._device, self._dtype = pi.device, pi.dtype
+        self._dense: tuple[Tensor, Tensor] | None = None
+        self._sparse: scipy.sparse.linalg.SuperLU | None = None
+        if not bool(torch.isfinite(pi).all()):
+            return  # a diverged policy: solve() gives NaN (the solvers report non-finite runs)
+        if P.is_sparse:
+            P_pi = P.policy_matrix_csc(pi)
+            A = scipy.sparse.identity(P.n_states, dtype=P_pi.dtype, format="csc") - gamma * P_pi
+            try:
+                self._sparse = scipy.sparse.linalg.splu(A.tocsc())
+            except RuntimeError as error:  # gamma = 1 and a class of states that never ends
+                raise ValueError(f"I - gamma P_pi is singular ({error})") from None
+        else:
+            A = torch.eye(P.n_states, dtype=pi.dtype, device=pi.device) \
+                - gamma * P.policy_matrix(pi.detach())
+            self._dense = torch.linalg.lu_factor(A)
+
+    def solve(self, b: Tensor, transpose: bool) -> Tensor:
+        if self._dense is not None:
+            LU, pivots = self._dense
+            return torch.linalg.lu_solve(LU, pivots, b.unsqueeze(-1), adjoint=transpose
+                                         ).squeeze(-1)
+        if self._sparse is not None:
+            x = self._sparse.solve(b.detach().cpu().numpy(), trans="T" if transpose else "N")
+            return torch.from_numpy(x).to(device=self._device, dtype=self._dtype)
+        return torch.full_like(b, math.nan)
 
 
 def _solve(P: Transitions, pi: Tensor, b: Tensor, gamma: float, transpose: bool, method: str,
-           tol: float) -> Tensor:
-    """Solve ``(I - gamma P_pi) v = b`` (or the transposed system) without autograd."""
-    if method == "auto":
-        method = "direct" if direct_solves(P) else "krylov"
+           tol: float, factors: _Factorisation | None = None) -> Tensor:
+    """Solve ``(I - gamma P_pi) v = b`` (or the transposed system) without autograd; with
+    ``method="direct"``, by ``factors`` when given."""
+    method = _method(P, method)
     if method == "direct":
-        A = torch.eye(P.n_states, dtype=b.dtype, device=b.device) - gamma * P.policy_matrix(pi)
-        return torch.linalg.solve(A.mT if transpose else A, b)
+        return (factors or _Factorisation(P, pi, gamma)).solve(b, transpose)
     if transpose:
         def apply(w: Tensor) -> Tensor:
             return policy_rmatvec(P, pi, w)
@@ -796,33 +890,42 @@ def _solve(P: Transitions, pi: Tensor, b: Tensor, gamma: float, transpose: bool,
         if converged or gamma >= 1.0:
             return x
         return _fixed_point(apply, b, gamma, tol, norm_ord, 1_000_000, v0=x)
-    if method == "fixed_point":
-        return _fixed_point(apply, b, gamma, tol, norm_ord, 1_000_000)
-    raise ValueError(f"unknown method {method!r}: use auto, direct, krylov or fixed_point")
+    return _fixed_point(apply, b, gamma, tol, norm_ord, 1_000_000)
+
+
+def _method(P: Transitions, method: str) -> str:
+    if method == "auto":
+        return "direct" if direct_solves(P) else "krylov"
+    if method not in ("direct", "krylov", "fixed_point"):
+        raise ValueError(f"unknown method {method!r}: use auto, direct, krylov or fixed_point")
+    return method
 
 
 class _PolicySolve(torch.autograd.Function):
     """``v = (I - gamma P_pi)^{-1} b`` (or ``^{-T}``), differentiable in ``pi`` and ``b``.
 
-    The backward pass is one solve with the other orientation: for ``v = A^{-1} b`` and adjoint
-    ``z = A^{-T} dL/dv``, ``dL/db = z`` and ``dL/dpi[s,a] = gamma z[s] (P v)[s,a]``; for the
-    transposed system the roles of solution and adjoint swap.
+    The backward pass is one solve with the other orientation (with the forward pass's factors
+    when it factorised): for ``v = A^{-1} b`` and adjoint ``z = A^{-T} dL/dv``, ``dL/db = z``
+    and ``dL/dpi[s,a] = gamma z[s] (P v)[s,a]``; for the transposed system the roles of
+    solution and adjoint swap.
     """
 
     @staticmethod
     def forward(ctx, pi: Tensor, b: Tensor, P: Transitions, gamma: float,  # type: ignore[override]
                 transpose: bool, method: str, tol: float) -> Tensor:
-        v = _solve(P, pi, b, gamma, transpose, method, tol)
+        method = _method(P, method)
+        factors = _Factorisation(P, pi, gamma) if method == "direct" else None
+        v = _solve(P, pi, b, gamma, transpose, method, tol, factors)
         ctx.save_for_backward(pi, v)
-        ctx.args = (P, gamma, transpose, method, tol)
+        ctx.args = (P, gamma, transpose, method, tol, factors)
         return v
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad: Tensor) -> tuple:  # type: ignore[override]
         pi, v = ctx.saved_tensors
-        P, gamma, transpose, method, tol = ctx.args
-        z = _solve(P, pi, grad, gamma, not transpose, method, tol)
+        P, gamma, transpose, method, tol, factors = ctx.args
+        z = _solve(P, pi, grad, gamma, not transpose, method, tol, factors)
         grad_pi = None
         if ctx.needs_input_grad[0]:
             left, right = (v, z) if transpose else (z, v)
@@ -841,12 +944,13 @@ def solve_policy_system(
 ) -> Tensor:
     """Solve ``(I - gamma P_pi) v = b``, or ``(I - gamma P_pi)^T v = b`` with ``transpose``.
 
-    Methods: ``direct`` (dense LU of ``P_pi``), ``krylov`` (restarted GMRES, relative residual
-    ``tol``; finished by the fixed point if a restart cycle does worse than ``gamma^30``, which
-    happens on slowly mixing chains), ``fixed_point`` (``v <- b + gamma P_pi v``, a
-    contraction), and ``auto``: direct up to ``DIRECT_MAX_STATES`` states for dense P (500 for
-    sparse P), else krylov. Differentiable in ``pi`` and ``b`` at the cost of one more solve in
-    the backward pass.
+    Methods: ``direct`` (LU of ``I - gamma P_pi``: dense for dense P, SuperLU for sparse P),
+    ``krylov`` (restarted GMRES, relative residual ``tol``; finished by the fixed point if a
+    restart cycle does worse than ``gamma^30``, which happens on slowly mixing chains),
+    ``fixed_point`` (``v <- b + gamma P_pi v``, a contraction), and ``auto``: direct up to
+    ``DIRECT_MAX_STATES`` states for dense P, and for sparse P where the state graph's envelope
+    is narrow (``direct_solves``), else krylov. Differentiable in ``pi`` and ``b`` at the cost
+    of one more solve in the backward pass (with the same factors when direct).
     """
     return _PolicySolve.apply(pi, b, P, gamma, transpose, method, tol)
 

@@ -140,8 +140,9 @@ SPEC = SolverSpec(
         Option("line_search", str, "off", "armijo: halve the step from beta until phi "
                "decreases by 1e-4 ||step||^2 / step (one lower-level solve per halving); "
                "off: the fixed step beta", choices=("off", "armijo")),
-        Option("adjoint_method", str, "auto", "linear solver for the adjoint: direct (dense LU) "
-               "or krylov (GMRES); auto picks direct for small state spaces",
+        Option("adjoint_method", str, "auto", "linear solver for the adjoint: direct (LU; "
+               "SuperLU for sparse P) or krylov (GMRES); auto: direct for dense P up to 5,000 "
+               "states and for sparse P with a narrow envelope (grid worlds)",
                choices=("auto", "direct", "krylov")),
     ),
     run=run,

@@ -235,6 +235,32 @@ def test_a_run_that_turns_nan_stops_at_the_last_finite_point(solver, tmp_path, c
     assert record["x"] == [[0.5, 0.5]] * 4 and record["objective"] == pytest.approx(10.0)
 
 
+def test_a_library_warning_is_one_line_without_a_source_path(tmp_path, capsys, monkeypatch):
+    """The kernel's warnings (GMRES stopping short, say) reach the terminal as the command
+    line's own `warning:` lines, not as Python's `/path/softmdp.py:123: UserWarning`."""
+    import warnings
+
+    from bilevel_dsl import softmdp
+
+    solve_system = softmdp._solve
+
+    def short(*args, **kwargs):
+        warnings.warn("GMRES stopped after 3 iterations", stacklevel=2)
+        return solve_system(*args, **kwargs)
+
+    monkeypatch.setattr(softmdp, "_solve", short)
+    path = tmp_path / "value.brl"
+    path.write_text("brl 1\nmdp M = random_mdp(states = 4, actions = 2, discount = 0.9)\n"
+                    "var x[M.S, M.A] = 0.5\nlower M { temperature = 0.5  reward[s, a] = x[s, a] }\n"
+                    "upper minimize norm2(x) - value(M, policy, M.R)\n")
+    shown = warnings.showwarning
+    code, _, err = run(["solve", str(path), "--quiet", "--out", str(tmp_path / "run"),
+                        "--set", "outer=2"], capsys)
+    assert code == 0 and warnings.showwarning is shown
+    assert "warning: GMRES stopped after 3 iterations\n" in err
+    assert "UserWarning" not in err and "softmdp.py" not in err
+
+
 def test_a_closed_pipe_is_not_an_internal_error():
     """`brl solvers | head -1`: the reader leaves early; no 'internal error' message."""
     child = subprocess.Popen([sys.executable, "-m", "bilevel_dsl.cli", "solvers"],
