@@ -25,6 +25,7 @@ numbers, which stoc_sobirl relies on).
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Protocol, runtime_checkable
 
 import torch
@@ -184,6 +185,35 @@ class TabularSimulator:
         return next_states, done
 
 
+def _walk(simulator: Simulator, policy: Tensor, states: Tensor, actions: Tensor | None,
+          horizon: int, generator: torch.Generator
+          ) -> Iterator[tuple[slice, int, Tensor, Tensor, Tensor]]:
+    """``(part, t, s, a, live)`` for each step ``t < horizon`` of each chunk of rollouts, in
+    the order of their random draws (what makes ``rollout`` and ``discounted_returns`` draw
+    the same trajectories).
+
+    On the CPU the batch advances ``ROLLOUT_CHUNK`` trajectories at a time: every kernel then
+    stays below torch's parallel threshold and runs on the calling thread. Sampling is a few
+    gathers per transition, too little work for a parallel region to pay off, and a region
+    waits for a descheduled thread whenever another process holds a core.
+    """
+    n = states.numel()
+    cumulative = policy.detach().cumsum(-1)
+    chunk = ROLLOUT_CHUNK if states.device.type == "cpu" else max(n, 1)
+    for lo in range(0, n, chunk):
+        part = slice(lo, min(n, lo + chunk))
+        s = states[part]
+        a = _draw_actions(cumulative, s, generator) if actions is None else actions[part]
+        live = torch.ones(s.numel(), dtype=torch.bool, device=s.device)
+        for t in range(horizon):
+            yield part, t, s, a, live
+            if t + 1 == horizon:
+                break
+            s, done = simulator.step(s, a, generator)
+            live = live & ~done
+            a = _draw_actions(cumulative, s, generator)
+
+
 def rollout(
     simulator: Simulator,
     policy: Tensor,
@@ -197,28 +227,31 @@ def rollout(
     Returns ``(states, actions, alive)``, each ``(horizon, n)``; ``alive[t]`` is false once the
     episode has ended before step ``t`` (those entries hold meaningless indices). Every step
     draws the same number of random numbers whatever ends, so runs are reproducible.
-
-    On the CPU the batch advances ``ROLLOUT_CHUNK`` trajectories at a time: every kernel then
-    stays below torch's parallel threshold and runs on the calling thread. Sampling is a few
-    gathers per transition, too little work for a parallel region to pay off, and a region
-    waits for a descheduled thread whenever another process holds a core.
     """
     n = states.numel()
     all_states = torch.empty(horizon, n, dtype=torch.int64, device=states.device)
     all_actions = torch.empty_like(all_states)
     alive = torch.empty(horizon, n, dtype=torch.bool, device=states.device)
-    cumulative = policy.detach().cumsum(-1)
-    chunk = ROLLOUT_CHUNK if states.device.type == "cpu" else max(n, 1)
-    for lo in range(0, n, chunk):
-        part = slice(lo, min(n, lo + chunk))
-        s = states[part]
-        a = _draw_actions(cumulative, s, generator) if actions is None else actions[part]
-        live = torch.ones(s.numel(), dtype=torch.bool, device=s.device)
-        for t in range(horizon):
-            all_states[t, part], all_actions[t, part], alive[t, part] = s, a, live
-            if t + 1 == horizon:
-                break
-            s, done = simulator.step(s, a, generator)
-            live = live & ~done
-            a = _draw_actions(cumulative, s, generator)
+    for part, t, s, a, live in _walk(simulator, policy, states, actions, horizon, generator):
+        all_states[t, part], all_actions[t, part], alive[t, part] = s, a, live
     return all_states, all_actions, alive
+
+
+def discounted_returns(
+    simulator: Simulator,
+    policy: Tensor,
+    states: Tensor,
+    actions: Tensor,
+    horizon: int,
+    values: Tensor,
+    gamma: float,
+    generator: torch.Generator,
+) -> Tensor:
+    """``sum_{t=1}^{horizon-1} gamma^t values[s_t]`` along each rollout while it lasts, from
+    the same draws as ``rollout``: for Monte-Carlo ``Q`` estimates of every pair, where keeping
+    the ``(horizon, n)`` trajectories took gigabytes (7 GiB at 10^5 states and 8 rollouts)."""
+    total = torch.zeros(states.numel(), dtype=values.dtype, device=values.device)
+    for part, t, s, _, live in _walk(simulator, policy, states, actions, horizon, generator):
+        if t > 0:
+            total[part] += (gamma**t) * torch.index_select(values, 0, s) * live
+    return total

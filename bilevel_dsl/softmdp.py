@@ -32,16 +32,18 @@ _DENSE_MAX_BYTES = 1 << 30
 # for dense P (200 MB and a few seconds at 5,000, next to P's own S*A*S entries; an LU costs
 # about S / (50 A) products with P, fewer than GMRES takes).
 DIRECT_MAX_STATES = 5000
-# For sparse P it factorises the sparse matrix (SuperLU) up to _SPARSE_LU_ALWAYS states, and
-# above that where the state graph has a narrow envelope (Transitions.envelope): a bandwidth at
-# most _SPARSE_LU_MAX_BAND_FRACTION of the states and at most _SPARSE_LU_MAX_WORK multiply-adds
-# for the elimination. Grid worlds pass (a 100 x 110 maze: 1.6e8; SuperLU's own ordering needs
-# less), and there GMRES is slow: gamma 0.99 and a nearly deterministic policy mix slowly
-# (0.2-0.5 s a solve against 0.02 s for the factorisation and solve). Random MDPs do not: their
-# chains are expanders, whose factors fill in (80 million entries and 80 s at 10^4 states), but
-# on which GMRES converges within a few dozen products.
+# For sparse P it factorises the sparse matrix (SuperLU) where that pays (Transitions.lu_work):
+# up to _SPARSE_LU_ALWAYS states, and above that where the state graph has a narrow envelope (a
+# bandwidth at most _SPARSE_LU_MAX_BAND_FRACTION of the states and at most
+# _SPARSE_LU_MAX_ENVELOPE multiply-adds for an elimination inside it) and a trial factorisation
+# needs at most _SPARSE_LU_MAX_WORK. Grid worlds pass (a 100 x 110 maze: 3.6e6, its envelope
+# 1.6e8), and there GMRES is slow: gamma 0.99 and a nearly deterministic policy mix slowly
+# (0.2-0.5 s a solve against 0.02 s for the factorisation and solve). Random MDPs do not:
+# their chains are expanders, whose factors fill in (80 million entries and 80 s at 10^4
+# states), but on which GMRES converges within a few dozen products.
 _SPARSE_LU_ALWAYS = 500
 _SPARSE_LU_MAX_BAND_FRACTION = 0.25
+_SPARSE_LU_MAX_ENVELOPE = 2e10
 _SPARSE_LU_MAX_WORK = 5e9
 
 _GMRES_RESTART = 30
@@ -155,6 +157,7 @@ class Transitions:
         self._csr_by_action: Tensor | None = None  # built on first use, see flat_matrix
         self._row_sum_range: tuple[float, float] | None = None  # see row_sum_range
         self._envelope: tuple[int, float] | None = None  # see envelope
+        self._lu_work: float | None = None  # see lu_work
         self._host_pattern: tuple[np.ndarray, np.ndarray] | None = None  # see policy_matrix_csc
 
     # construction -------------------------------------------------------------------------
@@ -387,6 +390,34 @@ class Transitions:
             width = (position - leftmost).astype(np.float64)
             self._envelope = (int(width.max(initial=0)), float(np.square(width).sum()))
         return self._envelope
+
+    def lu_work(self) -> float:
+        """Multiply-adds of an LU factorisation of ``I - gamma P_pi``, or ``inf`` where its
+        factors would fill in (``direct_solves`` then runs GMRES): ``S^3 / 3`` for dense
+        storage; for sparse storage, counted on one trial factorisation (uniform policy, gamma
+        0.99) where the ``envelope`` bounds its cost (SuperLU's ordering needs 10 to 40 times
+        less than the envelope on grids). Computed once."""
+        if self._lu_work is None:
+            S = self.n_states
+            band, work = self.envelope()
+            if self._dense is not None:
+                self._lu_work = work
+            elif S > _SPARSE_LU_ALWAYS and (band > _SPARSE_LU_MAX_BAND_FRACTION * S
+                                             or work > _SPARSE_LU_MAX_ENVELOPE):
+                self._lu_work = math.inf
+            else:
+                uniform = torch.full((S, self.n_actions), 1.0 / self.n_actions, dtype=self.dtype,
+                                     device=self.device)
+                A = scipy.sparse.identity(S, format="csc") - 0.99 * self.policy_matrix_csc(uniform)
+                factors = scipy.sparse.linalg.splu(A.tocsc())
+                # eliminating column j multiplies each entry below the pivot in L by each entry
+                # right of it in U
+                below = np.diff(factors.L.tocsc().indptr) - 1
+                right = np.diff(factors.U.tocsr().indptr) - 1
+                self._lu_work = float(np.dot(below, right)) + factors.L.nnz + factors.U.nnz
+                if S > _SPARSE_LU_ALWAYS and self._lu_work > _SPARSE_LU_MAX_WORK:
+                    self._lu_work = math.inf
+        return self._lu_work
 
 
 # reductions over actions ------------------------------------------------------------------
@@ -813,23 +844,19 @@ def direct_solves(P: Transitions) -> bool:
     """Whether ``solve_policy_system(method="auto")`` factorises (else it runs GMRES)."""
     if not P.is_sparse:
         return P.n_states <= DIRECT_MAX_STATES
-    if P.n_states <= _SPARSE_LU_ALWAYS:
-        return True
-    band, work = P.envelope()
-    return band <= _SPARSE_LU_MAX_BAND_FRACTION * P.n_states and work <= _SPARSE_LU_MAX_WORK
+    return P.lu_work() < math.inf
 
 
 def newton_pays(P: Transitions, gamma: float) -> bool:
     """Whether solving the soft Bellman equation by Newton's method (a few factorised solves)
     is cheaper than value iteration (about ``23 / (1 - gamma)`` sweeps of ``nnz`` to reach
     1e-10): at gamma 0.999 on a small grid by 100x, while a dense 5,000-state problem at gamma
-    0.5 is better served by its few dozen sweeps. A factorisation is costed at its envelope's
-    work (``S^3 / 3`` when dense)."""
+    0.5 is better served by its few dozen sweeps."""
     if not direct_solves(P):
         return False
     nnz = P.nnz if P.is_sparse else P.n_states * P.n_actions * P.n_states
     sweeps = 23.0 / max(1.0 - gamma, 1e-6)
-    return 4 * (P.envelope()[1] + nnz) < sweeps * nnz
+    return 4 * (P.lu_work() + nnz) < sweeps * nnz
 
 
 class _Factorisation:

@@ -60,7 +60,13 @@ import torch
 from torch import Tensor
 
 from bilevel_dsl.instance import TabularProblem
-from bilevel_dsl.simulator import TabularSimulator, rollout, sample_actions, uniform
+from bilevel_dsl.simulator import (
+    TabularSimulator,
+    discounted_returns,
+    rollout,
+    sample_actions,
+    uniform,
+)
 from bilevel_dsl.softmdp import soft_bellman_update, soft_policy
 
 from .hypergrad import reward_vjp
@@ -463,11 +469,8 @@ def sampled_q(problem: TabularProblem, env: Environment, r: Tensor, pi: Tensor, 
     r = r.detach()
     r_pi = (pi * (r - tau * _log(pi))).sum(-1)
     starts = torch.arange(S * A, device=pi.device).repeat(rollouts)
-    st, _, alive = rollout(env.lower, pi, torch.div(starts, A, rounding_mode="floor"),
-                           starts % A, horizon + 1, generator)
-    discount = gamma ** torch.arange(1, horizon + 1, dtype=pi.dtype, device=pi.device)
-    visited = torch.index_select(r_pi, 0, st[1:].reshape(-1)).view(horizon, -1)
-    tail = discount @ (visited * alive[1:])
+    tail = discounted_returns(env.lower, pi, torch.div(starts, A, rounding_mode="floor"),
+                              starts % A, horizon + 1, r_pi, gamma, generator)
     return r + tail.view(rollouts, S, A).mean(0)
 
 
@@ -603,6 +606,8 @@ def outer_loop(problem: TabularProblem, options: dict[str, Any], monitor: Monito
     if stopped == NOT_FINITE:
         if last is not None:  # else x0 itself was not finite: report it as it is
             (x, pi), k = last, k - 1
+    elif stopped == "interrupted":  # at once: a follower step can take minutes
+        pi = follower.pi
     else:
         pi = follower.improve(x, options["inner"])
     if "preference_loss" in problem.features or not recent:

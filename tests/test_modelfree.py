@@ -385,6 +385,26 @@ def test_a_stop_request_during_the_warm_start_is_honoured():
     assert monitor.checks == 3
 
 
+def test_ctrl_c_during_a_follower_step_returns_at_once(monkeypatch):
+    """Ctrl-C while the follower improves its policy (minutes with sampled Q estimates on a
+    large problem) ends the run with the running policy, without one more follower step."""
+    improve = modelfree.Follower.improve
+    calls = []
+
+    def counted(self, x, steps):
+        calls.append(steps)
+        if len(calls) == 4:
+            raise KeyboardInterrupt
+        return improve(self, x, steps)
+
+    monkeypatch.setattr(modelfree.Follower, "improve", counted)
+    problem = lower(compile_source(SHAPING, "tiny_shaping.brl"), device="cpu")
+    _, result = solve(problem, "sobirl", {"outer": 10, "batch": 8, "warm_start": 0})
+    assert result.stopped_because == "interrupted" and result.iterations == 3
+    assert len(calls) == 4 and math.isfinite(result.objective)
+    assert bool(torch.isfinite(result.policy).all())
+
+
 @pytest.mark.parametrize("dense", [True, False])
 def test_preference_dataset_fits_its_pairs(dense, monkeypatch):
     """``fit_table`` is the gradient of the mean BCE over the stored pairs (by autograd), and

@@ -6,7 +6,13 @@ import pytest
 import torch
 
 import bilevel_dsl.simulator as simulator
-from bilevel_dsl.simulator import Simulator, TabularSimulator, rollout, sample_actions
+from bilevel_dsl.simulator import (
+    Simulator,
+    TabularSimulator,
+    discounted_returns,
+    rollout,
+    sample_actions,
+)
 from bilevel_dsl.softmdp import Transitions
 
 DT = torch.float64
@@ -168,6 +174,27 @@ def test_rollout_follows_the_law_of_the_chain_in_chunks_or_not(chunk, monkeypatc
     seen = torch.bincount(st[t][alive[t]], minlength=6).to(DT) / n
     assert torch.allclose(seen, law, atol=0.01), (seen, law)
     assert bool((alive[1:] <= alive[:-1]).all())  # once ended, an episode stays ended
+
+
+@pytest.mark.parametrize("chunk", [333, 10**6])
+def test_discounted_returns_follow_the_rollouts_of_the_same_draws(chunk, monkeypatch):
+    """The streamed sum equals the one over ``rollout``'s stored trajectories, drawn with the
+    same seed, to rounding (the sums are taken in another order)."""
+    monkeypatch.setattr(simulator, "ROLLOUT_CHUNK", chunk)
+    P = random_P(8)
+    sim = TabularSimulator(Transitions.from_dense(P), torch.full((6,), 1 / 6, dtype=DT))
+    g = torch.Generator().manual_seed(3)
+    pi = torch.softmax(torch.randn(6, 3, generator=g, dtype=DT), -1)
+    values = torch.randn(6, generator=g, dtype=DT)
+    starts = torch.arange(18).repeat(50)
+    states, actions, horizon, gamma = starts // 3, starts % 3, 9, 0.9
+    st, _, alive = rollout(sim, pi, states, actions, horizon, torch.Generator().manual_seed(4))
+    discount = gamma ** torch.arange(1, horizon, dtype=DT)
+    expected = discount @ (values[st[1:]] * alive[1:])
+    streamed = discounted_returns(sim, pi, states, actions, horizon, values, gamma,
+                                  torch.Generator().manual_seed(4))
+    torch.testing.assert_close(streamed, expected, rtol=0, atol=1e-14)
+    assert bool((expected != 0).any())
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")

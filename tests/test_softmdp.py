@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import numpy as np
@@ -417,9 +418,10 @@ def test_newton_is_chosen_where_it_pays():
 
     def P(S: int, A: int, sparse: bool = False, nnz: int = 0) -> SimpleNamespace:
         # envelope: a dense matrix's, or a random sparse one's (bandwidth 0.9 S, as measured)
-        envelope = (int(0.9 * S), 0.27 * S**3) if sparse else (S - 1, S**3 / 3)
+        # a random sparse P's factors fill in (lu_work is inf), a dense one's cost S^3 / 3
+        work = math.inf if sparse else S**3 / 3
         return SimpleNamespace(n_states=S, n_actions=A, is_sparse=sparse, nnz=nnz,
-                               envelope=lambda: envelope)
+                               lu_work=lambda: work)
 
     assert newton_pays(P(35, 4), 0.999) and newton_pays(P(35, 4), 0.9)
     assert not newton_pays(P(2000, 4), 0.5) and newton_pays(P(2000, 4), 0.999)
@@ -460,6 +462,9 @@ def test_the_envelope_tells_grids_from_expanders():
                                                                         dtype=DT), S, 4)
     assert expander.envelope()[0] > 0.5 * S
     assert direct_solves(path) and direct_solves(grid) and not direct_solves(expander)
+    # SuperLU's ordering beats the envelope on the grid; the expander is never factorised
+    assert path.lu_work() <= 3 * S and 0 < grid.lu_work() < work
+    assert expander.lu_work() == math.inf
 
 
 def test_sparse_factorisation_matches_gmres_and_serves_the_backward_pass(monkeypatch):
@@ -479,6 +484,7 @@ def test_sparse_factorisation_matches_gmres_and_serves_the_backward_pass(monkeyp
         krylov = solve_policy_system(T, pi, b, gamma, transpose, "krylov")
         torch.testing.assert_close((M.mT if transpose else M) @ direct, b, rtol=0, atol=1e-12)
         torch.testing.assert_close(direct, krylov, rtol=1e-8, atol=1e-8)
+    assert T.lu_work() < math.inf  # its trial factorisation happens once, here
     factorisations = []
     original = scipy.sparse.linalg.splu
     monkeypatch.setattr(scipy.sparse.linalg, "splu",
