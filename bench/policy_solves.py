@@ -4,8 +4,9 @@
                                   [--random 1e3,1e4,1e5] [--iterations 5] [--threads N]
 
 What ``solve_policy_system(method="auto")`` decides for sparse P, and what each choice costs.
-For each problem: the state graph's envelope (bandwidth and work in reverse Cuthill-McKee order,
-from which ``direct_solves`` decides), and at the lower level's soft-optimal policy (gamma 0.99,
+For each problem: the state graph's envelope (bandwidth and work in reverse Cuthill-McKee order)
+and the work of a trial factorisation (``lu_work``, from which ``direct_solves`` decides; "decision
+s" is the time both took), and at the lower level's soft-optimal policy (gamma 0.99,
 temperature 0.05) the wall time of a solve of each orientation by GMRES (``krylov``) and by
 SuperLU (``direct``: building ``P_pi``, the factorisation and the solve), with their relative
 residuals. SuperLU is not run where the envelope's work is above 1e11 (minutes, and gigabytes
@@ -73,7 +74,8 @@ def solve_row(name: str, source: str) -> list[object]:
     P = problem.transitions
     start = time.perf_counter()
     band, work = P.envelope()
-    envelope_s = time.perf_counter() - start
+    lu_work = P.lu_work()
+    decide_s = time.perf_counter() - start
     r = problem.reward(problem.x0).detach()
     V, _ = softmdp.soft_value_iteration(P, r, GAMMA, TEMPERATURE)
     pi = softmdp.soft_policy(softmdp.soft_q(P, r, V, GAMMA), TEMPERATURE)
@@ -88,7 +90,8 @@ def solve_row(name: str, source: str) -> list[object]:
             v = softmdp.solve_policy_system(P, pi, b, GAMMA, transpose, method)
             seconds = time.perf_counter() - start
             cells.append(f"{seconds:.3f} ({residual(P, pi, b, v, transpose):.0e})")
-    return [name, f"{P.n_states:,}", f"{P.nnz:,}", band, f"{work:.1e}", f"{envelope_s:.2f}",
+    return [name, f"{P.n_states:,}", f"{P.nnz:,}", band, f"{work:.1e}", f"{lu_work:.1e}",
+            f"{decide_s:.2f}",
             "direct" if softmdp.direct_solves(P) else "krylov", *cells]
 
 
@@ -118,7 +121,8 @@ def main() -> None:
     rows += [solve_row("random", random_source(S)) for S in sizes]
     print(f"\nat the soft-optimal policy, gamma {GAMMA}, temperature {TEMPERATURE}; "
           "seconds (relative residual)")
-    print(common.table(["problem", "states", "nnz(P)", "band", "work", "envelope s", "auto",
+    print(common.table(["problem", "states", "nnz(P)", "band", "envelope work", "LU work",
+                        "decision s", "auto",
                         "krylov", "direct", "krylov, T", "direct, T"], rows))
 
     if args.iterations > 0:

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
+
 from . import ir
 from .diagnostics import BrlError, Diagnostic, SourceFile
 from .elaborate import CheckedProgram, SolverCatalog, elaborate
@@ -53,7 +55,7 @@ def compile_source(
     name: str = "<string>",
     *,
     base_dir: str | Path | None = None,
-    overrides: dict[str, str | float] | None = None,
+    overrides: dict[str, object] | None = None,
     seed: int | None = None,
     solver_catalog: SolverCatalog | None = None,
 ) -> CheckedProgram:
@@ -68,7 +70,7 @@ def compile_program(
     text: str = "",
     *,
     base_dir: str | Path | None = None,
-    overrides: dict[str, str | float] | None = None,
+    overrides: dict[str, object] | None = None,
     seed: int | None = None,
     solver_catalog: SolverCatalog | None = None,
 ) -> CheckedProgram:
@@ -81,18 +83,36 @@ def compile_program(
 
 
 def _checked(program: ir.Program, source: SourceFile, base_dir: str | Path | None,
-             overrides: dict[str, str | float] | None, seed: int | None,
+             overrides: dict[str, object] | None, seed: int | None,
              solver_catalog: SolverCatalog | None) -> CheckedProgram:
-    parsed = {}
-    for key, value in (overrides or {}).items():
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            value = repr(value)  # a number given as one, not as text
-        if not isinstance(value, str):
-            raise TypeError(f"overrides[{key!r}]: give the value as brl text, such as '0.5' "
-                            f"or '[0, 1]', not {type(value).__name__}")
-        parsed[key] = parse_expression(value, f"-D {key}")
+    parsed = {key: parse_expression(_override_text(key, value), f"-D {key}")
+              for key, value in (overrides or {}).items()}
     return elaborate(program, source, Path(base_dir) if base_dir is not None else None, parsed,
                      seed, solver_catalog)
+
+
+def _override_text(key: str, value: object) -> str:
+    """An override as brl text: text as given; a number (Python's, numpy's or a 0-d tensor)
+    or an array of them (nested lists, a numpy array, a tensor) as a brl literal, so that
+    ``for lam in np.linspace(...)`` and data already in numpy need no formatting by hand."""
+    if isinstance(value, str):
+        return value
+    if not isinstance(value, bool):
+        try:
+            array = np.asarray(value.detach().cpu() if hasattr(value, "detach") else value)
+        except (TypeError, ValueError, RuntimeError):
+            array = None
+        if array is not None and array.dtype.kind in "iuf" and array.size:
+            return _literal(array)
+    raise TypeError(f"overrides[{key!r}]: give the value as brl text, such as '0.5' or "
+                    f"'[0, 1]', as a number, or as an array of numbers, not "
+                    f"{type(value).__name__}")
+
+
+def _literal(array: np.ndarray) -> str:
+    if array.ndim == 0:
+        return str(int(array)) if array.dtype.kind in "iu" else repr(float(array))
+    return "[" + ", ".join(_literal(item) for item in array) + "]"
 
 
 def compile_file(path: str | Path, **kwargs) -> CheckedProgram:

@@ -96,6 +96,8 @@ def lower(checked: CheckedProgram, device: str | torch.device | None = None) -> 
     x_shape = tuple(var.x0.shape)
 
     def scope(x: torch.Tensor, policy: torch.Tensor | None = None):
+        if not (isinstance(x, torch.Tensor) and x.is_floating_point()):
+            x = torch.as_tensor(x, dtype=DTYPE, device=dev)  # a numpy array, a list, integers
         # broadcasting would silently read a wrong x (an empty x: parts that cannot use it)
         if x.numel() and tuple(x.shape) != x_shape:
             raise ValueError(f"x has shape {tuple(x.shape)}, but `{var.name}` is declared "

@@ -56,15 +56,16 @@ __all__ = [
 
 def resolve(
     problem: TabularProblem,
-    solver: str | None = "auto",
+    solver: str | None = None,
     options: dict[str, Any] | None = None,
     registry: Registry = REGISTRY,
 ) -> tuple[SolverSpec, dict[str, Any]]:
     """The solver for ``problem`` and its typed options, or a ``SolverError`` saying why not.
 
-    ``solver`` is a name, ``"auto"``, or ``None`` for the file's ``solve`` statement (``auto``
-    without one). The file's solver options are options of the file's solver, so they apply only
-    when that solver (or the file's ``auto``) is the one chosen; ``options`` override them.
+    ``solver`` is a name, ``"auto"``, or ``None`` (the default) for the file's ``solve``
+    statement, as ``brl solve`` without ``--solver`` (``auto`` without one). The file's
+    solver options are options of the file's solver, so they apply only when that solver (or
+    the file's ``auto``) is the one chosen; ``options`` override them.
     """
     features = ProblemFeatures.of(problem)
     if solver is None:
@@ -82,12 +83,14 @@ def resolve(
 
 def solve(
     problem: TabularProblem,
-    solver: str | None = "auto",
+    solver: str | None = None,
     options: dict[str, Any] | None = None,
     monitor: Monitor | None = None,
     registry: Registry = REGISTRY,
 ) -> tuple[SolverSpec, SolveResult]:
-    """Resolve the solver and options (see ``resolve``), check capability, and run it."""
+    """Resolve the solver and options (see ``resolve``), check capability, and run it.
+
+    By default the file's ``solve`` statement picks the solver, as on the command line."""
     spec, typed = resolve(problem, solver, options, registry)
     monitor = monitor if monitor is not None else Monitor()
     try:

@@ -50,6 +50,12 @@ class HyperGradient:
     lower_iterations: int  # value-iteration sweeps (Newton steps with polish) on the lower level
 
 
+def as_point(problem: TabularProblem, x: Tensor) -> Tensor:
+    """``x`` detached, in the problem's dtype and on its device: a point given as integers, a
+    numpy array or a list is read as ``x0``'s numbers would be."""
+    return torch.as_tensor(x, dtype=problem.x0.dtype, device=problem.x0.device).detach()
+
+
 def upper_derivatives(problem: TabularProblem, x: Tensor, pi: Tensor
                       ) -> tuple[Tensor, Tensor, Tensor]:
     """``f(x, pi)``, ``grad_x f`` and ``grad_pi f`` (zeros where ``f`` does not depend on one)."""
@@ -112,7 +118,7 @@ def hypergradient(
     ``grad = grad_x f + (1/tau) J_r^T (g - pi * w[s])`` with one vector-Jacobian product.
     """
     P, gamma, tau = problem.transitions, problem.discount, problem.temperature
-    x = x.detach().requires_grad_(True)
+    x = as_point(problem, x).requires_grad_(True)
     with torch.enable_grad():
         r = problem.reward(x)
     V, pi, iterations = solve_lower(problem, r, V, tol, polish)
@@ -147,5 +153,6 @@ def phi(problem: TabularProblem, x: Tensor, tol: float = 1e-12, V: Tensor | None
     ``V``: a warm start (the soft values at a nearby point), which at gamma near 1 saves
     thousands of value-iteration sweeps."""
     with torch.no_grad():
-        _, pi, _ = solve_lower(problem, problem.reward(x.detach()), V, tol, polish=True)
-        return float(problem.objective(x.detach(), pi))
+        x = as_point(problem, x)
+        _, pi, _ = solve_lower(problem, problem.reward(x), V, tol, polish=True)
+        return float(problem.objective(x, pi))

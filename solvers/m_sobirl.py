@@ -107,6 +107,12 @@ def run(problem: TabularProblem, options: dict[str, Any], monitor: Monitor) -> S
     stopped, k, start_iterations = "max_iterations", 0, 0
     previous: tuple[Tensor, Tensor, Tensor, Tensor] | None = None  # x, pi, V, w of iteration k-1
     known: tuple[float, Tensor | None] = (math.nan, None)  # f and sum_a g at previous's x
+    pending: tuple[int, float, float, float, float] | None = None  # the last, unrecorded
+
+    def record(k: int, f: float, h_norm: float, mapping: float, seconds: float) -> None:
+        for key, value in zip(("iteration", "objective", "hypergrad_norm", "stationarity",
+                               "time"), (k, f, h_norm, mapping, seconds)):
+            history[key].append(value)
     try:
         if options["start"] == "solved":
             # one exact solve: the follower's and the adjoint's fixed points at x0 (counted in
@@ -149,12 +155,10 @@ def run(problem: TabularProblem, options: dict[str, Any], monitor: Monitor) -> S
             previous = (x, pi, V, w)
             known = (f, g_sum if centred else None)
             monitor.update(k, f, h_norm)
+            pending = (k, f, h_norm, mapping, time.perf_counter() - start)
             if k % log_every == 0:
-                history["iteration"].append(k)
-                history["objective"].append(f)
-                history["hypergrad_norm"].append(h_norm)
-                history["stationarity"].append(mapping)
-                history["time"].append(time.perf_counter() - start)
+                record(*pending)
+                pending = None
             if mapping < options["tol"]:
                 stopped = "converged"
                 break
@@ -178,6 +182,8 @@ def run(problem: TabularProblem, options: dict[str, Any], monitor: Monitor) -> S
                 break
     except KeyboardInterrupt:
         stopped = "interrupted"
+    if pending is not None:  # the last iteration, whatever log_every
+        record(*pending)
 
     if stopped == "interrupted" and previous is not None:
         # back to the last iterate whose objective is known, rather than evaluate it again:

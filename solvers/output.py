@@ -139,8 +139,7 @@ def summary_table(problem: TabularProblem, result: SolveResult, meta: dict[str, 
     objectives = result.history.get("objective", [])
     advice = "try a smaller beta (--set beta=...)"
     if meta.get("solver") == "m_sobirl":
-        advice += (", more adjoint_steps (--set adjoint_steps=10), or --solver exact --set "
-                   "line_search=armijo")
+        advice = _m_sobirl_advice(problem.discount, meta.get("options", {}).get("inner", 10))
     elif meta.get("solver") == "exact" and meta.get("options", {}).get("line_search") != "armijo":
         advice += ", or a line search (--set line_search=armijo)"
     # from a cold start the first objective is at the uniform policy, not phi(x0): unlike
@@ -162,7 +161,10 @@ def summary_table(problem: TabularProblem, result: SolveResult, meta: dict[str, 
         rows.append(("warning", f"no step along -grad decreased the objective, yet the "
                                 f"stationarity is {final:.3g}: x sits on a kink of the "
                                 "objective (abs, norm1, max, min), which gradient steps cannot "
-                                "cross; the optimum may lie past it"))
+                                "cross and past which the optimum may lie, or, where the "
+                                "objective is smooth, on a slope so steep (a low temperature, "
+                                "a discount near 1) that the steps which would descend are "
+                                "lost to rounding: x is then as good as float64 resolves"))
     if (lag := _lagging(stationarity or norms, result.extra.get("exact"))) is not None:
         rows.append(("warning", f"the exact stationarity at the final x is {lag}: the follower "
                                 f"or the adjoint still lag x; run longer, or {advice}"))
@@ -390,34 +392,63 @@ def _unsettled(stationarity: list[float], iterations: list[int] | None,
 
 
 def _still_going(stationarity: list[float], objectives: list[float]) -> str | None:
-    """What says that a run ran out of iterations on its way (its objective still falling over
-    the last ten records, its stationarity not a tenth of where it started): a step too small,
-    which no other warning catches."""
+    """What says that a run ran out of iterations on its way: its objective fell at each of the
+    last ten records, at a tenth or more of its average rate since the start (a run converging
+    geometrically slows far below that), with the stationarity above rounding level: a step
+    too small, which no other warning catches. (A large first gradient once hid this, when the
+    test was the stationarity against its start.) A run whose objective rose within the last
+    ten records is not on its way: see ``_zigzag``."""
     n = _SAMPLES_COMPARED
     if len(stationarity) < n or len(objectives) != len(stationarity):
         return None
-    first, last = stationarity[0], stationarity[-1]
-    drop = objectives[-n] - objectives[-1]
-    if not (math.isfinite(first) and math.isfinite(last) and last > 1e-6 and
-            last >= 0.1 * first and drop > 0):
+    last, tail = stationarity[-1], objectives[-n:]
+    rate = (tail[0] - tail[-1]) / (n - 1)
+    average = (objectives[0] - objectives[-1]) / (len(objectives) - 1)
+    if not (math.isfinite(last) and last > 1e-6 and rate >= 0.1 * average > 0
+            and all(b <= a for a, b in zip(tail, tail[1:]))):
         return None
-    return (f"the objective improved by {drop:.3g} over its last {n} records and the "
-            f"stationarity ended at {last:.3g}, {last / first:.2g}x where it started")
+    return (f"the objective improved at each of its last {n} records, by {rate:.3g} a record "
+            f"({rate / average:.0%} of its average since the start), and the stationarity "
+            f"ended at {last:.3g}")
 
 
 def _zigzag(objectives: list[float], stationarity: list[float]) -> str | None:
-    """The objective's steps alternating in sign over the last quarter of the run (at least 20
-    recorded iterations), with the stationarity still above 1e-3 of its start."""
+    """The objective swinging over the last quarter of the run (at least 20 recorded
+    iterations), with the stationarity still above 1e-3 of its start: its steps alternating in
+    sign (a step too large, across the optimum), or its rises a quarter or more of all its
+    movement there (a longer cycle: up for a few steps, down for a few)."""
     tail = objectives[-max(len(objectives) // 4, 20):]
     if len(tail) < 20 or len(objectives) < 40 or stationarity[-1] < 1e-3 * stationarity[0]:
         return None
     steps = [b - a for a, b in zip(tail, tail[1:])]
     flips = sum((a > 0) != (b > 0) for a, b in zip(steps, steps[1:]) if a and b)
-    if flips < 0.4 * (len(steps) - 1):
-        return None
-    return (f"its objective zigzags ({flips} reversals in the last {len(tail)} iterations) and "
-            f"its stationarity ended at {stationarity[-1]:.3g}, "
-            f"{stationarity[-1] / stationarity[0]:.2g}x its start")
+    ended = (f"its stationarity ended at {stationarity[-1]:.3g}, "
+             f"{stationarity[-1] / stationarity[0]:.2g}x its start")
+    if flips >= 0.4 * (len(steps) - 1):
+        return (f"its objective zigzags ({flips} reversals in the last {len(tail)} iterations) "
+                f"and {ended}")
+    rises, movement = sum(d for d in steps if d > 0), sum(abs(d) for d in steps)
+    if movement > 0 and rises >= 0.25 * movement:
+        return (f"its objective cycles (it rose by {rises:.3g} and fell by "
+                f"{movement - rises:.3g} over the last {len(tail)} records) and {ended}")
+    return None
+
+
+def _m_sobirl_advice(discount: float, inner: int) -> str:
+    """What to try when an m_sobirl run went wrong. Exact gradients with safe steps come first:
+    on a small problem they cost little and always work. More follower steps per iteration
+    matter near discount 1, where N Bellman steps remove only a fraction 1 - gamma^N of the
+    follower's error (10% at 0.99 with the default 10): its lag then misleads x."""
+    advice = ("try --solver exact --set line_search=armijo (exact hyper-gradients, steps that "
+              "always descend), or a smaller beta (--set beta=...)")
+    removed = 1.0 - discount**inner if 0.0 < discount < 1.0 else 1.0
+    if removed < 0.5:
+        needed = math.ceil(math.log(0.1) / math.log(discount))  # steps that remove 90%
+        return (f"{advice} with more follower and adjoint steps per iteration (--set "
+                f"inner={needed} --set adjoint_steps=10): at discount {discount:g} its "
+                f"{inner} Bellman steps per iteration remove {removed:.0%} of the follower's "
+                "error")
+    return f"{advice} with more adjoint steps (--set adjoint_steps=10)"
 
 
 def _objective_note(result: SolveResult, meta: dict[str, Any]) -> str:

@@ -201,6 +201,25 @@ def test_overrides_replace_params():
     assert filled.names["w"].t.tolist() == [0.0, 0.0, 0.0]
 
 
+def test_overrides_take_numpy_and_torch_numbers_and_arrays():
+    """What a notebook holds: `for lam in np.linspace(...)` gives np.float64 (whose repr is
+    `np.float64(0.1)` under numpy 2), data lives in arrays."""
+    import numpy as np
+
+    text = "brl 1\nparam n = 3\nparam lam = 0.5\nparam w[2, 2] = [[1.0, 2], [3, 4]]"
+    checked = compile_ok(text, overrides={"n": np.int64(4), "lam": np.float64(0.1),
+                                          "w": np.array([[0.5, 1.5], [2.5, 1e-20]])})
+    assert float(checked.names["n"].t) == 4 and checked.names["n"].kind == "int"
+    assert float(checked.names["lam"].t) == 0.1
+    assert checked.names["w"].t.tolist() == [[0.5, 1.5], [2.5, 1e-20]]
+    checked = compile_ok(text, overrides={"lam": torch.tensor(0.25), "w": [[1, 2], [3, 4.5]]})
+    assert float(checked.names["lam"].t) == 0.25
+    assert checked.names["w"].t.tolist() == [[1, 2], [3, 4.5]]
+    for bad in (True, None, [[1], [2, 3]], np.array([]), {"a": 1}):
+        with pytest.raises(TypeError, match="as brl text"):
+            compile_ok(text, overrides={"w": bad})
+
+
 def test_override_errors():
     base = "brl 1\nparam n = 3\nparam lam = 0.5\nparam w[3] = [1, 2, 3]\nset S = 0..1\n"
     diag = first(base, overrides={"n": "2.5"})

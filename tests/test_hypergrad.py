@@ -140,3 +140,20 @@ upper minimize norm2(x) - value(M, policy, Rt)
     problem = brl.lower(brl.compile_source(source, "deterministic.brl"), device="cpu")
     grad = hypergradient(problem, problem.x0).grad
     torch.testing.assert_close(grad, 2 * problem.x0, rtol=0, atol=1e-9)
+
+
+def test_a_point_given_as_integers_numpy_or_a_list_is_read_as_numbers():
+    """What a notebook passes: `torch.tensor([2, 3])` (integers), a numpy array, a list. They
+    gave raw tracebacks (`only Tensors of floating point dtype can require gradients`)."""
+    import numpy as np
+    from conftest import ROOT
+
+    from bilevel_dsl import compile_file, lower
+
+    problem = lower(compile_file(ROOT / "problems" / "maze_nav.brl"))
+    expected = hypergradient(problem, torch.tensor([2.0, 3.0], dtype=torch.float64))
+    for x in (torch.tensor([2, 3]), np.array([2, 3]), [2.0, 3.0]):
+        assert torch.equal(hypergradient(problem, x).grad, expected.grad)
+        assert phi(problem, x) == phi(problem, torch.tensor([2.0, 3.0], dtype=torch.float64))
+        assert torch.equal(problem.reward(x), problem.reward(torch.tensor([2.0, 3.0],
+                                                                          dtype=torch.float64)))

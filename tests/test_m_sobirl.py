@@ -283,3 +283,15 @@ def test_verify_reports_the_exact_hypergradient_at_the_final_x():
     assert result.extra["exact"]["hypergrad_norm"] == pytest.approx(
         float(truth.grad.norm()), rel=1e-8)
     assert result.extra["exact"]["objective"] == pytest.approx(truth.objective, rel=1e-10)
+
+
+def test_the_last_iteration_is_recorded_whatever_log_every():
+    """The history (and the end-of-run diagnosis read from it) ends at the final iterate, as
+    the model-free solvers' does: 25 iterations every 7 record 0, 7, 14, 21 and 24."""
+    problem = synthetic(seed=2)
+    result = m_sobirl.run(problem, options(m_sobirl, outer=25, log_every=7, verify="off"),
+                          Monitor())
+    assert result.history["iteration"] == [0, 7, 14, 21, 24]
+    every = m_sobirl.run(problem, options(m_sobirl, outer=25, verify="off"), Monitor())
+    for key in ("objective", "hypergrad_norm", "stationarity"):
+        assert result.history[key] == [every.history[key][k] for k in (0, 7, 14, 21, 24)]

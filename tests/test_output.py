@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -406,3 +407,42 @@ def test_a_run_that_ran_out_of_iterations_on_its_way_says_so() -> None:
     assert "ended still improving" in summary_table(grid_problem(x), result, meta)
     result.history["hypergrad_norm"] = [0.27 * 0.5**i for i in range(20)]
     assert "still improving" not in summary_table(grid_problem(x), result, meta)
+
+
+def test_a_long_cycle_is_flagged_and_not_called_still_improving() -> None:
+    """A blind user's gamma = 0.99 chain: the objective cycles with a period of about ten, the
+    stationarity ends far above its smallest but the objective below that point's. It was
+    called 'still improving ... take larger steps', the opposite of what helps."""
+    from solvers.output import _still_going, _unsettled
+
+    objective = [-0.63 * (0.5 - 0.5 * math.cos(2 * math.pi * k / 10)) for k in range(300)]
+    # smallest where the (minimised) objective peaks, so the run ends below that point's
+    stationarity = [0.86] + [13 * (0.5 - 0.5 * math.cos(2 * math.pi * k / 10)) + 1e-6
+                             for k in range(1, 300)]
+    assert "its objective cycles" in _unsettled(stationarity, None, objective)
+    descending = [1.0 / (k + 1) for k in range(300)]
+    assert _unsettled(stationarity, None, descending) is None  # no rise: not a cycle
+    assert _still_going(stationarity, objective) is None
+
+
+def test_a_slow_steady_descent_after_a_large_first_gradient_is_still_improving() -> None:
+    """One large first gradient (15.9) kept 'still improving' quiet for a run still sliding
+    towards its optimum at a quarter of its average rate; a geometric convergence slowed to
+    under a tenth of it says nothing."""
+    from solvers.output import _still_going
+
+    sliding = [0.94 - 0.05 * min(k, 1) - 0.0014 * k for k in range(500)]
+    stationarity = [15.9] + [0.09] * 499
+    assert "still improving" not in (_still_going(stationarity, sliding) or "")
+    assert "improved at each of its last 10 records" in _still_going(stationarity, sliding)
+    converging = [0.5 * 0.99**k for k in range(500)]
+    assert _still_going(stationarity, converging) is None
+
+
+def test_m_sobirl_advice_asks_for_follower_steps_near_discount_one() -> None:
+    from solvers.output import _m_sobirl_advice
+
+    advice = _m_sobirl_advice(0.99, 10)
+    assert "--solver exact --set line_search=armijo" in advice
+    assert "--set inner=230" in advice and "remove 10% of the follower's error" in advice
+    assert "inner" not in _m_sobirl_advice(0.9, 10)
