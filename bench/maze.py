@@ -43,6 +43,7 @@ import time
 import common
 
 import bilevel_dsl as brl
+from bilevel_dsl.softmdp import newton_pays
 from solvers import solve
 from solvers.hypergrad import hypergradient
 
@@ -240,6 +241,9 @@ def main() -> None:
                      f"{res['wall']:.2f}" if reached else f"> {res['wall']:.2f}",
                      f"{res['wall'] / res['budget'] * 1e3:.2f}", f"{res['grad']:.2e}",
                      res["note"] + (f" (zeta {args.zeta:g})" if adjoint == "lsq" else "")])
+    # exact solves its lower level by Newton's method where factorisations pay (softmdp)
+    lower_method = ("Newton" if newton_pays(problem.transitions, problem.discount)
+                    else "soft VI")
     betas = [args.beta] + [float(b) for b in args.exact_betas.split(",")
                            if b and float(b) != args.beta]
     for beta in betas:
@@ -251,7 +255,7 @@ def main() -> None:
                      res["K"] if reached else f"> {res['budget']}",
                      f"{res['wall']:.2f}" if reached else f"> {res['wall']:.2f}",
                      f"{res['wall'] / max(res['budget'] + 1, 1) * 1e3:.0f}", f"{res['grad']:.2e}",
-                     f"{res['lower']:,} soft VI steps"])
+                     f"{res['lower']:,} lower-level steps ({lower_method})"])
     print("\n".join(log))
     print()
     print(common.table(["solver", "beta", "outer iterations", "wall s", "ms/iter",
