@@ -264,6 +264,32 @@ def test_next_state_reward_is_averaged_over_transitions():
     assert torch.allclose(only_t.reward(x), 3 * (P * h).sum(-1))
 
 
+@pytest.mark.parametrize("mdp", [
+    "random_mdp(states = 6, actions = 3, discount = 0.9)",  # dense P
+    "random_mdp(states = 1500, actions = 2, successors = 3, discount = 0.9)",  # sparse P
+    'gridworld(map = """\nS..#\n...G\n""", slip = 0.2)',  # a terminal goal: rows below one
+])
+def test_a_next_state_reward_is_averaged_term_by_term(mdp):
+    """`x[t] + R[s, a] - 2 h[s] x[t]` averages each term on its own (a product with P, the row
+    sums, the S x A x S table) and gives what the whole table gives: the same sum times 1 (a
+    product, not split), values and gradients."""
+    text = ("brl 1\nseed 4\nmdp M = " + mdp + "\nparam h[M.S] ~ normal(0, 1)\n"
+            "param R[M.S, M.A] ~ normal(0, 1)\nvar x[M.S] ~ normal(0, 1)\n"
+            "lower M { temperature = 1  reward[s, a, t] = REWARD }\nupper minimize norm2(x)\n")
+    terms = "x[t] + R[s, a] - 2 * h[s] * x[t] - (-h[t] + 1)"
+    split = lower(compile_ok(text.replace("REWARD", terms)))
+    whole = lower(compile_ok(text.replace("REWARD", f"({terms}) * 1")))
+    assert split.transitions.is_sparse == ("1500" in mdp)
+    x = split.x0.clone().requires_grad_(True)
+    r_split, r_whole = split.reward(x), whole.reward(x)
+    torch.testing.assert_close(r_split, r_whole, rtol=1e-12, atol=1e-12)
+    weights = torch.randn(r_split.shape, generator=torch.Generator().manual_seed(0),
+                          dtype=r_split.dtype)
+    (g_split,) = torch.autograd.grad((r_split * weights).sum(), x)
+    (g_whole,) = torch.autograd.grad((r_whole * weights).sum(), x)
+    torch.testing.assert_close(g_split, g_whole, rtol=1e-12, atol=1e-12)
+
+
 def test_maximize_negates_the_objective():
     low = lower(compile_ok(SMALL.format(sense="minimize")), device="cpu")
     high = lower(compile_ok(SMALL.format(sense="maximize")), device="cpu")
