@@ -97,6 +97,8 @@ def _override_text(key: str, value: object) -> str:
     ``for lam in np.linspace(...)`` and data already in numpy need no formatting by hand."""
     if isinstance(value, str):
         return value
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return repr(int(value) if isinstance(value, int) else float(value))  # any size
     if not isinstance(value, bool):
         try:
             array = np.asarray(value.detach().cpu() if hasattr(value, "detach") else value)

@@ -35,7 +35,8 @@ DIRECT_MAX_STATES = 5000
 # For sparse P it factorises the sparse matrix (SuperLU) where that pays (Transitions.lu_work):
 # up to _SPARSE_LU_ALWAYS states, and above that where the state graph has a narrow envelope (a
 # bandwidth at most _SPARSE_LU_MAX_BAND_FRACTION of the states and at most
-# _SPARSE_LU_MAX_ENVELOPE multiply-adds for an elimination inside it) and a trial factorisation
+# _SPARSE_LU_MAX_ENVELOPE multiply-adds for an elimination inside it: SuperLU's own ordering
+# can need twice that off grids, so the trial takes seconds at most) and a trial factorisation
 # needs at most _SPARSE_LU_MAX_WORK. Grid worlds pass (a 100 x 110 maze: 3.6e6, its envelope
 # 1.6e8), and there GMRES is slow: gamma 0.99 and a nearly deterministic policy mix slowly
 # (0.2-0.5 s a solve against 0.02 s for the factorisation and solve). Random MDPs do not:
@@ -43,7 +44,7 @@ DIRECT_MAX_STATES = 5000
 # states), but on which GMRES converges within a few dozen products.
 _SPARSE_LU_ALWAYS = 500
 _SPARSE_LU_MAX_BAND_FRACTION = 0.25
-_SPARSE_LU_MAX_ENVELOPE = 2e10
+_SPARSE_LU_MAX_ENVELOPE = 1e10
 _SPARSE_LU_MAX_WORK = 5e9
 
 _GMRES_RESTART = 30
@@ -371,7 +372,7 @@ class Transitions:
         policy. Computed once (a fifth of a second at 10^5 states and 2 * 10^6 entries)."""
         if self._envelope is None:
             S = self.n_states
-            if self._dense is not None:
+            if self._dense is not None or S == 0:
                 self._envelope = (S - 1, float(S) ** 3 / 3)
                 return self._envelope
             graph = self.policy_matrix_csc(torch.ones(S, self.n_actions, dtype=self.dtype,
@@ -400,7 +401,7 @@ class Transitions:
         if self._lu_work is None:
             S = self.n_states
             band, work = self.envelope()
-            if self._dense is not None:
+            if self._dense is not None or S == 0:
                 self._lu_work = work
             elif S > _SPARSE_LU_ALWAYS and (band > _SPARSE_LU_MAX_BAND_FRACTION * S
                                              or work > _SPARSE_LU_MAX_ENVELOPE):
@@ -412,8 +413,10 @@ class Transitions:
                 factors = scipy.sparse.linalg.splu(A.tocsc())
                 # eliminating column j multiplies each entry below the pivot in L by each entry
                 # right of it in U
-                below = np.diff(factors.L.tocsc().indptr) - 1
-                right = np.diff(factors.U.tocsr().indptr) - 1
+                # (in float64: scipy's int32 counts overflowed in their dot product, and a
+                # negative count let Newton's method factorise matrices that fill in)
+                below = np.diff(factors.L.tocsc().indptr).astype(np.float64) - 1
+                right = np.diff(factors.U.tocsr().indptr).astype(np.float64) - 1
                 self._lu_work = float(np.dot(below, right)) + factors.L.nnz + factors.U.nnz
                 if S > _SPARSE_LU_ALWAYS and self._lu_work > _SPARSE_LU_MAX_WORK:
                     self._lu_work = math.inf
@@ -865,10 +868,10 @@ class _Factorisation:
     dense ``P``, SuperLU on the host for sparse ``P``."""
 
     def __init__(self, P: Transitions, pi: Tensor, gamma: float) -> None:
-        self._device, self._dtype = pi.device, pi.dtype
+        self._dtype = pi.dtype
         self._dense: tuple[Tensor, Tensor] | None = None
         self._sparse: scipy.sparse.linalg.SuperLU | None = None
-        if not bool(torch.isfinite(pi).all()):
+        if not bool(torch.isfinite(pi).all()) or P.n_states == 0:
             return  # a diverged policy: solve() gives NaN (the solvers report non-finite runs)
         if P.is_sparse:
             P_pi = P.policy_matrix_csc(pi)
@@ -889,7 +892,8 @@ class _Factorisation:
                                          ).squeeze(-1)
         if self._sparse is not None:
             x = self._sparse.solve(b.detach().cpu().numpy(), trans="T" if transpose else "N")
-            return torch.from_numpy(x).to(device=self._device, dtype=self._dtype)
+            return torch.from_numpy(x).to(device=b.device, dtype=torch.promote_types(
+                b.dtype, self._dtype))
         return torch.full_like(b, math.nan)
 
 

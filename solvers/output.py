@@ -428,7 +428,8 @@ def _zigzag(objectives: list[float], stationarity: list[float]) -> str | None:
         return (f"its objective zigzags ({flips} reversals in the last {len(tail)} iterations) "
                 f"and {ended}")
     rises, movement = sum(d for d in steps if d > 0), sum(abs(d) for d in steps)
-    if movement > 0 and rises >= 0.25 * movement:
+    rounding = 1e-9 * max(1.0, max(abs(f) for f in tail))  # a converged f moving by ulps
+    if rises > rounding and rises >= 0.25 * movement:
         return (f"its objective cycles (it rose by {rises:.3g} and fell by "
                 f"{movement - rises:.3g} over the last {len(tail)} records) and {ended}")
     return None

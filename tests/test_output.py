@@ -422,6 +422,9 @@ def test_a_long_cycle_is_flagged_and_not_called_still_improving() -> None:
     assert "its objective cycles" in _unsettled(stationarity, None, objective)
     descending = [1.0 / (k + 1) for k in range(300)]
     assert _unsettled(stationarity, None, descending) is None  # no rise: not a cycle
+    # a converged objective moving by ulps is no cycle either (an adversarial review)
+    ulps = [2.5 + (k % 3 == 0) * 4e-16 for k in range(300)]
+    assert _unsettled([1.0] + [0.01] * 299, None, ulps) is None
     assert _still_going(stationarity, objective) is None
 
 
