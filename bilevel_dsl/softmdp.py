@@ -21,6 +21,8 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from . import native
+
 # Transitions.auto stores P sparse when at most this fraction of its entries is nonzero and it
 # has more than _SPARSE_MIN_ENTRIES entries, or whenever the dense table would exceed
 # _DENSE_MAX_BYTES. Below that size the dense matrix-vector product is as fast and simpler.
@@ -160,6 +162,7 @@ class Transitions:
         self._envelope: tuple[int, float] | None = None  # see envelope
         self._lu_work: float | None = None  # see lu_work
         self._host_pattern: tuple[np.ndarray, np.ndarray] | None = None  # see policy_matrix_csc
+        self._fused: native.Ell | bool | None = None  # see fused_layout
 
     # construction -------------------------------------------------------------------------
 
@@ -279,7 +282,7 @@ class Transitions:
             t.numel() * t.element_size()
             for m in (self._csr, self._csr_t, self._csr_by_action) if m is not None
             for t in (m.crow_indices(), m.col_indices(), m.values())
-        )
+        ) + (self._fused.nbytes if isinstance(self._fused, native.Ell) else 0)
 
     def __repr__(self) -> str:
         kind = f"sparse, nnz={self.nnz}" if self.is_sparse else "dense"
@@ -317,6 +320,20 @@ class Transitions:
                 self._csr_by_action = _rows_by_action(self._csr, self.n_states, self.n_actions)
             return self._csr_by_action
         return self._csr
+
+    def fused_layout(self) -> native.Ell | None:
+        """``P`` for the fused loops of ``native.c`` (built once), or ``None`` where they cannot
+        take it: dense storage (small problems, where torch's dispatch is not what costs), not
+        float64 on the CPU, 64-bit indices, rows of very unequal length, or no compiled
+        library (``native.why()``)."""
+        if self._fused is None:
+            ell = None
+            if (self.is_sparse and native.usable(self._csr.values())
+                    and self._csr_t.col_indices().dtype == torch.int32
+                    and native.library() is not None):
+                ell = native.Ell.from_csr(self._csr, self.n_states, self.n_actions)
+            self._fused = ell if ell is not None else False
+        return self._fused or None
 
     def dense(self) -> Tensor:
         """The ``(S, A, S)`` table (materialised for sparse storage)."""
@@ -533,7 +550,8 @@ class _BellmanLoop:
     Otherwise each state's logsumexp is shifted by its own maximum and clamped at
     ``_EXP_FLOOR``, and sparse ``P`` is taken with rows ``a*S + s``: the per-state maximum then
     reduces over ``A`` contiguous rows of ``S`` values, which vectorises, not over rows of ``A``
-    values, which does not.
+    values, which does not. Where ``P.fused_layout()`` has ``P`` for ``native.c``, the steps
+    run there instead, all in one call, with the same shift (or maximum) and floor.
     """
 
     def __init__(self, P: Transitions, r: Tensor, u: Tensor, gamma: float, tau: float,
@@ -548,7 +566,8 @@ class _BellmanLoop:
         self.reward_scale = max(abs(r_lo), abs(r_hi)) / tau  # max |r| / tau
         self.shift = _constant_shift(P, (r_lo / tau, r_hi / tau), (u_lo, u_hi), gamma,
                                      _exp_window(flat.dtype), steps)
-        self.by_action = self.shift is None and P.is_sparse
+        self.fused = P.fused_layout() if native.usable(flat, u) else None
+        self.by_action = self.shift is None and P.is_sparse and self.fused is None
         if self.shift is not None:  # r / tau - C in one pass
             self.base = torch.add(torch.full((), -self.shift, dtype=flat.dtype,
                                              device=flat.device), flat, alpha=1.0 / tau)
@@ -562,6 +581,8 @@ class _BellmanLoop:
             self.base = flat / tau
         self.actions = 0 if self.by_action else 1  # the axis of actions in the loop's tables
         self.matrix = P.flat_matrix(self.by_action)
+        if self.fused is not None:  # the fused loop reads base as (A, S)
+            self.fused_base = self.base.view(P.n_states, P.n_actions).T.contiguous()
 
     def _tables(self, flat: Tensor) -> Tensor:
         """A flat vector in the loop's layout as ``(A, S)`` or ``(S, A)``."""
@@ -592,6 +613,9 @@ class _BellmanLoop:
 
     def steps(self, u: Tensor, n: int, expected: Tensor | None = None) -> Tensor:
         """``T^n`` applied to ``u``; ``expected``: ``P.expect(tau u)`` for the first step."""
+        if self.fused is not None and n > 0:
+            return native.bellman_steps(self.fused, self.fused_base, self.gamma, self.shift,
+                                        _EXP_FLOOR, u, n, expected, self.gamma / self.tau)
         for _ in range(n):
             e, m = self._exp(self._q(u, expected))
             expected = None
@@ -732,6 +756,22 @@ def policy_matvec(P: Transitions, pi: Tensor, v: Tensor) -> Tensor:
 def policy_rmatvec(P: Transitions, pi: Tensor, w: Tensor) -> Tensor:
     """``P_pi^T w``: ``sum_{s,a} w[s] pi[s,a] P[s,a,t]``."""
     return P.pull(pi * w.unsqueeze(-1))
+
+
+def pull_steps(P: Transitions, g: Tensor, pi: Tensor, z: Tensor, n: int, sign: float,
+               alpha: float, d: Tensor | None = None, c: Tensor | None = None) -> Tensor:
+    """``n`` steps ``z <- c + alpha P^T (g + sign * pi * (z + d)[s])`` (``d``, ``c``: zero when
+    ``None``), without autograd: the amortised adjoint of the single-loop solvers, one product
+    with ``P^T`` a step; in ``native.c``, in one call, where ``P.fused_layout()`` allows."""
+    tensors = [t for t in (g, pi, z, d, c) if t is not None]
+    if n > 0 and native.usable(*tensors) and P.fused_layout() is not None:
+        return native.adjoint_steps(P._csr_t, P.n_actions, g, pi, d, c, sign, alpha, z, n)
+    for _ in range(n):
+        y = torch.addcmul(g, pi, (z if d is None else z + d).unsqueeze(-1), value=sign)
+        z = P.pull(y).mul_(alpha)
+        if c is not None:
+            z = z.add_(c)
+    return z
 
 
 def _gmres(matvec: Callable[[Tensor], Tensor], b: Tensor, tol: float, max_iter: int,

@@ -29,6 +29,7 @@ from bilevel_dsl.instance import TabularProblem
 from bilevel_dsl.softmdp import (
     Transitions,
     policy_matvec,
+    pull_steps,
     soft_bellman_update,
     soft_policy,
     soft_q,
@@ -44,31 +45,32 @@ VERIFY_TOL = 1e-10  # and of V* at the final x with verify = exact, as exact's i
 
 
 def centred_adjoint_step(P: Transitions, pi: Tensor, g: Tensor, g_sum: Tensor, z: Tensor,
-                         gamma: float) -> Tensor:
-    """``z <- gamma P^T (c + pi * z[s])`` with ``c = g - pi * sum_a g`` (``g_sum``): the fixed
-    point step towards ``(I - gamma P_pi)^T z = gamma P^T c``, one product with ``P^T``. It is
-    the ``fixed_point`` step on ``w = sum_a g - z``, but ``z`` leaves out ``sum_a g / (1 -
-    gamma)``, the part of ``w`` that carries the value's whole scale and moves with ``x`` many
-    times faster than the gradient. ``c + pi * z`` is formed as ``g + pi * (z - sum_a g)``: one
-    pass over ``S*A``, as many as the plain step makes."""
-    return P.pull(torch.addcmul(g, pi, (z - g_sum).unsqueeze(-1))).mul_(gamma)
+                         gamma: float, steps: int = 1) -> Tensor:
+    """``z <- gamma P^T (c + pi * z[s])`` with ``c = g - pi * sum_a g`` (``g_sum``), ``steps``
+    times: the fixed point step towards ``(I - gamma P_pi)^T z = gamma P^T c``, one product
+    with ``P^T``. It is the ``fixed_point`` step on ``w = sum_a g - z``, but ``z`` leaves out
+    ``sum_a g / (1 - gamma)``, the part of ``w`` that carries the value's whole scale and moves
+    with ``x`` many times faster than the gradient. ``c + pi * z`` is formed as ``g + pi * (z -
+    sum_a g)``: one pass over ``S*A``, as many as the plain step makes."""
+    return pull_steps(P, g, pi, z, steps, sign=1.0, alpha=gamma, d=-g_sum)
 
 
 def adjoint_step(P: Transitions, pi: Tensor, g: Tensor, w: Tensor, gamma: float, zeta: float,
-                 kind: str) -> Tensor:
-    """One step towards ``w`` solving ``A w = b``, ``A = (I - gamma P_pi)^T``, ``b = U^T g``.
+                 kind: str, steps: int = 1) -> Tensor:
+    """``steps`` steps towards ``w`` solving ``A w = b``, ``A = (I - gamma P_pi)^T``, ``b = U^T
+    g``.
 
     Both use ``A w - b = w - sum_a g - gamma P^T (pi * w[s] - g)``, one product with ``P^T``.
     ``lsq`` (the paper): ``w - zeta A^T (A w - b)``, a gradient step on ``1/2 ||A w - b||^2``.
     ``fixed_point``: ``w <- b + gamma P_pi^T w``, a gamma-contraction at the same cost.
     """
-    # b + gamma P_pi^T w = sum_a g - gamma P^T (g - pi * w[s])
-    fixed_point = torch.add(sum_actions(g), P.pull(torch.addcmul(g, pi, w.unsqueeze(-1),
-                                                                 value=-1.0)), alpha=-gamma)
-    if kind == "fixed_point":
-        return fixed_point
-    residual = w - fixed_point
-    return w - zeta * (residual - gamma * policy_matvec(P, pi, residual))
+    g_sum = sum_actions(g)
+    if kind == "fixed_point":  # b + gamma P_pi^T w = sum_a g - gamma P^T (g - pi * w[s])
+        return pull_steps(P, g, pi, w, steps, sign=-1.0, alpha=-gamma, c=g_sum)
+    for _ in range(steps):
+        residual = w - pull_steps(P, g, pi, w, 1, sign=-1.0, alpha=-gamma, c=g_sum)
+        w = w - zeta * (residual - gamma * policy_matvec(P, pi, residual))
+    return w
 
 
 def run(problem: TabularProblem, options: dict[str, Any], monitor: Monitor) -> SolveResult:
@@ -134,12 +136,11 @@ def run(problem: TabularProblem, options: dict[str, Any], monitor: Monitor) -> S
                 # (z - sum_a g)[s] for the centred adjoint
                 if centred:
                     g_sum = sum_actions(g)
-                    for _ in range(adjoint_steps):
-                        w = centred_adjoint_step(P, pi, g, g_sum, w, gamma)
+                    w = centred_adjoint_step(P, pi, g, g_sum, w, gamma, adjoint_steps)
                     v = torch.addcmul(g, pihat, (w - g_sum).unsqueeze(-1))
                 else:
-                    for _ in range(adjoint_steps):
-                        w = adjoint_step(P, pi, g, w, gamma, zeta, options["adjoint"])
+                    w = adjoint_step(P, pi, g, w, gamma, zeta, options["adjoint"],
+                                     adjoint_steps)
                     v = torch.addcmul(g, pihat, w.unsqueeze(-1), value=-1.0)
             h = torch.add(grad_x, reward_vjp(x, r, v), alpha=1.0 / tau)
             with torch.no_grad():

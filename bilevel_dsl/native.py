@@ -1,0 +1,215 @@
+"""The soft-MDP kernel's fused CPU loops (``native.c``), compiled on first use.
+
+A soft Bellman step in torch is eight passes over ``S*A`` values and an adjoint step three,
+each a separate kernel with its own dispatch; ``native.c`` makes one pass per step and runs a
+whole loop in one call (1.5 to 3 times faster per step, docs/benchmarks.md section 16). It is
+compiled with the machine's C compiler into a cache folder the first time it is needed (about
+a second, once per machine and source version) and loaded with ctypes. Where there is no
+compiler, or the build or the load fails, ``library()`` returns ``None`` and the kernel keeps
+torch's loops, which give the same numbers up to rounding. ``BRL_NATIVE=0`` turns it off.
+
+Only this package's own C file is ever compiled; nothing a ``.brl`` file says reaches the
+compiler.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+SOURCE = Path(__file__).with_name("native.c")
+# -march=native: the file's name carries the CPU's flags, so a cache shared between machines
+# never hands one machine's build to another. -fno-math-errno lets gcc call the vector exp and
+# log (errno is never read); it changes no value, unlike -ffast-math.
+_FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fopenmp", "-fPIC", "-shared"]
+_WIDE = ["-mprefer-vector-width=512"]  # where the CPU has AVX-512 (10-20% faster steps)
+_LIBS = ["-lmvec", "-lm"]
+
+_lock = threading.Lock()
+_state: dict[str, object] = {}  # "library": the loaded CDLL or None, "why": a reason for None
+
+
+def enabled() -> bool:
+    return os.environ.get("BRL_NATIVE", "1") != "0"
+
+
+def _cache_dir() -> Path:
+    if os.environ.get("BRL_CACHE_DIR"):
+        return Path(os.environ["BRL_CACHE_DIR"])
+    root = os.environ.get("XDG_CACHE_HOME")
+    return Path(root) / "brl" if root else Path.home() / ".cache" / "brl"
+
+
+def _cpu_flags() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as info:
+            return next((line for line in info if line.startswith("flags")), "")
+    except OSError:
+        return platform.processor()
+
+
+def _compiler() -> str | None:
+    return shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
+
+
+def _build(compiler: str) -> Path:
+    source = SOURCE.read_bytes()
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True,
+                             timeout=60).stdout
+    cpu = _cpu_flags()
+    flags = _FLAGS + (_WIDE if " avx512f " in f" {cpu} " else [])
+    key = hashlib.sha256(b"\0".join([source, " ".join(flags + _LIBS).encode(), version.encode(),
+                                     cpu.encode(), platform.machine().encode()])).hexdigest()[:16]
+    target = _cache_dir() / f"native-{key}.so"
+    if target.exists():
+        return target
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+    except OSError:  # a read-only home: the system's temporary folder, per user
+        target = Path(tempfile.gettempdir()) / f"brl-{os.getuid()}" / target.name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if target.exists():
+            return target
+    with tempfile.TemporaryDirectory(dir=target.parent) as folder:
+        built = Path(folder) / target.name
+        result = subprocess.run([compiler, *flags, str(SOURCE), "-o", str(built), *_LIBS],
+                                capture_output=True, text=True, timeout=300)
+        if result.returncode != 0:
+            raise RuntimeError(result.stderr.strip().splitlines()[-1] if result.stderr
+                               else f"{compiler} exited with {result.returncode}")
+        os.replace(built, target)  # atomic: a concurrent build writes the same bytes
+    return target
+
+
+def _load() -> ctypes.CDLL:
+    compiler = _compiler()
+    if compiler is None:
+        raise RuntimeError("no C compiler (cc or gcc) on the PATH")
+    lib = ctypes.CDLL(str(_build(compiler)))
+    i64, ptr, dbl, i32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_double, ctypes.c_int
+    lib.brl_bellman_steps.restype = i32
+    lib.brl_bellman_steps.argtypes = [i64, i64, i64, ptr, ptr, ptr, ptr, dbl, i32, dbl, dbl, ptr,
+                                      dbl, i64, ptr, ptr, ptr, i32]
+    lib.brl_adjoint_steps.restype = None
+    lib.brl_adjoint_steps.argtypes = [i64, i64, ptr, ptr, ptr, ptr, ptr, ptr, ptr, dbl, dbl, i64,
+                                      ptr, ptr, ptr, ptr, i32]
+    return lib
+
+
+def library() -> ctypes.CDLL | None:
+    """The compiled library, or ``None`` (``why()`` says why); built or loaded once."""
+    if not enabled():
+        return None
+    with _lock:
+        if "library" not in _state:
+            try:
+                _state["library"] = _load()
+            except (OSError, RuntimeError, subprocess.SubprocessError) as error:
+                _state["library"], _state["why"] = None, str(error)
+        return _state["library"]  # type: ignore[return-value]
+
+
+def why() -> str:
+    """Why ``library()`` is ``None`` ("" when it is not)."""
+    if not enabled():
+        return "turned off by BRL_NATIVE=0"
+    library()
+    return str(_state.get("why", ""))
+
+
+def usable(*tensors: Tensor) -> bool:
+    """Whether the fused loops can take these tensors: float64, on the CPU."""
+    return all(t.device.type == "cpu" and t.dtype == torch.float64 for t in tensors)
+
+
+def _address(t: Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+class Ell:
+    """``P`` in the layout of ``native.c``: per action and successor slot, one column of
+    successor indices and one of probabilities over all states (see ``from_csr``)."""
+
+    def __init__(self, idx: Tensor, val: Tensor, count: Tensor, slots: int) -> None:
+        self.idx, self.val, self.count, self.slots = idx, val, count, slots
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.idx, self.val, self.count))
+
+    @staticmethod
+    def from_csr(csr: Tensor, n_states: int, n_actions: int, max_ratio: float = 2.0
+                 ) -> Ell | None:
+        """From ``P``'s CSR matrix (rows ``s*A + a``); ``None`` where padding every row to the
+        longest would store more than ``max_ratio`` times the nonzeros (a few long rows)."""
+        crow = csr.crow_indices().long()
+        count = crow.diff()
+        slots = int(count.max()) if count.numel() else 0
+        nnz = csr.values().numel()
+        if slots == 0 or slots * count.numel() > max_ratio * nnz + 64:
+            return None
+        S, A = n_states, n_actions
+        row = torch.repeat_interleave(torch.arange(count.numel()), count)
+        slot = torch.arange(nnz) - crow[:-1][row]
+        # entry k of row s*A + a goes to (a*K + k)*S + s
+        target = (row % A * slots + slot) * S + row // A
+        idx = torch.zeros(A * slots * S, dtype=torch.int32)
+        val = torch.zeros(A * slots * S, dtype=torch.float64)
+        idx[target] = csr.col_indices().to(torch.int32)
+        val[target] = csr.values().to(torch.float64)
+        count = count.view(S, A).T.contiguous().to(torch.int32)
+        return Ell(idx, val, count, slots)
+
+
+def bellman_steps(ell: Ell, base: Tensor, gamma: float, shift: float | None,
+                  exp_floor: float, u: Tensor, n: int, first: Tensor | None = None,
+                  first_scale: float = 0.0) -> Tensor:
+    """``n`` soft Bellman steps on ``u = V / tau`` (``brl_bellman_steps``); ``base`` is
+    ``(A, S)``, ``r / tau`` less ``shift`` when a constant shift is given; ``first``: ``P.expect``
+    of the first step's input, ``(S, A)``, with the factor that makes it ``gamma P u``."""
+    lib = library()
+    A, S = base.shape
+    base, u = base.contiguous(), u.contiguous()
+    first = None if first is None else first.contiguous()
+    out, tmp = torch.empty(S, dtype=torch.float64), torch.empty(S, dtype=torch.float64)
+    status = lib.brl_bellman_steps(
+        S, A, ell.slots, ell.idx.data_ptr(), ell.val.data_ptr(), ell.count.data_ptr(),
+        base.data_ptr(), gamma, shift is not None, 0.0 if shift is None else shift, exp_floor,
+        _address(first), first_scale, n, u.data_ptr(), out.data_ptr(), tmp.data_ptr(),
+        torch.get_num_threads())
+    if status != 0:
+        raise MemoryError("the fused soft Bellman loop could not allocate its buffers")
+    return out
+
+
+def adjoint_steps(csr_t: Tensor, n_actions: int, g: Tensor, pi: Tensor,
+                  d: Tensor | None, c: Tensor | None, sign: float, alpha: float, z: Tensor,
+                  n: int) -> Tensor:
+    """``n`` steps ``z <- c + alpha P^T (g + sign * pi * (z + d)[s])`` (``brl_adjoint_steps``);
+    ``csr_t``: ``P^T`` as stored by ``Transitions``, int32 column indices."""
+    lib = library()
+    S = z.numel()
+    # every tensor whose address goes to C is held in a local until the call returns
+    g, pi, z = g.contiguous(), pi.contiguous(), z.contiguous()
+    d = None if d is None else d.contiguous()
+    c = None if c is None else c.contiguous()
+    rows, cols, vals = csr_t.crow_indices().long(), csr_t.col_indices(), csr_t.values()
+    if cols.dtype != torch.int32:
+        raise ValueError("the fused adjoint loop needs int32 column indices")
+    out, tmp = torch.empty(S, dtype=torch.float64), torch.empty(S, dtype=torch.float64)
+    y = torch.empty(S * n_actions, dtype=torch.float64)
+    lib.brl_adjoint_steps(S, n_actions, rows.data_ptr(), cols.data_ptr(), vals.data_ptr(),
+                          g.data_ptr(), pi.data_ptr(), _address(d), _address(c), sign, alpha, n,
+                          z.data_ptr(), out.data_ptr(), tmp.data_ptr(), y.data_ptr(),
+                          torch.get_num_threads())
+    return out
