@@ -14,6 +14,7 @@
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
+#include <omp.h>
 
 #define BLOCK 256
 
@@ -113,6 +114,70 @@ int brl_bellman_steps(int64_t S, int64_t A, int64_t K, const int32_t *idx, const
     return failed ? -1 : 0;
 }
 
+/* The policy at V and the product it comes from, both in P's (S, A) layout:
+ *     expected[s*A + a] = sum_k val[a][k][s] * V[idx[a][k][s]]
+ *     pi[s*A + a]       = softmax_a(base[a][s] + scale * expected[s*A + a])
+ * (shifted by each state's maximum, exponents raised to at least exp_floor). Returns 0, or -1
+ * when out of memory. */
+int brl_policy(int64_t S, int64_t A, int64_t K, const int32_t *idx, const double *val,
+               const int32_t *count, const double *base, double scale, double exp_floor,
+               const double *V, double *expected, double *pi, int threads) {
+    int failed = 0;
+    #pragma omp parallel num_threads(threads)
+    {
+        double *q = malloc(sizeof(double) * (size_t)(A * BLOCK + 2 * BLOCK));
+        #pragma omp atomic
+        failed += q == NULL;
+        #pragma omp barrier
+        if (!failed) {
+            double *m = q + A * BLOCK, *total = m + BLOCK;
+            #pragma omp for schedule(static)
+            for (int64_t s0 = 0; s0 < S; s0 += BLOCK) {
+                int64_t len = S - s0 < BLOCK ? S - s0 : BLOCK;
+                #pragma omp simd
+                for (int64_t i = 0; i < len; i++) { m[i] = -INFINITY; total[i] = 0.0; }
+                for (int64_t a = 0; a < A; a++) {
+                    double *qa = q + a * BLOCK;
+                    const int32_t *c = count + a * S + s0;
+                    const double *b = base + a * S + s0;
+                    #pragma omp simd
+                    for (int64_t i = 0; i < len; i++) qa[i] = 0.0;
+                    for (int64_t k = 0; k < K; k++) {
+                        const int32_t *ix = idx + (a * K + k) * S + s0;
+                        const double *p = val + (a * K + k) * S + s0;
+                        #pragma omp simd
+                        for (int64_t i = 0; i < len; i++) {
+                            double term = p[i] * V[ix[i]];
+                            qa[i] += k < c[i] ? term : 0.0;
+                        }
+                    }
+                    for (int64_t i = 0; i < len; i++) expected[(s0 + i) * A + a] = qa[i];
+                    #pragma omp simd
+                    for (int64_t i = 0; i < len; i++) {
+                        qa[i] = b[i] + scale * qa[i];
+                        m[i] = qa[i] > m[i] ? qa[i] : m[i];
+                    }
+                }
+                for (int64_t a = 0; a < A; a++) {
+                    double *qa = q + a * BLOCK;
+                    #pragma omp simd
+                    for (int64_t i = 0; i < len; i++) {
+                        double d = qa[i] - m[i];
+                        qa[i] = exp(d < exp_floor ? exp_floor : d);
+                        total[i] += qa[i];
+                    }
+                }
+                for (int64_t a = 0; a < A; a++) {
+                    const double *qa = q + a * BLOCK;
+                    for (int64_t i = 0; i < len; i++) pi[(s0 + i) * A + a] = qa[i] / total[i];
+                }
+            }
+        }
+        free(q);
+    }
+    return failed ? -1 : 0;
+}
+
 /* n affine adjoint steps through P^T, stored CSR with rows t and columns s*A + a:
  *     y[s*A + a] = g[s*A + a] + sign * pi[s*A + a] * (z[s] + d[s])
  *     z'[t]      = c[t] + alpha * sum_j vals[j] * y[cols[j]]
@@ -138,6 +203,49 @@ void brl_adjoint_steps(int64_t S, int64_t A, const int64_t *rows, const int32_t 
             double sum = 0.0;
             for (int64_t j = rows[t]; j < rows[t + 1]; j++) sum += vals[j] * y[cols[j]];
             dst[t] = (c != NULL ? c[t] : 0.0) + alpha * sum;
+        }
+    }
+}
+
+/* The same steps by scattering along P's rows in the ELL layout: each thread adds its share of
+ * the states' terms into a private copy of z' (S values; acc holds threads * S), then the
+ * copies are summed. Reads P once, in the forward layout, and gathers nothing from an S*A
+ * vector. */
+void brl_adjoint_steps_scatter(int64_t S, int64_t A, int64_t K, const int32_t *idx,
+                               const double *val, const int32_t *count, const double *g,
+                               const double *pi, const double *d, const double *c, double sign,
+                               double alpha, int64_t n, const double *z, double *out,
+                               double *tmp, double *acc, int threads) {
+    #pragma omp parallel num_threads(threads)
+    {
+        int nt = omp_get_num_threads(), me = omp_get_thread_num();
+        double *mine = acc + (int64_t)me * S;
+        for (int64_t step = 0; step < n; step++) {
+            const double *src = step == 0 ? z : ((n - step) % 2 == 0 ? out : tmp);
+            double *dst = (n - 1 - step) % 2 == 0 ? out : tmp;
+            for (int64_t t = 0; t < S; t++) mine[t] = 0.0;
+            #pragma omp for schedule(static)
+            for (int64_t s0 = 0; s0 < S; s0 += BLOCK) {
+                int64_t len = S - s0 < BLOCK ? S - s0 : BLOCK;
+                for (int64_t a = 0; a < A; a++) {
+                    const int32_t *cnt = count + a * S + s0;
+                    for (int64_t i = 0; i < len; i++) {
+                        int64_t s = s0 + i;
+                        double zs = src[s] + (d != NULL ? d[s] : 0.0);
+                        double y = g[s * A + a] + sign * pi[s * A + a] * zs;
+                        for (int64_t k = 0; k < cnt[i]; k++) {
+                            int64_t e = (a * K + k) * S + s;
+                            mine[idx[e]] += val[e] * y;
+                        }
+                    }
+                }
+            }
+            #pragma omp for schedule(static)
+            for (int64_t t = 0; t < S; t++) {
+                double sum = 0.0;
+                for (int j = 0; j < nt; j++) sum += acc[(int64_t)j * S + t];
+                dst[t] = (c != NULL ? c[t] : 0.0) + alpha * sum;
+            }
         }
     }
 }

@@ -567,7 +567,16 @@ class _BellmanLoop:
         self.shift = _constant_shift(P, (r_lo / tau, r_hi / tau), (u_lo, u_hi), gamma,
                                      _exp_window(flat.dtype), steps)
         self.fused = P.fused_layout() if native.usable(flat, u) else None
-        self.by_action = self.shift is None and P.is_sparse and self.fused is None
+        self.by_action = self.shift is None and P.is_sparse
+        if self.fused is not None:  # the fused loops read base as (A, S): made so in one pass
+            table = flat.view(P.n_states, P.n_actions)
+            self.base = torch.empty(P.n_actions, P.n_states, dtype=flat.dtype)
+            if self.shift is None:
+                torch.div(table.T, tau, out=self.base)
+            else:
+                torch.add(torch.full((), -self.shift, dtype=flat.dtype), table.T,
+                          alpha=1.0 / tau, out=self.base)
+            return
         if self.shift is not None:  # r / tau - C in one pass
             self.base = torch.add(torch.full((), -self.shift, dtype=flat.dtype,
                                              device=flat.device), flat, alpha=1.0 / tau)
@@ -581,8 +590,6 @@ class _BellmanLoop:
             self.base = flat / tau
         self.actions = 0 if self.by_action else 1  # the axis of actions in the loop's tables
         self.matrix = P.flat_matrix(self.by_action)
-        if self.fused is not None:  # the fused loop reads base as (A, S)
-            self.fused_base = self.base.view(P.n_states, P.n_actions).T.contiguous()
 
     def _tables(self, flat: Tensor) -> Tensor:
         """A flat vector in the loop's layout as ``(A, S)`` or ``(S, A)``."""
@@ -614,7 +621,7 @@ class _BellmanLoop:
     def steps(self, u: Tensor, n: int, expected: Tensor | None = None) -> Tensor:
         """``T^n`` applied to ``u``; ``expected``: ``P.expect(tau u)`` for the first step."""
         if self.fused is not None and n > 0:
-            return native.bellman_steps(self.fused, self.fused_base, self.gamma, self.shift,
+            return native.bellman_steps(self.fused, self.base, self.gamma, self.shift,
                                         _EXP_FLOOR, u, n, expected, self.gamma / self.tau)
         for _ in range(n):
             e, m = self._exp(self._q(u, expected))
@@ -626,6 +633,8 @@ class _BellmanLoop:
     def policy(self, V: Tensor) -> tuple[Tensor, Tensor]:
         """``softmax_a(q)`` at ``u = V / tau``, ``(S, A)`` (shift-invariant, so the loop's ``exp``
         will do), and ``P.expect(V)``, ``(S, A)``: the next loop's first product."""
+        if self.fused is not None:
+            return native.policy(self.fused, self.base, self.gamma / self.tau, _EXP_FLOOR, V)
         product = torch.mv(self.matrix, V)
         e, _ = self._exp(torch.add(self.base, product, alpha=self.gamma / self.tau))
         expected = self._tables(product).T if self.by_action else self._tables(product)
@@ -765,7 +774,7 @@ def pull_steps(P: Transitions, g: Tensor, pi: Tensor, z: Tensor, n: int, sign: f
     with ``P^T`` a step; in ``native.c``, in one call, where ``P.fused_layout()`` allows."""
     tensors = [t for t in (g, pi, z, d, c) if t is not None]
     if n > 0 and native.usable(*tensors) and P.fused_layout() is not None:
-        return native.adjoint_steps(P._csr_t, P.n_actions, g, pi, d, c, sign, alpha, z, n)
+        return native.adjoint_steps(P.fused_layout(), P._csr_t, g, pi, d, c, sign, alpha, z, n)
     for _ in range(n):
         y = torch.addcmul(g, pi, (z if d is None else z + d).unsqueeze(-1), value=sign)
         z = P.pull(y).mul_(alpha)
