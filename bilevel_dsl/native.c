@@ -38,14 +38,15 @@ int brl_bellman_steps(int64_t S, int64_t A, int64_t K, const int32_t *idx, const
                       double shift, double exp_floor, const double *first, double first_scale,
                       int64_t n, const double *u, double *out, double *tmp, int threads) {
     int failed = 0;
+    int64_t block = S < BLOCK ? S : BLOCK;  /* the buffers' length: few states, many actions */
     #pragma omp parallel num_threads(threads)
     {
-        double *q = malloc(sizeof(double) * (size_t)(A * BLOCK + 2 * BLOCK));
+        double *q = malloc(sizeof(double) * (size_t)(A * block + 2 * block));
         #pragma omp atomic
         failed += q == NULL;
         #pragma omp barrier
         if (!failed) {
-            double *m = q + A * BLOCK, *total = m + BLOCK;
+            double *m = q + A * block, *total = m + block;
             for (int64_t step = 0; step < n; step++) {
                 const double *src = step == 0 ? u : ((n - step) % 2 == 0 ? out : tmp);
                 double *dst = (n - 1 - step) % 2 == 0 ? out : tmp;
@@ -54,7 +55,7 @@ int brl_bellman_steps(int64_t S, int64_t A, int64_t K, const int32_t *idx, const
                 for (int64_t s0 = 0; s0 < S; s0 += BLOCK) {
                     int64_t len = S - s0 < BLOCK ? S - s0 : BLOCK;
                     for (int64_t a = 0; a < A; a++) {
-                        double *qa = q + a * BLOCK;
+                        double *qa = q + a * block;
                         const double *b = base + a * S + s0;
                         if (given != NULL) {
                             for (int64_t i = 0; i < len; i++)
@@ -80,7 +81,7 @@ int brl_bellman_steps(int64_t S, int64_t A, int64_t K, const int32_t *idx, const
                         #pragma omp simd
                         for (int64_t i = 0; i < len; i++) { m[i] = shift; total[i] = 0.0; }
                         for (int64_t a = 0; a < A; a++) {
-                            const double *qa = q + a * BLOCK;
+                            const double *qa = q + a * block;
                             #pragma omp simd
                             for (int64_t i = 0; i < len; i++) total[i] += exp(qa[i]);
                         }
@@ -89,12 +90,12 @@ int brl_bellman_steps(int64_t S, int64_t A, int64_t K, const int32_t *idx, const
                         for (int64_t i = 0; i < len; i++) { m[i] = -INFINITY; total[i] = 0.0; }
                         /* a NaN never wins the maximum, but its exp below is NaN all the same */
                         for (int64_t a = 0; a < A; a++) {
-                            const double *qa = q + a * BLOCK;
+                            const double *qa = q + a * block;
                             #pragma omp simd
                             for (int64_t i = 0; i < len; i++) m[i] = qa[i] > m[i] ? qa[i] : m[i];
                         }
                         for (int64_t a = 0; a < A; a++) {
-                            const double *qa = q + a * BLOCK;
+                            const double *qa = q + a * block;
                             #pragma omp simd
                             for (int64_t i = 0; i < len; i++) {
                                 double d = qa[i] - m[i];
@@ -123,21 +124,22 @@ int brl_policy(int64_t S, int64_t A, int64_t K, const int32_t *idx, const double
                const int32_t *count, const double *base, double scale, double exp_floor,
                const double *V, double *expected, double *pi, int threads) {
     int failed = 0;
+    int64_t block = S < BLOCK ? S : BLOCK;  /* the buffers' length: few states, many actions */
     #pragma omp parallel num_threads(threads)
     {
-        double *q = malloc(sizeof(double) * (size_t)(A * BLOCK + 2 * BLOCK));
+        double *q = malloc(sizeof(double) * (size_t)(A * block + 2 * block));
         #pragma omp atomic
         failed += q == NULL;
         #pragma omp barrier
         if (!failed) {
-            double *m = q + A * BLOCK, *total = m + BLOCK;
+            double *m = q + A * block, *total = m + block;
             #pragma omp for schedule(static)
             for (int64_t s0 = 0; s0 < S; s0 += BLOCK) {
                 int64_t len = S - s0 < BLOCK ? S - s0 : BLOCK;
                 #pragma omp simd
                 for (int64_t i = 0; i < len; i++) { m[i] = -INFINITY; total[i] = 0.0; }
                 for (int64_t a = 0; a < A; a++) {
-                    double *qa = q + a * BLOCK;
+                    double *qa = q + a * block;
                     const int32_t *c = count + a * S + s0;
                     const double *b = base + a * S + s0;
                     #pragma omp simd
@@ -159,7 +161,7 @@ int brl_policy(int64_t S, int64_t A, int64_t K, const int32_t *idx, const double
                     }
                 }
                 for (int64_t a = 0; a < A; a++) {
-                    double *qa = q + a * BLOCK;
+                    double *qa = q + a * block;
                     #pragma omp simd
                     for (int64_t i = 0; i < len; i++) {
                         double d = qa[i] - m[i];
@@ -168,7 +170,7 @@ int brl_policy(int64_t S, int64_t A, int64_t K, const int32_t *idx, const double
                     }
                 }
                 for (int64_t a = 0; a < A; a++) {
-                    const double *qa = q + a * BLOCK;
+                    const double *qa = q + a * block;
                     for (int64_t i = 0; i < len; i++) pi[(s0 + i) * A + a] = qa[i] / total[i];
                 }
             }

@@ -19,6 +19,7 @@ import hashlib
 import os
 import platform
 import shutil
+import stat
 import subprocess
 import tempfile
 import threading
@@ -62,40 +63,43 @@ def _compiler() -> str | None:
     return shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
 
 
-def _build(compiler: str) -> Path:
+def _owned(path: Path) -> bool:
+    """Whether ``path`` belongs to this user and nobody else may write to it: a library that
+    another user could have put or changed there is never loaded."""
+    info = path.stat()
+    return info.st_uid == os.getuid() and not info.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
+
+
+def _build(compiler: str, rebuild: bool) -> Path:
     source = SOURCE.read_bytes()
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True,
-                             timeout=60).stdout
+                             errors="replace", timeout=60).stdout
     cpu = _cpu_flags()
     flags = _FLAGS + (_WIDE if " avx512f " in f" {cpu} " else [])
     key = hashlib.sha256(b"\0".join([source, " ".join(flags + _LIBS).encode(), version.encode(),
                                      cpu.encode(), platform.machine().encode()])).hexdigest()[:16]
-    target = _cache_dir() / f"native-{key}.so"
-    if target.exists():
+    folder = _cache_dir()
+    folder.mkdir(parents=True, exist_ok=True)
+    if not _owned(folder):
+        raise RuntimeError(f"{folder} belongs to another user or others may write to it")
+    target = folder / f"native-{key}.so"
+    if target.exists() and not rebuild:
+        if not _owned(target):
+            raise RuntimeError(f"{target} belongs to another user or others may write to it")
         return target
-    try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-    except OSError:  # a read-only home: the system's temporary folder, per user
-        target = Path(tempfile.gettempdir()) / f"brl-{os.getuid()}" / target.name
-        target.parent.mkdir(parents=True, exist_ok=True)
-        if target.exists():
-            return target
-    with tempfile.TemporaryDirectory(dir=target.parent) as folder:
-        built = Path(folder) / target.name
+    with tempfile.TemporaryDirectory(dir=folder) as work:
+        built = Path(work) / target.name
         result = subprocess.run([compiler, *flags, str(SOURCE), "-o", str(built), *_LIBS],
-                                capture_output=True, text=True, timeout=300)
+                                capture_output=True, text=True, errors="replace", timeout=300)
         if result.returncode != 0:
-            raise RuntimeError(result.stderr.strip().splitlines()[-1] if result.stderr
-                               else f"{compiler} exited with {result.returncode}")
+            lines = result.stderr.strip().splitlines()
+            raise RuntimeError(lines[-1] if lines else f"{compiler} exited with "
+                               f"{result.returncode}")
         os.replace(built, target)  # atomic: a concurrent build writes the same bytes
     return target
 
 
-def _load() -> ctypes.CDLL:
-    compiler = _compiler()
-    if compiler is None:
-        raise RuntimeError("no C compiler (cc or gcc) on the PATH")
-    lib = ctypes.CDLL(str(_build(compiler)))
+def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     i64, ptr, dbl, i32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_double, ctypes.c_int
     lib.brl_bellman_steps.restype = i32
     lib.brl_bellman_steps.argtypes = [i64, i64, i64, ptr, ptr, ptr, ptr, dbl, i32, dbl, dbl, ptr,
@@ -111,6 +115,16 @@ def _load() -> ctypes.CDLL:
     return lib
 
 
+def _load() -> ctypes.CDLL:
+    compiler = _compiler()
+    if compiler is None:
+        raise RuntimeError("no C compiler (cc or gcc) on the PATH")
+    try:
+        return _declare(ctypes.CDLL(str(_build(compiler, rebuild=False))))
+    except (OSError, AttributeError):  # a damaged or foreign file in the cache: build anew
+        return _declare(ctypes.CDLL(str(_build(compiler, rebuild=True))))
+
+
 def library() -> ctypes.CDLL | None:
     """The compiled library, or ``None`` (``why()`` says why); built or loaded once."""
     if not enabled():
@@ -119,8 +133,8 @@ def library() -> ctypes.CDLL | None:
         if "library" not in _state:
             try:
                 _state["library"] = _load()
-            except (OSError, RuntimeError, subprocess.SubprocessError) as error:
-                _state["library"], _state["why"] = None, str(error)
+            except Exception as error:  # any failure at all leaves torch's loops
+                _state["library"], _state["why"] = None, f"{type(error).__name__}: {error}"
         return _state["library"]  # type: ignore[return-value]
 
 
@@ -137,6 +151,17 @@ def usable(*tensors: Tensor) -> bool:
     return all(t.device.type == "cpu" and t.dtype == torch.float64 for t in tensors)
 
 
+def _checked(t: Tensor | None, shape: tuple[int, ...], name: str) -> Tensor | None:
+    """``t`` contiguous, after checking what C cannot: a wrong shape or dtype there would read
+    past a buffer, where torch raises or broadcasts."""
+    if t is None:
+        return None
+    if t.dtype != torch.float64 or t.device.type != "cpu" or tuple(t.shape) != shape:
+        raise ValueError(f"the fused loops need {name} as float64 of shape {shape} on the CPU, "
+                         f"got {t.dtype} of shape {tuple(t.shape)} on {t.device}")
+    return t.contiguous()
+
+
 def _address(t: Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
@@ -147,6 +172,7 @@ class Ell:
 
     def __init__(self, idx: Tensor, val: Tensor, count: Tensor, slots: int) -> None:
         self.idx, self.val, self.count, self.slots = idx, val, count, slots
+        self.n_actions, self.n_states = count.shape
 
     @property
     def nbytes(self) -> int:
@@ -183,9 +209,9 @@ def bellman_steps(ell: Ell, base: Tensor, gamma: float, shift: float | None,
     ``(A, S)``, ``r / tau`` less ``shift`` when a constant shift is given; ``first``: ``P.expect``
     of the first step's input, ``(S, A)``, with the factor that makes it ``gamma P u``."""
     lib = library()
-    A, S = base.shape
-    base, u = base.contiguous(), u.contiguous()
-    first = None if first is None else first.contiguous()
+    S, A = ell.n_states, ell.n_actions
+    base, u = _checked(base, (A, S), "base"), _checked(u, (S,), "u")
+    first = _checked(first, (S, A), "first")
     out, tmp = torch.empty(S, dtype=torch.float64), torch.empty(S, dtype=torch.float64)
     status = lib.brl_bellman_steps(
         S, A, ell.slots, ell.idx.data_ptr(), ell.val.data_ptr(), ell.count.data_ptr(),
@@ -202,8 +228,8 @@ def policy(ell: Ell, base: Tensor, scale: float, exp_floor: float, V: Tensor
     """``softmax_a(base + scale * P V)`` and ``P V``, both ``(S, A)`` (``brl_policy``); ``base``
     is ``(A, S)``."""
     lib = library()
-    A, S = base.shape
-    base, V = base.contiguous(), V.contiguous()
+    S, A = ell.n_states, ell.n_actions
+    base, V = _checked(base, (A, S), "base"), _checked(V, (S,), "V")
     expected = torch.empty(S, A, dtype=torch.float64)
     pi = torch.empty(S, A, dtype=torch.float64)
     status = lib.brl_policy(S, A, ell.slots, ell.idx.data_ptr(), ell.val.data_ptr(),
@@ -229,12 +255,11 @@ def adjoint_steps(ell: Ell, csr_t: Tensor, g: Tensor, pi: Tensor, d: Tensor | No
     through ``csr_t`` (``P^T`` as ``Transitions`` stores it, int32 column indices) or
     ``brl_adjoint_steps_scatter`` through ``ell``."""
     lib = library()
-    S, A = g.shape
+    S, A = ell.n_states, ell.n_actions
     threads = torch.get_num_threads()
     # every tensor whose address goes to C is held in a local until the call returns
-    g, pi, z = g.contiguous(), pi.contiguous(), z.contiguous()
-    d = None if d is None else d.contiguous()
-    c = None if c is None else c.contiguous()
+    g, pi, z = _checked(g, (S, A), "g"), _checked(pi, (S, A), "pi"), _checked(z, (S,), "z")
+    d, c = _checked(d, (S,), "d"), _checked(c, (S,), "c")
     out, tmp = torch.empty(S, dtype=torch.float64), torch.empty(S, dtype=torch.float64)
     if S * A >= _SCATTER_MIN_PAIRS and threads * S * 8 <= _SCATTER_MAX_BYTES:
         acc = torch.empty(threads * S, dtype=torch.float64)

@@ -333,7 +333,15 @@ class Transitions:
                     and native.library() is not None):
                 ell = native.Ell.from_csr(self._csr, self.n_states, self.n_actions)
             self._fused = ell if ell is not None else False
-        return self._fused or None
+        # None too once the library is gone (BRL_NATIVE=0 set later, or a copy unpickled where
+        # nothing compiles)
+        return self._fused if self._fused and native.library() is not None else None
+
+    def __getstate__(self) -> dict:
+        """Pickled without the caches of this machine's decisions (the fused layout)."""
+        state = self.__dict__.copy()
+        state["_fused"] = None
+        return state
 
     def dense(self) -> Tensor:
         """The ``(S, A, S)`` table (materialised for sparse storage)."""
@@ -787,14 +795,18 @@ def pull_steps(P: Transitions, g: Tensor, pi: Tensor, z: Tensor, n: int, sign: f
     """``n`` steps ``z <- c + alpha P^T (g + sign * pi * (z + d)[s])`` (``d``, ``c``: zero when
     ``None``), without autograd: the amortised adjoint of the single-loop solvers, one product
     with ``P^T`` a step; in ``native.c``, in one call, where ``P.fused_layout()`` allows."""
-    tensors = [t for t in (g, pi, z, d, c) if t is not None]
-    if n > 0 and native.usable(*tensors) and P.fused_layout() is not None:
+    S, A = P.n_states, P.n_actions
+    exact = [(g, (S, A)), (pi, (S, A)), (z, (S,)), (d, (S,)), (c, (S,))]
+    if (n > 0 and all(t is None or tuple(t.shape) == shape for t, shape in exact)
+            and native.usable(*[t for t, _ in exact if t is not None])
+            and P.fused_layout() is not None):
         return native.adjoint_steps(P.fused_layout(), P._csr_t, g, pi, d, c, sign, alpha, z, n)
-    for _ in range(n):
-        y = torch.addcmul(g, pi, (z if d is None else z + d).unsqueeze(-1), value=sign)
-        z = P.pull(y).mul_(alpha)
-        if c is not None:
-            z = z.add_(c)
+    with torch.no_grad():
+        for _ in range(n):
+            y = torch.addcmul(g, pi, (z if d is None else z + d).unsqueeze(-1), value=sign)
+            z = P.pull(y).mul_(alpha)
+            if c is not None:
+                z = z.add_(c)
     return z
 
 

@@ -174,3 +174,76 @@ def test_a_compiler_error_is_reported_not_raised(monkeypatch, tmp_path):
     monkeypatch.setattr(native, "SOURCE", broken)
     assert native.library() is None and native.why()
     assert not list(tmp_path.glob("*.so"))
+
+
+@needs_compiler
+def test_a_cached_layout_is_dropped_once_the_library_is_off(monkeypatch):
+    import pickle
+
+    P = sparse_P(300, 3, seed=9)
+    r = torch.randn(300, 3, generator=torch.Generator().manual_seed(1), dtype=DT)
+    V = torch.zeros(300, dtype=DT)
+    fused = soft_bellman_update(P, r, V, 0.9, 1.0, 3)[0]
+    assert P.fused_layout() is not None
+    copy = pickle.loads(pickle.dumps(P))
+    assert copy._fused is None  # decided again where it is loaded
+    monkeypatch.setenv("BRL_NATIVE", "0")  # after the layout was built
+    assert P.fused_layout() is None
+    torch.testing.assert_close(soft_bellman_update(P, r, V, 0.9, 1.0, 3)[0], fused, rtol=1e-13,
+                               atol=1e-13)
+    grad = torch.randn(300, 3, dtype=DT)
+    pull_steps(P, grad, torch.full((300, 3), 1 / 3, dtype=DT), V, 2, 1.0, 0.9)
+
+
+@needs_compiler
+def test_wrong_shapes_never_reach_c(monkeypatch):
+    S, A = 300, 3
+    P = sparse_P(S, A, seed=10)
+    twin = torch_twin(P, monkeypatch)
+    ell = P.fused_layout()
+    base = torch.zeros(A, S, dtype=DT)
+    with pytest.raises(ValueError, match="shape"):
+        native.bellman_steps(ell, base, 0.9, None, -700.0, torch.zeros(S - 1, dtype=DT), 2)
+    with pytest.raises(ValueError, match="float64"):
+        native.policy(ell, base, 1.0, -700.0, torch.zeros(S, dtype=torch.float32))
+    # a broadcast policy (S, 1) takes torch's path, which broadcasts it
+    grad = torch.randn(S, A, dtype=DT)
+    pi, z = torch.full((S, 1), 1 / A, dtype=DT), torch.randn(S, dtype=DT)
+    torch.testing.assert_close(pull_steps(P, grad, pi, z, 2, 1.0, 0.9),
+                               pull_steps(twin, grad, pi, z, 2, 1.0, 0.9))
+
+
+def _fresh_build(monkeypatch, folder):
+    monkeypatch.setattr(native, "_state", {})
+    monkeypatch.setenv("BRL_CACHE_DIR", str(folder))
+
+
+@needs_compiler
+def test_a_cache_others_may_write_to_is_not_loaded(monkeypatch, tmp_path):
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)
+    _fresh_build(monkeypatch, shared)
+    assert native.library() is None and "others may write" in native.why()
+
+
+@needs_compiler
+def test_a_damaged_cached_library_is_built_again(monkeypatch, tmp_path):
+    _fresh_build(monkeypatch, tmp_path / "first")
+    assert native.library() is not None
+    (built,) = (tmp_path / "first").glob("native-*.so")
+    # the same name in a folder not loaded from yet (the loader would reuse a loaded path)
+    (tmp_path / "second").mkdir()
+    (tmp_path / "second" / built.name).write_bytes(b"not a shared object")
+    _fresh_build(monkeypatch, tmp_path / "second")
+    assert native.library() is not None, native.why()
+    assert (tmp_path / "second" / built.name).read_bytes() == built.read_bytes()
+
+
+def test_a_compiler_that_fails_silently_is_reported(monkeypatch, tmp_path):
+    silent = tmp_path / "silent-cc"
+    silent.write_text("#!/bin/sh\nexit 3\n")
+    silent.chmod(0o755)
+    _fresh_build(monkeypatch, tmp_path / "cache")
+    monkeypatch.setenv("CC", str(silent))
+    assert native.library() is None and "exited with 3" in native.why()
