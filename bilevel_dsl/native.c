@@ -115,6 +115,31 @@ int brl_bellman_steps(int64_t S, int64_t A, int64_t K, const int32_t *idx, const
     return failed ? -1 : 0;
 }
 
+/* The bare product out[a][s] = sum_k val[a][k][s] * v[idx[a][k][s]]: what the fused loops'
+ * products cost without their epilogues, the floor that bench/scaling.py times them against. */
+void brl_product(int64_t S, int64_t A, int64_t K, const int32_t *idx, const double *val,
+                 const int32_t *count, const double *v, double *out, int threads) {
+    #pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t s0 = 0; s0 < S; s0 += BLOCK) {
+        int64_t len = S - s0 < BLOCK ? S - s0 : BLOCK;
+        for (int64_t a = 0; a < A; a++) {
+            double *o = out + a * S + s0;
+            const int32_t *c = count + a * S + s0;
+            #pragma omp simd
+            for (int64_t i = 0; i < len; i++) o[i] = 0.0;
+            for (int64_t k = 0; k < K; k++) {
+                const int32_t *ix = idx + (a * K + k) * S + s0;
+                const double *p = val + (a * K + k) * S + s0;
+                #pragma omp simd
+                for (int64_t i = 0; i < len; i++) {
+                    double term = p[i] * v[ix[i]];
+                    o[i] += k < c[i] ? term : 0.0;
+                }
+            }
+        }
+    }
+}
+
 /* The policy at V and the product it comes from, both in P's (S, A) layout:
  *     expected[s*A + a] = sum_k val[a][k][s] * V[idx[a][k][s]]
  *     pi[s*A + a]       = softmax_a(base[a][s] + scale * expected[s*A + a])
@@ -127,36 +152,37 @@ int brl_policy(int64_t S, int64_t A, int64_t K, const int32_t *idx, const double
     int64_t block = S < BLOCK ? S : BLOCK;  /* the buffers' length: few states, many actions */
     #pragma omp parallel num_threads(threads)
     {
-        double *q = malloc(sizeof(double) * (size_t)(A * block + 2 * block));
+        /* q: the logits, then their exps; e: the product; both (A, block), written out
+         * state by state so that the stores to (S, A) are contiguous */
+        double *q = malloc(sizeof(double) * (size_t)(2 * A * block + 2 * block));
         #pragma omp atomic
         failed += q == NULL;
         #pragma omp barrier
         if (!failed) {
-            double *m = q + A * block, *total = m + block;
+            double *e = q + A * block, *m = e + A * block, *total = m + block;
             #pragma omp for schedule(static)
             for (int64_t s0 = 0; s0 < S; s0 += BLOCK) {
                 int64_t len = S - s0 < BLOCK ? S - s0 : BLOCK;
                 #pragma omp simd
                 for (int64_t i = 0; i < len; i++) { m[i] = -INFINITY; total[i] = 0.0; }
                 for (int64_t a = 0; a < A; a++) {
-                    double *qa = q + a * block;
+                    double *qa = q + a * block, *ea = e + a * block;
                     const int32_t *c = count + a * S + s0;
                     const double *b = base + a * S + s0;
                     #pragma omp simd
-                    for (int64_t i = 0; i < len; i++) qa[i] = 0.0;
+                    for (int64_t i = 0; i < len; i++) ea[i] = 0.0;
                     for (int64_t k = 0; k < K; k++) {
                         const int32_t *ix = idx + (a * K + k) * S + s0;
                         const double *p = val + (a * K + k) * S + s0;
                         #pragma omp simd
                         for (int64_t i = 0; i < len; i++) {
                             double term = p[i] * V[ix[i]];
-                            qa[i] += k < c[i] ? term : 0.0;
+                            ea[i] += k < c[i] ? term : 0.0;
                         }
                     }
-                    for (int64_t i = 0; i < len; i++) expected[(s0 + i) * A + a] = qa[i];
                     #pragma omp simd
                     for (int64_t i = 0; i < len; i++) {
-                        qa[i] = b[i] + scale * qa[i];
+                        qa[i] = b[i] + scale * ea[i];
                         m[i] = qa[i] > m[i] ? qa[i] : m[i];
                     }
                 }
@@ -169,9 +195,12 @@ int brl_policy(int64_t S, int64_t A, int64_t K, const int32_t *idx, const double
                         total[i] += qa[i];
                     }
                 }
-                for (int64_t a = 0; a < A; a++) {
-                    const double *qa = q + a * block;
-                    for (int64_t i = 0; i < len; i++) pi[(s0 + i) * A + a] = qa[i] / total[i];
+                for (int64_t i = 0; i < len; i++) {
+                    double *out_e = expected + (s0 + i) * A, *out_pi = pi + (s0 + i) * A;
+                    for (int64_t a = 0; a < A; a++) {
+                        out_e[a] = e[a * block + i];
+                        out_pi[a] = q[a * block + i] / total[i];
+                    }
                 }
             }
         }

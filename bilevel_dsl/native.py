@@ -104,6 +104,8 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.brl_bellman_steps.restype = i32
     lib.brl_bellman_steps.argtypes = [i64, i64, i64, ptr, ptr, ptr, ptr, dbl, i32, dbl, dbl, ptr,
                                       dbl, i64, ptr, ptr, ptr, i32]
+    lib.brl_product.restype = None
+    lib.brl_product.argtypes = [i64, i64, i64, ptr, ptr, ptr, ptr, ptr, i32]
     lib.brl_policy.restype = i32
     lib.brl_policy.argtypes = [i64, i64, i64, ptr, ptr, ptr, ptr, dbl, dbl, ptr, ptr, ptr, i32]
     lib.brl_adjoint_steps_scatter.restype = None
@@ -220,6 +222,17 @@ def bellman_steps(ell: Ell, base: Tensor, gamma: float, shift: float | None,
         torch.get_num_threads())
     if status != 0:
         raise MemoryError("the fused soft Bellman loop could not allocate its buffers")
+    return out
+
+
+def product(ell: Ell, v: Tensor) -> Tensor:
+    """``P v`` as ``(A, S)`` (``brl_product``): the fused loops' product alone, for timing."""
+    lib = library()
+    S, A = ell.n_states, ell.n_actions
+    v = _checked(v, (S,), "v")
+    out = torch.empty(A, S, dtype=torch.float64)
+    lib.brl_product(S, A, ell.slots, ell.idx.data_ptr(), ell.val.data_ptr(),
+                    ell.count.data_ptr(), v.data_ptr(), out.data_ptr(), torch.get_num_threads())
     return out
 
 

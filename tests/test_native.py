@@ -109,6 +109,14 @@ def test_infinite_and_nan_rewards_flow_as_in_torch(monkeypatch):
 
 
 @needs_compiler
+def test_the_bare_product_is_p_times_v():
+    P = sparse_P(700, 3, seed=11, terminal=0.1)
+    v = torch.randn(700, generator=torch.Generator().manual_seed(3), dtype=DT)
+    torch.testing.assert_close(native.product(P.fused_layout(), v), P.expect(v).T, rtol=1e-14,
+                               atol=1e-14)
+
+
+@needs_compiler
 @pytest.mark.parametrize("kind", ["centred", "fixed_point"])
 @pytest.mark.parametrize("steps", [1, 4])
 @pytest.mark.parametrize("scatter", [False, True])
