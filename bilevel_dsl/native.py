@@ -63,11 +63,27 @@ def _compiler() -> str | None:
     return shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
 
 
+_WRITABLE_BY_OTHERS = stat.S_IWGRP | stat.S_IWOTH
+
+
 def _owned(path: Path) -> bool:
     """Whether ``path`` belongs to this user and nobody else may write to it: a library that
     another user could have put or changed there is never loaded."""
     info = path.stat()
-    return info.st_uid == os.getuid() and not info.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
+    return info.st_uid == os.getuid() and not info.st_mode & _WRITABLE_BY_OTHERS
+
+
+def _private_folder() -> Path:
+    """The cache folder, made (or made again) writable by this user alone; refused when it
+    belongs to another user. (A umask of 002 would otherwise leave it group-writable.)"""
+    folder = _cache_dir()
+    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    info = folder.stat()
+    if info.st_uid != os.getuid():
+        raise RuntimeError(f"{folder} belongs to another user")
+    if info.st_mode & _WRITABLE_BY_OTHERS:
+        folder.chmod(stat.S_IMODE(info.st_mode) & ~_WRITABLE_BY_OTHERS)
+    return folder
 
 
 def _build(compiler: str, rebuild: bool) -> Path:
@@ -78,15 +94,10 @@ def _build(compiler: str, rebuild: bool) -> Path:
     flags = _FLAGS + (_WIDE if " avx512f " in f" {cpu} " else [])
     key = hashlib.sha256(b"\0".join([source, " ".join(flags + _LIBS).encode(), version.encode(),
                                      cpu.encode(), platform.machine().encode()])).hexdigest()[:16]
-    folder = _cache_dir()
-    folder.mkdir(parents=True, exist_ok=True)
-    if not _owned(folder):
-        raise RuntimeError(f"{folder} belongs to another user or others may write to it")
+    folder = _private_folder()
     target = folder / f"native-{key}.so"
-    if target.exists() and not rebuild:
-        if not _owned(target):
-            raise RuntimeError(f"{target} belongs to another user or others may write to it")
-        return target
+    if target.exists() and not rebuild and _owned(target):
+        return target  # else built anew: a file someone else could have written is replaced
     with tempfile.TemporaryDirectory(dir=folder) as work:
         built = Path(work) / target.name
         result = subprocess.run([compiler, *flags, str(SOURCE), "-o", str(built), *_LIBS],
@@ -95,6 +106,7 @@ def _build(compiler: str, rebuild: bool) -> Path:
             lines = result.stderr.strip().splitlines()
             raise RuntimeError(lines[-1] if lines else f"{compiler} exited with "
                                f"{result.returncode}")
+        built.chmod(0o755)  # whatever the umask: never writable by others
         os.replace(built, target)  # atomic: a concurrent build writes the same bytes
     return target
 
@@ -189,7 +201,7 @@ class Ell:
         count = crow.diff()
         slots = int(count.max()) if count.numel() else 0
         nnz = csr.values().numel()
-        if slots == 0 or slots * count.numel() > max_ratio * nnz + 64:
+        if slots == 0 or slots * count.numel() > max_ratio * nnz + 64:  # (+64: tiny P)
             return None
         S, A = n_states, n_actions
         row = torch.repeat_interleave(torch.arange(count.numel()), count)

@@ -590,29 +590,26 @@ class _BellmanLoop:
         self.shift = _constant_shift(P, (r_lo / tau, r_hi / tau), (u_lo, u_hi), gamma,
                                      _exp_window(flat.dtype), steps)
         self.fused = P.fused_layout() if native.usable(flat, u) else None
+        # torch's loop on sparse P without a constant shift, and the fused loops always, read
+        # the rewards as (A, S): laid out so, divided and shifted in one pass
         self.by_action = self.shift is None and P.is_sparse
-        if self.fused is not None:  # the fused loops read base as (A, S): made so in one pass
+        if self.by_action or self.fused is not None:
             table = flat.view(P.n_states, P.n_actions)
-            self.base = torch.empty(P.n_actions, P.n_states, dtype=flat.dtype)
+            base = torch.empty(P.n_actions, P.n_states, dtype=flat.dtype, device=flat.device)
             if self.shift is None:
-                torch.div(table.T, tau, out=self.base)
+                torch.div(table.T, tau, out=base)
             else:
-                torch.add(torch.full((), -self.shift, dtype=flat.dtype), table.T,
-                          alpha=1.0 / tau, out=self.base)
-            return
-        if self.shift is not None:  # r / tau - C in one pass
+                torch.add(torch.full((), -self.shift, dtype=flat.dtype, device=flat.device),
+                          table.T, alpha=1.0 / tau, out=base)
+            self.base = base if self.fused is not None else base.view(-1)
+        elif self.shift is not None:  # r / tau - C in one pass
             self.base = torch.add(torch.full((), -self.shift, dtype=flat.dtype,
                                              device=flat.device), flat, alpha=1.0 / tau)
-        elif self.by_action:  # the division and the transpose in one pass
-            table = flat.view(P.n_states, P.n_actions)
-            self.base = torch.empty(P.n_actions, P.n_states, dtype=flat.dtype,
-                                    device=flat.device)
-            torch.div(table.T, tau, out=self.base)
-            self.base = self.base.view(-1)
         else:
             self.base = flat / tau
-        self.actions = 0 if self.by_action else 1  # the axis of actions in the loop's tables
-        self.matrix = P.flat_matrix(self.by_action)
+        self.actions = 0 if self.by_action else 1  # the axis of actions in torch's tables
+        # torch's loop's products (the fused loops keep P in their own layout)
+        self.matrix = None if self.fused is not None else P.flat_matrix(self.by_action)
 
     def _tables(self, flat: Tensor) -> Tensor:
         """A flat vector in the loop's layout as ``(A, S)`` or ``(S, A)``."""
@@ -797,10 +794,11 @@ def pull_steps(P: Transitions, g: Tensor, pi: Tensor, z: Tensor, n: int, sign: f
     with ``P^T`` a step; in ``native.c``, in one call, where ``P.fused_layout()`` allows."""
     S, A = P.n_states, P.n_actions
     exact = [(g, (S, A)), (pi, (S, A)), (z, (S,)), (d, (S,)), (c, (S,))]
-    if (n > 0 and all(t is None or tuple(t.shape) == shape for t, shape in exact)
-            and native.usable(*[t for t, _ in exact if t is not None])
-            and P.fused_layout() is not None):
-        return native.adjoint_steps(P.fused_layout(), P._csr_t, g, pi, d, c, sign, alpha, z, n)
+    layout = P.fused_layout()
+    if (n > 0 and layout is not None
+            and all(t is None or tuple(t.shape) == shape for t, shape in exact)
+            and native.usable(*[t for t, _ in exact if t is not None])):
+        return native.adjoint_steps(layout, P._csr_t, g, pi, d, c, sign, alpha, z, n)
     with torch.no_grad():
         for _ in range(n):
             y = torch.addcmul(g, pi, (z if d is None else z + d).unsqueeze(-1), value=sign)

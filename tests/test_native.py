@@ -54,6 +54,7 @@ def test_the_library_builds_where_there_is_a_compiler():
     (7, 1, 1.0, 0.9, 1.0),         # one action, fewer states than a block
     (600, 5, 0.01, 0.999, 50.0),   # no constant shift fits: each state's maximum
     (257, 3, 10.0, 0.5, 1.0),      # one state past a block
+    (40, 200, 0.5, 0.9, 1.0),      # many actions, few states
 ])
 @pytest.mark.parametrize("steps", [1, 2, 7])
 def test_bellman_steps_match_torch(monkeypatch, S, A, tau, gamma, reward_scale, steps):
@@ -227,12 +228,36 @@ def _fresh_build(monkeypatch, folder):
 
 
 @needs_compiler
-def test_a_cache_others_may_write_to_is_not_loaded(monkeypatch, tmp_path):
-    shared = tmp_path / "shared"
-    shared.mkdir()
-    shared.chmod(0o777)
-    _fresh_build(monkeypatch, shared)
-    assert native.library() is None and "others may write" in native.why()
+def test_a_group_writable_umask_keeps_the_cache_private(monkeypatch, tmp_path):
+    """Under umask 002 (many systems' default) the folder and the library came out
+    group-writable, and the check below then refused them: the fused loops were off."""
+    import os
+    import stat
+
+    previous = os.umask(0o002)
+    try:
+        _fresh_build(monkeypatch, tmp_path / "cache")
+        assert native.library() is not None, native.why()
+        _fresh_build(monkeypatch, tmp_path / "cache")  # a second process finds it
+        assert native.library() is not None, native.why()
+    finally:
+        os.umask(previous)
+    for path in [tmp_path / "cache", *(tmp_path / "cache").glob("*.so")]:
+        assert not path.stat().st_mode & (stat.S_IWGRP | stat.S_IWOTH)
+
+
+@needs_compiler
+def test_a_library_others_may_write_to_is_replaced(monkeypatch, tmp_path):
+    _fresh_build(monkeypatch, tmp_path / "first")
+    assert native.library() is not None
+    (built,) = (tmp_path / "first").glob("native-*.so")
+    (tmp_path / "second").mkdir()
+    planted = tmp_path / "second" / built.name
+    planted.write_bytes(b"planted")
+    planted.chmod(0o666)
+    _fresh_build(monkeypatch, tmp_path / "second")
+    assert native.library() is not None, native.why()
+    assert planted.read_bytes() == built.read_bytes()  # built anew, not loaded
 
 
 @needs_compiler
