@@ -25,6 +25,25 @@ extern double exp(double);
 #pragma omp declare simd notinbranch
 extern double log(double);
 
+/* acc[i] = sum_k val[a][k][s0 + i] * v[idx[a][k][s0 + i]] for the len states from s0: one
+ * action's rows of the product with P, for one block of states (padding slots left out). */
+static inline void block_product(int64_t S, int64_t K, int64_t a, int64_t s0, int64_t len,
+                                 const int32_t *idx, const double *val, const int32_t *count,
+                                 const double *v, double *acc) {
+    const int32_t *c = count + a * S + s0;
+    #pragma omp simd
+    for (int64_t i = 0; i < len; i++) acc[i] = 0.0;
+    for (int64_t k = 0; k < K; k++) {
+        const int32_t *ix = idx + (a * K + k) * S + s0;
+        const double *p = val + (a * K + k) * S + s0;
+        #pragma omp simd
+        for (int64_t i = 0; i < len; i++) {
+            double term = p[i] * v[ix[i]];
+            acc[i] += k < c[i] ? term : 0.0;
+        }
+    }
+}
+
 /* n soft Bellman steps on u = V / tau:
  *     q[a][s] = base[a][s] + gamma * sum_k val[a][k][s] * u[idx[a][k][s]]
  *     u'[s]   = log(sum_a exp(q[a][s] - m[s])) + m[s]
@@ -62,18 +81,7 @@ int brl_bellman_steps(int64_t S, int64_t A, int64_t K, const int32_t *idx, const
                                 qa[i] = b[i] + first_scale * given[(s0 + i) * A + a];
                             continue;
                         }
-                        const int32_t *c = count + a * S + s0;
-                        #pragma omp simd
-                        for (int64_t i = 0; i < len; i++) qa[i] = 0.0;
-                        for (int64_t k = 0; k < K; k++) {
-                            const int32_t *ix = idx + (a * K + k) * S + s0;
-                            const double *p = val + (a * K + k) * S + s0;
-                            #pragma omp simd
-                            for (int64_t i = 0; i < len; i++) {
-                                double term = p[i] * src[ix[i]];
-                                qa[i] += k < c[i] ? term : 0.0;
-                            }
-                        }
+                        block_product(S, K, a, s0, len, idx, val, count, src, qa);
                         #pragma omp simd
                         for (int64_t i = 0; i < len; i++) qa[i] = b[i] + gamma * qa[i];
                     }
@@ -123,19 +131,7 @@ void brl_product(int64_t S, int64_t A, int64_t K, const int32_t *idx, const doub
     for (int64_t s0 = 0; s0 < S; s0 += BLOCK) {
         int64_t len = S - s0 < BLOCK ? S - s0 : BLOCK;
         for (int64_t a = 0; a < A; a++) {
-            double *o = out + a * S + s0;
-            const int32_t *c = count + a * S + s0;
-            #pragma omp simd
-            for (int64_t i = 0; i < len; i++) o[i] = 0.0;
-            for (int64_t k = 0; k < K; k++) {
-                const int32_t *ix = idx + (a * K + k) * S + s0;
-                const double *p = val + (a * K + k) * S + s0;
-                #pragma omp simd
-                for (int64_t i = 0; i < len; i++) {
-                    double term = p[i] * v[ix[i]];
-                    o[i] += k < c[i] ? term : 0.0;
-                }
-            }
+            block_product(S, K, a, s0, len, idx, val, count, v, out + a * S + s0);
         }
     }
 }
@@ -167,19 +163,8 @@ int brl_policy(int64_t S, int64_t A, int64_t K, const int32_t *idx, const double
                 for (int64_t i = 0; i < len; i++) { m[i] = -INFINITY; total[i] = 0.0; }
                 for (int64_t a = 0; a < A; a++) {
                     double *qa = q + a * block, *ea = e + a * block;
-                    const int32_t *c = count + a * S + s0;
                     const double *b = base + a * S + s0;
-                    #pragma omp simd
-                    for (int64_t i = 0; i < len; i++) ea[i] = 0.0;
-                    for (int64_t k = 0; k < K; k++) {
-                        const int32_t *ix = idx + (a * K + k) * S + s0;
-                        const double *p = val + (a * K + k) * S + s0;
-                        #pragma omp simd
-                        for (int64_t i = 0; i < len; i++) {
-                            double term = p[i] * V[ix[i]];
-                            ea[i] += k < c[i] ? term : 0.0;
-                        }
-                    }
+                    block_product(S, K, a, s0, len, idx, val, count, V, ea);
                     #pragma omp simd
                     for (int64_t i = 0; i < len; i++) {
                         qa[i] = b[i] + scale * ea[i];

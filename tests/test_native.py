@@ -247,30 +247,24 @@ def test_a_group_writable_umask_keeps_the_cache_private(monkeypatch, tmp_path):
 
 
 @needs_compiler
-def test_a_library_others_may_write_to_is_replaced(monkeypatch, tmp_path):
-    _fresh_build(monkeypatch, tmp_path / "first")
-    assert native.library() is not None
-    (built,) = (tmp_path / "first").glob("native-*.so")
-    (tmp_path / "second").mkdir()
-    planted = tmp_path / "second" / built.name
-    planted.write_bytes(b"planted")
-    planted.chmod(0o666)
-    _fresh_build(monkeypatch, tmp_path / "second")
-    assert native.library() is not None, native.why()
-    assert planted.read_bytes() == built.read_bytes()  # built anew, not loaded
-
-
-@needs_compiler
-def test_a_damaged_cached_library_is_built_again(monkeypatch, tmp_path):
+@pytest.mark.parametrize("found", ["damaged", "writable by others"])
+def test_a_cached_library_is_built_again(monkeypatch, tmp_path, found):
     _fresh_build(monkeypatch, tmp_path / "first")
     assert native.library() is not None
     (built,) = (tmp_path / "first").glob("native-*.so")
     # the same name in a folder not loaded from yet (the loader would reuse a loaded path)
     (tmp_path / "second").mkdir()
-    (tmp_path / "second" / built.name).write_bytes(b"not a shared object")
+    cached = tmp_path / "second" / built.name
+    if found == "damaged":
+        cached.write_bytes(b"not a shared object")
+    else:  # a working library, but another user could have changed it: never loaded
+        cached.write_bytes(built.read_bytes())
+        cached.chmod(0o666)
+    planted = cached.stat().st_ino
     _fresh_build(monkeypatch, tmp_path / "second")
     assert native.library() is not None, native.why()
-    assert (tmp_path / "second" / built.name).read_bytes() == built.read_bytes()
+    assert cached.stat().st_ino != planted and cached.read_bytes() == built.read_bytes()
+    assert not cached.stat().st_mode & 0o022
 
 
 def test_a_compiler_that_fails_silently_is_reported(monkeypatch, tmp_path):
