@@ -2,11 +2,12 @@
 
 A soft Bellman step in torch is eight passes over ``S*A`` values and an adjoint step three,
 each a separate kernel with its own dispatch; ``native.c`` makes one pass per step and runs a
-whole loop in one call (1.5 to 3 times faster per step, docs/benchmarks.md section 16). It is
-compiled with the machine's C compiler into a cache folder the first time it is needed (about
-a second, once per machine and source version) and loaded with ctypes. Where there is no
-compiler, or the build or the load fails, ``library()`` returns ``None`` and the kernel keeps
-torch's loops, which give the same numbers up to rounding. ``BRL_NATIVE=0`` turns it off.
+whole loop in one call (1.3 to 2.3 times faster per run of steps, docs/benchmarks.md section
+16). It is compiled with the machine's C compiler into a cache folder the first time it is
+needed (about a second, once per machine and source version) and loaded with ctypes. Where
+there is no compiler, or the build or the load fails, ``library()`` returns ``None`` and the
+kernel keeps torch's loops, which give the same numbers up to rounding. ``BRL_NATIVE=0`` turns
+it off.
 
 Only this package's own C file is ever compiled; nothing a ``.brl`` file says reaches the
 compiler.
@@ -47,8 +48,9 @@ def enabled() -> bool:
 def _cache_dir() -> Path:
     if os.environ.get("BRL_CACHE_DIR"):
         return Path(os.environ["BRL_CACHE_DIR"])
-    root = os.environ.get("XDG_CACHE_HOME")
-    return Path(root) / "brl" if root else Path.home() / ".cache" / "brl"
+    root = os.environ.get("XDG_CACHE_HOME", "")
+    # a relative XDG_CACHE_HOME is invalid (the XDG specification): ignored
+    return Path(root) / "brl" if os.path.isabs(root) else Path.home() / ".cache" / "brl"
 
 
 def _cpu_flags() -> str:
