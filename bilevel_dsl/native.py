@@ -19,6 +19,7 @@ import ctypes
 import hashlib
 import os
 import platform
+import shlex
 import shutil
 import stat
 import subprocess
@@ -61,8 +62,19 @@ def _cpu_flags() -> str:
         return platform.processor()
 
 
-def _compiler() -> str | None:
-    return shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
+def _compiler() -> list[str]:
+    """The compiler's command: ``$CC`` as the shell would split it (``ccache gcc``), else
+    ``cc`` or ``gcc``; a ``$CC`` that is not found is an error, not a quiet change of
+    compiler."""
+    if os.environ.get("CC", "").strip():
+        command = shlex.split(os.environ["CC"])
+        if shutil.which(command[0]) is None:
+            raise RuntimeError(f"CC={os.environ['CC']!r}: {command[0]} is not found")
+        return command
+    found = shutil.which("cc") or shutil.which("gcc")
+    if found is None:
+        raise RuntimeError("no C compiler (cc or gcc) on the PATH")
+    return [found]
 
 
 _WRITABLE_BY_OTHERS = stat.S_IWGRP | stat.S_IWOTH
@@ -88,9 +100,9 @@ def _private_folder() -> Path:
     return folder
 
 
-def _build(compiler: str, rebuild: bool) -> Path:
+def _build(compiler: list[str], rebuild: bool) -> Path:
     source = SOURCE.read_bytes()
-    version = subprocess.run([compiler, "--version"], capture_output=True, text=True,
+    version = subprocess.run([*compiler, "--version"], capture_output=True, text=True,
                              errors="replace", timeout=60).stdout
     cpu = _cpu_flags()
     flags = _FLAGS + (_WIDE if " avx512f " in f" {cpu} " else [])
@@ -102,11 +114,11 @@ def _build(compiler: str, rebuild: bool) -> Path:
         return target  # else built anew: a file someone else could have written is replaced
     with tempfile.TemporaryDirectory(dir=folder) as work:
         built = Path(work) / target.name
-        result = subprocess.run([compiler, *flags, str(SOURCE), "-o", str(built), *_LIBS],
+        result = subprocess.run([*compiler, *flags, str(SOURCE), "-o", str(built), *_LIBS],
                                 capture_output=True, text=True, errors="replace", timeout=300)
         if result.returncode != 0:
             lines = result.stderr.strip().splitlines()
-            raise RuntimeError(lines[-1] if lines else f"{compiler} exited with "
+            raise RuntimeError(lines[-1] if lines else f"{' '.join(compiler)} exited with "
                                f"{result.returncode}")
         built.chmod(0o755)  # whatever the umask: never writable by others
         os.replace(built, target)  # atomic: a concurrent build writes the same bytes
@@ -133,8 +145,6 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
 
 def _load() -> ctypes.CDLL:
     compiler = _compiler()
-    if compiler is None:
-        raise RuntimeError("no C compiler (cc or gcc) on the PATH")
     try:
         return _declare(ctypes.CDLL(str(_build(compiler, rebuild=False))))
     except (OSError, AttributeError):  # a damaged or foreign file in the cache: build anew

@@ -165,6 +165,9 @@ def test_turned_off_or_failing_builds_fall_back_to_torch(monkeypatch, tmp_path):
     monkeypatch.setattr(native, "_state", {})
     monkeypatch.setenv("BRL_CACHE_DIR", str(tmp_path))
     monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+    assert native.library() is None and "no-such-compiler is not found" in native.why()
+    monkeypatch.setattr(native, "_state", {})
+    monkeypatch.delenv("CC")
     monkeypatch.setattr(native.shutil, "which", lambda name: None)
     assert native.library() is None and "no C compiler" in native.why()
     P = sparse_P(60, 3, seed=2)
@@ -272,5 +275,5 @@ def test_a_compiler_that_fails_silently_is_reported(monkeypatch, tmp_path):
     silent.write_text("#!/bin/sh\nexit 3\n")
     silent.chmod(0o755)
     _fresh_build(monkeypatch, tmp_path / "cache")
-    monkeypatch.setenv("CC", str(silent))
+    monkeypatch.setenv("CC", f"{silent} --as-a-wrapper")  # split as the shell would
     assert native.library() is None and "exited with 3" in native.why()
