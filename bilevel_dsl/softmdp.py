@@ -394,11 +394,12 @@ class Transitions:
         """The bandwidth of the state graph (``s -> t`` where some ``P[s, a, t] > 0``, made
         symmetric) in reverse Cuthill-McKee order, and ``sum_s width_s^2`` over its rows: the
         multiply-adds of an LU of ``I - gamma P_pi`` that keeps within that envelope, for any
-        policy. A few hubs (states linked to more than ``4 sqrt(S)`` others, such as a start
-        state that every state can be reset to) are ordered last and left out of the
-        bandwidth: each adds a dense row and column to the factors, about ``2 S (band + 1)``
-        multiply-adds, where counting its width would make a grid look like an expander.
-        Computed once (a fifth of a second at 10^5 states and 2 * 10^6 entries)."""
+        policy. Hubs (states linked to more than ``4 sqrt(S)`` others, such as a start
+        state that every state can be reset to) are ordered last, where counting their width
+        would make a grid look like an expander: ``k`` of them add ``k`` to the band (a dense
+        row and column each) and about ``k S (2 band + k)`` multiply-adds, so that a few cost
+        little and many send the matrix to GMRES. Computed once (a fifth of a second at 10^5
+        states and 2 * 10^6 entries)."""
         if self._envelope is None:
             S = self.n_states
             if self._dense is not None or S == 0:
@@ -409,14 +410,13 @@ class Transitions:
             graph = (graph + graph.T).tocsr()
             degree = np.diff(graph.indptr)
             hubs = np.flatnonzero(degree > max(32.0, 4.0 * math.sqrt(S)))
-            if 0 < hubs.size <= math.sqrt(S):
+            if hubs.size:
                 keep = np.ones(S, dtype=bool)
                 keep[hubs] = False
                 graph = graph[keep][:, keep].tocsr()
-            else:
-                hubs = hubs[:0]
             n = graph.shape[0]
-            order = scipy.sparse.csgraph.reverse_cuthill_mckee(graph, symmetric_mode=True)
+            order = (scipy.sparse.csgraph.reverse_cuthill_mckee(graph, symmetric_mode=True)
+                     if n else np.arange(0))
             position = np.empty(n, dtype=np.int64)
             position[order] = np.arange(n)
             # each row's leftmost neighbour in the new order (itself if it has none to the left)
@@ -428,8 +428,11 @@ class Transitions:
                     np.minimum.reduceat(position[graph.indices], graph.indptr[nonempty]))
             width = (position - leftmost).astype(np.float64)
             band = int(width.max(initial=0))
-            work = float(np.square(width).sum()) + hubs.size * 2.0 * S * (band + 1)
-            self._envelope = (band, work)
+            k = float(hubs.size)
+            # each hub row and column is dense: an elimination step inside the band also
+            # updates the k hub rows and columns; the k x k block is factorised last
+            work = float(np.square(width).sum()) + k * S * (2.0 * (band + 1) + k) + k**3 / 3
+            self._envelope = (band + hubs.size, work)
         return self._envelope
 
     def lu_work(self) -> float:

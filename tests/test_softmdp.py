@@ -492,6 +492,31 @@ def test_a_hub_state_does_not_hide_a_grid():
     torch.testing.assert_close(M @ solve_policy_system(T, pi, b, 0.999), b, rtol=0, atol=1e-11)
 
 
+def test_more_hubs_than_sqrt_states_still_factorise_and_a_dense_graph_does_not():
+    """40 hubs on a 30 x 30 grid (more than sqrt(S) = 30, each linked to about 170 states):
+    they were all counted in the bandwidth, which sent the grid to GMRES; now each costs its
+    dense row and column. A graph of hubs only is still left to GMRES."""
+    from bilevel_dsl.softmdp import direct_solves
+
+    n, hubs, reset = 30, 40, 0.005
+    grid = _grid_walk(n)
+    rows, cols, values = grid.coo()
+    S = grid.n_states
+    pairs = torch.arange(S * 4).repeat(2)
+    targets = torch.randint(0, hubs, (S * 8,), generator=torch.Generator().manual_seed(3))
+    T = Transitions.from_coo(torch.cat([rows, pairs]), torch.cat([cols, targets]),
+                             torch.cat([values * (1 - 2 * reset),
+                                        torch.full((S * 8,), reset, dtype=DT)]), S, 4)
+    band, work = T.envelope()
+    assert band <= 2 * n + hubs and work < 20 * grid.envelope()[1]
+    assert direct_solves(T)
+    everywhere = torch.randint(0, S, (S * 4, 200), generator=torch.Generator().manual_seed(0))
+    expander = Transitions.from_coo(torch.arange(S * 4).repeat_interleave(200),
+                                    everywhere.reshape(-1),
+                                    torch.full((S * 800,), 1 / 200, dtype=DT), S, 4)
+    assert expander.envelope()[0] > 0.25 * S and not direct_solves(expander)
+
+
 def test_sparse_factorisation_matches_gmres_and_serves_the_backward_pass(monkeypatch):
     """On a 1,600-state grid at gamma 0.99 with a nearly deterministic policy (where GMRES is
     slow) the SuperLU solve agrees with GMRES, in both orientations, and a forward and backward
