@@ -158,6 +158,7 @@ class Transitions:
         self._csr = csr
         self._csr_t = csr_t
         self._csr_by_action: Tensor | None = None  # built on first use, see flat_matrix
+        self._row_sums: Tensor | None = None  # see row_sums
         self._row_sum_range: tuple[float, float] | None = None  # see row_sum_range
         self._envelope: tuple[int, float] | None = None  # see envelope
         self._lu_work: float | None = None  # see lu_work
@@ -232,7 +233,11 @@ class Transitions:
 
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None
            ) -> Transitions:
-        """A copy on another device (and/or with another floating dtype)."""
+        """A copy on another device (and/or with another floating dtype); itself, with what it
+        has cached, where neither changes."""
+        if ((device is None or torch.device(device) == self.device)
+                and (dtype is None or dtype == self.dtype)):
+            return self
         if self._dense is not None:
             return Transitions(self.n_states, self.n_actions,
                                dense=self._dense.to(device=device, dtype=dtype))
@@ -362,10 +367,13 @@ class Transitions:
         return rows, self._csr.col_indices().long(), self._csr.values()
 
     def row_sums(self) -> Tensor:
-        """``(S, A)`` total probability of each row (below one where an episode may end)."""
-        if self._dense is not None:
-            return self._dense.sum(-1)
-        return self.expect(torch.ones(self.n_states, dtype=self.dtype, device=self.device))
+        """``(S, A)`` total probability of each row (below one where an episode may end);
+        computed once, as rewards use it at every evaluation."""
+        if self._row_sums is None:
+            self._row_sums = (self._dense.sum(-1) if self._dense is not None else
+                              self.expect(torch.ones(self.n_states, dtype=self.dtype,
+                                                     device=self.device)))
+        return self._row_sums
 
     def policy_matrix(self, pi: Tensor) -> Tensor:
         """Dense ``(S, S)`` matrix ``P_pi``, for direct solves on small state spaces."""

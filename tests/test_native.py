@@ -36,7 +36,7 @@ def sparse_P(S: int, A: int, seed: int, successors: tuple[int, int] = (1, 6),
 def torch_twin(P: Transitions, monkeypatch: pytest.MonkeyPatch) -> Transitions:
     """The same P with the fused loops turned off (a copy: the layout is cached per object)."""
     monkeypatch.setenv("BRL_NATIVE", "0")
-    twin = P.to()
+    twin = Transitions.from_coo(*P.coo(), P.n_states, P.n_actions)
     assert twin.fused_layout() is None
     monkeypatch.delenv("BRL_NATIVE")
     return twin

@@ -61,6 +61,9 @@ def test_dense_and_sparse_agree():
     torch.testing.assert_close(dense.pull(y), sparse.pull(y), rtol=0, atol=1e-14)
     torch.testing.assert_close(dense.pull(r), sparse.pull(r), rtol=0, atol=1e-14)
     torch.testing.assert_close(dense.row_sums(), sparse.row_sums(), rtol=0, atol=1e-14)
+    # a move to where it already is keeps the object and its caches (row sums, layouts)
+    assert sparse.to("cpu") is sparse and sparse.to(dtype=DT).row_sums() is sparse.row_sums()
+    assert sparse.to(dtype=torch.float32).dtype == torch.float32
     torch.testing.assert_close(dense.dense(), sparse.dense(), rtol=0, atol=0)
     torch.testing.assert_close(dense.policy_matrix(pi), sparse.policy_matrix(pi))
     assert dense.nnz == sparse.nnz
