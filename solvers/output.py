@@ -168,6 +168,8 @@ def summary_table(problem: TabularProblem, result: SolveResult, meta: dict[str, 
     if (lag := _lagging(stationarity or norms, result.extra.get("exact"))) is not None:
         rows.append(("warning", f"the exact stationarity at the final x is {lag}: the follower "
                                 f"or the adjoint still lag x; run longer, or {advice}"))
+    if (plain := _momentum_unused(result.extra.get("momentum"))) is not None:
+        rows.append(("warning", plain))
     # model-free solvers count what they asked of the oracle and the simulator
     rows += [(label, f"{result.extra[key]:,}") for key, label in
              (("queries", "preference queries"), ("transitions", "simulator transitions"))
@@ -450,6 +452,21 @@ def _m_sobirl_advice(discount: float, inner: int) -> str:
                 f"{inner} Bellman steps per iteration remove {removed:.0%} of the follower's "
                 "error")
     return f"{advice} with more adjoint steps (--set adjoint_steps=10)"
+
+
+def _momentum_unused(momentum: dict[str, float] | None) -> str | None:
+    """stoc_sobirl's adaptive weight held at 1 (the replayed differences as noisy as a fresh
+    estimate): the run was sobirl, at the cost of two estimates per iteration."""
+    if not momentum or momentum["replayed_iterations"] < 10:
+        return None
+    replayed, at_one = momentum["replayed_iterations"], momentum["iterations_at_weight_1"]
+    if at_one < 0.9 * replayed:
+        return None
+    return (f"the momentum was off: eta_k = 1 in {at_one} of the {replayed} iterations that "
+            "replayed their sample (the replayed differences were as noisy as fresh "
+            "estimates), so the steps were sobirl's, at twice its estimator work; --solver "
+            "sobirl takes them for half the work, smaller steps (--set beta=...) quiet the "
+            "replays, --set adaptive=false keeps the paper's schedule regardless")
 
 
 def _objective_note(result: SolveResult, meta: dict[str, Any]) -> str:

@@ -70,8 +70,10 @@ def adaptive_weight(eta: float, diff: float, twice: float) -> float:
     return min(1.0, max(eta, math.sqrt(2.0 * diff / twice)))
 
 
-def setup(problem: TabularProblem, options: dict[str, Any]) -> tuple[Follower, Direction]:
-    """Algorithms 3-4's follower and momentum direction (``outer_loop`` runs them)."""
+def setup(problem: TabularProblem, options: dict[str, Any],
+          weights: list[float] | None = None) -> tuple[Follower, Direction]:
+    """Algorithms 3-4's follower and momentum direction (``outer_loop`` runs them);
+    ``weights`` receives ``eta_k`` at each iteration that replayed its sample."""
     env = Environment.of(problem)
     streams = Streams(problem.seed, problem.device)
     follower = Follower(problem, env, options, streams.rollouts)
@@ -94,6 +96,8 @@ def setup(problem: TabularProblem, options: dict[str, Any]) -> tuple[Follower, D
                     change = float((other - replay.grad).square().sum())
                     noise[key] = NOISE_DECAY * noise[key] + change
                 eta = adaptive_weight(eta, noise["diff"], noise["twice"])
+            if weights is not None:
+                weights.append(eta)
             d = e.grad + (1.0 - eta) * (state["d"] - replay.grad)
         state.update(d=d, h=e.grad, x=x.detach().clone(), pi=pi.detach().clone())
         return d, e.objective, float(torch.linalg.vector_norm(d))
@@ -102,8 +106,17 @@ def setup(problem: TabularProblem, options: dict[str, Any]) -> tuple[Follower, D
 
 
 def run(problem: TabularProblem, options: dict[str, Any], monitor: Monitor) -> SolveResult:
-    """Algorithms 3 and 4 from ``x0`` and the uniform policy."""
-    return outer_loop(problem, options, monitor, *setup(problem, options))
+    """Algorithms 3 and 4 from ``x0`` and the uniform policy. ``extra["momentum"]`` says how
+    much momentum the run had: where the adaptive weight stays at 1 it was ``sobirl`` at twice
+    the estimates per iteration, which the summary then says."""
+    weights: list[float] = []
+    result = outer_loop(problem, options, monitor, *setup(problem, options, weights))
+    result.extra["momentum"] = {
+        "replayed_iterations": len(weights),
+        "mean_weight": sum(weights) / len(weights) if weights else 1.0,
+        "iterations_at_weight_1": sum(1 for eta in weights if eta >= 1.0),
+    }
+    return result
 
 
 SPEC = SolverSpec(

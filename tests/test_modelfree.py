@@ -297,6 +297,26 @@ def test_rlhf_chain_end_to_end():
     assert 0.0 < result.objective < 2.0 and len(result.history["objective"]) == 4
     _, again = solve(problem, "stoc_sobirl", options)
     assert torch.equal(result.x, again.x)  # same seed, same numbers
+    # the file's momentum = 3: eta_k = min(1, 3 / (k+1)^(2/3)) = 1 up to k = 4, no replays
+    assert result.extra["momentum"] == {"replayed_iterations": 0, "mean_weight": 1.0,
+                                        "iterations_at_weight_1": 0}
+    _, longer = solve(problem, "stoc_sobirl", {**options, "outer": 8})
+    momentum = longer.extra["momentum"]
+    assert momentum["replayed_iterations"] == 3 and 0 < momentum["mean_weight"] <= 1
+    assert 0 <= momentum["iterations_at_weight_1"] <= 3
+
+
+def test_the_summary_says_when_stoc_sobirl_had_no_momentum():
+    """The adaptive weight pinned at 1 makes stoc_sobirl sobirl at twice the work: said once
+    it held for 90% of ten or more replayed iterations, not before."""
+    from solvers.output import _momentum_unused
+
+    def said(replayed: int, at_one: int) -> str | None:
+        return _momentum_unused({"replayed_iterations": replayed, "mean_weight": 1.0,
+                                 "iterations_at_weight_1": at_one})
+
+    assert "54 of the 55" in said(55, 54) and "--solver sobirl" in said(55, 54)
+    assert said(55, 49) is None and said(9, 9) is None and _momentum_unused(None) is None
 
 
 def optimal_true_return(problem) -> float:
