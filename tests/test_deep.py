@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -242,3 +243,21 @@ def test_atari_evaluation_env_matches_the_training_copies():
     assert isinstance(terminated, bool) and isinstance(truncated, bool)
     one.close()
     many.close()
+
+
+def test_mujoco_warnings_leave_no_log_file_in_the_working_directory(tmp_path):
+    """HalfCheetah's model warns of a deprecated attribute whenever it is built; MuJoCo's own
+    handler printed it and wrote MUJOCO_LOG.TXT into the user's directory. It is a Python
+    warning now, shown once for two copies. (A subprocess: the handler is process-wide.)"""
+    script = ("import warnings\n"
+              "from solvers.deep.envs import EnvSpec, make_vector_env\n"
+              "with warnings.catch_warnings(record=True) as seen:\n"
+              "    warnings.simplefilter('default')\n"
+              "    make_vector_env(EnvSpec('HalfCheetah-v5'), 2, seed=0).close()\n"
+              "print(sum('MuJoCo: ' in str(w.message) for w in seen))\n")
+    done = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert done.returncode == 0, done.stderr
+    assert not (tmp_path / "MUJOCO_LOG.TXT").exists()
+    assert done.stdout.strip() == "1" and "WARNING" not in done.stdout + done.stderr

@@ -34,6 +34,26 @@ def _register() -> None:
         _registered = True
 
 
+def _route_mujoco_warnings(env_id: str) -> None:
+    """MuJoCo's own warning handler writes ``MUJOCO_LOG.TXT`` into the working directory
+    (HalfCheetah's model warns of a deprecated attribute each time it is built): its warnings
+    become Python warnings instead, shown once. A handler someone else installed is kept."""
+    entry = getattr(gym.registry.get(env_id), "entry_point", None)
+    if not (isinstance(entry, str) and entry.startswith("gymnasium.envs.mujoco.")):
+        return
+    import mujoco
+
+    if mujoco.get_mju_user_warning() is None:
+        mujoco.set_mju_user_warning(_mujoco_warning)
+
+
+def _mujoco_warning(message: str) -> None:
+    try:  # called from C: an exception (warnings as errors) must not escape into MuJoCo
+        warnings.warn(f"MuJoCo: {message}", RuntimeWarning, stacklevel=1)
+    except Exception:  # noqa: BLE001 - a warning filtered to an error is dropped
+        pass
+
+
 def known_ids() -> list[str]:
     """Every environment id a `.brl` file may name."""
     _register()
@@ -162,6 +182,7 @@ def make_vector_env(spec: EnvSpec, n_envs: int, seed: int) -> gym.vector.VectorE
             **spec.extra,
         )
     else:
+        _route_mujoco_warnings(spec.env_id)
         env = gym.vector.SyncVectorEnv(
             [partial(gym.make, spec.env_id, **_make_kwargs(spec)) for _ in range(n_envs)],
             autoreset_mode=gym.vector.AutoresetMode.SAME_STEP,
@@ -178,6 +199,7 @@ def make_env(spec: EnvSpec) -> gym.Env:
         problem = check_id(spec.env_id)
         if problem is not None:
             raise ValueError(f"environment `{spec.env_id}`: {problem}")
+        _route_mujoco_warnings(spec.env_id)
         return gym.make(spec.env_id, **_make_kwargs(spec))
     return _OneCopy(make_vector_env(spec, 1, 0))
 
