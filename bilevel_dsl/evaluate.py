@@ -62,15 +62,24 @@ class VarRef:
 
 @dataclass
 class Binding:
-    """An index bound to a set: along `axis` its elements are the set's positions 0..n-1."""
+    """An index bound to a set: along `axis` its elements are the set's positions 0..n-1, or,
+    with `at`, the given positions, along an axis that several indices may share (a reward
+    in `(s, a, t)` evaluated on the nonzeros of a sparse `P` only, one entry per triple)."""
 
     axis: str
     set: SetValue
     device: torch.device
+    at: torch.Tensor | None = None
 
     @property
     def positions(self) -> torch.Tensor:
-        return arange(self.set.size, self.device)
+        return arange(self.set.size, self.device) if self.at is None else self.at
+
+    def values(self) -> torch.Tensor:
+        """The index's values: its positions, or for a range such as `1..5` the numbers."""
+        if self.at is None:
+            return arange(self.set.size, self.device, self.set.start)
+        return self.at.to(DTYPE) + self.set.start
 
 
 @dataclass
@@ -374,8 +383,7 @@ def _string(node: ir.String, scope: Scope) -> str:
 def _name(node: ir.Name, scope: Scope) -> object:
     binding = scope.indices.get(node.id)
     if binding is not None:
-        values = arange(binding.set.size, binding.device, binding.set.start)
-        return Val(values, (binding.axis,), (), "int", binding.set)
+        return Val(binding.values(), (binding.axis,), (), "int", binding.set)
     if node.id == "policy":
         if scope.policy_ref is None:
             raise EvalError("E501", "`policy` is only defined in the upper objective", node.span,
@@ -684,7 +692,7 @@ def _index_one(base: Val, index_node: ir.Expr, scope: Scope, k: int, whole: ir.I
         binding = scope.indices[_source_name(index_node)]
         positions = binding.positions
         axis = binding.axis
-        if axis not in base.axes and positions.numel() == size:
+        if axis not in base.axes and binding.at is None and positions.numel() == size:
             # Fast path: the first trailing dimension simply becomes a named axis (no copy).
             return Val(base.t, base.axes + (axis,), base.dims[1:], base.kind)
         pos_val = Val(positions, (axis,), (), "int")

@@ -290,6 +290,43 @@ def test_a_next_state_reward_is_averaged_term_by_term(mdp):
     torch.testing.assert_close(g_split, g_whole, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("mdp", [
+    "random_mdp(states = 1200, actions = 3, successors = 5, discount = 0.9)",
+    # states numbered from 1: `s` and `t` are values 1..1200, positions 0..1199
+    "table { states = Cell  actions = 3  transition[s, a, t] = (if t == s then 0.5 else 0)"
+    " + (if t == 1 then 0.5 else 0) }",
+])
+def test_a_reward_in_s_a_and_t_together_is_evaluated_on_sparse_P_s_nonzeros(mdp):
+    """Terms in `t` and `s` or `a` together, on a sparse P, are evaluated at P's stored
+    triples only (the three indices walking them along one axis); values and gradients equal
+    an independent sum over the dense table, index values (`0.001 * s`), comparisons of
+    indices (`t == s`), indexing by each (`w[a]`, `x[s]`) and a reduction inside included."""
+    text = ("brl 1\nseed 5\nset Cell = 1..1200\nmdp M = " + mdp + "\n"
+            "param w[M.A] ~ normal(0, 1)\nvar x[M.S] ~ normal(0, 1)\n"
+            "lower M { temperature = 1\n  reward[s, a, t] = 0.001 * s * x[t] "
+            "+ w[a] * (x[t] - x[s])^2 - (if t == s then 1 else 0)"
+            " + sum {u in 0..2} u * w[a] * x[t] }\nupper minimize norm2(x)\n")
+    checked = compile_ok(text)
+    problem = lower(checked, device="cpu")
+    assert problem.transitions.is_sparse
+    P = problem.transitions.dense()
+    S, A = problem.n_states, problem.n_actions
+    first = 1.0 if "Cell" in mdp else 0.0
+    w = checked.names["w"].t
+    x = problem.x0.clone().requires_grad_(True)
+    value = (first + torch.arange(S, dtype=DT))[:, None, None]
+    table = (0.001 * value * x[None, None, :]
+             + w[None, :, None] * (x[None, None, :] - x[:, None, None]) ** 2
+             - torch.eye(S, dtype=DT)[:, None, :] + 3 * w[None, :, None] * x[None, None, :])
+    expected = (P * table).sum(-1)
+    got = problem.reward(x)
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+    weights = torch.randn(S, A, generator=torch.Generator().manual_seed(0), dtype=DT)
+    (g_got,) = torch.autograd.grad((got * weights).sum(), x)
+    (g_expected,) = torch.autograd.grad((expected * weights).sum(), x)
+    torch.testing.assert_close(g_got, g_expected, rtol=1e-12, atol=1e-12)
+
+
 def test_maximize_negates_the_objective():
     low = lower(compile_ok(SMALL.format(sense="minimize")), device="cpu")
     high = lower(compile_ok(SMALL.format(sense="maximize")), device="cpu")
