@@ -1,9 +1,12 @@
-"""MDP generators: grid worlds from ASCII maps (on networkx), and the paper's random MDPs."""
+"""MDP generators: grid worlds from ASCII maps, and the paper's random MDPs."""
 
 from __future__ import annotations
 
-import networkx as nx
+import re
+
 import numpy as np
+import scipy.sparse
+import scipy.sparse.csgraph
 import torch
 
 from .instance import GridLayout
@@ -15,7 +18,7 @@ from .values import DTYPE, EvalError, MdpValue, SetValue, Val
 DENSE_LIMIT = 4_000_000
 GRID_ACTIONS = ("up", "down", "left", "right")
 GRID_MOVES = ((-1, 0), (1, 0), (0, -1), (0, 1))
-GRID_CELLS = {".": "free", "#": "wall", "S": "start", "G": "goal"}
+_NOT_A_CELL = re.compile(r"[^.#SG]")
 
 
 def _map_rows(text: str, span: Span, triple: bool) -> list[tuple[str, int, int]]:
@@ -56,47 +59,49 @@ def gridworld(
     def at(line: int, column: int, length: int) -> Span:
         return span if escaped else Span(line, column, line, column + length)
 
-    starts, goals = [], []
-    cells: list[tuple[int, int]] = []
-    walls: list[tuple[int, int]] = []
     for r, (row, line, column) in enumerate(rows):
         if len(row) != width:
             raise EvalError("E405", f"map row {r + 1} has {len(row)} cells but row 1 has {width}",
                             at(line, column, len(row)),
                             "every row of the map must have the same width")
-        for c, ch in enumerate(row):
-            kind = GRID_CELLS.get(ch)
-            where = at(line, column + c, 1)
-            if kind is None:
-                raise EvalError("E405", f"unknown map cell `{ch}`", where,
-                                "cells are `.` free, `#` wall, `S` start, `G` goal")
-            if kind == "wall":
-                walls.append((r, c))
-                continue
-            if kind == "start":
-                starts.append(((r, c), where))
-            if kind == "goal":
-                goals.append(((r, c), where))
-            cells.append((r, c))
-    for found, what in ((starts, "start `S`"), (goals, "goal `G`")):
+        if (bad := _NOT_A_CELL.search(row)) is not None:
+            raise EvalError("E405", f"unknown map cell `{bad.group()}`",
+                            at(line, column + bad.start(), 1),
+                            "cells are `.` free, `#` wall, `S` start, `G` goal")
+    # one byte per cell (every cell is one of `.#SG` now), states in reading order
+    grid = np.frombuffer("".join(row for row, _, _ in rows).encode("ascii"),
+                         dtype=np.uint8).reshape(len(rows), width)
+    for mark, what in ((b"S", "start `S`"), (b"G", "goal `G`")):
+        found = np.argwhere(grid == mark[0])
         if len(found) != 1:
-            where = found[1][1] if len(found) > 1 else span
+            where = span
+            if len(found) > 1:
+                r, c = found[1]
+                where = at(rows[r][1], rows[r][2] + c, 1)
             raise EvalError("E405", f"the map needs exactly one {what}, found {len(found)}",
                             where)
-    graph = nx.grid_2d_graph(len(rows), width)
-    graph.remove_nodes_from(walls)
-    start, goal = starts[0][0], goals[0][0]
-    if not nx.has_path(graph, start, goal):
-        raise EvalError("E405", "the goal cannot be reached from the start", goals[0][1],
-                        "open a path through the walls")
-    index = {cell: i for i, cell in enumerate(cells)}
+    free = grid != ord("#")
+    cells = np.argwhere(free)
     S, A = len(cells), len(GRID_ACTIONS)
-    # next_state[s, d]: where moving in direction d from s lands (blocked moves stay put).
+    index = np.full(grid.shape, -1, dtype=np.int64)
+    index[free] = np.arange(S)
+    start = int(index[grid == ord("S")][0])
+    goal_index = int(index[grid == ord("G")][0])
+    # next_state[s, d]: where moving in direction d from s lands (off the map or into a wall
+    # stays put)
+    padded = np.full((grid.shape[0] + 2, width + 2), -1, dtype=np.int64)
+    padded[1:-1, 1:-1] = index
     next_state = np.empty((S, A), dtype=np.int64)
-    for s, (r, c) in enumerate(cells):
-        for d, (dr, dc) in enumerate(GRID_MOVES):
-            target = (r + dr, c + dc)
-            next_state[s, d] = index[target] if graph.has_edge((r, c), target) else s
+    for d, (dr, dc) in enumerate(GRID_MOVES):
+        target = padded[cells[:, 0] + 1 + dr, cells[:, 1] + 1 + dc]
+        next_state[:, d] = np.where(target >= 0, target, np.arange(S))
+    moves = scipy.sparse.csr_matrix((np.ones(S * A), (np.repeat(np.arange(S), A),
+                                                      next_state.reshape(-1))), shape=(S, S))
+    reached = scipy.sparse.csgraph.breadth_first_order(moves, start, return_predecessors=False)
+    if not (reached == goal_index).any():
+        r, c = cells[goal_index]
+        raise EvalError("E405", "the goal cannot be reached from the start",
+                        at(rows[r][1], rows[r][2] + c, 1), "open a path through the walls")
     # Intended move with probability 1 - slip, each other direction with slip / 3.
     probs = np.full((A, A), slip / (A - 1))
     np.fill_diagonal(probs, 1.0 - slip)
@@ -109,7 +114,6 @@ def gridworld(
     )
     if S * A * S <= DENSE_LIMIT:
         P = Transitions.from_dense(P.dense())
-    goal_index = index[goal]
     at_goal = torch.zeros(S, dtype=DTYPE)
     at_goal[goal_index] = 1.0
     reward = goal_reward * P.expect(at_goal) + step_reward
@@ -118,20 +122,22 @@ def gridworld(
         terminal[goal_index] = True
         reward[goal_index] = 0.0
     initial = torch.zeros(S, dtype=DTYPE)
-    initial[index[start]] = 1.0
+    initial[start] = 1.0
     states = SetValue(f"{name}.S", S)
     actions = SetValue(f"{name}.A", A, GRID_ACTIONS)
     coords = SetValue("coordinates", 2, ("row", "col"))
-    pos = torch.tensor(cells, dtype=DTYPE)
+    pos = torch.from_numpy(cells.astype(np.float64))
     extras = {
         "pos": Val(pos, (), (states, coords)),
         "goal": Val(torch.tensor(float(goal_index), dtype=DTYPE), kind="int"),
-        "start": Val(torch.tensor(float(index[start]), dtype=DTYPE), kind="int"),
-        "goal_pos": Val(torch.tensor(goal, dtype=DTYPE), (), (coords,)),
-        "start_pos": Val(torch.tensor(start, dtype=DTYPE), (), (coords,)),
+        "start": Val(torch.tensor(float(start), dtype=DTYPE), kind="int"),
+        "goal_pos": Val(pos[goal_index].clone(), (), (coords,)),
+        "start_pos": Val(pos[start].clone(), (), (coords,)),
     }
-    layout = GridLayout(len(rows), width, tuple(cells), tuple(walls), index[start], goal_index,
-                        GRID_ACTIONS, GRID_MOVES)
+    walls = np.argwhere(~free)
+    layout = GridLayout(len(rows), width, tuple(map(tuple, cells.tolist())),
+                        tuple(map(tuple, walls.tolist())), start, goal_index, GRID_ACTIONS,
+                        GRID_MOVES)
     return MdpValue(name, states, actions, P, reward, initial, discount, terminal, extras, layout)
 
 

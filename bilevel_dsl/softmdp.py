@@ -84,8 +84,25 @@ def _build_csr(rows: Tensor, cols: Tensor, values: Tensor, n_rows: int, n_cols: 
     Indices are int32 whenever they fit: torch's CPU CSR product is about twice as fast then.
     Temporaries are freed (or reused in place) as soon as possible and the merge of duplicates
     is skipped when there are none (the generators never make any): at 2 * 10^7 entries this
-    halves both the time and the extra memory of a build.
+    halves both the time and the extra memory of a build. On the CPU scipy's counting sort
+    builds it (two to three times faster than torch's sort: 2.2 s against 4.6 s for 3.2 *
+    10^7 entries).
     """
+    index_dtype = torch.int32 if max(n_rows, n_cols, rows.numel()) < 2**31 - 1 else torch.int64
+    if values.device.type == "cpu":
+        matrix = scipy.sparse.coo_matrix(
+            (values.detach().numpy(), (rows.numpy(), cols.numpy())), shape=(n_rows, n_cols)
+        ).tocsr()  # duplicates summed
+        matrix.eliminate_zeros()
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+            return torch.sparse_csr_tensor(
+                torch.from_numpy(matrix.indptr).to(index_dtype),
+                torch.from_numpy(matrix.indices).to(index_dtype),
+                torch.from_numpy(matrix.data),
+                (n_rows, n_cols),
+                check_invariants=False,
+            )
     key, order = torch.sort(rows * n_cols + cols)
     values = values[order]
     del order
@@ -103,7 +120,6 @@ def _build_csr(rows: Tensor, cols: Tensor, values: Tensor, n_rows: int, n_cols: 
     torch.cumsum(torch.bincount(row, minlength=n_rows), 0, out=crow[1:])
     col = key.sub_(row.mul_(n_cols))  # key and row are not needed any more
     del row
-    index_dtype = torch.int32 if max(n_rows, n_cols, col.numel()) < 2**31 - 1 else torch.int64
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
         return torch.sparse_csr_tensor(
