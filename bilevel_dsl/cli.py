@@ -319,8 +319,11 @@ def cmd_solve(args: argparse.Namespace) -> int:
               f"{result.iterations}, which the output folder keeps", file=sys.stderr)
         return EXIT_ERROR
     if result.stopped_because == solvers.NOT_FINITE:
-        print(f"error: the objective or the hyper-gradient became NaN or infinite after "
-              f"iteration {result.iterations}; the results above are the last finite iterate's. "
+        when = (f"became NaN or infinite after iteration {result.iterations}; the results above "
+                "are the last finite iterate's" if result.iterations or
+                math.isfinite(result.objective) else
+                "is NaN or infinite at the initial x already: no iterate was finite")
+        print(f"error: the objective or the hyper-gradient {when}. "
               "A reward such as log(x) at x = 0 does this (bound the variable away from it), "
               "as do a step too large (--set beta=...) and a param set to inf or a huge value",
               file=sys.stderr)

@@ -15,8 +15,9 @@ from .ir import Span
 
 # Lines longer than this are shown as a window around the error, so a 10 MB line stays readable.
 _WINDOW = 100
-# Quoted text (`name`) longer than this is cut in messages: a 10 MB name stays one short line.
-_QUOTED = re.compile(r"`([^`\n]{77})[^`\n]+`")
+# Quoted text (`name`) longer than 77 characters is cut in messages: a 10 MB name stays one
+# short line.
+_QUOTED = re.compile(r"`([^`\n]*)`")
 
 
 @dataclass(frozen=True)
@@ -85,7 +86,7 @@ def render(diag: Diagnostic, source: SourceFile | None) -> str:
         span = diag.span
         lines = [f"{name}:{span.line}:{span.column}: {diag.severity}[{diag.code}]: "
                  f"{_shorten(diag.message)}"]
-        if source is not None:
+        if source is not None and source.text:  # an IR program alone has no text to quote
             lines.extend(_excerpt(source, span))
     indent = " " * (len(str(diag.span.line)) + 1 if diag.span is not None else 2)
     lines.extend(f"{indent}= note: {_shorten(note)}" for note in diag.notes)
@@ -95,7 +96,10 @@ def render(diag: Diagnostic, source: SourceFile | None) -> str:
 
 
 def _shorten(text: str) -> str:
-    return _QUOTED.sub(lambda m: f"`{m.group(1)}...`", text)
+    """Cut quoted source longer than 77 characters, taking the backticks in pairs: the prose
+    between two quotes is never cut."""
+    return _QUOTED.sub(lambda m: m.group() if len(m.group(1)) <= 77 else
+                       f"`{m.group(1)[:77]}...`", text)
 
 
 def _excerpt(source: SourceFile, span: Span) -> list[str]:

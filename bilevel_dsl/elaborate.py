@@ -406,9 +406,12 @@ class _Elaborator:
             if v.shape != original.shape or (original.kind == "int" and v.kind != "int"):
                 kind = "an integer" if original.kind == "int" else "a number"
                 shape = f" of shape {list(original.shape)}" if original.shape else ""
+                hint = f"`{decl.name}` is declared here"
+                if original.kind == "int" and v.shape == original.shape:
+                    hint = (f"`{decl.name}` is declared with whole numbers, so it is an integer: "
+                            "write them with a decimal point (`1.0`) to allow others")
                 raise EvalError("E305", f"-D {decl.name}: expected {kind}{shape}, got "
-                                f"{v.describe_shape()} of kind {v.kind}", decl.name_span,
-                                f"`{decl.name}` is declared here")
+                                f"{v.describe_shape()} of kind {v.kind}", decl.name_span, hint)
         else:
             v = self._declared_value(decl.name, dims, value_node, decl.random)
         if not _all_finite(v.t) and not _writes_infinity(value_node, v.t):

@@ -388,7 +388,8 @@ def _name(node: ir.Name, scope: Scope) -> object:
         if scope.policy_ref is None:
             raise EvalError("E501", "`policy` is only defined in the upper objective", node.span,
                             "it is the follower's answer to the `lower` block: use it in the "
-                            "`upper` objective (a reward cannot depend on it)")
+                            "`upper` objective (rewards, params and checks are fixed before "
+                            "the follower answers)")
         if scope.policy is None:  # checking without a lower level
             raise EvalError("E501", "`policy` is used but no `lower` block defines a follower",
                             node.span, "add `lower M { temperature = ...  reward[s, a] = ... }`")

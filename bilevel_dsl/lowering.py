@@ -110,7 +110,12 @@ def lower(checked: CheckedProgram, device: str | torch.device | None = None) -> 
     def reward(x: torch.Tensor) -> torch.Tensor:
         return _located(checked, lambda: lower_reward(lower_info, scope(x)))
 
+    pi_shape = (follower.states.size, follower.actions.size)
+
     def objective(x: torch.Tensor, pi: torch.Tensor) -> torch.Tensor:
+        if tuple(pi.shape) != pi_shape:  # broadcasting would silently read a wrong policy
+            raise ValueError(f"pi has shape {tuple(pi.shape)}, but the follower's policy is "
+                             f"(states, actions) = {pi_shape}")
         value = _located(checked, lambda: evaluate_val(upper.objective, scope(x, pi)))
         return sign * value.t.to(DTYPE)
 

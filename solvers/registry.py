@@ -419,7 +419,8 @@ def _gaps(spec: SolverSpec, features: ProblemFeatures) -> list[_Gap]:
     if features.form not in caps.forms:
         gaps.append(_Gap("objective form", features.form, caps.forms))
     elif caps.needs_linear_terms and not features.linear_terms:
-        gaps.append(_Gap("objective form", f"{features.form}, not linear in its terms",
+        gaps.append(_Gap("objective form", f"{features.form}, not a sum of multiples of "
+                         "trajectory terms and terms without the policy",
                          frozenset({f"{form}: constant multiples of its trajectory terms, plus "
                                     "terms without the policy" for form in caps.forms})))
     gaps += [

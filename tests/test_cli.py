@@ -233,6 +233,16 @@ def test_a_run_that_turns_nan_stops_at_the_last_finite_point(solver, tmp_path, c
     record = json.loads((tmp_path / "run" / "result.json").read_text())
     assert record["stopped_because"] == "not_finite"
     assert record["x"] == [[0.5, 0.5]] * 4 and record["objective"] == pytest.approx(10.0)
+    assert "the last finite iterate's" in err
+    # NaN at x0 itself (inf * 0): no iterate was finite, and the message does not claim one
+    path.write_text("brl 1\nmdp M = random_mdp(states = 4, actions = 2, discount = 0.9)\n"
+                    "param lam = 1.0\nvar x[M.S, M.A] = 0 in [0, 1]\n"
+                    "lower M { temperature = 0.5  reward[s, a] = x[s, a] }\n"
+                    "upper minimize lam * norm2(x) - value(M, policy)\n")
+    code, _, err = run(["solve", str(path), "--quiet", "--solver", solver, "--out",
+                        str(tmp_path / "at_x0"), "-D", "lam=inf"], capsys)
+    assert code == 1 and "at the initial x already: no iterate was finite" in err
+    assert "last finite iterate" not in err
 
 
 def test_a_library_warning_is_one_line_without_a_source_path(tmp_path, capsys, monkeypatch):

@@ -257,3 +257,28 @@ def test_at_most_fifty_diagnostics_are_printed_per_file():
     rendered = info.value.render()
     assert rendered.count("error[E100]") == 50
     assert rendered.endswith("many.brl: ... and 70 more errors")
+
+
+def test_long_quotes_are_cut_and_the_prose_between_quotes_is_not():
+    """Backticks are taken in pairs: a hint with two short quotes far apart was once cut
+    between them, as if the prose were one long quote."""
+    from bilevel_dsl.diagnostics import Diagnostic, render
+
+    hint = "`lam` is declared with whole numbers, " + "so " * 30 + "write `1.0` there"
+    name = "n" * 200
+    text = render(Diagnostic("E305", f"unknown `{name}`", None, hint), None)
+    assert hint in text and f"`{'n' * 77}...`" in text and name not in text
+
+
+def test_a_program_checked_without_its_text_is_located_without_an_empty_excerpt():
+    from bilevel_dsl import compile_program, parse_source
+    from bilevel_dsl.diagnostics import SourceFile
+
+    program = parse_source(SourceFile("p.brl", "brl 1\nparam a = b\n"))
+    with pytest.raises(BrlError) as info:
+        compile_program(program)
+    rendered = info.value.render()
+    assert rendered.startswith("p.brl:2:11: error[E201]") and "2 |" not in rendered
+    with pytest.raises(BrlError) as info:  # given the text, it is quoted
+        compile_program(program, "brl 1\nparam a = b\n")
+    assert "2 | param a = b" in info.value.render()

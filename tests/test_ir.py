@@ -322,6 +322,8 @@ def test_lower_checks_the_device_and_the_shape_of_x():
     problem = lower(checked, device=torch.device("cpu"))
     with pytest.raises(ValueError, match=r"x has shape \(5, 2\)"):
         problem.reward(torch.zeros(5, 2, dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"pi has shape \(2, 4\), but the follower's policy"):
+        problem.objective(problem.x0, torch.full((2, 4), 0.5, dtype=torch.float64))
     problem.x0 += 1  # each lowering has its own start
     assert float(lower(checked).x0.abs().sum()) == 0.0
 

@@ -605,5 +605,5 @@ def test_model_free_solvers_refuse_an_objective_not_linear_in_its_terms():
             with pytest.raises(IncapableSolverError) as error:
                 REGISTRY.check_capable(REGISTRY.get(name), features)
             message = str(error.value)
-            assert "not linear in its terms" in message
+            assert "not a sum of multiples of trajectory terms and terms without" in message
             assert "solvers that can: `m_sobirl`, `exact`" in message
