@@ -156,3 +156,29 @@ def phi(problem: TabularProblem, x: Tensor, tol: float = 1e-12, V: Tensor | None
         x = as_point(problem, x)
         _, pi, _ = solve_lower(problem, problem.reward(x), V, tol, polish=True)
         return float(problem.objective(x, pi))
+
+
+# how closely a check at the final x (verify = exact) solves V*, as exact's inner_tol
+VERIFY_TOL = 1e-10
+
+
+def stationarity(problem: TabularProblem, x: Tensor, x_next: Tensor, h: Tensor, beta: float
+                 ) -> tuple[float, float]:
+    """``||h||`` and the gradient mapping ``||x - x_next|| / beta`` (``x_next = project(x -
+    beta h)``): ``||h||`` itself when x has no bounds (or when beta = 0, the mapping's limit
+    without bounds), in one synchronisation."""
+    if problem.bounded and beta > 0:
+        norm, mapping = torch.stack([torch.linalg.vector_norm(h),
+                                     torch.linalg.vector_norm(x - x_next) / beta]).tolist()
+        return norm, mapping
+    norm = float(torch.linalg.vector_norm(h))
+    return norm, norm
+
+
+def exact_record(problem: TabularProblem, x: Tensor, final: HyperGradient, beta: float
+                 ) -> dict[str, float]:
+    """``phi(x)`` (minimised), ``||grad phi(x)||`` and the gradient mapping at ``beta``: a
+    check of a solver's answer at its final x."""
+    norm, mapping = stationarity(problem, x, problem.project(x - beta * final.grad),
+                                 final.grad, beta)
+    return {"objective": final.objective, "hypergrad_norm": norm, "stationarity": mapping}

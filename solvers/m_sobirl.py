@@ -36,12 +36,19 @@ from bilevel_dsl.softmdp import (
     sum_actions,
 )
 
-from .hypergrad import MODEL_BASED, HyperGradient, hypergradient, reward_vjp, upper_derivatives
+from .hypergrad import (
+    MODEL_BASED,
+    VERIFY_TOL,
+    exact_record,
+    hypergradient,
+    reward_vjp,
+    stationarity,
+    upper_derivatives,
+)
 from .registry import Option, SolverSpec
 from .result import NOT_FINITE, Monitor, SolveResult, stop_reason
 
 START_TOL = 1e-8  # sup-norm error of V_0 with start = solved
-VERIFY_TOL = 1e-10  # and of V* at the final x with verify = exact, as exact's inner_tol
 
 
 def centred_adjoint_step(P: Transitions, pi: Tensor, g: Tensor, g_sum: Tensor, z: Tensor,
@@ -146,7 +153,7 @@ def run(problem: TabularProblem, options: dict[str, Any], monitor: Monitor) -> S
             with torch.no_grad():
                 # 4. projected hyper-gradient step
                 x_next = problem.project(torch.add(x, h, alpha=-beta))
-                h_norm, mapping = _stationarity(problem, x, x_next, h, beta)
+                h_norm, mapping = stationarity(problem, x, x_next, h, beta)
             f = float(f)
             if not (math.isfinite(f) and math.isfinite(h_norm)):
                 stopped = NOT_FINITE  # back to the last point whose numbers were finite
@@ -216,31 +223,10 @@ def run(problem: TabularProblem, options: dict[str, Any], monitor: Monitor) -> S
         except KeyboardInterrupt:
             result.stopped_because = "interrupted"
         else:
-            result.extra["exact"] = _exact_record(problem, x.detach(), final, beta)
+            result.extra["exact"] = exact_record(problem, x.detach(), final, beta)
             result.extra["running_objective"] = result.objective
             result.objective, result.policy = final.objective, final.pi.detach()
     return result
-
-
-def _stationarity(problem: TabularProblem, x: Tensor, x_next: Tensor, h: Tensor, beta: float
-                  ) -> tuple[float, float]:
-    """``||h||`` and the gradient mapping ``||x - x_next|| / beta`` (``x_next = project(x -
-    beta h)``): ``||h||`` itself when x has no bounds (or when beta = 0, the mapping's limit
-    without bounds), in one synchronisation."""
-    if problem.bounded and beta > 0:
-        norm, mapping = torch.stack([torch.linalg.vector_norm(h),
-                                     torch.linalg.vector_norm(x - x_next) / beta]).tolist()
-        return norm, mapping
-    norm = float(torch.linalg.vector_norm(h))
-    return norm, norm
-
-
-def _exact_record(problem: TabularProblem, x: Tensor, final: HyperGradient, beta: float
-                  ) -> dict[str, float]:
-    """``phi(x)`` (minimised), ``||grad phi(x)||`` and the gradient mapping at ``beta``."""
-    norm, mapping = _stationarity(problem, x, problem.project(x - beta * final.grad),
-                                  final.grad, beta)
-    return {"objective": final.objective, "hypergrad_norm": norm, "stationarity": mapping}
 
 
 SPEC = SolverSpec(

@@ -69,7 +69,7 @@ from bilevel_dsl.simulator import (
 )
 from bilevel_dsl.softmdp import soft_bellman_update, soft_policy
 
-from .hypergrad import reward_vjp
+from .hypergrad import VERIFY_TOL, exact_record, hypergradient, reward_vjp
 from .registry import Option
 from .result import NOT_FINITE, Monitor, SolveResult, stop_reason
 
@@ -115,6 +115,10 @@ LOOP_OPTIONS = (
     Option("time_limit", float, 0.0, "stop after this many seconds (0: off)", valid="[0, inf)"),
     Option("log_every", int, 1, "record the history every this many iterations",
            valid="[1, inf)"),
+    Option("verify", str, "exact", "after the run, phi and its gradient at x0 and at the final "
+           "x with the follower solved exactly (the model is known for tabular problems; not "
+           "for a preference loss), which the summary compares; off: skip",
+           choices=("exact", "off")),
 )
 
 
@@ -617,7 +621,28 @@ def outer_loop(problem: TabularProblem, options: dict[str, Any], monitor: Monito
         with torch.no_grad():
             objective = float(problem.objective(x, pi))
         meaning = "f(x, pi) at the follower's running policy, not phi(x)"
-    return SolveResult(x=x.detach(), policy=pi.detach(), objective=objective, history=history,
-                       iterations=k, stopped_because=stopped,
-                       extra={"time": time.perf_counter() - start, "queries": env.queries,
-                              "transitions": env.transitions, "objective_is": meaning})
+    result = SolveResult(x=x.detach(), policy=pi.detach(), objective=objective, history=history,
+                         iterations=k, stopped_because=stopped,
+                         extra={"time": time.perf_counter() - start, "queries": env.queries,
+                                "transitions": env.transitions, "objective_is": meaning})
+    if (options["verify"] == "exact" and "preference_loss" not in problem.features
+            and stopped not in ("interrupted", "time_limit", NOT_FINITE)):
+        _verify(problem, result, beta, monitor)
+    return result
+
+
+def _verify(problem: TabularProblem, result: SolveResult, beta: float, monitor: Monitor) -> None:
+    """phi at x0 and at the final x, exactly: the samples the run recorded are noisy and
+    taken at a follower that lags, so only these tell whether the run improved phi."""
+    try:
+        monitor.note("phi(x) and its gradient at x0 and at the final x, exactly (verify = exact)")
+        first = hypergradient(problem, problem.project(problem.x0.detach()), tol=VERIFY_TOL)
+        final = hypergradient(problem, result.x, V=first.V, tol=VERIFY_TOL)
+    except KeyboardInterrupt:
+        result.stopped_because = "interrupted"
+        return
+    result.extra["exact"] = exact_record(problem, result.x, final, beta)
+    result.extra["exact_at_x0"] = first.objective
+    result.extra["running_objective"] = result.objective
+    result.extra["objective_is"] = "phi(x): the follower solved exactly at the final x"
+    result.objective, result.policy = final.objective, final.pi.detach()

@@ -8,6 +8,7 @@ for ``preference_loss``.
 
 from __future__ import annotations
 
+import copy
 import itertools
 import math
 from pathlib import Path
@@ -586,9 +587,33 @@ def test_a_non_finite_estimate_stops_at_the_last_finite_iterate(solver):
 def test_the_last_iteration_is_recorded_whatever_log_every():
     problem = lower(compile_source(SHAPING, "tiny_shaping.brl"), device="cpu")
     _, result = solve(problem, "sobirl", {"outer": 60, "log_every": 7, "follower": "exact",
-                                          "batch": 8})
+                                          "batch": 8, "verify": "off"})
     assert result.history["iteration"] == [*range(0, 60, 7), 59]
     assert result.extra["objective_is"].startswith("f(x, pi) at the follower's running")
+    assert "exact" not in result.extra and "exact_at_x0" not in result.extra
+
+
+def test_a_model_free_run_is_checked_exactly_at_x0_and_at_its_end():
+    """verify = exact (the default): phi and its gradient at both ends with the follower
+    solved, which the summary compares (the sampled objectives start at a lagging follower, and
+    a blind user's run that made phi worse went unwarned); the running objective is kept."""
+    from solvers.output import _ended_worse
+
+    problem = lower(compile_source(SHAPING, "tiny_shaping.brl"), device="cpu")
+    _, result = solve(problem, "sobirl", {"outer": 5, "follower": "exact", "batch": 8})
+    end, start = hypergradient(problem, result.x), hypergradient(problem, problem.x0)
+    assert result.objective == pytest.approx(end.objective, abs=1e-9)
+    assert result.extra["exact_at_x0"] == pytest.approx(start.objective, abs=1e-9)
+    assert result.extra["exact"]["hypergrad_norm"] == pytest.approx(
+        float(torch.linalg.vector_norm(end.grad)), rel=1e-6)
+    assert math.isfinite(result.extra["running_objective"])
+    assert result.extra["objective_is"].startswith("phi(x)")
+    worse = copy.deepcopy(result)
+    worse.extra["exact_at_x0"] = result.objective - 0.5
+    said = _ended_worse(problem, worse, result.history["objective"])
+    assert said is not None and "both with the follower solved exactly" in said
+    assert _ended_worse(problem, result, result.history["objective"]) is None or (
+        result.objective > result.extra["exact_at_x0"])
 
 
 def test_model_free_solvers_refuse_an_objective_not_linear_in_its_terms():

@@ -435,7 +435,8 @@ def test_a_sampling_solver_refuses_a_trajectory_objective_without_linear_terms()
     reg.register(SolverSpec("sampler", (), "samples", caps, (), lambda p, o, m: None))
     mixed = ProblemFeatures("tabular", "trajectory", frozenset({"policy", "expected_return"}),
                             "cpu", linear_terms=False)
-    assert reg.missing(reg.get("sampler"), mixed) == ["objective form `trajectory, not linear in "
-                                                      "its terms`"]
+    assert reg.missing(reg.get("sampler"), mixed) == [
+        "objective form `trajectory, not a sum of multiples of trajectory terms and terms "
+        "without the policy`"]
     assert reg.missing(reg.get("sampler"), ProblemFeatures(
         "tabular", "trajectory", frozenset({"expected_return"}), "cpu")) == []
