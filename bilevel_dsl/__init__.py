@@ -31,12 +31,15 @@ MAX_FILE_BYTES = 64 << 20
 
 def read_source(path: str | Path) -> SourceFile:
     p = Path(path)
+    too_large = BrlError([Diagnostic("E003", f"file is larger than {MAX_FILE_BYTES >> 20} MiB",
+                                     None)], SourceFile(str(path), ""))
     try:
-        size = p.stat().st_size
-        if size > MAX_FILE_BYTES:
-            raise BrlError([Diagnostic("E003", f"file is larger than {MAX_FILE_BYTES >> 20} MiB",
-                                       None)], SourceFile(str(path), ""))
-        data = p.read_bytes()
+        if p.stat().st_size > MAX_FILE_BYTES:
+            raise too_large
+        with p.open("rb") as f:  # at most the limit and one byte: a device or a pipe has no
+            data = f.read(MAX_FILE_BYTES + 1)  # size to check beforehand (/dev/zero)
+        if len(data) > MAX_FILE_BYTES:
+            raise too_large
     except IsADirectoryError:
         raise BrlError([Diagnostic("E002", "is a directory, not a .brl file", None)],
                        SourceFile(str(path), "")) from None

@@ -7,6 +7,7 @@ unless BRL_DEBUG=1 is set.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -16,6 +17,7 @@ import sys
 import threading
 import time
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -225,9 +227,17 @@ def cmd_solve(args: argparse.Namespace) -> int:
     import torch
 
     import solvers
-    from solvers.output import default_out_dir, summary_table, write_run
+    from solvers.output import default_out_dir
     from solvers.progress import ProgressMonitor
 
+    if args.resume is not None:  # a resumed run writes where it was saved
+        if args.out is not None and Path(args.out) != Path(args.resume):
+            raise UsageError(f"--resume {args.resume} continues the run in that folder, and "
+                             f"--out {args.out} would be ignored; copy the folder first to "
+                             "continue a copy (`cp -r OLD NEW`, then --resume NEW)")
+        if not Path(args.resume).is_dir():
+            raise UsageError(f"--resume {args.resume}: no such folder; give the --out folder "
+                             "of the run to continue")
     # a resumed run continues with the solver, seed and options it was saved with; --set
     # changes those the checkpoint allows (outer, time_limit, ...) and the solver refuses others
     saved = _saved_run(args.resume, args.file)
@@ -265,11 +275,23 @@ def cmd_solve(args: argparse.Namespace) -> int:
     monitor = ProgressMonitor(total, sign=problem.sign,
                               stream=open(os.devnull, "w") if args.quiet else sys.stderr)
     out_dir = Path(args.resume or args.out or default_out_dir(problem.name))
-    made_here = not out_dir.exists()
+    made_here = not os.path.exists(out_dir)  # False where the name is too long, say
     out_dir = _output_folder(out_dir, replace=args.force or bool(args.resume),
                              flag="--resume" if args.resume else "--out")
-    if args.force and not args.resume:
-        _clear_run(out_dir)
+    with _claimed(out_dir, "--resume" if args.resume else "--out"):
+        if args.force and not args.resume:
+            _clear_run(out_dir)
+        return _solve_into(out_dir, made_here, args, problem, spec, options, monitor, timings)
+
+
+def _solve_into(out_dir: Path, made_here: bool, args: argparse.Namespace, problem: Any,
+                spec: Any, options: dict[str, Any], monitor: Any, timings: dict[str, float]
+                ) -> int:
+    """Run the solver and write its folder (which this process holds, see ``_claimed``)."""
+    import solvers
+    from solvers.output import summary_table, write_run
+
+    deep = getattr(problem, "environment", "tabular") == "gymnasium"
     extra: dict[str, Any] = {}
     if deep:  # checkpoints go to the output folder as the run goes
         extra = {"out": out_dir, "resume": _checkpoint(args.resume),
@@ -308,25 +330,30 @@ def cmd_solve(args: argparse.Namespace) -> int:
         try:
             write(out_dir, problem, result, meta)
         except OSError as exc:  # a full disk or a vanished folder: the summary still shows x
-            print(summary(problem, result, meta))
-            print(f"error: cannot write the run to {out_dir}: {exc.strerror or exc}; the "
-                  "summary above is all that is left of it (free space, or pass --out with "
-                  "another folder)", file=sys.stderr)
+            _tell(summary(problem, result, meta))
+            kept = [p.name for p in sorted(out_dir.iterdir())] if out_dir.is_dir() else []
+            _tell(f"error: cannot write the run to {out_dir}: {exc.strerror or exc}; "
+                  + (f"what it holds ({', '.join(kept)}) may be incomplete"
+                     if kept else "the summary above is all that is left of it")
+                  + " (free space, or pass --out with another folder)", sys.stderr)
             return EXIT_ERROR
-        print(summary(problem, result, meta))
+        _tell(summary(problem, result, meta))
     if result.extra.get("failure"):  # a run that could not go on, its work kept
-        print(f"error: {result.extra['failure']}; the run stopped after iteration "
-              f"{result.iterations}, which the output folder keeps", file=sys.stderr)
+        _tell(f"error: {result.extra['failure']}; the run stopped after iteration "
+              f"{result.iterations}, which the output folder keeps", sys.stderr)
         return EXIT_ERROR
+    if deep and result.stopped_because == "interrupted" and (out_dir / "checkpoint").is_dir():
+        _tell(f"note: the run is saved in {out_dir}; continue it with `brl solve {args.file} "
+              f"--resume {out_dir}`", sys.stderr)
     if result.stopped_because == solvers.NOT_FINITE:
         when = (f"became NaN or infinite after iteration {result.iterations}; the results above "
                 "are the last finite iterate's" if result.iterations or
                 math.isfinite(result.objective) else
                 "is NaN or infinite at the initial x already: no iterate was finite")
-        print(f"error: the objective or the hyper-gradient {when}. "
+        _tell(f"error: the objective or the hyper-gradient {when}. "
               "A reward such as log(x) at x = 0 does this (bound the variable away from it), "
               "as do a step too large (--set beta=...) and a param set to inf or a huge value",
-              file=sys.stderr)
+              sys.stderr)
         return EXIT_ERROR
     return EXIT_INTERRUPTED if result.stopped_because == "interrupted" else EXIT_OK
 
@@ -360,6 +387,28 @@ _RUN_OUTPUTS = ("result.json", "curve.png", "policy.png", "reward_net.pt")
 _RUN_FOLDERS = ("checkpoint", "checkpoint.tmp", "checkpoint.old")
 
 
+@contextlib.contextmanager
+def _claimed(out_dir: Path, flag: str) -> Iterator[None]:
+    """One run at a time per output folder: a lock on the folder itself (no file left in
+    it), released when the run ends or its process dies. Two runs given the same --out both
+    ended well, and one silently replaced the other's record."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no lock
+        yield
+        return
+    descriptor = os.open(out_dir, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise UsageError(f"{flag} {out_dir} is in use by another brl run; wait for it to "
+                             "end, or choose another folder") from None
+        yield
+    finally:
+        os.close(descriptor)
+
+
 def _clear_run(out_dir: Path) -> None:
     from solvers.output import remove_path
 
@@ -371,14 +420,14 @@ def _output_folder(out_dir: Path, replace: bool, flag: str = "--out") -> Path:
     """Create the output folder before the run, so that a bad ``--out`` fails in a second, not
     after a long solve whose results would then be lost; refuse one that holds another run's
     record or checkpoint unless ``replace``."""
-    if not replace and out_dir.is_dir() and any(
-            (out_dir / name).exists() for name in ("result.json", "checkpoint")):
-        raise UsageError(f"--out {out_dir} already holds a run; choose another folder, pass "
-                         "--force to replace it, or --resume it (deep runs)")
-    if out_dir.exists() and not out_dir.is_dir():
-        raise UsageError(f"{flag} {out_dir}: that is a file, not a folder; pass {flag} with a "
-                         "folder")
     try:
+        if not replace and out_dir.is_dir() and any(
+                (out_dir / name).exists() for name in ("result.json", "checkpoint")):
+            raise UsageError(f"--out {out_dir} already holds a run; choose another folder, pass "
+                             "--force to replace it, or --resume it (deep runs)")
+        if out_dir.exists() and not out_dir.is_dir():
+            raise UsageError(f"{flag} {out_dir}: that is a file, not a folder; pass {flag} with "
+                             "a folder")
         out_dir.mkdir(parents=True, exist_ok=True)
         probe = out_dir / ".brl-write-test"
         probe.touch()
@@ -654,26 +703,43 @@ def _terminated(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt  # SIGTERM (kill, timeout, a scheduler) stops a run like Ctrl-C
 
 
+# SIGTERM (kill, timeout, a scheduler) and SIGHUP (a closed terminal, a dropped ssh session)
+# stop a run like Ctrl-C, which saves what it has
+STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGHUP")
+                     if hasattr(signal, name))
+
+
 def main(argv: list[str] | None = None) -> int:
     shown = warnings.showwarning
     warnings.showwarning = _show_warning
     try:
         if threading.current_thread() is not threading.main_thread():
             return _main(argv)
-        previous = signal.signal(signal.SIGTERM, _terminated)
+        previous = {sig: signal.signal(sig, _terminated) for sig in STOP_SIGNALS}
         try:
             return _main(argv)
         finally:
-            signal.signal(signal.SIGTERM, previous)
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
     finally:
         warnings.showwarning = shown
+
+
+def _tell(text: str, stream: Any = None) -> None:
+    """Print, unless the reader has gone (a closed terminal, `| head`): what is said after a
+    run is said after its record is written, and a dead stream must not turn it into an
+    error."""
+    try:
+        print(text, file=stream if stream is not None else sys.stdout, flush=True)
+    except OSError:
+        pass
 
 
 def _show_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
                   file: Any = None, line: str | None = None) -> None:
     """A library's warning (GMRES stopping short, a system with NaN in it) as one of the
     command line's own lines, without a path into brl's source."""
-    print(f"warning: {message}", file=sys.stderr)
+    _tell(f"warning: {message}", sys.stderr)
 
 
 def _main(argv: list[str] | None) -> int:
@@ -688,7 +754,7 @@ def _main(argv: list[str] | None) -> int:
         print(err.render(), file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        _tell("interrupted", sys.stderr)
         return EXIT_INTERRUPTED
     except BrokenPipeError:  # `brl solvers | head -1`: the reader has gone, nothing to report
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
@@ -705,9 +771,11 @@ def _main(argv: list[str] | None) -> int:
             wanted = re.search(r"allocate (\d+) bytes", str(exc))
             size = f" ({int(wanted[1]) / 2**30:.1f} GiB at once)" if wanted else ""
             print(f"error: the run needs more memory than this machine has{size}; make the "
-                  "problem smaller, and with a sampled follower (sobirl, stoc_sobirl, drlhf), "
+                  "problem smaller; with a sampled follower (sobirl, stoc_sobirl, drlhf), "
                   "whose rollouts take memory for every state-action pair, try --set "
-                  "q_rollouts=1 or --set follower=exact", file=sys.stderr)
+                  "q_rollouts=1 or --set follower=exact; on a gym problem, a smaller "
+                  "reward_net (hidden = [...]), --set sac_width=... or --set buffer=...",
+                  file=sys.stderr)
             return EXIT_ERROR
         print(f"internal error: {type(exc).__name__}: {exc}\n"
               "This is a bug in brl; rerun with BRL_DEBUG=1 for the traceback and report it.",

@@ -407,7 +407,8 @@ class _Elaborator:
                 kind = "an integer" if original.kind == "int" else "a number"
                 shape = f" of shape {list(original.shape)}" if original.shape else ""
                 hint = f"`{decl.name}` is declared here"
-                if original.kind == "int" and v.shape == original.shape:
+                if (original.kind == "int" and v.shape == original.shape
+                        and _literal_numbers(decl.value)):
                     hint = (f"`{decl.name}` is declared with whole numbers, so it is an integer: "
                             "write them with a decimal point (`1.0`) to allow others")
                 raise EvalError("E305", f"-D {decl.name}: expected {kind}{shape}, got "
@@ -1110,6 +1111,15 @@ def _on_transitions(info: LowerInfo, term: ir.Expr, scope: Scope, P: Transitions
     terms = values * as_real(along)
     out = torch.zeros(P.n_states * A, dtype=terms.dtype, device=terms.device)
     return out.index_add(0, rows, terms).reshape(P.n_states, A)
+
+
+def _literal_numbers(node: ir.Expr | None) -> bool:
+    """A number or a list of numbers written out, which a decimal point would make real."""
+    if isinstance(node, ir.Unary):
+        return _literal_numbers(node.operand)
+    if isinstance(node, ir.ArrayLiteral):
+        return all(_literal_numbers(item) for item in node.items)
+    return isinstance(node, ir.Number)
 
 
 def _summands(node: ir.Expr) -> list[tuple[int, ir.Expr]]:

@@ -628,10 +628,35 @@ def _index(node: ir.Index, scope: Scope) -> Val:
             node.span,
             hint,
         )
-    result = base
-    for k, index_node in enumerate(node.indices):
-        result = _index_one(result, index_node, scope, k, node)
+    result, first = _along_transitions(base, node.indices, scope)
+    for k in range(first, len(node.indices)):
+        result = _index_one(result, node.indices[k], scope, k, node)
     return result
+
+
+def _along_transitions(base: Val, indices: list[ir.Expr], scope: Scope) -> tuple[Val, int]:
+    """``D[s, t]``, ``x[t]`` where the indices walk sparse P's stored triples together
+    (``Binding.at``): one selection of the flat positions, not first a row of ``D`` for every
+    triple (nnz x S numbers, and as many in the gradient). Only leading indices that are bare
+    names over the very sets of ``base``'s dimensions (which ``_index_one`` checks would pass)
+    are taken here; ``(base, 0)`` otherwise."""
+    bindings: list[Binding] = []
+    for j, index_node in enumerate(indices[: len(base.dims)]):
+        binding = scope.indices.get(index_node.id) if isinstance(index_node, ir.Name) else None
+        if (binding is None or binding.at is None or base.dims[j] is not binding.set
+                or base.shape[j] != binding.set.size
+                or (bindings and binding.axis != bindings[0].axis)):
+            break
+        bindings.append(binding)
+    if not bindings or bindings[0].axis in base.axes:
+        return base, 0
+    flat = bindings[0].at
+    for binding, size in zip(bindings[1:], base.shape[1 : len(bindings)]):
+        flat = flat * size + binding.at
+    lead = len(base.axes)
+    t = base.t.flatten(lead, lead + len(bindings) - 1) if len(bindings) > 1 else base.t
+    return (Val(t.index_select(lead, flat), base.axes + (bindings[0].axis,),
+                base.dims[len(bindings):], base.kind), len(bindings))
 
 
 def _describe(node: ir.Expr) -> str:
@@ -721,6 +746,11 @@ def _integral(t: torch.Tensor) -> bool:
 
 def _gather(base: Val, pos: Val) -> Val:
     """base[..., pos, ...] on the first trailing dim, broadcasting named axes."""
+    if len(pos.axes) == 1 and pos.axes[0] not in base.axes and pos.t.dim() == 1:
+        # a new axis: a selection, whose gradient is base's size (a gather over base expanded
+        # along the axis made one of base's size for every position)
+        return Val(base.t.index_select(len(base.axes), pos.t), base.axes + pos.axes,
+                   base.dims[1:], base.kind)
     axes = list(base.axes)
     for a in pos.axes:
         if a not in axes:

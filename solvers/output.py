@@ -459,7 +459,7 @@ def _m_sobirl_advice(discount: float, inner: int) -> str:
 
 def _momentum_unused(momentum: dict[str, float] | None) -> str | None:
     """stoc_sobirl's adaptive weight held at 1 (the replayed differences as noisy as a fresh
-    estimate): the run was sobirl, at the cost of two estimates per iteration."""
+    estimate): the run took sobirl's steps, its replays changing nothing."""
     if not momentum or momentum["replayed_iterations"] < 10:
         return None
     replayed, at_one = momentum["replayed_iterations"], momentum["iterations_at_weight_1"]
@@ -467,9 +467,9 @@ def _momentum_unused(momentum: dict[str, float] | None) -> str | None:
         return None
     return (f"the momentum was off: eta_k = 1 in {at_one} of the {replayed} iterations that "
             "replayed their sample (the replayed differences were as noisy as fresh "
-            "estimates), so the steps were sobirl's, at twice its estimator work; --solver "
-            "sobirl takes them for half the work, smaller steps (--set beta=...) quiet the "
-            "replays, --set adaptive=false keeps the paper's schedule regardless")
+            "estimates), so the steps were sobirl's, with replays that changed nothing; "
+            "--solver sobirl takes the same steps without them, smaller steps (--set beta=...) "
+            "quiet the replays, --set adaptive=false keeps the paper's schedule regardless")
 
 
 def _objective_note(result: SolveResult, meta: dict[str, Any]) -> str:

@@ -44,6 +44,7 @@ class ProgressMonitor(Monitor):
         # the rate counts from the first update: a solver's set-up (an exact solve at x0, a
         # warm-up) before it is no iteration
         self._first: tuple[int, float] | None = None
+        self._gone = False  # the reader went away (a closed terminal, `| head`): stop writing
 
     def update(self, iteration: int, objective: float, hypergrad_norm: float) -> None:
         """Redraw the bar (terminal) or print a line when another tenth is done (elsewhere)."""
@@ -70,8 +71,7 @@ class ProgressMonitor(Monitor):
         if self._pending is not None:
             self._draw(self._pending)
         if self._tty and self._width:
-            self.stream.write("\n")
-            self.stream.flush()
+            self._write("\n")
             self._width = 0
 
     def _draw(self, update: tuple[int, float, float, float]) -> None:
@@ -80,11 +80,21 @@ class ProgressMonitor(Monitor):
 
     def _show(self, line: str) -> None:
         if self._tty:
-            self.stream.write("\r" + line.ljust(self._width))
+            self._write("\r" + line.ljust(self._width))
             self._width = len(line)
         else:
-            self.stream.write(line + "\n")
-        self.stream.flush()
+            self._write(line + "\n")
+
+    def _write(self, text: str) -> None:
+        """Write and flush; a stream whose reader has gone is dropped, not let end the run
+        and lose its work."""
+        if self._gone:
+            return
+        try:
+            self.stream.write(text)
+            self.stream.flush()
+        except (OSError, ValueError):  # EPIPE, EIO after a hang-up; a closed file
+            self._gone = True
 
     def _line(self, iteration: int, objective: float, norm: float, now: float) -> str:
         first, since = self._first if self._first is not None else (0, self._start)

@@ -76,9 +76,14 @@ def stop_reason(options: dict[str, Any], start: float, monitor: Monitor) -> str 
     return None
 
 
+# Ctrl-C, and what the command line treats as it: SIGTERM, and SIGHUP (a closed terminal)
+_HELD = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP")
+              if hasattr(signal, name))
+
+
 @contextlib.contextmanager
 def interrupts_deferred() -> Iterator[None]:
-    """Hold Ctrl-C and SIGTERM while a record or checkpoint is written, then act on them:
+    """Hold Ctrl-C, SIGTERM and SIGHUP while a record or checkpoint is written, then act on them:
     an interrupt that lands halfway would leave it cut short. Off the main thread, where
     Python delivers no signals, it does nothing."""
     if threading.current_thread() is not threading.main_thread():
@@ -89,7 +94,7 @@ def interrupts_deferred() -> Iterator[None]:
     def hold(signum: int, frame: Any) -> None:
         received.append(signum)
 
-    held = {sig: signal.signal(sig, hold) for sig in (signal.SIGINT, signal.SIGTERM)}
+    held = {sig: signal.signal(sig, hold) for sig in _HELD}
     try:
         yield
     finally:

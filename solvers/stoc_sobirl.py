@@ -107,8 +107,8 @@ def setup(problem: TabularProblem, options: dict[str, Any],
 
 def run(problem: TabularProblem, options: dict[str, Any], monitor: Monitor) -> SolveResult:
     """Algorithms 3 and 4 from ``x0`` and the uniform policy. ``extra["momentum"]`` says how
-    much momentum the run had: where the adaptive weight stays at 1 it was ``sobirl`` at twice
-    the estimates per iteration, which the summary then says."""
+    much momentum the run had: where the adaptive weight stays at 1 it took ``sobirl``'s steps
+    (its replays changing nothing), which the summary then says."""
     weights: list[float] = []
     result = outer_loop(problem, options, monitor, *setup(problem, options, weights))
     result.extra["momentum"] = {

@@ -480,6 +480,15 @@ def test_unreadable_paths(kind: str, tmp_path, capsys):
     assert "error[E002]" in err and "Traceback" not in err
 
 
+@pytest.mark.skipif(not os.path.exists("/dev/zero"), reason="needs /dev/zero")
+def test_a_device_is_read_only_up_to_the_size_limit(tmp_path, capsys):
+    """A device reports size 0 and never ends: read without a bound, /dev/zero took 23 GB."""
+    path = tmp_path / "zero.brl"
+    path.symlink_to("/dev/zero")
+    code, _, err = run(["check", str(path)], capsys)
+    assert code == 1 and "error[E003]" in err and "larger than 64 MiB" in err
+
+
 def test_valid_oddities_pass(tmp_path, capsys):
     for name, data in {
         "bom": "\ufeffbrl 1\nparam a = 1\n".encode(),
@@ -522,9 +531,11 @@ def test_hostile_inputs_in_a_real_process(tmp_path):
 # ------------------------------------------------------------------ keeping a run's work
 
 
-def test_sigterm_stops_a_run_like_ctrl_c_and_keeps_its_record(tmp_path):
-    """kill, timeout and job schedulers send SIGTERM: the run stops at the next iteration and
-    its folder is written, as after Ctrl-C (before, the folder stayed empty)."""
+@pytest.mark.parametrize("name", ["SIGTERM", "SIGHUP"])
+def test_sigterm_stops_a_run_like_ctrl_c_and_keeps_its_record(tmp_path, name):
+    """kill, timeout and job schedulers send SIGTERM, a closed terminal or a dropped ssh
+    session SIGHUP: the run stops at the next iteration and its folder is written, as after
+    Ctrl-C (before, the folder stayed empty)."""
     import signal
     import time
 
@@ -539,12 +550,68 @@ def test_sigterm_stops_a_run_like_ctrl_c_and_keeps_its_record(tmp_path):
     while not out.exists() and time.time() < deadline:  # created just before the solve
         time.sleep(0.05)
     time.sleep(2.0)  # some iterations, even on a busy machine
-    process.send_signal(signal.SIGTERM)
+    process.send_signal(getattr(signal, name))
     stdout, stderr = process.communicate(timeout=60)
     assert process.returncode == 130, stderr
     record = json.loads((out / "result.json").read_text())
     assert record["stopped_because"] == "interrupted" and record["iterations"] > 0
     assert b"Traceback" not in stderr and b"interrupted" in stdout
+
+
+def test_a_reader_that_goes_away_does_not_end_the_run(tmp_path):
+    """`brl solve ... 2>&1 | head`, a quit pager: the progress lines meet a closed pipe, and the
+    run goes on to its end and writes its folder (it used to stop with nothing saved)."""
+    path = tmp_path / "p.brl"
+    path.write_text(SOLVABLE)
+    out = tmp_path / "run"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "bilevel_dsl.cli", "solve", str(path), "--out", str(out),
+         "--set", "outer=3000"], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        env={**os.environ, "PYTHONPATH": str(ROOT)})
+    process.stderr.readline()  # the first progress line, then the reader leaves
+    process.stderr.close()
+    assert process.wait(timeout=120) == 0
+    record = json.loads((out / "result.json").read_text())
+    assert record["stopped_because"] == "max_iterations" and record["iterations"] == 3000
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="the folder lock is POSIX flock")
+def test_a_second_run_into_a_folder_in_use_is_refused(tmp_path, capsys):
+    """Two runs given one --out both ended well, and one silently replaced the other's record:
+    the folder is locked (no file in it) while a run uses it."""
+    import signal
+    import time
+
+    path = tmp_path / "p.brl"
+    path.write_text(SOLVABLE)
+    out = tmp_path / "run"
+    first = subprocess.Popen(
+        [sys.executable, "-m", "bilevel_dsl.cli", "solve", str(path), "--quiet", "--out",
+         str(out), "--set", "outer=100000000"], cwd=ROOT, stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    try:
+        deadline = time.time() + 60
+        while not out.exists() and time.time() < deadline:
+            time.sleep(0.05)
+        time.sleep(1.0)
+        code, _, err = run(["solve", str(path), "--quiet", "--out", str(out), "--force"],
+                           capsys)
+        assert code == 1 and "is in use by another brl run" in err
+        assert sorted(p.name for p in out.iterdir()) == []
+    finally:
+        first.send_signal(signal.SIGTERM)
+        first.wait(timeout=60)
+    assert (out / "result.json").is_file()  # the first run's record, its folder free again
+    assert run(["solve", str(path), "--quiet", "--out", str(out), "--force"], capsys)[0] == 0
+
+
+def test_an_output_folder_name_too_long_is_a_clear_error(tmp_path, capsys):
+    path = tmp_path / "p.brl"
+    path.write_text(SOLVABLE)
+    code, _, err = run(["solve", str(path), "--quiet", "--out", str(tmp_path / ("x" * 300))],
+                       capsys)
+    assert code == 1 and err.startswith("error: cannot write the output folder")
+    assert "internal error" not in err
 
 
 def test_out_refuses_to_replace_a_run_unless_forced(tmp_path, capsys):

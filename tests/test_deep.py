@@ -226,6 +226,13 @@ def test_resume_without_a_checkpoint_is_a_clear_error(tmp_path):
     done = _brl("solve", str(source), "--resume", str(tmp_path), cwd=tmp_path)
     assert done.returncode == 1 and "no checkpoint there" in done.stderr
     assert "Traceback" not in done.stderr
+    missing = tmp_path / "never_ran"  # said so, and not created
+    done = _brl("solve", str(source), "--resume", str(missing), cwd=tmp_path)
+    assert done.returncode == 1 and "no such folder" in done.stderr and not missing.exists()
+    # --out beside --resume would be ignored (the run continues in place): refused
+    done = _brl("solve", str(source), "--resume", str(tmp_path), "--out",
+                str(tmp_path / "copy"), cwd=tmp_path)
+    assert done.returncode == 1 and "would be ignored" in done.stderr
 
 
 def test_atari_evaluation_env_matches_the_training_copies():

@@ -256,9 +256,10 @@ def run(problem: DeepProblem, options: dict[str, Any], monitor: Monitor,
         try:
             _save(out / CHECKPOINT, last.progress(identity), history, learner, model, critic,
                   queue, heldout, generator)
-        except OSError as exc:
+        # torch reports a short write (a full disk) as a RuntimeError
+        except (OSError, RuntimeError) as exc:
             raise _CannotSave(f"cannot write the checkpoint in {out / CHECKPOINT}: "
-                              f"{exc.strerror or exc}") from None
+                              f"{getattr(exc, 'strerror', None) or exc}") from None
 
     checkpoints = out is not None and options["checkpoint_every"] > 0
     stopped, failure = "max_iterations", ""
@@ -531,10 +532,14 @@ def _save(path: Path, progress: dict[str, Any], history, learner: SACLearner,
              "generator": generator.get_state(), **_rng_states(learner.device)}
     if critic is not None:
         state["critic"] = critic.state()
-    torch.save(state, tmp / "state.pt")
-    learner.save(tmp / "learner")
-    (tmp / "progress.json").write_text(
-        json.dumps(_jsonable(progress | {"history": history}), allow_nan=False))
+    try:
+        torch.save(state, tmp / "state.pt")
+        learner.save(tmp / "learner")
+        (tmp / "progress.json").write_text(
+            json.dumps(_jsonable(progress | {"history": history}), allow_nan=False))
+    except BaseException:  # a full disk, an interrupt: no half-written folder stays behind
+        remove_path(tmp)
+        raise
     with interrupts_deferred():  # never between the two renames
         if path.exists():
             path.rename(old)
@@ -619,8 +624,8 @@ def _read_progress(path: Path, identity: dict[str, Any], outer: int) -> dict[str
         _check_identity(path, saved, identity)
     k = progress.get("iteration")
     if not _whole(k):
-        raise _damaged(path, f"progress.json: `iteration` is {json.dumps(k)}, not a whole "
-                             "number")
+        raise _damaged(path, f"progress.json: `iteration` is {json.dumps(k)}, not a count "
+                             "of iterations (a whole number, 0 or more)")
     saved_outer = saved["options"].get("outer") if saved is not None else None
     if _number(saved_outer) and k > saved_outer:
         raise _damaged(path, f"progress.json: iteration {k} is past the saved run's outer = "
@@ -632,9 +637,14 @@ def _read_progress(path: Path, identity: dict[str, Any], outer: int) -> dict[str
     progress.setdefault("query_carry", 0.0)
     if not _number(progress["query_carry"]):
         raise _damaged(path, "progress.json: `query_carry` is not a number")
+    # one entry per iteration in each record, but the evaluations' (every eval_every) and
+    # critic_td_error (absent from checkpoints older than it)
     if not (isinstance(history, dict) and all(
             isinstance(v, list) and all(x is None or _number(x) for x in v)
-            for v in history.values()) and len(history.get("iteration", [])) == k):
+            for v in history.values()) and len(history.get("iteration", [])) == k
+            and all(len(values) == k for name, values in history.items()
+                    if name not in ("eval_step", "eval_return", "critic_td_error"))
+            and len(history.get("eval_step", [])) == len(history.get("eval_return", []))):
         raise _damaged(path, f"progress.json: its `history` is missing, garbled or not "
                              f"{k} iterations long")
     # (a checkpoint written before `query_steps` was kept has it as the last recorded value)
