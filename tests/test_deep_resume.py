@@ -436,3 +436,26 @@ def test_resuming_another_problems_folder_names_the_problem(tmp_path, capsys):
     assert main(["solve", str(path), "--quiet", "--resume", str(out)]) == 0
     assert ("note: resuming with the checkpoint's outer = 1; the file says 2 (--set outer=2 "
             "to use it)") in capsys.readouterr().err
+
+
+def test_a_checkpoint_cut_short_ends_the_run_as_a_failure_and_leaves_no_half_folder(
+        tmp_path, monkeypatch):
+    """torch reports a short write (a full disk) as a RuntimeError, which escaped as an
+    internal error and left `checkpoint.tmp` behind; the run now stops as it does when the
+    folder cannot be written, keeping its record."""
+    import solvers.deep.sobirl_sac as sobirl_sac
+
+    real_save = torch.save
+    calls = []
+
+    def cut_short(obj, path, *args, **kwargs):
+        calls.append(path)
+        if len(calls) > 2:  # the first checkpoints are written, then the disk is full
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos")
+        return real_save(obj, path, *args, **kwargs)
+
+    monkeypatch.setattr(sobirl_sac.torch, "save", cut_short)
+    _, result = _run(_source(), out=tmp_path, outer=4, checkpoint_every=1)
+    assert result.stopped_because == "cannot_save", result.stopped_because
+    assert "the write was cut short" in result.extra["failure"]
+    assert not (tmp_path / (CHECKPOINT + ".tmp")).exists()

@@ -256,10 +256,12 @@ def run(problem: DeepProblem, options: dict[str, Any], monitor: Monitor,
         try:
             _save(out / CHECKPOINT, last.progress(identity), history, learner, model, critic,
                   queue, heldout, generator)
-        # torch reports a short write (a full disk) as a RuntimeError
-        except (OSError, RuntimeError) as exc:
+        except OSError as exc:
             raise _CannotSave(f"cannot write the checkpoint in {out / CHECKPOINT}: "
-                              f"{getattr(exc, 'strerror', None) or exc}") from None
+                              f"{exc.strerror or exc}") from None
+        except RuntimeError:  # how torch reports a short write
+            raise _CannotSave(f"cannot write the checkpoint in {out / CHECKPOINT}: the write "
+                              "was cut short (a full disk, or a limit on file sizes)") from None
 
     checkpoints = out is not None and options["checkpoint_every"] > 0
     stopped, failure = "max_iterations", ""
