@@ -539,16 +539,8 @@ def test_sigterm_stops_a_run_like_ctrl_c_and_keeps_its_record(tmp_path, name):
     import signal
     import time
 
-    path = tmp_path / "p.brl"
-    path.write_text(SOLVABLE)
     out = tmp_path / "run"
-    process = subprocess.Popen(
-        [sys.executable, "-m", "bilevel_dsl.cli", "solve", str(path), "--quiet", "--out",
-         str(out), "--set", "outer=100000000"], cwd=ROOT, stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(ROOT)})
-    deadline = time.time() + 60
-    while not out.exists() and time.time() < deadline:  # created just before the solve
-        time.sleep(0.05)
+    process = _solve_in_background(tmp_path, out, "--quiet", "--set", "outer=100000000")
     time.sleep(2.0)  # some iterations, even on a busy machine
     process.send_signal(getattr(signal, name))
     stdout, stderr = process.communicate(timeout=60)
@@ -558,16 +550,29 @@ def test_sigterm_stops_a_run_like_ctrl_c_and_keeps_its_record(tmp_path, name):
     assert b"Traceback" not in stderr and b"interrupted" in stdout
 
 
+def _solve_in_background(tmp_path: Path, out: Path, *flags: str) -> subprocess.Popen:
+    """`brl solve` of a small problem into ``out`` in another process, once ``out`` exists
+    (it is made just before the solve)."""
+    import time
+
+    path = tmp_path / "p.brl"
+    path.write_text(SOLVABLE)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "bilevel_dsl.cli", "solve", str(path), "--out", str(out),
+         *flags], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        env={**os.environ, "PYTHONPATH": str(ROOT)})
+    deadline = time.time() + 60
+    while not out.exists() and time.time() < deadline:
+        time.sleep(0.05)
+    return process
+
+
 def test_a_reader_that_goes_away_does_not_end_the_run(tmp_path):
     """`brl solve ... 2>&1 | head`, a quit pager: the progress lines meet a closed pipe, and the
     run goes on to its end and writes its folder (it used to stop with nothing saved)."""
-    path = tmp_path / "p.brl"
-    path.write_text(SOLVABLE)
     out = tmp_path / "run"
-    process = subprocess.Popen(
-        [sys.executable, "-m", "bilevel_dsl.cli", "solve", str(path), "--out", str(out),
-         "--set", "outer=3000"], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-        env={**os.environ, "PYTHONPATH": str(ROOT)})
+    process = _solve_in_background(tmp_path, out, "--set", "outer=3000")
+    process.stdout.close()  # the summary's reader leaves too
     process.stderr.readline()  # the first progress line, then the reader leaves
     process.stderr.close()
     assert process.wait(timeout=120) == 0
@@ -582,17 +587,10 @@ def test_a_second_run_into_a_folder_in_use_is_refused(tmp_path, capsys):
     import signal
     import time
 
-    path = tmp_path / "p.brl"
-    path.write_text(SOLVABLE)
     out = tmp_path / "run"
-    first = subprocess.Popen(
-        [sys.executable, "-m", "bilevel_dsl.cli", "solve", str(path), "--quiet", "--out",
-         str(out), "--set", "outer=100000000"], cwd=ROOT, stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    first = _solve_in_background(tmp_path, out, "--quiet", "--set", "outer=100000000")
+    path = tmp_path / "p.brl"
     try:
-        deadline = time.time() + 60
-        while not out.exists() and time.time() < deadline:
-            time.sleep(0.05)
         time.sleep(1.0)
         code, _, err = run(["solve", str(path), "--quiet", "--out", str(out), "--force"],
                            capsys)
@@ -600,7 +598,7 @@ def test_a_second_run_into_a_folder_in_use_is_refused(tmp_path, capsys):
         assert sorted(p.name for p in out.iterdir()) == []
     finally:
         first.send_signal(signal.SIGTERM)
-        first.wait(timeout=60)
+        first.communicate(timeout=60)
     assert (out / "result.json").is_file()  # the first run's record, its folder free again
     assert run(["solve", str(path), "--quiet", "--out", str(out), "--force"], capsys)[0] == 0
 
