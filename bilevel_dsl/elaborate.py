@@ -1047,7 +1047,7 @@ def lower_reward(info: LowerInfo, scope: Scope) -> torch.Tensor:
     so that in ``x[t] + R[s, a]`` the part in ``t`` alone is one product with ``P`` and the
     part without ``t`` is scaled by the row sums (on a 1,100-state sparse MDP: 0.4 against
     36 ms for the ``S x A x S`` table). A term in ``t`` and ``s`` or ``a`` together is
-    evaluated, with sparse ``P``, on ``P``'s nonzeros only (``on_transitions``); with dense
+    evaluated, with sparse ``P``, on ``P``'s nonzeros only (``_on_transitions``); with dense
     ``P`` its table is ``P``'s size."""
     mdp = info.mdp
     sets = (mdp.states, mdp.actions, mdp.states)[: len(info.indices)]
