@@ -1064,11 +1064,7 @@ def lower_reward(info: LowerInfo, scope: Scope) -> torch.Tensor:
     for sign, term in _summands(info.reward):
         if P.is_sparse and t in (used := ir.names_in(term)) and (s in used or a in used):
             part = _on_transitions(info, term, scope, P, sets)
-            part = part if sign > 0 else -part
-            total = part if total is None else total + part
-            continue
-        v = _reward_value(info, term, scope, sets)
-        if set(v.axes) <= {t}:
+        elif set((v := _reward_value(info, term, scope, sets)).axes) <= {t}:
             part = P.expect(expand_axes(v, (t,), sizes).to(DTYPE))
         elif t not in v.axes:
             part = as_real(expand_axes(v, (s, a), sizes)) * P.row_sums()
@@ -1097,16 +1093,7 @@ def _on_transitions(info: LowerInfo, term: ir.Expr, scope: Scope, P: Transitions
     inner.indices = {**scope.indices, **{
         name: Binding(_TRANSITION_AXIS, index_set, scope.device, at[name])
         for name, index_set in zip(info.indices, sets)}}
-    v = evaluate_val(term, inner)
-    stray = [axis for axis in v.axes if axis != _TRANSITION_AXIS]
-    if stray:
-        raise EvalError("E302", f"index `{stray[0]}` is not bound here", term.span)
-    if v.dims:
-        named = tuple(name for name in info.indices if name in ir.names_in(term))
-        raise EvalError("E301", f"the reward must be one number for each (s, a), but here it "
-                        f"is {v.describe_shape()}", term.span,
-                        _reward_index_hint(term, Val(v.t, named, v.dims),
-                                           dict(zip(info.indices, sets))))
+    v = _reward_value(info, term, inner, sets, shared=_TRANSITION_AXIS)
     along = expand_axes(v, (_TRANSITION_AXIS,), {_TRANSITION_AXIS: rows.numel()})
     terms = values * as_real(along)
     out = torch.zeros(P.n_states * A, dtype=terms.dtype, device=terms.device)
@@ -1132,16 +1119,20 @@ def _summands(node: ir.Expr) -> list[tuple[int, ir.Expr]]:
     return [(1, node)]
 
 
-def _reward_value(info: LowerInfo, node: ir.Expr, scope: Scope, sets: tuple) -> Val:
-    """One number per index tuple: what the reward (or one of its terms) must give."""
+def _reward_value(info: LowerInfo, node: ir.Expr, scope: Scope, sets: tuple,
+                  shared: str | None = None) -> Val:
+    """One number per index tuple: what the reward (or one of its terms) must give; with
+    ``shared``, the axis its indices walk together (``_on_transitions``)."""
     v = evaluate_val(node, scope)
-    stray = [a for a in v.axes if a not in info.indices]
+    stray = [a for a in v.axes if a not in (info.indices if shared is None else (shared,))]
     if stray:
         raise EvalError("E302", f"index `{stray[0]}` is not bound here", node.span)
     if v.dims:
+        named = v if shared is None else Val(v.t, tuple(
+            name for name in info.indices if name in ir.names_in(node)), v.dims)
         raise EvalError("E301", f"the reward must be one number for each (s, a), but here it "
                         f"is {v.describe_shape()}", node.span,
-                        _reward_index_hint(node, v, dict(zip(info.indices, sets))))
+                        _reward_index_hint(node, named, dict(zip(info.indices, sets))))
     return v
 
 
