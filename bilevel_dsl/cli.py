@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -17,12 +19,12 @@ import sys
 import threading
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 from . import __version__, json_schema, lower, read_source, to_json
-from .diagnostics import BrlError, Diagnostic, did_you_mean
+from .diagnostics import BrlError, Diagnostic
 from .elaborate import elaborate, out_of_memory
 from .parser import parse_expression, parse_source
 
@@ -70,7 +72,7 @@ def solver_catalog(solver: str, options: dict[str, Any]) -> list[tuple[str, str,
     for name, value in options.items():
         if name not in known:
             problems.append(("E802", f"solver `{spec.name}` has no option `{name}`", name,
-                             did_you_mean(name, known) or "its options are "
+                             REGISTRY.option_hint(spec, name) or "its options are "
                              + ", ".join(sorted(known))))
             continue
         try:
@@ -207,14 +209,15 @@ def cmd_solvers(args: argparse.Namespace) -> int:
 
 
 def _set_options(spec, pairs: list[str] | None) -> dict[str, Any]:
-    from solvers import OptionError, parse_option_value
+    from solvers import REGISTRY, OptionError, parse_option_value
 
     by_name = {o.name: o for o in spec.options}
     options: dict[str, Any] = {}
     for pair in pairs or []:
         key, value = _key_value(pair, "--set")
         if key not in by_name:
-            hint = did_you_mean(key, by_name) or "its options are " + ", ".join(sorted(by_name))
+            hint = REGISTRY.option_hint(spec, key) or "its options are " + ", ".join(
+                sorted(by_name))
             raise OptionError(f"--set {key}: solver `{spec.name}` has no option `{key}`; {hint}")
         try:
             options[key] = parse_option_value(by_name[key], value)
@@ -228,8 +231,10 @@ def cmd_solve(args: argparse.Namespace) -> int:
 
     import solvers
     from solvers.output import default_out_dir
-    from solvers.progress import ProgressMonitor
 
+    for flag, given in (("--out", args.out), ("--resume", args.resume)):
+        if given is not None and not given.strip():  # '' would have meant the default folder
+            raise UsageError(f"{flag} needs a folder, got an empty name")
     if args.resume is not None:  # a resumed run writes where it was saved
         if args.out is not None and Path(args.out) != Path(args.resume):
             raise UsageError(f"--resume {args.resume} continues the run in that folder, and "
@@ -241,6 +246,11 @@ def cmd_solve(args: argparse.Namespace) -> int:
     # a resumed run continues with the solver, seed and options it was saved with; --set
     # changes those the checkpoint allows (outer, time_limit, ...) and the solver refuses others
     saved = _saved_run(args.resume, args.file)
+    if saved is not None and saved.get("source_sha256") not in (None,
+                                                                _source_sha256(args.file)):
+        _tell(f"note: {args.file} has changed since the run in {args.resume} was saved; it "
+              "goes on with the file as it is now (a changed reward, objective or MDP makes "
+              "what follows differ from what was saved)", sys.stderr)
     if saved is not None and args.seed is None and isinstance(saved.get("seed"), int):
         args.seed = saved["seed"]
     if saved is not None and isinstance(saved.get("defines"), dict):
@@ -251,10 +261,6 @@ def cmd_solve(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     problem = lower(checked, device=args.device)
     timings["compile"] += time.perf_counter() - start
-    deep = getattr(problem, "environment", "tabular") == "gymnasium"
-    if args.resume and not deep:
-        raise solvers.SolverError("--resume continues deep (gym) runs; tabular runs are not "
-                          "checkpointed")
     requested = args.solver
     if requested is None and saved is not None and isinstance(saved.get("solver"), str):
         requested = saved["solver"]
@@ -266,40 +272,65 @@ def cmd_solve(args: argparse.Namespace) -> int:
         raise
     options = _set_options(spec, args.set)
     if saved is not None and isinstance(saved.get("options"), dict):
-        options = _resumed_options(problem, spec, saved["options"], options)
+        options = _resumed_options(problem, spec, saved["options"], options, args.resume)
     spec, options = solvers.resolve(problem, spec.name, options)
     if saved is None:
         _note_dropped_options(problem, spec)
     torch.manual_seed(problem.seed)
-    total = int(options.get("outer", 1))
-    monitor = ProgressMonitor(total, sign=problem.sign,
-                              stream=open(os.devnull, "w") if args.quiet else sys.stderr)
     out_dir = Path(args.resume or args.out or default_out_dir(problem.name))
     made_here = not os.path.exists(out_dir)  # False where the name is too long, say
     out_dir = _output_folder(out_dir, replace=args.force or bool(args.resume),
                              flag="--resume" if args.resume else "--out")
     with _claimed(out_dir, "--resume" if args.resume else "--out"):
-        if args.force and not args.resume:
-            _clear_run(out_dir)
-        return _solve_into(out_dir, made_here, args, problem, spec, options, monitor, timings)
+        aside = _set_aside(out_dir) if args.force and not args.resume else None
+        try:
+            return _solve_into(out_dir, made_here, args, problem, spec, options, timings)
+        finally:
+            if aside is not None:
+                _drop_or_restore(out_dir, aside)
 
 
 def _solve_into(out_dir: Path, made_here: bool, args: argparse.Namespace, problem: Any,
-                spec: Any, options: dict[str, Any], monitor: Any, timings: dict[str, float]
-                ) -> int:
+                spec: Any, options: dict[str, Any], timings: dict[str, float]) -> int:
     """Run the solver and write its folder (which this process holds, see ``_claimed``)."""
     import solvers
     from solvers.output import summary_table, write_run
+    from solvers.progress import ProgressMonitor
 
     deep = getattr(problem, "environment", "tabular") == "gymnasium"
+    meta = {
+        "solver": spec.name,
+        "options": options,
+        "timings": timings,
+        "seed": problem.seed,
+        "device": str(problem.device),
+        "command": " ".join(["brl", *sys.argv[1:]]),
+        "source": str(args.file),
+        "out_dir": str(out_dir),
+        "defines": _overrides(args.define),
+        "source_sha256": _source_sha256(args.file),
+    }
     extra: dict[str, Any] = {}
     if deep:  # checkpoints go to the output folder as the run goes
         extra = {"out": out_dir, "resume": _checkpoint(args.resume),
-                 "defines": _overrides(args.define)}
+                 "defines": meta["defines"], "source_sha256": meta["source_sha256"]}
+    continuation, run_options = None, options
+    if args.resume and not deep:  # a tabular run takes up again at its record's x
+        continuation = _continuation(out_dir, problem, spec, options, meta["defines"])
+        problem = dataclasses.replace(problem, x0=continuation.x)
+        run_options = continuation.options(options)
+        _tell(f"note: resuming at iteration {continuation.k} of the run in {out_dir}, from its "
+              "x; the solver's running estimates start afresh there", sys.stderr)
     start = time.perf_counter()
+    keeper = None if deep else _keeper(out_dir, problem, meta, start, continuation)
+    monitor = ProgressMonitor(int(run_options.get("outer", 1)), sign=problem.sign,
+                              stream=open(os.devnull, "w") if args.quiet else sys.stderr,
+                              keeper=keeper, keep_every=args.save_every)
     try:
-        result = spec.run(problem, options, monitor, **extra)
+        result = spec.run(problem, run_options, monitor, **extra)
         _show_end(monitor, result)
+        if continuation is not None:
+            result = continuation.merged(result)
     except KeyboardInterrupt:
         # stopped while setting up (a deep run's first queries and warm-up): nothing was
         # saved, so the folder made for the run goes too rather than stay behind empty
@@ -311,16 +342,6 @@ def _solve_into(out_dir: Path, made_here: bool, args: argparse.Namespace, proble
     finally:
         monitor.close()
     timings["solve"] = time.perf_counter() - start
-    meta = {
-        "solver": spec.name,
-        "options": options,
-        "timings": timings,
-        "seed": problem.seed,
-        "device": str(problem.device),
-        "command": " ".join(["brl", *sys.argv[1:]]),
-        "source": str(args.file),
-        "out_dir": str(out_dir),
-    }
     with solvers.interrupts_deferred():  # a second Ctrl-C must not cut the record short
         if deep:
             from solvers.deep.output import deep_summary as summary
@@ -342,7 +363,7 @@ def _solve_into(out_dir: Path, made_here: bool, args: argparse.Namespace, proble
         _tell(f"error: {result.extra['failure']}; the run stopped after iteration "
               f"{result.iterations}, which the output folder keeps", sys.stderr)
         return EXIT_ERROR
-    if deep and result.stopped_because == "interrupted" and (out_dir / "checkpoint").is_dir():
+    if result.stopped_because == "interrupted" and (not deep or (out_dir / "checkpoint").is_dir()):
         _tell(f"note: the run is saved in {out_dir}; continue it with `brl solve {args.file} "
               f"--resume {out_dir}`", sys.stderr)
     if result.stopped_because == solvers.NOT_FINITE:
@@ -355,7 +376,34 @@ def _solve_into(out_dir: Path, made_here: bool, args: argparse.Namespace, proble
               "as do a step too large (--set beta=...) and a param set to inf or a huge value",
               sys.stderr)
         return EXIT_ERROR
-    return EXIT_INTERRUPTED if result.stopped_because == "interrupted" else EXIT_OK
+    return _interrupted() if result.stopped_because == "interrupted" else EXIT_OK
+
+
+def _keeper(out_dir: Path, problem: Any, meta: dict[str, Any], start: float,
+            continuation: Any = None) -> Callable[[Any], None]:
+    """Save a tabular run's record as it goes (``result.json`` with ``stopped_because =
+    unfinished``; deep runs keep checkpoints instead): a run killed outright, by kill -9 or the
+    OOM killer, then leaves its last iterate and curve. A failed save is said once; the run
+    goes on and tries again at the end."""
+    from solvers import interrupts_deferred
+    from solvers.output import result_record, write_json_atomic
+
+    failed: list[str] = []
+
+    def keep(result: Any) -> None:
+        if continuation is not None:
+            result = continuation.merged(result)
+        timings = {**meta["timings"], "solve": time.perf_counter() - start}
+        try:
+            with interrupts_deferred():
+                write_json_atomic(out_dir / "result.json",
+                                  result_record(problem, result, meta | {"timings": timings}))
+        except OSError as exc:
+            if not failed:
+                failed.append(str(exc))
+                _tell(f"warning: cannot save the run as it goes in {out_dir}: "
+                      f"{exc.strerror or exc}; it goes on", sys.stderr)
+    return keep
 
 
 def _show_end(monitor: Any, result: Any) -> None:
@@ -381,10 +429,11 @@ def _note_dropped_options(problem: Any, spec: Any) -> None:
           "pass those you want with --set", file=sys.stderr)
 
 
-# Files a run writes into its output folder; --force removes them so that nothing of the old
+# Files a run writes into its output folder; --force replaces them so that nothing of the old
 # run (a checkpoint above all, which --resume would bring back) survives beside the new one.
 _RUN_OUTPUTS = ("result.json", "curve.png", "policy.png", "reward_net.pt")
 _RUN_FOLDERS = ("checkpoint", "checkpoint.tmp", "checkpoint.old")
+_REPLACED = ".brl-replaced"  # where --force keeps the old run until the new one saves
 
 
 @contextlib.contextmanager
@@ -409,11 +458,35 @@ def _claimed(out_dir: Path, flag: str) -> Iterator[None]:
         os.close(descriptor)
 
 
-def _clear_run(out_dir: Path) -> None:
+def _set_aside(out_dir: Path) -> Path | None:
+    """Move the old run's files out of the new run's way (into ``.brl-replaced/``, which a run
+    killed before it saved leaves behind); None when there were none."""
     from solvers.output import remove_path
 
-    for name in _RUN_OUTPUTS + _RUN_FOLDERS:
-        remove_path(out_dir / name)
+    aside = out_dir / _REPLACED
+    remove_path(aside)
+    old = [name for name in _RUN_OUTPUTS + _RUN_FOLDERS if (out_dir / name).exists()]
+    if not old:
+        return None
+    aside.mkdir()
+    for name in old:
+        (out_dir / name).rename(aside / name)
+    return aside
+
+
+def _drop_or_restore(out_dir: Path, aside: Path) -> None:
+    """Remove the replaced run once the new one has saved something of its own; else put it
+    back, so that a new run which fails or is stopped at once does not cost the old one."""
+    from solvers.output import remove_path
+
+    if any((out_dir / name).exists() for name in _RUN_OUTPUTS + _RUN_FOLDERS):
+        remove_path(aside)
+        return
+    for path in aside.iterdir():
+        path.rename(out_dir / path.name)
+    aside.rmdir()
+    _tell(f"note: the new run saved nothing, so the run it was to replace is kept in {out_dir}",
+          sys.stderr)
 
 
 def _output_folder(out_dir: Path, replace: bool, flag: str = "--out") -> Path:
@@ -446,9 +519,14 @@ def _saved_run(resume: str | None, path: str) -> dict[str, Any] | None:
     if resume is None:
         return None
     from solvers.deep.sobirl_sac import find_checkpoint, saved_run
+    from solvers.resume import read_record, record_identity
 
     checkpoint = find_checkpoint(Path(resume))
-    saved = saved_run(checkpoint) if checkpoint is not None else None
+    if checkpoint is not None:
+        saved = saved_run(checkpoint)
+    else:  # a tabular run's record
+        record = read_record(Path(resume))
+        saved = record_identity(record) if record is not None else None
     try:
         name = parse_source(read_source(path)).name
     except BrlError:
@@ -456,20 +534,50 @@ def _saved_run(resume: str | None, path: str) -> dict[str, Any] | None:
     return saved if saved is not None and saved["problem"] == name else None
 
 
-def _resumed_options(problem: Any, spec: Any, saved: dict[str, Any], given: dict[str, Any]
-                     ) -> dict[str, Any]:
+def _resumed_options(problem: Any, spec: Any, saved: dict[str, Any], given: dict[str, Any],
+                     folder: str) -> dict[str, Any]:
     """The options of a resumed run: ``--set`` over the checkpoint's (but its `time_limit`,
     which was that invocation's); a note for each option of the file's `solve` statement that
     the checkpoint's value overrides."""
+    from solvers import REGISTRY, OptionError, SolverError
+
     known = {option.name for option in spec.options}
     kept = {name: value for name, value in saved.items()
             if name in known and name != "time_limit" and name not in given}
+    for name, value in kept.items():
+        try:
+            REGISTRY.validate_options(spec, {name: value})
+        except OptionError as exc:  # a record or checkpoint edited by hand, or garbled
+            raise SolverError(f"--resume {folder}: the saved run's option {name} = "
+                              f"{json.dumps(value)} is not valid ({str(exc).splitlines()[0]}), "
+                              "so it is damaged and cannot be resumed; start afresh with "
+                              "another --out (or --force)") from None
     if getattr(problem, "solver", None) == spec.name:
         for name, value in (getattr(problem, "solver_options", None) or {}).items():
             if name in kept and kept[name] != value:
-                print(f"note: resuming with the checkpoint's {name} = {kept[name]}; the file "
+                print(f"note: resuming with the saved run's {name} = {kept[name]}; the file "
                       f"says {value} (--set {name}={value} to use it)", file=sys.stderr)
     return {**kept, **given}
+
+
+def _source_sha256(path: str) -> str | None:
+    """The SHA-256 of the file's text, kept with a run so that ``--resume`` can say when the
+    file has changed since; None where it cannot be read (compiling it says why)."""
+    try:
+        return hashlib.sha256(read_source(path).text.encode()).hexdigest()
+    except (BrlError, OSError, UnicodeError):
+        return None
+
+
+def _continuation(out_dir: Path, problem: Any, spec: Any, options: dict[str, Any],
+                  defines: dict[str, str]) -> Any:
+    """The saved tabular run that ``--resume`` takes up, checked against this one."""
+    from solvers.output import _jsonable
+    from solvers.resume import Continuation
+
+    identity = {"problem": problem.name, "seed": problem.seed, "solver": spec.name,
+                "options": json.loads(json.dumps(_jsonable(options))), "defines": defines}
+    return Continuation.of(out_dir, problem, identity, options["outer"])
 
 
 def _checkpoint(resume: str | None) -> Path | None:
@@ -640,7 +748,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "Exit 1 if any file has an error.")
     p.add_argument("files", nargs="+", metavar="FILE")
     defines(p)
-    p.set_defaults(run=cmd_check)
+    p.set_defaults(run=cmd_check, command_parser=p)
 
     p = sub.add_parser("compile", help="print the IR of a file as JSON",
                        description="Print the checked IR of a .brl file as JSON (docs/ir.md), "
@@ -649,7 +757,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", metavar="FILE", help="write here instead of stdout")
     p.add_argument("--schema", action="store_true", help="print the IR's JSON Schema")
     defines(p)
-    p.set_defaults(run=cmd_compile)
+    p.set_defaults(run=cmd_compile, command_parser=p)
 
     p = sub.add_parser("solve", help="solve a bilevel problem",
                        description="Compile FILE and solve it; write result.json, curve.png "
@@ -665,16 +773,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true",
                    help="replace the run already in the --out folder")
     p.add_argument("--resume", metavar="DIR",
-                   help="continue a deep run from the checkpoint in its output folder DIR")
+                   help="continue the run in its output folder DIR: a deep run from its "
+                   "checkpoint, a tabular run from the last x its record kept")
     p.add_argument("--seed", type=_seed, default=None, help="override the file's seed")
+    p.add_argument("--save-every", type=_at_least(0.0, float), default=30.0, metavar="SECONDS",
+                   help="a tabular run saves its record (result.json, `unfinished`) this often "
+                   "while it runs, so that a killed run leaves its last iterate (default 30; 0: "
+                   "at every iteration); deep runs save checkpoints (checkpoint_every)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     defines(p)
-    p.set_defaults(run=cmd_solve)
+    p.set_defaults(run=cmd_solve, command_parser=p)
 
     p = sub.add_parser("solvers", help="list the solvers and what they can do",
                        description="Print the capability matrix, or one solver's options.")
     p.add_argument("name", nargs="?", metavar="NAME")
-    p.set_defaults(run=cmd_solvers)
+    p.set_defaults(run=cmd_solvers, command_parser=p)
 
     p = sub.add_parser("gradcheck", help="check hyper-gradients against finite differences",
                        description="Compare the hyper-gradient with central finite differences "
@@ -695,12 +808,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda", "auto"))
     p.add_argument("--seed", type=_seed, default=None, help="override the file's seed")
     defines(p)
-    p.set_defaults(run=cmd_gradcheck)
+    p.set_defaults(run=cmd_gradcheck, command_parser=p)
     return parser
 
 
+_stopped_by: list[int] = []  # the stop signals received (SIGTERM, SIGHUP), for the exit status
+
+
 def _terminated(signum: int, frame: Any) -> None:
+    _stopped_by.append(signum)
     raise KeyboardInterrupt  # SIGTERM (kill, timeout, a scheduler) stops a run like Ctrl-C
+
+
+def _interrupted() -> int:
+    """The exit status of a stopped run: 128 + the signal, as a shell reports a process the
+    signal ended (130 for Ctrl-C, 143 for SIGTERM, 129 for SIGHUP), so that scripts and
+    schedulers can tell who stopped it."""
+    return 128 + _stopped_by[-1] if _stopped_by else EXIT_INTERRUPTED
 
 
 # SIGTERM (kill, timeout, a scheduler) and SIGHUP (a closed terminal, a dropped ssh session)
@@ -716,6 +840,7 @@ def main(argv: list[str] | None = None) -> int:
         if threading.current_thread() is not threading.main_thread():
             return _main(argv)
         previous = {sig: signal.signal(sig, _terminated) for sig in STOP_SIGNALS}
+        _stopped_by.clear()
         try:
             return _main(argv)
         finally:
@@ -744,7 +869,10 @@ def _show_warning(message: Warning | str, category: type[Warning], filename: str
 
 def _main(argv: list[str] | None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # in the command's own usage (`brl solve a b`), not the top level's
+        getattr(args, "command_parser", parser).error(
+            f"unrecognized arguments: {' '.join(unknown)}")
     if not getattr(args, "command", None):
         parser.print_help()
         return EXIT_ERROR
@@ -755,7 +883,7 @@ def _main(argv: list[str] | None) -> int:
         return EXIT_ERROR
     except KeyboardInterrupt:
         _tell("interrupted", sys.stderr)
-        return EXIT_INTERRUPTED
+        return _interrupted()
     except BrokenPipeError:  # `brl solvers | head -1`: the reader has gone, nothing to report
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_ERROR

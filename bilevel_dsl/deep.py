@@ -197,7 +197,8 @@ def reward_net_var(decl: ir.VarDecl, names: dict[str, object], number: Number
         if v.axes or len(v.dims) > 1 or not sizes or \
                 any(h != int(h) or not 1 <= h <= 65536 for h in sizes):
             raise EvalError("E305", "`hidden` is a list of layer widths, e.g. [256, 256]",
-                            opts["hidden"].value.span)
+                            opts["hidden"].value.span, "one width per hidden layer, at least "
+                            "one layer, each a whole number from 1 to 65536")
         fields["hidden"] = tuple(int(h) for h in sizes)
     for name, low, high, what in (("dropout", 0, 0.99, "in [0, 0.99]"),
                                   ("lr", 1e-12, 10, "a positive learning rate"),

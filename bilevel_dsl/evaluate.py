@@ -426,7 +426,10 @@ def _name(node: ir.Name, scope: Scope) -> object:
     if node.id in FUNCTIONS:
         raise EvalError("E305", f"`{node.id}` is a function: call it as `{node.id}(...)`",
                         node.span)
-    raise EvalError("E201", f"undefined name `{node.id}`", node.span, did_you_mean(node.id, known))
+    hint = did_you_mean(node.id, known)
+    if node.id.lower() == "nan":  # -D x=nan, say: a value the language has no name for
+        hint = "brl has no NaN value: write a number (`inf` is infinity)"
+    raise EvalError("E201", f"undefined name `{node.id}`", node.span, hint)
 
 
 def _member_names(scope: Scope) -> list[str]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import torch
@@ -18,7 +19,7 @@ from bilevel_dsl.instance import TabularProblem
 
 from .hypergrad import MODEL_BASED, HyperGradient, hypergradient
 from .registry import Option, SolverSpec
-from .result import NOT_FINITE, Monitor, SolveResult, stop_reason
+from .result import NOT_FINITE, Monitor, SolveResult, stop_reason, unfinished
 
 # Armijo's sufficient decrease: phi must fall by this share of ||step||^2 / step size.
 _ARMIJO = 1e-4
@@ -91,6 +92,7 @@ def run(problem: TabularProblem, options: dict[str, Any], monitor: Monitor) -> S
             history["lower_iterations"].append(result.lower_iterations)
             if armijo:
                 history["step_size"].append(t if accepted is not None else 0.0)
+            monitor.keep(partial(unfinished, x_done, result.pi, result.objective, history, k))
             if mapping < options["tol"] or (mapping == 0.0 and (
                     grad_norm == 0.0 or problem.bounded)):  # a fixed point of the step
                 stopped = "converged"

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 import time
+from functools import partial
 from typing import Any
 
 import torch
@@ -46,7 +47,7 @@ from .hypergrad import (
     upper_derivatives,
 )
 from .registry import Option, SolverSpec
-from .result import NOT_FINITE, Monitor, SolveResult, stop_reason
+from .result import NOT_FINITE, Monitor, SolveResult, stop_reason, unfinished
 
 START_TOL = 1e-8  # sup-norm error of V_0 with start = solved
 
@@ -167,6 +168,7 @@ def run(problem: TabularProblem, options: dict[str, Any], monitor: Monitor) -> S
             if k % log_every == 0:
                 record(*pending)
                 pending = None
+            monitor.keep(partial(unfinished, x, pi, f, history, k))
             if mapping < options["tol"]:
                 stopped = "converged"
                 break

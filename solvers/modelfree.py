@@ -54,6 +54,7 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import torch
@@ -71,7 +72,7 @@ from bilevel_dsl.softmdp import soft_bellman_update, soft_policy
 
 from .hypergrad import VERIFY_TOL, exact_record, hypergradient, reward_vjp
 from .registry import Option
-from .result import NOT_FINITE, Monitor, SolveResult, stop_reason
+from .result import NOT_FINITE, Monitor, SolveResult, stop_reason, unfinished
 
 # Preferences keeps pairs as dense visit-count rows while S*A <= this * 2H.
 DENSE_PREFERENCES = 4
@@ -595,6 +596,7 @@ def outer_loop(problem: TabularProblem, options: dict[str, Any], monitor: Monito
             if k % log_every == 0:
                 record(*pending)
                 pending = None
+            monitor.keep(partial(unfinished, x, pi, f, history, k))
             x = x_next
             k += 1
             reason = stop_reason(options, start, monitor)

@@ -56,7 +56,7 @@ def write_run(
     """Write the run's record into ``out_dir`` (created if needed); return the files written."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    written = [_write_json_atomic(out_dir / "result.json", result_record(problem, result, meta))]
+    written = [write_json_atomic(out_dir / "result.json", result_record(problem, result, meta))]
     written.append(plot_curves(out_dir / "curve.png", problem, result))
     if problem.grid is not None:
         written.append(plot_policy(out_dir / "policy.png", problem, result))
@@ -77,6 +77,8 @@ def result_record(
         "sense": problem.sense,
         "solver": {"name": meta.get("solver"), "options": meta.get("options", {})},
         "seed": meta.get("seed", problem.seed),
+        "defines": meta.get("defines", {}),
+        "source_sha256": meta.get("source_sha256"),
         "device": str(problem.device),
         "variable": {"name": problem.var_name, "shape": list(result.x.shape)},
         "x": result.x.detach().cpu().tolist(),
@@ -84,6 +86,7 @@ def result_record(
         "policy": _omit_if_large(result.policy.detach().cpu()),
         "objective": problem.sign * result.objective,
         "iterations": result.iterations,
+        "resumed_at": result.extra.get("resumed_at", []),
         "stopped_because": result.stopped_because,
         "history": history,
         "timings": meta.get("timings", {}),
@@ -91,6 +94,7 @@ def result_record(
         "command": meta.get("command"),
         "extra": {
             key: _omit_if_large(value) for key, value in result.extra.items()
+            if key != "resumed_at"
         },
     }
     if "exact" in result.extra:  # a check at the final x (verify): phi in the user's sense
@@ -126,7 +130,7 @@ def summary_table(problem: TabularProblem, result: SolveResult, meta: dict[str, 
         ("problem", f"{problem.name} ({problem.sense})"),
         ("solver", f"{meta.get('solver', '?')}" + (f" ({options})" if options else "")),
         ("device", str(problem.device)),
-        ("iterations", str(result.iterations)),
+        ("iterations", f"{result.iterations}{_resumed(result)}"),
         ("stopped because", result.stopped_because),
         ("objective", f"{problem.sign * result.objective:.6g}{_objective_note(result, meta)}"
                       if math.isfinite(result.objective) else "- (no estimate yet)"),
@@ -182,6 +186,12 @@ def summary_table(problem: TabularProblem, result: SolveResult, meta: dict[str, 
         rows.append(("output", str(meta["out_dir"])))
     width = max(len(label) for label, _ in rows)
     return "\n".join(f"{label.ljust(width)}  {value}" for label, value in rows)
+
+
+def _resumed(result: SolveResult) -> str:
+    """Where ``--resume`` took the run up, if it did: the iterations at which it did."""
+    at = result.extra.get("resumed_at")
+    return f" (resumed at iteration {', '.join(map(str, at))})" if at else ""
 
 
 def plot_curves(path: Path, problem: TabularProblem, result: SolveResult) -> Path:
@@ -325,7 +335,7 @@ def remove_path(path: Path) -> None:
         path.unlink(missing_ok=True)
 
 
-def _write_json_atomic(path: Path, record: dict[str, Any]) -> Path:
+def write_json_atomic(path: Path, record: dict[str, Any]) -> Path:
     """Write then rename, so a crash never leaves a half-written ``result.json``."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:

@@ -8,7 +8,7 @@ import time
 from collections.abc import Callable
 from typing import TextIO
 
-from .result import Monitor
+from .result import Monitor, SolveResult
 
 _BAR_WIDTH = 20
 _REDRAW_SECONDS = 0.1  # a fast solver must not spend its time redrawing the terminal
@@ -19,7 +19,8 @@ class ProgressMonitor(Monitor):
 
     On a terminal it redraws one line in place; elsewhere (CI logs, files) it prints a plain line
     about every 10% of ``total`` so logs stay short. ``sign`` (``problem.sign``) turns the
-    minimised objective the solver reports back into the user's sense.
+    minimised objective the solver reports back into the user's sense. ``keeper``, when given,
+    receives the run so far at most once every ``keep_every`` seconds (``Monitor.keep``).
     """
 
     def __init__(
@@ -29,6 +30,8 @@ class ProgressMonitor(Monitor):
         *,
         sign: float = 1.0,
         clock: Callable[[], float] = time.perf_counter,
+        keeper: Callable[[SolveResult], None] | None = None,
+        keep_every: float = 30.0,
     ) -> None:
         self.total = max(int(total), 1)
         self.stream = stream if stream is not None else sys.stderr
@@ -45,6 +48,7 @@ class ProgressMonitor(Monitor):
         # warm-up) before it is no iteration
         self._first: tuple[int, float] | None = None
         self._gone = False  # the reader went away (a closed terminal, `| head`): stop writing
+        self._keeper, self._keep_every, self._kept = keeper, keep_every, self._start
 
     def update(self, iteration: int, objective: float, hypergrad_norm: float) -> None:
         """Redraw the bar (terminal) or print a line when another tenth is done (elsewhere)."""
@@ -60,6 +64,11 @@ class ProgressMonitor(Monitor):
         elif final or iteration >= self._next_line:
             self._next_line = (iteration // self._every + 1) * self._every
             self._draw(self._pending)
+
+    def keep(self, unfinished: Callable[[], SolveResult]) -> None:
+        if self._keeper is not None and self._clock() - self._kept >= self._keep_every:
+            self._keeper(unfinished())
+            self._kept = self._clock()  # a slow save does not eat into the next interval
 
     def note(self, text: str) -> None:
         """In place of the bar on a terminal (the next update draws over it); a line

@@ -298,9 +298,10 @@ class Registry:
         for name in options:
             if name not in by_name:
                 known = ", ".join(f"`{n}`" for n in by_name) or "(none)"
+                hint = self.option_hint(spec, name)
                 raise OptionError(
                     f"solver `{spec.name}` has no option `{name}`"
-                    f"{_did_you_mean(name, by_name)}\noptions: {known}"
+                    f"{f'; {hint}' if hint else ''}\noptions: {known}"
                 )
         return {
             option.name: _check_type(option, options[option.name])
@@ -308,6 +309,16 @@ class Registry:
             else option.default
             for option in spec.options
         }
+
+    def option_hint(self, spec: SolverSpec, name: str) -> str | None:
+        """What to say of an option that ``spec`` lacks: the solvers that take it, where some
+        do (the option of another solver is no typo, and the closest of ``spec``'s own names
+        would mislead), else the closest of ``spec``'s options."""
+        owners = [other.name for other in self.specs()
+                  if any(option.name == name for option in other.options)]
+        if owners:
+            return f"`{name}` is an option of {', '.join(owners)}"
+        return did_you_mean(name, [option.name for option in spec.options])
 
     def capability_matrix(self) -> str:
         """The table printed by ``brl solvers``: one row per solver, in auto order."""

@@ -6,7 +6,7 @@ import contextlib
 import signal
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -52,12 +52,29 @@ class Monitor:
         """Whether the solver should end the run now (for example, a time limit has passed)."""
         return False
 
+    def keep(self, unfinished: Callable[[], SolveResult]) -> None:
+        """Offer the run so far (``unfinished()`` builds it, so only when taken): a monitor
+        may save it now and then, so that a run killed outright (kill -9, the OOM killer)
+        leaves its last iterate and history behind. Solvers call it after ``update``."""
+
     def note(self, text: str) -> None:
         """A phase outside the iterations that can take a while on a big problem (an exact
         solve), shown until the next update."""
 
     def close(self) -> None:
         """Finish any output (a progress bar's line) once the run has ended."""
+
+
+# stopped_because of a record saved while its run went on (``Monitor.keep``): found after the
+# run, it means the run was killed before it could write its final record
+UNFINISHED = "unfinished"
+
+
+def unfinished(x: Tensor, policy: Tensor, objective: float, history: dict[str, list[float]],
+               iterations: int) -> SolveResult:
+    """The run so far, as ``Monitor.keep`` takes it: iterate ``iterations`` and its policy."""
+    return SolveResult(x=x.detach(), policy=policy.detach(), objective=float(objective),
+                       history=history, iterations=iterations, stopped_because=UNFINISHED)
 
 
 # stopped_because when the objective or the hyper-gradient became NaN or infinite: the solver
@@ -83,9 +100,10 @@ _HELD = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP")
 
 @contextlib.contextmanager
 def interrupts_deferred() -> Iterator[None]:
-    """Hold Ctrl-C, SIGTERM and SIGHUP while a record or checkpoint is written, then act on them:
-    an interrupt that lands halfway would leave it cut short. Off the main thread, where
-    Python delivers no signals, it does nothing."""
+    """Hold Ctrl-C, SIGTERM and SIGHUP while a record or checkpoint is written, then act on them
+    (the first one received, delivered again to the handler it had): an interrupt that lands
+    halfway would leave it cut short. Off the main thread, where Python delivers no signals,
+    it does nothing."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -101,5 +119,5 @@ def interrupts_deferred() -> Iterator[None]:
         for sig, handler in held.items():
             signal.signal(sig, handler)
     if received:
-        raise KeyboardInterrupt
+        signal.raise_signal(received[0])
 

@@ -544,7 +544,7 @@ def test_sigterm_stops_a_run_like_ctrl_c_and_keeps_its_record(tmp_path, name):
     time.sleep(2.0)  # some iterations, even on a busy machine
     process.send_signal(getattr(signal, name))
     stdout, stderr = process.communicate(timeout=60)
-    assert process.returncode == 130, stderr
+    assert process.returncode == 128 + getattr(signal, name), stderr  # 143, 129: as a shell
     record = json.loads((out / "result.json").read_text())
     assert record["stopped_because"] == "interrupted" and record["iterations"] > 0
     assert b"Traceback" not in stderr and b"interrupted" in stdout
@@ -775,6 +775,44 @@ def test_an_interrupt_before_anything_is_saved_leaves_no_empty_folder(tmp_path, 
     assert code == 130 and err.endswith("interrupted\n")
     assert out_dir.is_dir() == existing
     assert ("removed" in err) != existing
+
+
+def test_an_extra_argument_is_named_in_the_commands_usage(tmp_path, capsys):
+    path = tmp_path / "p.brl"
+    path.write_text(SOLVABLE)
+    with pytest.raises(SystemExit) as info:
+        main(["solve", str(path), "second.brl"])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and "usage: brl solve" in err
+    assert "brl solve: error: unrecognized arguments: second.brl" in err
+
+
+@pytest.mark.parametrize("flag", ["--out", "--resume"])
+def test_an_empty_folder_name_is_refused(tmp_path, capsys, flag):
+    """`--out ''` (an unset shell variable) fell back to runs/... without a word."""
+    path = tmp_path / "p.brl"
+    path.write_text(SOLVABLE)
+    code, _, err = run(["solve", str(path), "--quiet", flag, ""], capsys)
+    assert code == 1 and err == f"error: {flag} needs a folder, got an empty name\n"
+
+
+def test_nan_in_a_define_says_there_is_no_nan(tmp_path, capsys):
+    path = tmp_path / "p.brl"
+    path.write_text(SOLVABLE.replace("var x", "param c = 1\nvar x"))
+    code, _, err = run(["check", str(path), "-D", "c=nan"], capsys)
+    assert code == 1 and "-D c: undefined name `nan`" in err
+    assert "hint: brl has no NaN value: write a number (`inf` is infinity)" in err
+
+
+def test_an_option_of_another_solver_is_named_as_such(tmp_path, capsys):
+    """`implicit` is sobirl_sac's; for sac_true the closest name was `time_limit`."""
+    path = tmp_path / "p.brl"
+    path.write_text(SOLVABLE)
+    code, _, err = run(["solve", str(path), "--quiet", "--solver", "exact", "--set",
+                        "inner=3"], capsys)
+    assert code == 1
+    assert err == ("error: --set inner: solver `exact` has no option `inner`; `inner` is an "
+                   "option of m_sobirl, sobirl, stoc_sobirl, drlhf\n"), err
 
 
 def test_another_solver_says_the_files_options_are_left_behind(tmp_path, capsys):

@@ -8,6 +8,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import time
@@ -406,11 +407,15 @@ def test_the_command_line_resumes_with_the_saved_options_and_defines(tmp_path, c
     assert record["solver"]["name"] == "drlhf_sac" and record["seed"] == 5
     assert record["solver"]["options"]["sac_width"] == 8 and record["iterations"] == 2
     assert record["history"]["queries"][-1] == 4 + 3 + 3  # -D more=3 held on resume
+    assert record["resumed_at"] == [1] and record["defines"] == {"more": "3"}
+    assert re.search(r"iterations +2 \(resumed at iteration 1\)", capsys.readouterr().out)
+    assert main(["solve", str(path), "--quiet", "--resume", str(out), "--set", "outer=3"]) == 0
+    assert json.loads((out / "result.json").read_text())["resumed_at"] == [1, 2]
     capsys.readouterr()
-    assert main(["solve", str(path), "--quiet", "--resume", str(out), "--set", "outer=3",
+    assert main(["solve", str(path), "--quiet", "--resume", str(out), "--set", "outer=4",
                  "--set", "sac_width=16"]) == 1
     assert "--set sac_width=8" in capsys.readouterr().err
-    assert main(["solve", str(path), "--quiet", "--resume", str(out), "--set", "outer=3",
+    assert main(["solve", str(path), "--quiet", "--resume", str(out), "--set", "outer=4",
                  "-D", "more=4"]) == 1
     assert "-D more=3" in capsys.readouterr().err
 
@@ -434,8 +439,40 @@ def test_resuming_another_problems_folder_names_the_problem(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "belongs to problem `small`" in err and "-D more" not in err
     assert main(["solve", str(path), "--quiet", "--resume", str(out)]) == 0
-    assert ("note: resuming with the checkpoint's outer = 1; the file says 2 (--set outer=2 "
+    assert ("note: resuming with the saved run's outer = 1; the file says 2 (--set outer=2 "
             "to use it)") in capsys.readouterr().err
+
+
+def test_resuming_with_another_network_environment_or_a_garbled_option_says_so(tmp_path,
+                                                                              capsys):
+    """A file edited since the checkpoint: a note says so; another reward network or
+    environment is refused naming the difference (it failed deep inside torch's loading); a
+    saved option that is no longer valid is called damaged, not blamed on the file."""
+    from bilevel_dsl.cli import main
+
+    path, out = tmp_path / "small.brl", tmp_path / "run"
+    path.write_text(_source())
+    assert main(["solve", str(path), "--quiet", "--out", str(out), "--set", "outer=1"]) == 0
+    capsys.readouterr()
+    path.write_text(_source().replace("hidden = [8]", "hidden = [16]"))
+    assert main(["solve", str(path), "--quiet", "--resume", str(out), "--set", "outer=2"]) == 1
+    err = capsys.readouterr().err
+    assert f"note: {path} has changed since the run in {out} was saved" in err
+    assert ("was saved with reward_net hidden = [8]; this run has reward_net hidden = [16]. "
+            "Resume with the file's reward_net as it was (hidden = [8])") in err
+    path.write_text(_source(env="MountainCarContinuous-v0"))
+    assert main(["solve", str(path), "--quiet", "--resume", str(out), "--set", "outer=2"]) == 1
+    assert 'environment env_id = "Pendulum-v1"; this run has environment env_id = ' \
+        '"MountainCarContinuous-v0"' in capsys.readouterr().err
+    path.write_text(_source())
+    progress = out / "checkpoint" / "progress.json"
+    saved = json.loads(progress.read_text())
+    saved["run"]["options"]["sac_width"] = "eight"
+    progress.write_text(json.dumps(saved))
+    assert main(["solve", str(path), "--quiet", "--resume", str(out), "--set", "outer=2"]) == 1
+    err = capsys.readouterr().err
+    assert 'the saved run\'s option sac_width = "eight" is not valid' in err
+    assert "damaged" in err and "has changed" not in err
 
 
 def test_a_checkpoint_cut_short_ends_the_run_as_a_failure_and_leaves_no_half_folder(

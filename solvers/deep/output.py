@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from ..output import RESULT_FORMAT_VERSION, _jsonable, _write_json_atomic, versions
+from ..output import RESULT_FORMAT_VERSION, _jsonable, _resumed, versions, write_json_atomic
 from ..result import SolveResult
 from .problem import DeepProblem
 
@@ -25,7 +25,7 @@ def write_deep_run(out_dir: Path, problem: DeepProblem, result: SolveResult,
                    meta: dict[str, Any]) -> list[Path]:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    written = [_write_json_atomic(out_dir / "result.json", deep_record(problem, result, meta))]
+    written = [write_json_atomic(out_dir / "result.json", deep_record(problem, result, meta))]
     net = result.extra.get("reward_net")
     if net is not None:
         torch.save(net, out_dir / "reward_net.pt")
@@ -47,6 +47,8 @@ def deep_record(problem: DeepProblem, result: SolveResult, meta: dict[str, Any]
         "sense": "minimize",
         "solver": {"name": meta.get("solver"), "options": meta.get("options", {})},
         "seed": meta.get("seed", problem.seed),
+        "defines": meta.get("defines", {}),
+        "source_sha256": meta.get("source_sha256"),
         "device": str(problem.device),
         "variable": {"name": problem.var_name, "kind": problem.reward_net.kind,
                      "parameters": int(result.x.numel()), "file": "reward_net.pt"},
@@ -55,6 +57,7 @@ def deep_record(problem: DeepProblem, result: SolveResult, meta: dict[str, Any]
         "env_steps": result.extra.get("env_steps"),
         "queries": result.extra.get("queries"),
         "iterations": result.iterations,
+        "resumed_at": result.extra.get("resumed_at", []),
         "stopped_because": result.stopped_because,
         "history": history,
         "timings": meta.get("timings", {}),
@@ -71,7 +74,7 @@ def deep_summary(problem: DeepProblem, result: SolveResult, meta: dict[str, Any]
         ("problem", f"{problem.name} ({problem.env.env_id})"),
         ("solver", str(meta.get("solver", "?"))),
         ("device", str(problem.device)),
-        ("iterations", str(result.iterations)),
+        ("iterations", f"{result.iterations}{_resumed(result)}"),
         ("stopped because", result.stopped_because),
         ("env steps", f"{result.extra.get('env_steps', 0):,}"),
     ]

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import json
 import math
 import shutil
@@ -49,6 +50,7 @@ from torch import Tensor
 from ..output import _jsonable, remove_path
 from ..registry import SolverError
 from ..result import Monitor, SolveResult, interrupts_deferred, stop_reason
+from ..resume import check_identity, is_identity, number, whole
 from .critic import SuccessorCritic, policy_expectation
 from .envs import episode_limit, make_env, make_vector_env, unusable
 from .preferences import (
@@ -166,7 +168,8 @@ def reward_terms(model: RewardModel, agent: SACAgent, frags: Fragments, kind: st
 
 def run(problem: DeepProblem, options: dict[str, Any], monitor: Monitor,
         variant: str = "sobirl", resume: Path | None = None, out: Path | None = None,
-        defines: dict[str, str] | None = None) -> SolveResult:
+        defines: dict[str, str] | None = None, source_sha256: str | None = None
+        ) -> SolveResult:
     """Algorithm 5 (``variant = sobirl``), DRLHF (``drlhf``) or SAC on the true reward
     (``sac_true``), from scratch or from the checkpoint in ``resume``.
 
@@ -174,13 +177,17 @@ def run(problem: DeepProblem, options: dict[str, Any], monitor: Monitor,
     a query) returns to the end of the last whole iteration, so that its record and its last
     checkpoint agree; with checkpoints on, that state is saved when the run ends, however it
     ends. ``defines``: the command line's ``-D`` overrides (texts), kept in the checkpoint so
-    that a resumed run compiles the file as this one did."""
+    that a resumed run compiles the file as this one did; ``source_sha256``: the file's, kept
+    so that the command line can say when a resumed run's file has changed."""
     device = problem.device
     seed = problem.seed
     spec = problem.preferences
     learned = variant != "sac_true"
     identity = {"problem": problem.name, "seed": seed, "solver": SOLVER_NAMES[variant],
-                "options": _jsonable(dict(options)), "defines": dict(defines or {})}
+                "options": _jsonable(dict(options)), "defines": dict(defines or {}),
+                "environment": _jsonable(dataclasses.asdict(problem.env)),
+                "reward_net": _jsonable(dataclasses.asdict(problem.reward_net)),
+                **({"source_sha256": source_sha256} if source_sha256 else {})}
     if options["sac_steps"] % options["envs"]:
         raise SolverError(f"sac_steps ({options['sac_steps']}) must be a multiple of envs "
                           f"({options['envs']}): each vector step advances every copy")
@@ -220,8 +227,10 @@ def run(problem: DeepProblem, options: dict[str, Any], monitor: Monitor,
         "eval_step": [], "preference_accuracy": [], "alpha": [], "critic_td_error": []}
     k, queries, carry, wall_before = 0, 0, 0.0, 0.0
     saved_k = None  # the iteration of the checkpoint on disk, if this run wrote or read it
+    resumed_at: list[int] = []  # the iterations at which --resume took the run up
     if progress is not None:
         history = progress.pop("history")
+        resumed_at = [*progress["resumed_at"], progress["iteration"]]
         _load(resume, learner, model, critic, queue, heldout, generator, spec.fragment,
               obs_shape)
         k, queries, wall_before = progress["iteration"], progress["queries"], progress["wall"]
@@ -230,9 +239,15 @@ def run(problem: DeepProblem, options: dict[str, Any], monitor: Monitor,
     elif learned:  # warm-up: initial pairs from random rollouts, trained for many epochs
         # (the action space's own sampler is seeded apart from the run: draw from ours)
         warmup = torch.Generator(device).manual_seed(seed + 30_011)
+        name = SOLVER_NAMES[variant]
+        monitor.note(f"{name}: {spec.initial_pairs} initial preference pairs from random "
+                     "rollouts (the warm-up; Ctrl-C now saves nothing)")
         queries += _query(collector, lambda o: agent.random_actions(o.shape[0], warmup),
                           spec.initial_pairs, oracle, queue, heldout, generator,
                           spec.heldout_every, queries)
+        epochs = spec.warmup_epochs
+        monitor.note(f"{name}: the reward network's warm-up, {epochs} "
+                     f"epoch{'s' if epochs != 1 else ''} on those pairs")
         _train_reward(model, agent, queue, options, epochs=spec.warmup_epochs, implicit="off",
                       gamma=problem.discount, generator=generator)
 
@@ -254,8 +269,8 @@ def run(problem: DeepProblem, options: dict[str, Any], monitor: Monitor,
         """The checkpoint of ``last``; a failed write ends the run as a failure."""
         _reset(learner, collector, seed, k)
         try:
-            _save(out / CHECKPOINT, last.progress(identity), history, learner, model, critic,
-                  queue, heldout, generator)
+            _save(out / CHECKPOINT, last.progress(identity) | {"resumed_at": resumed_at},
+                  history, learner, model, critic, queue, heldout, generator)
         except OSError as exc:
             raise _CannotSave(f"cannot write the checkpoint in {out / CHECKPOINT}: "
                               f"{exc.strerror or exc}") from None
@@ -342,7 +357,8 @@ def run(problem: DeepProblem, options: dict[str, Any], monitor: Monitor,
         iterations=k, stopped_because=stopped,
         extra={"reward_net": model.net.state_dict(), "env_steps": learner.steps,
                "queries": queries, "time": time.perf_counter() - start,
-               **({"failure": failure} if failure else {})})
+               **({"failure": failure} if failure else {}),
+               **({"resumed_at": resumed_at} if resumed_at else {})})
 
 
 def sac_overrides(options: dict[str, Any], problem: DeepProblem) -> dict[str, Any]:
@@ -586,22 +602,7 @@ def saved_run(checkpoint: Path) -> dict[str, Any] | None:
         run = json.loads((Path(checkpoint) / "progress.json").read_text()).get("run")
     except (OSError, ValueError, AttributeError):
         return None
-    return run if _is_identity(run) else None
-
-
-def _is_identity(run: Any) -> bool:
-    return isinstance(run, dict) and isinstance(run.get("problem"), str) and \
-        _whole(run.get("seed")) and isinstance(run.get("solver"), str) and \
-        isinstance(run.get("options"), dict)
-
-
-def _whole(value: Any) -> bool:
-    """A JSON integer that is not negative."""
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
-
-
-def _number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return run if is_identity(run) else None
 
 
 def _damaged(path: Path, why: str) -> SolverError:
@@ -621,28 +622,31 @@ def _read_progress(path: Path, identity: dict[str, Any], outer: int) -> dict[str
         raise _damaged(path, "progress.json does not hold an object")
     saved = progress.get("run")
     if saved is not None:
-        if not _is_identity(saved):
+        if not is_identity(saved):
             raise _damaged(path, "progress.json: `run` is garbled")
-        _check_identity(path, saved, identity)
+        check_identity(f"the checkpoint in {path}", saved, identity, RESUME_MAY_CHANGE)
     k = progress.get("iteration")
-    if not _whole(k):
+    if not whole(k):
         raise _damaged(path, f"progress.json: `iteration` is {json.dumps(k)}, not a count "
                              "of iterations (a whole number, 0 or more)")
     saved_outer = saved["options"].get("outer") if saved is not None else None
-    if _number(saved_outer) and k > saved_outer:
+    if number(saved_outer) and k > saved_outer:
         raise _damaged(path, f"progress.json: iteration {k} is past the saved run's outer = "
                              f"{saved_outer}")
     history = progress.get("history")
-    for name, check in (("queries", _whole), ("wall", _number)):
+    for name, check in (("queries", whole), ("wall", number)):
         if not check(progress.get(name)):
             raise _damaged(path, f"progress.json: `{name}` is missing or not a number")
+    progress.setdefault("resumed_at", [])  # (absent from checkpoints older than it)
+    if not (isinstance(progress["resumed_at"], list) and all(map(whole, progress["resumed_at"]))):
+        raise _damaged(path, "progress.json: `resumed_at` is not a list of iterations")
     progress.setdefault("query_carry", 0.0)
-    if not _number(progress["query_carry"]):
+    if not number(progress["query_carry"]):
         raise _damaged(path, "progress.json: `query_carry` is not a number")
     # one entry per iteration in each record, but the evaluations' (every eval_every) and
     # critic_td_error (absent from checkpoints older than it)
     if not (isinstance(history, dict) and all(
-            isinstance(v, list) and all(x is None or _number(x) for x in v)
+            isinstance(v, list) and all(x is None or number(x) for x in v)
             for v in history.values()) and len(history.get("iteration", [])) == k
             and all(len(values) == k for name, values in history.items()
                     if name not in ("eval_step", "eval_return", "critic_td_error"))
@@ -652,7 +656,7 @@ def _read_progress(path: Path, identity: dict[str, Any], outer: int) -> dict[str
     # (a checkpoint written before `query_steps` was kept has it as the last recorded value)
     steps = history.get("query_steps") or [0]
     progress.setdefault("query_steps", steps[-1])
-    if not _whole(progress["query_steps"]):
+    if not whole(progress["query_steps"]):
         raise _damaged(path, "progress.json: `query_steps` is not a whole number")
     progress["history"] = {name: [math.nan if x is None else x for x in values]
                            for name, values in history.items()}
@@ -660,43 +664,6 @@ def _read_progress(path: Path, identity: dict[str, Any], outer: int) -> dict[str
         raise SolverError(f"the checkpoint in {path} is at iteration {k}, past this run's "
                           f"outer = {outer}; resume with --set outer=N for an N above {k}")
     return progress
-
-
-def _check_identity(path: Path, saved: dict[str, Any], identity: dict[str, Any]) -> None:
-    """Refuse to mix two runs: a SolverError naming every difference in problem, seed,
-    solver and options (but those in ``RESUME_MAY_CHANGE``)."""
-    if saved["problem"] != identity["problem"]:  # then nothing else is worth comparing
-        raise SolverError(f"the checkpoint in {path} belongs to problem `{saved['problem']}`; "
-                          f"this file is problem `{identity['problem']}`. Resume it with the "
-                          "file of that problem, or start afresh with another --out")
-    before, now, remedy = [], [], []
-    for name, flag in (("seed", "--seed"), ("solver", "--solver")):
-        if saved[name] != identity[name]:
-            before.append(f"{name} {saved[name]}")
-            now.append(f"{name} {identity[name]}")
-            remedy.append(f"{flag} {saved[name]}")
-    saved_defines = saved.get("defines")
-    if isinstance(saved_defines, dict) and saved_defines != identity["defines"]:
-        before.append(f"-D {_defines(saved_defines)}")
-        now.append(f"-D {_defines(identity['defines'])}")
-        remedy.append(" ".join(f"-D {name}={text}" for name, text in saved_defines.items())
-                      or "no -D")
-    if saved["solver"] == identity["solver"]:  # other solvers take other options
-        options = identity["options"]
-        for name in sorted(saved["options"].keys() & options.keys() - RESUME_MAY_CHANGE):
-            value = saved["options"][name]
-            if value != options[name]:
-                before.append(f"{name} = {value}")
-                now.append(f"{name} = {options[name]}")
-                remedy.append(f"--set {name}={value}")
-    if before:
-        raise SolverError(f"the checkpoint in {path} was saved with {', '.join(before)}; this "
-                          f"run has {', '.join(now)}. Resume with {' '.join(remedy)}, or start "
-                          "afresh with another --out")
-
-
-def _defines(defines: dict[str, str]) -> str:
-    return ", ".join(f"{name}={text}" for name, text in defines.items()) or "(none)"
 
 
 def _load(path: Path, learner: SACLearner, model: RewardModel, critic: SuccessorCritic | None,
