@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import hashlib
 import json
 import math
@@ -317,7 +316,7 @@ def _solve_into(out_dir: Path, made_here: bool, args: argparse.Namespace, proble
     continuation, run_options = None, options
     if args.resume and not deep:  # a tabular run takes up again at its record's x
         continuation = _continuation(out_dir, problem, spec, options, meta["defines"])
-        problem = dataclasses.replace(problem, x0=continuation.x)
+        problem = continuation.problem(problem)
         run_options = continuation.options(options)
         _tell(f"note: resuming at iteration {continuation.k} of the run in {out_dir}, from its "
               "x; the solver's running estimates start afresh there", sys.stderr)

@@ -5,9 +5,10 @@ A deep run resumes from its checkpoint exactly (``solvers.deep.sobirl_sac``). A 
 keeps no solver state, only its record (``result.json``, written as it goes and at the end),
 so ``--resume`` restarts the solver at the record's ``x``: the history and the iteration count
 go on, but the solver's running estimates (m_sobirl's values and adjoint, a model-free
-follower's policy and its random streams) start afresh there, solved at ``x`` where the solver
-can (m_sobirl resumes with ``start = solved``). The numbers after the restart therefore differ
-from an uninterrupted run's by those estimates' lag.
+follower's policy) start afresh there, solved at ``x`` where the solver can (m_sobirl resumes
+with ``start = solved``), and a sampling solver draws from streams seeded for the
+continuation. The numbers after the restart therefore differ from an uninterrupted run's by
+those estimates' lag.
 """
 
 from __future__ import annotations
@@ -167,6 +168,12 @@ class Continuation:
         earlier = record.get("resumed_at")
         earlier = tuple(earlier) if isinstance(earlier, list) and all(map(whole, earlier)) else ()
         return cls(x, k, _before(history, k), earlier)
+
+    def problem(self, problem: Any) -> Any:
+        """The problem the continuation solves: from ``x``, and with random streams of its own
+        (seeded by the run's seed and ``k``: the same resumption draws the same numbers, but
+        not those the run drew from its start again)."""
+        return replace(problem, x0=self.x, seed=(problem.seed * 1_000_003 + self.k) % 2**63)
 
     def options(self, options: dict[str, Any]) -> dict[str, Any]:
         """The options the solver runs the continuation with: the iterations left, and the

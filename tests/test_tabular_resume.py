@@ -185,3 +185,24 @@ def test_force_keeps_the_old_run_until_the_new_one_saves(tmp_path, capsys, monke
                   "--set", "outer=4")[0] == 0
     assert _record(out)["iterations"] == 4
     assert sorted(p.name for p in out.iterdir()) == ["curve.png", "result.json"]
+
+
+def test_a_model_free_run_resumes_with_its_counts_going_on(tmp_path, capsys):
+    """sobirl's cumulative simulator draws go on from the saved count, and the continuation
+    draws new numbers: its first sampled estimate is not the run's first again."""
+    out = tmp_path / "run"
+    (tmp_path / "p.brl").write_text(PROBLEM.replace(
+        "value(M, policy, M.R + 1)", "expected_return(M, policy, horizon = 10, reward = R)")
+        .replace("var x", "param R[M.S, M.A] ~ normal(0, 1)\nvar x"))
+    assert _solve(tmp_path, capsys, "--solver", "sobirl", "--set", "outer=4", "--set",
+                  "verify=off", "--out", str(out))[0] == 0
+    first = _record(out)
+    code, _, err = _solve(tmp_path, capsys, "--resume", str(out), "--set", "outer=7")
+    assert code == 0, err
+    record = _record(out)
+    assert record["iterations"] == 7 and record["resumed_at"] == [4]
+    assert record["history"]["iteration"] == list(range(7))
+    drawn = record["history"]["transitions"]
+    assert all(later > earlier for earlier, later in zip(drawn, drawn[1:]))
+    assert record["history"]["objective"][:4] == first["history"]["objective"]
+    assert record["history"]["objective"][4] != first["history"]["objective"][0]
