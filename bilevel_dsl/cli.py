@@ -250,6 +250,10 @@ def cmd_solve(args: argparse.Namespace) -> int:
         _tell(f"note: {args.file} has changed since the run in {args.resume} was saved; it "
               "goes on with the file as it is now (a changed reward, objective or MDP makes "
               "what follows differ from what was saved)", sys.stderr)
+    if saved is not None and not isinstance(saved.get("defines"), dict):
+        _tell(f"note: the run in {args.resume} was saved by an older brl, which did not keep "
+              "its -D values: give the same -D as its command did (its result.json names the "
+              "command)", sys.stderr)
     if saved is not None and args.seed is None and isinstance(saved.get("seed"), int):
         args.seed = saved["seed"]
     if saved is not None and isinstance(saved.get("defines"), dict):
@@ -278,6 +282,7 @@ def cmd_solve(args: argparse.Namespace) -> int:
     torch.manual_seed(problem.seed)
     out_dir = Path(args.resume or args.out or default_out_dir(problem.name))
     made_here = not os.path.exists(out_dir)  # False where the name is too long, say
+    _recover_replaced(out_dir)
     out_dir = _output_folder(out_dir, replace=args.force or bool(args.resume),
                              flag="--resume" if args.resume else "--out")
     with _claimed(out_dir, "--resume" if args.resume else "--out"):
@@ -322,9 +327,10 @@ def _solve_into(out_dir: Path, made_here: bool, args: argparse.Namespace, proble
               "x; the solver's running estimates start afresh there", sys.stderr)
     start = time.perf_counter()
     keeper = None if deep else _keeper(out_dir, problem, meta, start, continuation)
-    monitor = ProgressMonitor(int(run_options.get("outer", 1)), sign=problem.sign,
+    monitor = ProgressMonitor(int(options.get("outer", 1)), sign=problem.sign,
                               stream=open(os.devnull, "w") if args.quiet else sys.stderr,
-                              keeper=keeper, keep_every=args.save_every)
+                              keeper=keeper, keep_every=args.save_every,
+                              offset=continuation.k if continuation is not None else 0)
     try:
         result = spec.run(problem, run_options, monitor, **extra)
         _show_end(monitor, result)
@@ -452,18 +458,44 @@ def _claimed(out_dir: Path, flag: str) -> Iterator[None]:
         except BlockingIOError:
             raise UsageError(f"{flag} {out_dir} is in use by another brl run; wait for it to "
                              "end, or choose another folder") from None
+        for stale in out_dir.glob(".result.json.*.tmp"):  # a write that a kill cut short
+            stale.unlink(missing_ok=True)
         yield
     finally:
         os.close(descriptor)
 
 
-def _set_aside(out_dir: Path) -> Path | None:
-    """Move the old run's files out of the new run's way (into ``.brl-replaced/``, which a run
-    killed before it saved leaves behind); None when there were none."""
+def _holds_run(out_dir: Path) -> bool:
+    return any((out_dir / name).exists() for name in _RUN_OUTPUTS + _RUN_FOLDERS)
+
+
+def _recover_replaced(out_dir: Path) -> None:
+    """Put back a run that ``--force`` set aside when the replacing run was killed before it
+    saved anything (the folder then holds ``.brl-replaced/`` and no run): it is the only copy,
+    and the next run must find it, to refuse, replace or resume it. Where the replacing run did
+    save, the set-aside run was replaced and goes."""
     from solvers.output import remove_path
 
     aside = out_dir / _REPLACED
-    remove_path(aside)
+    try:
+        if not aside.is_dir():
+            return
+    except OSError:  # a name too long, say: _output_folder reports it
+        return
+    if _holds_run(out_dir):
+        remove_path(aside)
+        return
+    for path in aside.iterdir():
+        path.rename(out_dir / path.name)
+    aside.rmdir()
+    _tell(f"note: {out_dir} holds again the run that an earlier --force set aside (the run "
+          "that was to replace it was stopped before it saved anything)", sys.stderr)
+
+
+def _set_aside(out_dir: Path) -> Path | None:
+    """Move the old run's files out of the new run's way (into ``.brl-replaced/``); None when
+    there were none."""
+    aside = out_dir / _REPLACED
     old = [name for name in _RUN_OUTPUTS + _RUN_FOLDERS if (out_dir / name).exists()]
     if not old:
         return None
@@ -474,18 +506,32 @@ def _set_aside(out_dir: Path) -> Path | None:
 
 
 def _drop_or_restore(out_dir: Path, aside: Path) -> None:
-    """Remove the replaced run once the new one has saved something of its own; else put it
-    back, so that a new run which fails or is stopped at once does not cost the old one."""
+    """Remove the replaced run once the new one has saved an iteration of its own; else put
+    it back, so that a new run which fails or is stopped at once does not cost the old one."""
     from solvers.output import remove_path
 
-    if any((out_dir / name).exists() for name in _RUN_OUTPUTS + _RUN_FOLDERS):
+    if _holds_run(out_dir) and not _stopped_at_once(out_dir):
         remove_path(aside)
         return
+    for name in _RUN_OUTPUTS + _RUN_FOLDERS:  # the new run's record of nothing
+        remove_path(out_dir / name)
     for path in aside.iterdir():
         path.rename(out_dir / path.name)
     aside.rmdir()
     _tell(f"note: the new run saved nothing, so the run it was to replace is kept in {out_dir}",
           sys.stderr)
+
+
+def _stopped_at_once(out_dir: Path) -> bool:
+    """Whether the record in ``out_dir`` is of a run stopped before its first iteration (a
+    tabular run writes one even then), with no checkpoint beside it."""
+    try:
+        record = json.loads((out_dir / "result.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return (isinstance(record, dict) and record.get("iterations") == 0
+            and record.get("stopped_because") == "interrupted"
+            and not (out_dir / "checkpoint").exists())
 
 
 def _output_folder(out_dir: Path, replace: bool, flag: str = "--out") -> Path:
@@ -496,7 +542,7 @@ def _output_folder(out_dir: Path, replace: bool, flag: str = "--out") -> Path:
         if not replace and out_dir.is_dir() and any(
                 (out_dir / name).exists() for name in ("result.json", "checkpoint")):
             raise UsageError(f"--out {out_dir} already holds a run; choose another folder, pass "
-                             "--force to replace it, or --resume it (deep runs)")
+                             "--force to replace it, or --resume it")
         if out_dir.exists() and not out_dir.is_dir():
             raise UsageError(f"{flag} {out_dir}: that is a file, not a folder; pass {flag} with "
                              "a folder")
@@ -512,9 +558,10 @@ def _output_folder(out_dir: Path, replace: bool, flag: str = "--out") -> Path:
 
 
 def _saved_run(resume: str | None, path: str) -> dict[str, Any] | None:
-    """The solver, seed, options and -D values a ``--resume`` folder's checkpoint was saved
-    with, when it is a checkpoint of the problem in ``path`` (None otherwise: ``_checkpoint``
-    then says what is missing, or the solver which problem the checkpoint belongs to)."""
+    """The solver, seed, options and -D values of the run saved in a ``--resume`` folder (a
+    deep run's checkpoint, else a tabular run's record), when it is a run of the problem in
+    ``path``; None otherwise (the solver or ``Continuation.of`` then says what is missing, or
+    which problem the run belongs to)."""
     if resume is None:
         return None
     from solvers.deep.sobirl_sac import find_checkpoint, saved_run
@@ -535,10 +582,12 @@ def _saved_run(resume: str | None, path: str) -> dict[str, Any] | None:
 
 def _resumed_options(problem: Any, spec: Any, saved: dict[str, Any], given: dict[str, Any],
                      folder: str) -> dict[str, Any]:
-    """The options of a resumed run: ``--set`` over the checkpoint's (but its `time_limit`,
+    """The options of a resumed run: ``--set`` over the saved run's (but its `time_limit`,
     which was that invocation's); a note for each option of the file's `solve` statement that
-    the checkpoint's value overrides."""
+    the saved value overrides."""
     from solvers import REGISTRY, OptionError, SolverError
+    from solvers.deep.sobirl_sac import RESUME_MAY_CHANGE
+    from solvers.resume import TABULAR_MAY_CHANGE
 
     known = {option.name for option in spec.options}
     kept = {name: value for name, value in saved.items()
@@ -551,11 +600,16 @@ def _resumed_options(problem: Any, spec: Any, saved: dict[str, Any], given: dict
                               f"{json.dumps(value)} is not valid ({str(exc).splitlines()[0]}), "
                               "so it is damaged and cannot be resumed; start afresh with "
                               "another --out (or --force)") from None
+    deep = getattr(problem, "environment", "tabular") == "gymnasium"
+    may_change = RESUME_MAY_CHANGE if deep else TABULAR_MAY_CHANGE
     if getattr(problem, "solver", None) == spec.name:
         for name, value in (getattr(problem, "solver_options", None) or {}).items():
             if name in kept and kept[name] != value:
+                how = (f"--set {name}={value} to use it" if name in may_change else
+                       "a resumed run keeps it; start afresh with another --out to use the "
+                       "file's")
                 print(f"note: resuming with the saved run's {name} = {kept[name]}; the file "
-                      f"says {value} (--set {name}={value} to use it)", file=sys.stderr)
+                      f"says {value} ({how})", file=sys.stderr)
     return {**kept, **given}
 
 
@@ -777,8 +831,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=_seed, default=None, help="override the file's seed")
     p.add_argument("--save-every", type=_at_least(0.0, float), default=30.0, metavar="SECONDS",
                    help="a tabular run saves its record (result.json, `unfinished`) this often "
-                   "while it runs, so that a killed run leaves its last iterate (default 30; 0: "
-                   "at every iteration); deep runs save checkpoints (checkpoint_every)")
+                   "while it runs, so that a killed run leaves its last iterate (default 30; 0 "
+                   "rewrites the whole record at every iteration, slow on long runs); deep runs "
+                   "save checkpoints (checkpoint_every)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     defines(p)
     p.set_defaults(run=cmd_solve, command_parser=p)
@@ -838,7 +893,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if threading.current_thread() is not threading.main_thread():
             return _main(argv)
-        previous = {sig: signal.signal(sig, _terminated) for sig in STOP_SIGNALS}
+        # a signal the caller ignores (`nohup` ignores SIGHUP) stays ignored
+        previous = {sig: signal.signal(sig, _terminated) for sig in STOP_SIGNALS
+                    if signal.getsignal(sig) is not signal.SIG_IGN}
         _stopped_by.clear()
         try:
             return _main(argv)
@@ -869,8 +926,11 @@ def _show_warning(message: Warning | str, category: type[Warning], filename: str
 def _main(argv: list[str] | None) -> int:
     parser = build_parser()
     args, unknown = parser.parse_known_args(argv)
-    if unknown:  # in the command's own usage (`brl solve a b`), not the top level's
-        getattr(args, "command_parser", parser).error(
+    if unknown:  # in the command's own usage (`brl solve a b`), where they follow the command
+        given = list(sys.argv[1:] if argv is None else argv)
+        after = (given.index(unknown[0]) > given.index(args.command)
+                 if unknown[0] in given and args.command in given else True)
+        (getattr(args, "command_parser", parser) if after else parser).error(
             f"unrecognized arguments: {' '.join(unknown)}")
     if not getattr(args, "command", None):
         parser.print_help()

@@ -29,7 +29,7 @@ from .deep import (
     preference_objective,
     reward_net_var,
 )
-from .diagnostics import DiagnosticBag, SourceFile, did_you_mean
+from .diagnostics import MAX_SHOWN, DiagnosticBag, SourceFile, did_you_mean
 from .evaluate import (
     CONSTANTS,
     FUNCTIONALS,
@@ -56,6 +56,7 @@ from .values import (
     Cascade,
     EvalError,
     MdpValue,
+    Names,
     PolicyRef,
     SetValue,
     TableSets,
@@ -70,6 +71,8 @@ TABLE_ITEMS = ("states", "actions", "discount", "initial", "transition", "reward
 LOWER_ITEMS = ("temperature", "reward")
 DEVICES = ("cpu", "cuda", "auto")
 ROW_TOLERANCE = 1e-9
+# a table's transition[s, a, t] is evaluated for this many (s, a, t) at a time when larger
+TABLE_BLOCK_ENTRIES = 1 << 22
 MAX_ELEMENTS = 10**8  # numbers in one declared array (800 MB of float64)
 
 # Given a solver name and its options, a catalog returns problems as
@@ -160,7 +163,7 @@ class _Elaborator:
         self.overrides = overrides
         self.catalog = catalog
         self.bag = DiagnosticBag(source)
-        self.names: dict[str, object] = {}
+        self.names: dict[str, object] = Names()
         self.declared_at: dict[str, ir.Span] = {}
         self.var: VarInfo | None = None
         self.lower: LowerInfo | None = None
@@ -307,6 +310,7 @@ class _Elaborator:
     def _scope(self, x: torch.Tensor | None = None) -> Scope:
         scope = Scope(self.names, self.device, x=x)
         scope.load = self._loader
+        scope.hints = len(self.bag.items) < MAX_SHOWN
         return scope
 
     def _loader(self, node: ir.Call, name: str) -> Val:
@@ -629,17 +633,21 @@ class _Elaborator:
         S, A = sets["S"], sets["A"]
         # the other parts may name the sets and their members (replaced by the MDP at the end)
         self.names[decl.name] = TableSets(decl.name, S, A)
-        P = self._table_part(items["transition"], (S, A, S), ("s", "a", "t"))
         terminal = torch.zeros(S.size, dtype=torch.bool)
         if "terminal" in items:
             terminal = self._terminal(items["terminal"], S)
-        self._check_rows(P, S, A, terminal, items["transition"])
-        transitions = Transitions.auto(P)  # sparse when large and mostly zero
+        transitions = self._transitions_in_blocks(items["transition"], S, A, terminal)
+        if transitions is None:
+            P = self._table_part(items["transition"], (S, A, S), ("s", "a", "t"))
+            self._check_rows(P, S, A, terminal, items["transition"])
+            transitions = Transitions.auto(P)  # sparse when large and mostly zero
         if "reward" in items:
             item = items["reward"]
             if len(item.indices) == 3 or (not item.indices and self._shape_of(item) == 3):
-                R3 = self._table_part(item, (S, A, S), ("s", "a", "t"))
-                reward = expected_over_next(transitions, R3)
+                reward = self._reward_on_transitions(item, transitions, S, A)
+                if reward is None:
+                    R3 = self._table_part(item, (S, A, S), ("s", "a", "t"))
+                    reward = expected_over_next(transitions, R3)
             else:
                 reward = self._table_part(item, (S, A), ("s", "a"))
         else:
@@ -732,26 +740,104 @@ class _Elaborator:
 
     def _check_rows(self, P: torch.Tensor, S: SetValue, A: SetValue, terminal: torch.Tensor,
                     item: ir.Item) -> None:
+        self._raise_bad_rows(self._bad_rows(P, 0, S, A, terminal, item, (0, None)), S, A, item)
+
+    def _bad_rows(self, P: torch.Tensor, start: int, S: SetValue, A: SetValue,
+                  terminal: torch.Tensor, item: ir.Item, tally: tuple[int, Any]
+                  ) -> tuple[int, Any]:
+        """Check the rows of states ``start, start + 1, ...`` (``P`` holds them): E401 at the
+        first negative entry; ``tally`` (rows that are no distribution, and the first of them
+        as (s, a, sum)) carried on."""
         negative = P < 0
         if bool(negative.any()):
             s, a, t = (int(i) for i in torch.nonzero(negative)[0])
-            raise EvalError("E401", f"transition probability P[{_label(S, s)}, {_label(A, a)}, "
-                            f"{_label(S, t)}] = {float(P[s, a, t]):.6g} is negative",
-                            item.value.span)
+            raise EvalError("E401", f"transition probability P[{_label(S, start + s)}, "
+                            f"{_label(A, a)}, {_label(S, t)}] = {float(P[s, a, t]):.6g} is "
+                            "negative", item.value.span)
         sums = P.sum(-1)
         bad = (sums - 1.0).abs() > ROW_TOLERANCE
-        bad &= ~(terminal[:, None] & (sums == 0))  # a terminal state may have no successors
-        if bool(bad.any()):
-            count = int(bad.sum())
+        # a terminal state may have no successors
+        bad &= ~(terminal[start:start + P.shape[0], None] & (sums == 0))
+        count, first = tally
+        if bool(bad.any()) and first is None:
             s, a = (int(i) for i in torch.nonzero(bad)[0])
+            first = (start + s, a, float(sums[s, a]))
+        return count + int(bad.sum()), first
+
+    def _raise_bad_rows(self, tally: tuple[int, Any], S: SetValue, A: SetValue,
+                        item: ir.Item) -> None:
+        count, first = tally
+        if count:
+            s, a, total = first
             more = f" (and {count - 1} more row{'s' if count > 2 else ''})" if count > 1 else ""
             raise EvalError(
                 "E401",
                 f"transition row (s = {_label(S, s)}, a = {_label(A, a)}) is not a distribution: "
-                f"it sums to {float(sums[s, a]):.6g}, not 1{more}",
+                f"it sums to {total:.6g}, not 1{more}",
                 item.value.span,
                 "each row P[s, a, .] must be non-negative and sum to 1",
             )
+
+    def _transitions_in_blocks(self, item: ir.Item, S: SetValue, A: SetValue,
+                               terminal: torch.Tensor) -> Transitions | None:
+        """A large table's ``transition[s, a, t] = ...`` evaluated for a block of states ``s``
+        at a time and kept as its nonzeros: the whole ``S x A x S`` table and the temporaries
+        of its expression took 2.6 GiB at 8,000 states and ran out of memory at 16,000, for
+        P's 2 S A nonzeros. None where the table is small or the part is not written with
+        three indices (then evaluated whole, as are the errors of a value of the wrong
+        shape)."""
+        names = tuple(n.id for n in item.indices if isinstance(n, ir.Name))
+        entries = S.size * A.size * S.size
+        if len(names) != 3 or len(set(names)) != 3 or entries <= TABLE_BLOCK_ENTRIES:
+            return None
+        per = max(1, TABLE_BLOCK_ENTRIES // (A.size * S.size))
+        rows, cols, values = [], [], []
+        tally: tuple[int, Any] = (0, None)
+        for start in range(0, S.size, per):
+            stop = min(S.size, start + per)
+            scope = self._scope()
+            scope.indices = {
+                names[0]: Binding(names[0], S, scope.device, torch.arange(start, stop)),
+                names[1]: Binding(names[1], A, scope.device),
+                names[2]: Binding(names[2], S, scope.device)}
+            v = evaluate_val(item.value, scope)
+            if v.dims or any(axis not in names for axis in v.axes):
+                return None
+            block = as_real(expand_axes(v, names, {names[0]: stop - start,
+                                                   names[1]: A.size, names[2]: S.size}))
+            if not bool(torch.isfinite(block).all()):
+                raise EvalError("E305", "`transition` has NaN or infinite entries",
+                                item.value.span)
+            tally = self._bad_rows(block, start, S, A, terminal, item, tally)
+            nonzero = block.nonzero()
+            rows.append((nonzero[:, 0] + start) * A.size + nonzero[:, 1])
+            cols.append(nonzero[:, 2])
+            values.append(block[nonzero[:, 0], nonzero[:, 1], nonzero[:, 2]])
+        self._raise_bad_rows(tally, S, A, item)
+        return Transitions.auto((torch.cat(rows), torch.cat(cols), torch.cat(values)),
+                                S.size, A.size)
+
+    def _reward_on_transitions(self, item: ir.Item, P: Transitions, S: SetValue, A: SetValue
+                               ) -> torch.Tensor | None:
+        """A table's ``reward[s, a, t]`` averaged over the next state at P's stored triples
+        only, where P is sparse (``sum_t P[s, a, t] r(s, a, t)``); None elsewhere (the whole
+        table is then evaluated, as are the errors of a value of the wrong shape)."""
+        names = tuple(n.id for n in item.indices if isinstance(n, ir.Name))
+        if not P.is_sparse or len(names) != 3 or len(set(names)) != 3:
+            return None
+        rows, cols, values = P.coo()
+        scope = self._scope()
+        at = (torch.div(rows, A.size, rounding_mode="floor"), rows % A.size, cols)
+        scope.indices = {name: Binding(_TRANSITION_AXIS, index_set, scope.device, positions)
+                         for name, index_set, positions in zip(names, (S, A, S), at)}
+        v = evaluate_val(item.value, scope)
+        if v.dims or any(axis != _TRANSITION_AXIS for axis in v.axes):
+            return None
+        r = as_real(expand_axes(v, (_TRANSITION_AXIS,), {_TRANSITION_AXIS: rows.numel()}))
+        if not bool(torch.isfinite(r).all()):
+            raise EvalError("E305", "`reward` has NaN or infinite entries", item.value.span)
+        out = torch.zeros(S.size * A.size, dtype=r.dtype).index_add(0, rows, values * r)
+        return out.reshape(S.size, A.size)
 
     # ---------------------------------------------------------------- the bilevel parts
     def _lower(self, decl: ir.LowerDecl) -> None:
@@ -1089,7 +1175,6 @@ def _on_transitions(info: LowerInfo, term: ir.Expr, scope: Scope, P: Transitions
     A = P.n_actions
     at = dict(zip(info.indices, (torch.div(rows, A, rounding_mode="floor"), rows % A, cols)))
     inner = scope.copy()
-    inner.let_cache = {}
     inner.indices = {**scope.indices, **{
         name: Binding(_TRANSITION_AXIS, index_set, scope.device, at[name])
         for name, index_set in zip(info.indices, sets)}}

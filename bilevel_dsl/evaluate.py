@@ -20,10 +20,12 @@ from .values import (
     Cascade,
     EvalError,
     MdpValue,
+    Names,
     PolicyRef,
     SetValue,
     TableSets,
     Val,
+    labelled_sets,
 )
 
 ELEMENTWISE = {
@@ -99,6 +101,7 @@ class Scope:
     exact_trajectories: bool = True
     constants: ConstantCache | None = None  # set by lowering: reuse what x and pi cannot change
     lets: tuple[str, ...] = ()  # the lets being evaluated, innermost last
+    hints: bool = True  # False once a file has more errors than are shown: no "did you mean"
 
     def copy(self) -> Scope:
         """A shallow copy (no dataclass machinery: expressions are evaluated at every solver
@@ -108,9 +111,12 @@ class Scope:
         return inner
 
     def bind(self, name: str, binding: Binding) -> Scope:
+        """The scope inside a reduction or comprehension over ``name``. It shares the let
+        cache: a let is evaluated without the caller's indices (``_let``), so its value is the
+        same everywhere in one evaluation, and a let used inside a sum was otherwise evaluated
+        again for every sum (exponential in a chain of such lets)."""
         inner = self.copy()
         inner.indices = {**self.indices, name: binding}
-        inner.let_cache = {}
         return inner
 
 
@@ -422,11 +428,13 @@ def _name(node: ir.Name, scope: Scope) -> object:
         raise EvalError("E201", f"the member `{node.id}` is ambiguous: it is in {where}, at "
                         "different positions", node.span,
                         f"name its set, e.g. `{owners[0][0]}.{node.id}`")
-    known = list(scope.names) + list(scope.indices) + list(CONSTANTS) + _member_names(scope)
     if node.id in FUNCTIONS:
         raise EvalError("E305", f"`{node.id}` is a function: call it as `{node.id}(...)`",
                         node.span)
-    hint = did_you_mean(node.id, known)
+    hint = None
+    if scope.hints:  # (each hint reads every name: thousands of errors took minutes)
+        known = list(scope.names) + list(scope.indices) + list(CONSTANTS) + _member_names(scope)
+        hint = did_you_mean(node.id, known)
     if node.id.lower() == "nan":  # -D x=nan, say: a value the language has no name for
         hint = "brl has no NaN value: write a number (`inf` is infinity)"
     raise EvalError("E201", f"undefined name `{node.id}`", node.span, hint)
@@ -439,12 +447,12 @@ def _member_names(scope: Scope) -> list[str]:
 
 def _named_sets(scope: Scope) -> Iterator[tuple[str, SetValue]]:
     """Each set in scope, as written in a file (`Colors`, `M.S`), with its value."""
+    if isinstance(scope.names, Names):
+        for labelled in scope.names.sets.values():
+            yield from labelled
+        return
     for key, obj in scope.names.items():
-        if isinstance(obj, SetValue):
-            yield key, obj
-        elif isinstance(obj, (MdpValue, TableSets)):
-            yield f"{key}.S", obj.states
-            yield f"{key}.A", obj.actions
+        yield from labelled_sets(key, obj)
 
 
 def _member(name: str, scope: Scope) -> Val | None:
@@ -613,6 +621,9 @@ def mdp_attribute(mdp: MdpValue, attr: str, node: ir.Expr, device: torch.device)
 
 
 def _index(node: ir.Index, scope: Scope) -> Val:
+    along = _let_along_transitions(node, scope)
+    if along is not None:
+        return along
     base = evaluate(node.base, scope)
     if isinstance(base, PolicyRef):  # pragma: no cover - policy evaluates to a Val
         base = _name(ir.Name(node.span, "policy"), scope)
@@ -635,6 +646,32 @@ def _index(node: ir.Index, scope: Scope) -> Val:
     for k in range(first, len(node.indices)):
         result = _index_one(result, node.indices[k], scope, k, node)
     return result
+
+
+def _let_along_transitions(node: ir.Index, scope: Scope) -> Val | None:
+    """``w[s, a, t]`` for ``let w[s in M.S, a in M.A, t in M.S] = ...`` where the indices walk
+    sparse P's stored triples together: the let's body with its indices bound to those triples,
+    one value per transition, rather than the whole ``S x A x S`` table and then a selection
+    from it (quadratic in the states: 12 s and 1.7 GiB at 4,000 states, against 0.4 s inline).
+    None where that does not apply (the let is then evaluated whole, as everywhere else,
+    which also reports a body of the wrong shape)."""
+    name = node.base.id if isinstance(node.base, ir.Name) else None
+    let = scope.names.get(name) if name not in scope.indices else None
+    if (not isinstance(let, LetDef) or len(node.indices) != len(let.dims) or not let.dims
+            or name in scope.lets or any(index is None for index, _, _ in let.dims)):
+        return None
+    bindings = [scope.indices.get(i.id) if isinstance(i, ir.Name) else None
+                for i in node.indices]
+    if any(b is None or b.at is None or b.axis != bindings[0].axis or b.set is not dim_set
+           for b, (_, dim_set, _) in zip(bindings, let.dims)):
+        return None
+    inner = scope.copy()
+    inner.indices = {index: b for (index, _, _), b in zip(let.dims, bindings)}
+    inner.lets = (*scope.lets, name)
+    v = evaluate_val(let.decl.value, inner)
+    if v.dims or any(axis != bindings[0].axis for axis in v.axes):
+        return None
+    return v
 
 
 def _along_transitions(base: Val, indices: list[ir.Expr], scope: Scope) -> tuple[Val, int]:
@@ -913,13 +950,15 @@ def _integer(node: ir.Expr, scope: Scope) -> int:
 
 def _members(node: ir.Members, scope: Scope) -> SetValue:
     names = [m.name for m in node.members]
-    for i, m in enumerate(node.members):
+    seen: set[str] = set()
+    for m in node.members:
         if m.name[0].isdigit():  # it would mean its position, not its value
             raise EvalError("E305", f"`{m.name}` is a number, but the members of a set are "
                             "names", m.span, "write a range such as `1..5` for consecutive "
                             f"numbers, or names such as `n{m.name}`")
-        if m.name in names[:i]:
+        if m.name in seen:
             raise EvalError("E202", f"member `{m.name}` is listed twice", m.span)
+        seen.add(m.name)
     return SetValue("{" + ", ".join(names) + "}", len(names), tuple(names), 0)
 
 
@@ -1258,15 +1297,37 @@ def _positive_int(kw: ir.Keyword | None, node: ir.Call, scope: Scope, name: str)
 
 
 def _finite_horizon_return(P, r, pi, rho, gamma: float, horizon: int) -> torch.Tensor:
-    """E[sum_{t<H} gamma^t r(s_t, a_t)], s_0 ~ rho: H products with P_pi, differentiable."""
+    """E[sum_{t<H} gamma^t r(s_t, a_t)], s_0 ~ rho: H products with P_pi, differentiable.
+
+    Autograd keeps every step's products, S * A numbers a step (2.8 GiB at H = 40,000 on 2,000
+    states, 32 GB at the limit H = 100,000 on 10^4). Where that would pass 1 GiB the steps go in
+    segments of about sqrt(H) whose insides the backward pass computes again
+    (``torch.utils.checkpoint``): about 2 sqrt(H) steps kept, for one more pass of H products
+    (twice the time, docs/benchmarks.md section 18)."""
     r_pi = (pi * r).sum(-1)
-    d = rho
-    total = torch.zeros((), dtype=r.dtype, device=r.device)
-    for t in range(horizon):
-        total = total + (gamma**t) * (d * r_pi).sum()
-        if t + 1 < horizon:
-            d = softmdp.policy_rmatvec(P, pi, d)
+
+    def steps(d: torch.Tensor, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
+        total = torch.zeros((), dtype=r.dtype, device=r.device)
+        for t in range(start, stop):
+            total = total + (gamma**t) * (d * r_pi).sum()
+            if t + 1 < horizon:
+                d = softmdp.policy_rmatvec(P, pi, d)
+        return total, d
+
+    recorded = torch.is_grad_enabled() and any(
+        isinstance(v, torch.Tensor) and v.requires_grad for v in (r, pi, rho))
+    if not recorded or horizon * pi.numel() * pi.element_size() <= _SEGMENT_ABOVE_BYTES:
+        return steps(rho, 0, horizon)[0]
+    length = math.isqrt(horizon)
+    total, d = torch.zeros((), dtype=r.dtype, device=r.device), rho
+    for start in range(0, horizon, length):
+        part, d = torch.utils.checkpoint.checkpoint(steps, d, start, min(start + length, horizon),
+                                                    use_reentrant=False)
+        total = total + part
     return total
+
+
+_SEGMENT_ABOVE_BYTES = 1 << 30  # what keeping every step may take before the steps are segmented
 
 
 _DISPATCH: dict[type, Callable] = {

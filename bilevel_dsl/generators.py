@@ -14,8 +14,6 @@ from .ir import Span
 from .softmdp import Transitions
 from .values import DTYPE, EvalError, MdpValue, SetValue, Val
 
-# Densities below this, on MDPs with more than DENSE_LIMIT entries, are stored sparse.
-DENSE_LIMIT = 4_000_000
 GRID_ACTIONS = ("up", "down", "left", "right")
 GRID_MOVES = ((-1, 0), (1, 0), (0, -1), (0, 1))
 _NOT_A_CELL = re.compile(r"[^.#SG]")
@@ -108,12 +106,8 @@ def gridworld(
     rows_idx = np.repeat(np.arange(S * A), A)
     cols_idx = next_state[:, None, :].repeat(A, axis=1).reshape(-1)
     values = np.tile(probs.reshape(-1), S)
-    P = Transitions.from_coo(
-        torch.from_numpy(rows_idx), torch.from_numpy(cols_idx),
-        torch.from_numpy(values).to(DTYPE), S, A,
-    )
-    if S * A * S <= DENSE_LIMIT:
-        P = Transitions.from_dense(P.dense())
+    P = Transitions.auto((torch.from_numpy(rows_idx), torch.from_numpy(cols_idx),
+                          torch.from_numpy(values).to(DTYPE)), S, A)
     at_goal = torch.zeros(S, dtype=DTYPE)
     at_goal[goal_index] = 1.0
     reward = goal_reward * P.expect(at_goal) + step_reward
@@ -181,12 +175,9 @@ def random_mdp(
     weights = rng.random(rows_idx.size)
     sums = np.bincount(rows_idx, weights=weights, minlength=rows_n)
     values = weights / sums[rows_idx]
-    P = Transitions.from_coo(
-        torch.from_numpy(rows_idx.astype(np.int64)), torch.from_numpy(cols_idx.astype(np.int64)),
-        torch.from_numpy(values).to(DTYPE), S, A,
-    )
-    if S * A * S <= DENSE_LIMIT:
-        P = Transitions.from_dense(P.dense())
+    P = Transitions.auto((torch.from_numpy(rows_idx.astype(np.int64)),
+                          torch.from_numpy(cols_idx.astype(np.int64)),
+                          torch.from_numpy(values).to(DTYPE)), S, A)
     states = SetValue(f"{name}.S", S)
     actions = SetValue(f"{name}.A", A)
     return MdpValue(

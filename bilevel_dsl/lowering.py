@@ -22,7 +22,7 @@ from .evaluate import (
     varying_nodes,
 )
 from .instance import TabularProblem, TrajectoryTerm
-from .values import DTYPE, EvalError, MdpValue, PolicyRef, Val
+from .values import DTYPE, EvalError, MdpValue, Names, PolicyRef, Val
 
 
 def resolve_device(name: str | torch.device | None, source: SourceFile | None = None,
@@ -55,7 +55,7 @@ def _on_device(names: dict[str, object], device: torch.device) -> dict[str, obje
             moved[key] = mdps[id(obj)]
         else:
             moved[key] = obj
-    return moved
+    return Names(moved)
 
 
 def _device(checked: CheckedProgram, device: str | torch.device | None) -> torch.device:

@@ -25,9 +25,11 @@ from . import native
 
 # Transitions.auto stores P sparse when at most this fraction of its entries is nonzero and it
 # has more than _SPARSE_MIN_ENTRIES entries, or whenever the dense table would exceed
-# _DENSE_MAX_BYTES. Below that size the dense matrix-vector product is as fast and simpler.
+# _DENSE_MAX_BYTES. Below that size the dense matrix-vector product is as fast and simpler
+# (docs/benchmarks.md section 18: a 5-successor random MDP ties at 256 states and 4 actions,
+# and at 1,000 states dense storage made m_sobirl 15x slower).
 SPARSE_DENSITY = 0.1
-_SPARSE_MIN_ENTRIES = 1 << 20
+_SPARSE_MIN_ENTRIES = 1 << 18
 _DENSE_MAX_BYTES = 1 << 30
 
 # solve_policy_system(method="auto") factorises a dense S x S matrix up to this many states
@@ -44,7 +46,7 @@ DIRECT_MAX_STATES = 5000
 # (0.2-0.5 s a solve against 0.02 s for the factorisation and solve). Random MDPs do not:
 # their chains are expanders, whose factors fill in (80 million entries and 80 s at 10^4
 # states), but on which GMRES converges within a few dozen products.
-_SPARSE_LU_ALWAYS = 500
+_SPARSE_LU_ALWAYS = 200
 _SPARSE_LU_MAX_BAND_FRACTION = 0.25
 _SPARSE_LU_MAX_ENVELOPE = 1e10
 _SPARSE_LU_MAX_WORK = 5e9
@@ -220,7 +222,7 @@ class Transitions:
 
         ``P`` is a dense ``(S, A, S)`` tensor, or ``(rows, cols, values)`` with ``n_states`` and
         ``n_actions``. Sparse is chosen when the density is below ``SPARSE_DENSITY`` and the table
-        has more than 2^20 entries, or when the dense table would take more than 1 GiB.
+        has more than 2^18 entries, or when the dense table would take more than 1 GiB.
         """
         if isinstance(P, Tensor):
             n_states, n_actions, _ = P.shape

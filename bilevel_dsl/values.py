@@ -10,6 +10,7 @@ element runs as whole-tensor operations: no Python loop over states or actions.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 import torch
@@ -87,12 +88,13 @@ class SetValue:
         return f"`{self.name}` ({self.size} elements)"
 
     def member_position(self, name: str) -> int | None:
-        if self.members is None:
-            return None
-        try:
-            return self.members.index(name)
-        except ValueError:
-            return None
+        return self._positions.get(name) if self.members is not None else None
+
+    @cached_property
+    def _positions(self) -> dict[str, int]:
+        """Member name -> position: a file that names a member per line of a set of 10^4 took a
+        scan of the members for each."""
+        return {member: i for i, member in enumerate(self.members or ())}
 
 
 @dataclass
@@ -197,3 +199,36 @@ class PolicyRef:
     """The follower's policy: a name that is only bound while evaluating the upper level."""
 
     mdp: MdpValue
+
+
+class Names(dict):
+    """A file's names, which also keep its sets by the name they are declared under: a bare
+    member (``left``) is looked up in every set, and scanning every declaration for each made
+    a file with thousands of such uses, or of undefined names, quadratic. Assign with
+    ``names[key] = value``, which keeps the index."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.sets: dict[str, tuple[tuple[str, SetValue], ...]] = {}
+        for key, value in self.items():
+            self._index(key, value)
+
+    def __setitem__(self, key: str, value: object) -> None:
+        super().__setitem__(key, value)
+        self._index(key, value)
+
+    def _index(self, key: str, value: object) -> None:
+        labelled = labelled_sets(key, value)
+        if labelled:
+            self.sets[key] = labelled
+        else:
+            self.sets.pop(key, None)
+
+
+def labelled_sets(key: str, value: object) -> tuple[tuple[str, SetValue], ...]:
+    """The sets that the name ``key`` declares, each as a file writes it (``Colors``, ``M.S``)."""
+    if isinstance(value, SetValue):
+        return ((key, value),)
+    if isinstance(value, (MdpValue, TableSets)):
+        return ((f"{key}.S", value.states), (f"{key}.A", value.actions))
+    return ()

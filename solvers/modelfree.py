@@ -579,6 +579,7 @@ def outer_loop(problem: TabularProblem, options: dict[str, Any], monitor: Monito
                 stopped = reason
                 break
         while k < options["outer"] and stopped == "max_iterations":
+            spent = {"queries": env.queries, "transitions": env.transitions}  # to reach x_k
             pi = follower.improve(x, options["inner"])
             if observer is not None:
                 observer(k, x, pi, env)
@@ -596,7 +597,7 @@ def outer_loop(problem: TabularProblem, options: dict[str, Any], monitor: Monito
             if k % log_every == 0:
                 record(*pending)
                 pending = None
-            monitor.keep(partial(unfinished, x, pi, f, history, k))
+            monitor.keep(partial(unfinished, x, pi, f, history, k, spent))
             x = x_next
             k += 1
             reason = stop_reason(options, start, monitor)

@@ -21,6 +21,8 @@ class ProgressMonitor(Monitor):
     about every 10% of ``total`` so logs stay short. ``sign`` (``problem.sign``) turns the
     minimised objective the solver reports back into the user's sense. ``keeper``, when given,
     receives the run so far at most once every ``keep_every`` seconds (``Monitor.keep``).
+    ``offset`` is added to the iterations a solver reports (a resumed run's first is the
+    iteration it resumes at).
     """
 
     def __init__(
@@ -32,6 +34,7 @@ class ProgressMonitor(Monitor):
         clock: Callable[[], float] = time.perf_counter,
         keeper: Callable[[SolveResult], None] | None = None,
         keep_every: float = 30.0,
+        offset: int = 0,
     ) -> None:
         self.total = max(int(total), 1)
         self.stream = stream if stream is not None else sys.stderr
@@ -49,9 +52,12 @@ class ProgressMonitor(Monitor):
         self._first: tuple[int, float] | None = None
         self._gone = False  # the reader went away (a closed terminal, `| head`): stop writing
         self._keeper, self._keep_every, self._kept = keeper, keep_every, self._start
+        self._offset = offset
+        self._next_line = (offset // self._every + 1) * self._every
 
     def update(self, iteration: int, objective: float, hypergrad_norm: float) -> None:
         """Redraw the bar (terminal) or print a line when another tenth is done (elsewhere)."""
+        iteration += self._offset
         now = self._clock()
         if self._first is None:
             self._first = (iteration, now)

@@ -71,10 +71,13 @@ UNFINISHED = "unfinished"
 
 
 def unfinished(x: Tensor, policy: Tensor, objective: float, history: dict[str, list[float]],
-               iterations: int) -> SolveResult:
-    """The run so far, as ``Monitor.keep`` takes it: iterate ``iterations`` and its policy."""
+               iterations: int, spent: dict[str, int] | None = None) -> SolveResult:
+    """The run so far, as ``Monitor.keep`` takes it: iterate ``iterations`` and its policy;
+    ``spent``, what the run had counted when it reached that iterate (a model-free run's
+    ``queries`` and ``transitions``), which a resumed run goes on from."""
     return SolveResult(x=x.detach(), policy=policy.detach(), objective=float(objective),
-                       history=history, iterations=iterations, stopped_because=UNFINISHED)
+                       history=history, iterations=iterations, stopped_because=UNFINISHED,
+                       extra=dict(spent or {}))
 
 
 # stopped_because when the objective or the hyper-gradient became NaN or infinite: the solver

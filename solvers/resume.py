@@ -27,8 +27,9 @@ from .result import SolveResult
 RECORD = "result.json"
 # options a resumed tabular run may change: they say how long to go on and what to record or
 # check, not what is computed
-TABULAR_MAY_CHANGE = frozenset({"outer", "time_limit", "tol", "log_every", "verify"})
-# cumulative counts in a history: a continuation's own start from zero
+TABULAR_MAY_CHANGE = frozenset({"outer", "time_limit", "tol", "log_every", "verify",
+                                "query_budget"})
+# cumulative counts in a history and a result's extra: a continuation's own start from zero
 _CUMULATIVE = ("time", "queries", "transitions")
 
 
@@ -126,6 +127,7 @@ class Continuation:
     k: int
     history: dict[str, list[float]]
     resumed_at: tuple[int, ...]  # the iterations at which the saved run was resumed before
+    spent: dict[str, float]  # of _CUMULATIVE, what the saved run had counted on reaching x
 
     @classmethod
     def of(cls, folder: Path, problem: Any, identity: dict[str, Any], outer: int
@@ -151,9 +153,13 @@ class Continuation:
             x = torch.tensor(record.get("x"), dtype=x0.dtype, device=x0.device)
         except (TypeError, ValueError, RuntimeError):
             raise _damaged(path, "`x` is not an array of numbers") from None
-        if x.shape != x0.shape or not bool(torch.isfinite(x).all()):
-            raise _damaged(path, f"`x` has shape {list(x.shape)} or entries that are not "
-                                 f"finite; {problem.var_name} has shape {list(x0.shape)}")
+        if not bool(torch.isfinite(x).all()):
+            raise _damaged(path, "`x` has entries that are not finite")
+        if x.shape != x0.shape:
+            raise SolverError(f"the run in {folder} has `{problem.var_name}` of shape "
+                              f"{list(x.shape)}, and the file now declares it with shape "
+                              f"{list(x0.shape)}; resume with the file as it was, or start "
+                              "afresh with another --out")
         history = record.get("history")
         if not (isinstance(history, dict) and all(
                 isinstance(v, list) and all(e is None or number(e) for e in v)
@@ -167,7 +173,11 @@ class Continuation:
                           for e in values] for name, values in history.items()}
         earlier = record.get("resumed_at")
         earlier = tuple(earlier) if isinstance(earlier, list) and all(map(whole, earlier)) else ()
-        return cls(x, k, _before(history, k), earlier)
+        kept = _before(history, k)
+        extra = record.get("extra") if isinstance(record.get("extra"), dict) else {}
+        spent = {name: extra[name] if number(extra.get(name)) else kept[name][-1]
+                 for name in _CUMULATIVE if number(extra.get(name)) or kept.get(name)}
+        return cls(x, k, kept, earlier, spent)
 
     def problem(self, problem: Any) -> Any:
         """The problem the continuation solves: from ``x``, and with random streams of its own
@@ -176,23 +186,32 @@ class Continuation:
         return replace(problem, x0=self.x, seed=(problem.seed * 1_000_003 + self.k) % 2**63)
 
     def options(self, options: dict[str, Any]) -> dict[str, Any]:
-        """The options the solver runs the continuation with: the iterations left, and the
-        follower solved at ``x`` where the solver can start so (m_sobirl)."""
-        return options | {"outer": options["outer"] - self.k} | (
+        """The options the solver runs the continuation with: the iterations and queries left,
+        and the follower solved at ``x`` where the solver can start so (m_sobirl)."""
+        left = options | {"outer": options["outer"] - self.k} | (
             {"start": "solved"} if "start" in options else {})
+        budget, spent = options.get("query_budget") or 0, int(self.spent.get("queries", 0))
+        if budget:
+            if spent >= budget:
+                raise SolverError(f"the saved run has asked {spent:,} preference queries, its "
+                                  f"query_budget = {budget:,}; resume with --set "
+                                  f"query_budget=N for an N above {spent}")
+            left["query_budget"] = budget - spent
+        return left
 
     def merged(self, result: SolveResult) -> SolveResult:
         """The continuation's result as the whole run's: iterations and history go on from the
         saved ones (times and counts added to the last saved)."""
         history = {}
         for name, values in result.history.items():
-            before = self.history.get(name, [])
             if name == "iteration":
                 values = [self.k + i for i in values]
-            elif name in _CUMULATIVE and before:
-                values = [before[-1] + v for v in values]
-            history[name] = before + list(values)
-        extra = result.extra | {"resumed_at": [*self.resumed_at, self.k]}
+            elif name in self.spent:
+                values = [self.spent[name] + v for v in values]
+            history[name] = self.history.get(name, []) + list(values)
+        extra = result.extra | {"resumed_at": [*self.resumed_at, self.k]} | {
+            name: type(result.extra[name])(self.spent[name] + result.extra[name])
+            for name in self.spent if number(result.extra.get(name))}
         return replace(result, history=history, iterations=self.k + result.iterations,
                        extra=extra)
 

@@ -809,3 +809,38 @@ def test_indexing_a_large_p_entry_by_entry_is_refused_with_a_way_out():
     assert diag.code == "E301"
     assert diag.message == "`M.P` has 64,000,000 entries: too many to index one by one"
     assert "in a `lower` block" in diag.hint and "policy functionals" in diag.hint
+
+
+def test_a_let_used_inside_sums_is_evaluated_once_per_evaluation(monkeypatch):
+    """Soft value iteration unrolled with lets: each level's lets are used inside the next
+    level's sums, and every sum started an empty let cache, so a level cost twice the one
+    before (12 levels: 15 s to check) and a chain of 100 such lets ran out of stack."""
+    from bilevel_dsl import evaluate, lower
+
+    levels = ["let V0[s in M.S] = 0"]
+    for k in range(1, 13):
+        levels += [f"let Q{k}[s in M.S, a in M.A] = x[s, a] + 0.8 * sum {{t in M.S}} "
+                   f"M.P[s, a, t] * V{k - 1}[t]",
+                   f"let pi{k}[s in M.S, a in M.A] = exp(Q{k}[s, a] - logsumexp {{b in M.A}} "
+                   f"Q{k}[s, b])",
+                   f"let V{k}[s in M.S] = sum {{a in M.A}} pi{k}[s, a] * (Q{k}[s, a] - "
+                   f"log(pi{k}[s, a]))"]
+    text = FOLLOWER + "\n".join(levels) + "\nupper maximize sum {s in M.S} V12[s]\n"
+    problem = lower(compile_ok(text))
+    fitted = []
+    fit = evaluate.fit_declared
+    monkeypatch.setattr(evaluate, "fit_declared", lambda *a: fitted.append(a[3]) or fit(*a))
+    x = torch.rand(3, 2, dtype=torch.float64)
+    got = -float(problem.objective(x, torch.full((3, 2), 0.5, dtype=torch.float64)))
+    assert sorted(fitted) == sorted(line.split()[1].split("[")[0] for line in levels)
+    P = problem.transitions.dense()
+    V = torch.zeros(3, dtype=torch.float64)
+    for _ in range(12):  # the same iteration, in torch
+        Q = x + 0.8 * P @ V
+        V = torch.logsumexp(Q, 1)  # sum_a pi (Q - log pi) with pi = softmax(Q)
+    assert got == pytest.approx(float(V.sum()), rel=1e-12)
+    chain = "".join(f"let l{k} = 0.5 * sum {{i in 0..1}} l{k - 1}\n" for k in range(1, 400))
+    problem = lower(compile_ok(FOLLOWER + "let l0 = sum(x) + 1\n" + chain
+                               + "upper minimize l399\n"))
+    assert float(problem.objective(torch.ones(3, 2, dtype=torch.float64),
+                                   torch.full((3, 2), 0.5, dtype=torch.float64))) == 7.0

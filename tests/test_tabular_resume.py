@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import ROOT
 
 from bilevel_dsl.cli import main
@@ -133,7 +134,7 @@ def test_resume_refuses_another_run(tmp_path, capsys, change, message):
 
 
 @pytest.mark.parametrize(("damage", "why"), [
-    (lambda r: r.update(x=[[1.0, 2.0]]), "`x` has shape [1, 2]"),
+    (lambda r: r.update(x=[[1.0, "a"]]), "`x` is not an array of numbers"),
     (lambda r: r.update(iterations=-1), "`iterations` is -1, not a count"),
     (lambda r: r.update(history=[1, 2]), "its `history` is missing or garbled"),
     (lambda r: r.update(solver="exact"), "its problem, seed, solver or options are garbled"),
@@ -206,3 +207,122 @@ def test_a_model_free_run_resumes_with_its_counts_going_on(tmp_path, capsys):
     assert all(later > earlier for earlier, later in zip(drawn, drawn[1:]))
     assert record["history"]["objective"][:4] == first["history"]["objective"]
     assert record["history"]["objective"][4] != first["history"]["objective"][0]
+
+
+def test_a_query_budget_counts_the_saved_runs_queries(tmp_path, capsys):
+    """drlhf with query_budget = 200 (64 a step): the first command stops at 256; resuming
+    goes no further, and a raised budget goes on from 256, the totals counting both parts."""
+    out, source = tmp_path / "run", str(ROOT / "problems" / "rlhf_chain.brl")
+    flags = ("--solver", "drlhf", "--set", "verify=off", "--quiet")
+    assert main(["solve", source, *flags, "--set", "query_budget=200", "--out", str(out)]) == 0
+    first = _record(out)
+    assert first["stopped_because"] == "query_budget" and first["extra"]["queries"] == 256
+    capsys.readouterr()
+    assert main(["solve", source, "--quiet", "--resume", str(out)]) == 1
+    assert ("the saved run has asked 256 preference queries, its query_budget = 200; resume "
+            "with --set query_budget=N for an N above 256") in capsys.readouterr().err
+    assert main(["solve", source, "--quiet", "--resume", str(out), "--set",
+                 "query_budget=400"]) == 0
+    record = _record(out)
+    assert record["stopped_because"] == "query_budget" and record["extra"]["queries"] == 448
+    assert record["history"]["queries"] == [64, 128, 192, 256, 320, 384, 448]
+    assert record["history"]["iteration"] == list(range(7)) and record["iterations"] == 7
+
+
+def test_a_run_set_aside_by_a_killed_force_is_put_back(tmp_path, capsys):
+    """A --force run killed before it saved leaves the old run in .brl-replaced/, its only
+    copy: the next run given the folder puts it back first (a second --force deleted it)."""
+    out = tmp_path / "run"
+    assert _solve(tmp_path, capsys, "--solver", "exact", "--set", "outer=3", "--out",
+                  str(out))[0] == 0
+    old = (out / "result.json").read_text()
+    (out / ".brl-replaced").mkdir()
+    for name in ("result.json", "curve.png"):  # as _set_aside left them
+        (out / name).rename(out / ".brl-replaced" / name)
+    (out / ".result.json.x1y2.tmp").write_text("{")  # a write a kill cut short
+    code, _, err = _solve(tmp_path, capsys, "--out", str(out))
+    assert code == 1 and "already holds a run" in err
+    assert "holds again the run that an earlier --force set aside" in err
+    assert (out / "result.json").read_text() == old
+    code, _, err = _solve(tmp_path, capsys, "--resume", str(out), "--set", "outer=4")
+    assert code == 0, err
+    assert sorted(p.name for p in out.iterdir()) == ["curve.png", "result.json"]
+
+
+def test_force_keeps_the_old_run_when_the_new_one_stops_before_an_iteration(
+        tmp_path, capsys, monkeypatch):
+    """A tabular run stopped at once still writes a record (interrupted, 0 iterations): that
+    is no replacement for a run of 3 iterations."""
+    import dataclasses
+
+    import solvers
+    from solvers.result import SolveResult
+
+    out = tmp_path / "run"
+    assert _solve(tmp_path, capsys, "--solver", "exact", "--set", "outer=3", "--out",
+                  str(out))[0] == 0
+    old = (out / "result.json").read_text()
+    resolve = solvers.resolve
+
+    def stopped(problem, *args, **kwargs):
+        return SolveResult(problem.x0, torch.full((4, 2), 0.5, dtype=torch.float64), 0.0,
+                           {"objective": [], "hypergrad_norm": [], "time": []}, 0,
+                           "interrupted")
+
+    monkeypatch.setattr(solvers, "resolve", lambda *a: (
+        dataclasses.replace(resolve(*a)[0], run=stopped), resolve(*a)[1]))
+    code, _, err = _solve(tmp_path, capsys, "--force", "--out", str(out))
+    assert code == 130 and "the run it was to replace is kept" in err
+    assert (out / "result.json").read_text() == old
+
+
+def test_resume_says_what_a_record_cannot_tell(tmp_path, capsys):
+    """An older record has no -D values: a note asks for them. A variable whose shape the
+    file has changed is named as such, not as a damaged record."""
+    out = tmp_path / "run"
+    assert _solve(tmp_path, capsys, "--solver", "exact", "--set", "outer=3", "--out",
+                  str(out))[0] == 0
+    record = _record(out)
+    del record["defines"]
+    (out / "result.json").write_text(json.dumps(record))
+    code, _, err = _solve(tmp_path, capsys, "--resume", str(out), "--set", "outer=4")
+    assert code == 0 and "did not keep its -D values" in err
+    (tmp_path / "p.brl").write_text(PROBLEM.replace("random_mdp(states = 4", "random_mdp("
+                                                    "states = 5"))
+    code, _, err = _solve(tmp_path, capsys, "--resume", str(out), "--set", "outer=5")
+    assert code == 1 and "damaged" not in err
+    assert ("has `x` of shape [4, 2], and the file now declares it with shape [5, 2]; resume "
+            "with the file as it was") in err
+
+
+def test_a_resumed_runs_progress_counts_from_where_it_resumes(tmp_path, capsys):
+    out = tmp_path / "run"
+    path = tmp_path / "p.brl"
+    path.write_text(PROBLEM)
+    assert main(["solve", str(path), "--quiet", "--solver", "exact", "--set", "outer=10",
+                 "--out", str(out)]) == 0
+    capsys.readouterr()
+    assert main(["solve", str(path), "--resume", str(out), "--set", "outer=20"]) == 0
+    lines = [line.split()[0] for line in capsys.readouterr().err.splitlines()
+             if "/20" in line]
+    assert lines[0] == "12/20" and lines[-1] == "20/20", lines
+
+
+def test_nohup_keeps_a_run_going_through_a_hang_up(tmp_path):
+    """`nohup brl solve ...` ignores SIGHUP; brl used to put its own handler in its place."""
+    path, out = tmp_path / "p.brl", tmp_path / "run"
+    path.write_text(PROBLEM)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "bilevel_dsl.cli", "solve", str(path), "--quiet", "--out",
+         str(out), "--solver", "m_sobirl", "--set", "outer=20000"],
+        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN))
+    deadline = time.time() + 60
+    while not out.exists() and time.time() < deadline:
+        time.sleep(0.05)
+    time.sleep(1.0)
+    process.send_signal(signal.SIGHUP)
+    _, err = process.communicate(timeout=300)
+    assert process.returncode == 0, err
+    assert _record(out)["stopped_because"] == "max_iterations"
