@@ -41,8 +41,9 @@ def source(kind: str, states: int) -> str:
             "= x[s, a] }\nupper minimize 0.5 * norm2(x) - value(M, policy, M.R + 1)\n")
 
 
-def per_iteration(kind: str, states: int, rule: str) -> tuple[str, float, float]:
-    """(storage and solve method, m_sobirl ms/iteration, exact ms/iteration) under ``rule``."""
+def per_iteration(kind: str, states: int, rule: str) -> tuple[int, str, float, float]:
+    """(states, storage and solve method, m_sobirl ms/iteration, exact ms/iteration) under
+    ``rule`` (a grid world has the square number of states nearest ``states``)."""
     softmdp._SPARSE_MIN_ENTRIES, softmdp._SPARSE_LU_ALWAYS = RULES[rule]
     problem = lower(compile_source(source(kind, states), "bench.brl"))
     P = problem.transitions
@@ -55,7 +56,7 @@ def per_iteration(kind: str, states: int, rule: str) -> tuple[str, float, float]
         start = time.perf_counter()
         spec.run(problem, typed, Monitor())
         times.append(1000 * (time.perf_counter() - start) / options["outer"])
-    return storage, times[0], times[1]
+    return problem.n_states, storage, times[0], times[1]
 
 
 def main() -> None:
@@ -73,9 +74,9 @@ def main() -> None:
         for states in (144, 256, 400, 625, 1000, 2025):
             cells = []
             for rule in RULES:
-                storage, m_sobirl, exact = per_iteration(kind, states, rule)
+                n, storage, m_sobirl, exact = per_iteration(kind, states, rule)
                 cells += [storage, f"{m_sobirl:.2f}", f"{exact:.2f}"]
-            print(f"| {kind} | {states:,} | " + " | ".join(cells) + " |", flush=True)
+            print(f"| {kind} | {n:,} | " + " | ".join(cells) + " |", flush=True)
 
 
 if __name__ == "__main__":

@@ -490,6 +490,18 @@ class _Elaborator:
         x = self.var.x0 if self.var is not None else None
         scope = self._scope(x)
         scope.let_cache = self.let_values  # each let once, not once per later let using it
+        if math.prod(size for _, _, size in let.dims) > TABLE_BLOCK_ENTRIES and all(
+                index is not None for index, _, _ in let.dims):
+            # checked at its first element only: a large table such as w[s, a, t] may be
+            # needed nowhere whole (a reward on sparse P reads it at P's triples)
+            first = torch.zeros(1, dtype=torch.long)
+            scope.indices = {index: Binding(index, dim_set or SetValue(str(size), size),
+                                            scope.device, first)
+                             for index, dim_set, size in let.dims}
+            v = evaluate_val(decl.value, scope)
+            fit_declared(v, tuple(scope.indices), tuple((i, d, 1) for i, d, _ in let.dims),
+                         decl.name, decl.value, "let")
+            return
         evaluate_val(ir.Name(decl.name_span, decl.name), scope)
 
     # ---------------------------------------------------------------- MDPs

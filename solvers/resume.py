@@ -201,7 +201,8 @@ class Continuation:
 
     def merged(self, result: SolveResult) -> SolveResult:
         """The continuation's result as the whole run's: iterations and history go on from the
-        saved ones (times and counts added to the last saved)."""
+        saved ones, and the time and counts (history and totals) from what the saved run had
+        spent on reaching ``x``."""
         history = {}
         for name, values in result.history.items():
             if name == "iteration":

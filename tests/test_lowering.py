@@ -332,6 +332,8 @@ def test_a_let_over_s_a_and_t_in_a_reward_is_evaluated_on_sparse_P_s_nonzeros(mo
     contract-design idiom): its body with the indices on P's stored triples, never the S x A x S
     table (at 4,000 states 12 s and 1.7 GiB, against 0.4 s inline); the same values and
     gradients as the term written inline, and the let still whole where it is used whole."""
+    import sys
+
     from bilevel_dsl import evaluate
 
     text = ("brl 1\nseed 2\nmdp M = random_mdp(states = 1500, actions = 2, successors = 3, "
@@ -341,13 +343,20 @@ def test_a_let_over_s_a_and_t_in_a_reward_is_evaluated_on_sparse_P_s_nonzeros(mo
     inline = lower(compile_ok(text.replace("REWARD", "h[t] * x[s, a] - 0.5 * h[s] * h[t]")))
     fitted = []
     fit = evaluate.fit_declared
-    monkeypatch.setattr(evaluate, "fit_declared", lambda *a: fitted.append(a[3]) or fit(*a))
+
+    def spy(*args):
+        fitted.append((args[3], tuple(size for _, _, size in args[2])))
+        return fit(*args)
+
+    monkeypatch.setattr(evaluate, "fit_declared", spy)
+    monkeypatch.setattr(sys.modules["bilevel_dsl.elaborate"], "fit_declared", spy)
     via_let = lower(compile_ok(text.replace("REWARD", "w[s, a, t]")))
     assert via_let.transitions.is_sparse
     x = inline.x0.clone().requires_grad_(True)
-    fitted.clear()
     r_let, r_inline = via_let.reward(x), inline.reward(x)
-    assert fitted == []  # the table of w was never built
+    # the table of w was never built: checked at its first element when declared, then read
+    # at P's triples
+    assert [sizes for name, sizes in fitted if name == "w"] == [(1, 1, 1)]
     torch.testing.assert_close(r_let, r_inline, rtol=1e-13, atol=1e-13)
     weights = torch.randn(r_let.shape, generator=torch.Generator().manual_seed(0), dtype=DT)
     (g_let,) = torch.autograd.grad((r_let * weights).sum(), x)
