@@ -668,6 +668,10 @@ def _let_along_transitions(node: ir.Index, scope: Scope) -> Val | None:
     inner = scope.copy()
     inner.indices = {index: b for (index, _, _), b in zip(let.dims, bindings)}
     inner.lets = (*scope.lets, name)
+    # the body's nodes mean other numbers here than where the let is evaluated whole, and than
+    # in the other orders it may be read in (`phi[t] - phi[s]`): the cache of constant nodes,
+    # which knows a node by itself only, must neither give nor keep them
+    inner.constants = None
     v = evaluate_val(let.decl.value, inner)
     if v.dims or any(axis != bindings[0].axis for axis in v.axes):
         return None

@@ -217,6 +217,9 @@ class Names(dict):
         super().__setitem__(key, value)
         self._index(key, value)
 
+    def __reduce__(self) -> tuple:  # a copy or pickle rebuilds the index from the names
+        return (Names, (dict(self),))
+
     def _index(self, key: str, value: object) -> None:
         labelled = labelled_sets(key, value)
         if labelled:

@@ -622,3 +622,42 @@ def test_a_large_table_is_evaluated_a_block_of_states_at_a_time(monkeypatch, tra
     expected = (P_whole * (0.01 * s * s.reshape(1, 1, 60) - torch.arange(3, dtype=DT)[None, :, None]
                            + 2 * torch.eye(60, dtype=DT)[:, None, :])).sum(-1)
     torch.testing.assert_close(r_blocks, expected, rtol=1e-12, atol=1e-12)
+
+
+def test_lets_read_along_transitions_in_several_orders_keep_their_own_numbers():
+    """A lowered reward caches the nodes that x cannot change, by node: a let's body read along
+    P's triples as `phi[t]` and then `phi[s]` (potential-based shaping), or `w[s, a, t]` and
+    `w[t, a, s]`, got the first reading's numbers for the second (a review found the shaping
+    reward wrong by its own size); a let used whole as well failed with an axis no file
+    names. Values and gradients against a dense reference."""
+    text = ("brl 1\nseed 1\nmdp M = random_mdp(states = 300, actions = 4, successors = 5, "
+            "discount = 0.9)\nvar x[M.S, M.A] ~ normal(0, 1)\n"
+            "let phi[s in M.S] = s * 0.01\n"
+            "let w[s in M.S, a in M.A, t in M.S] = s + 2 * t + a\n"
+            "lower M { temperature = 1  reward[s, a, t] = x[s, a] * (0.9 * phi[t] - phi[s]) "
+            "+ x[s, a] * (w[s, a, t] - w[t, a, s]) / 100 }\n"
+            "upper minimize norm2(x) + sum {s in M.S, a in M.A} policy[s, a] * w[s, a, s] "
+            "/ 1000\n")
+    problem = lower(compile_ok(text))
+    assert problem.transitions.is_sparse
+    P = problem.transitions.dense()
+    S, A = problem.n_states, problem.n_actions
+    s = torch.arange(S, dtype=DT)
+    phi = 0.01 * s
+    w = s[:, None, None] + 2 * s[None, None, :] + torch.arange(A, dtype=DT)[None, :, None]
+    for trial in range(2):  # the second evaluation reads the cache the first filled
+        x = torch.randn(S, A, generator=torch.Generator().manual_seed(trial),
+                        dtype=DT).requires_grad_(True)
+        table = (x[:, :, None] * (0.9 * phi[None, None, :] - phi[:, None, None])
+                 + x[:, :, None] * (w - w.permute(2, 1, 0)) / 100)
+        expected = (P * table).sum(-1)
+        got = problem.reward(x)
+        torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+        weights = torch.randn(S, A, generator=torch.Generator().manual_seed(9), dtype=DT)
+        (g_got,) = torch.autograd.grad((got * weights).sum(), x)
+        (g_expected,) = torch.autograd.grad((expected * weights).sum(), x)
+        torch.testing.assert_close(g_got, g_expected, rtol=1e-12, atol=1e-12)
+        pi = torch.full((S, A), 1.0 / A, dtype=DT)
+        diagonal = w[torch.arange(S), :, torch.arange(S)]
+        assert float(problem.objective(x.detach(), pi)) == pytest.approx(
+            float((x.detach() ** 2).sum() + (pi * diagonal).sum() / 1000), rel=1e-12)
