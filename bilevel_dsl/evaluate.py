@@ -1303,11 +1303,11 @@ def _positive_int(kw: ir.Keyword | None, node: ir.Call, scope: Scope, name: str)
 def _finite_horizon_return(P, r, pi, rho, gamma: float, horizon: int) -> torch.Tensor:
     """E[sum_{t<H} gamma^t r(s_t, a_t)], s_0 ~ rho: H products with P_pi, differentiable.
 
-    Autograd keeps every step's products, S * A numbers a step (2.8 GiB at H = 40,000 on 2,000
-    states, 32 GB at the limit H = 100,000 on 10^4). Where that would pass 1 GiB the steps go in
-    segments of about sqrt(H) whose insides the backward pass computes again
-    (``torch.utils.checkpoint``): about 2 sqrt(H) steps kept, for one more pass of H products
-    (twice the time, docs/benchmarks.md section 18)."""
+    Autograd keeps every step's products, up to S * A numbers a step (1.25 GiB at H = 20,000 on
+    2,000 states and 4 actions; 32 GB at the limit H = 100,000 on 10^4). Where that would pass
+    1 GiB the steps go in segments of about sqrt(H) whose insides the backward pass computes
+    again (``torch.utils.checkpoint``): about 2 sqrt(H) steps kept, for one more pass of H
+    products (twice the time, docs/benchmarks.md section 18)."""
     r_pi = (pi * r).sum(-1)
 
     def steps(d: torch.Tensor, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
