@@ -264,6 +264,18 @@ def test_next_state_reward_is_averaged_over_transitions():
     assert torch.allclose(only_t.reward(x), 3 * (P * h).sum(-1))
 
 
+def _same_values_and_gradients(got: torch.Tensor, expected: torch.Tensor, x: torch.Tensor,
+                               tol: float, seed: int = 0) -> None:
+    """Two rewards computed from ``x`` agree to ``tol``, and so do their vector-Jacobian
+    products with one random weighting."""
+    torch.testing.assert_close(got, expected, rtol=tol, atol=tol)
+    weights = torch.randn(got.shape, generator=torch.Generator().manual_seed(seed),
+                          dtype=got.dtype)
+    (g_got,) = torch.autograd.grad((got * weights).sum(), x)
+    (g_expected,) = torch.autograd.grad((expected * weights).sum(), x)
+    torch.testing.assert_close(g_got, g_expected, rtol=tol, atol=tol)
+
+
 @pytest.mark.parametrize("mdp", [
     "random_mdp(states = 6, actions = 3, discount = 0.9)",  # dense P
     "random_mdp(states = 1500, actions = 2, successors = 3, discount = 0.9)",  # sparse P
@@ -282,12 +294,7 @@ def test_a_next_state_reward_is_averaged_term_by_term(mdp):
     assert split.transitions.is_sparse == ("1500" in mdp)
     x = split.x0.clone().requires_grad_(True)
     r_split, r_whole = split.reward(x), whole.reward(x)
-    torch.testing.assert_close(r_split, r_whole, rtol=1e-12, atol=1e-12)
-    weights = torch.randn(r_split.shape, generator=torch.Generator().manual_seed(0),
-                          dtype=r_split.dtype)
-    (g_split,) = torch.autograd.grad((r_split * weights).sum(), x)
-    (g_whole,) = torch.autograd.grad((r_whole * weights).sum(), x)
-    torch.testing.assert_close(g_split, g_whole, rtol=1e-12, atol=1e-12)
+    _same_values_and_gradients(r_split, r_whole, x, 1e-12)
 
 
 @pytest.mark.parametrize("mdp", [
@@ -310,7 +317,7 @@ def test_a_reward_in_s_a_and_t_together_is_evaluated_on_sparse_P_s_nonzeros(mdp)
     problem = lower(checked, device="cpu")
     assert problem.transitions.is_sparse
     P = problem.transitions.dense()
-    S, A = problem.n_states, problem.n_actions
+    S = problem.n_states
     first = 1.0 if "Cell" in mdp else 0.0
     w = checked.names["w"].t
     x = problem.x0.clone().requires_grad_(True)
@@ -320,11 +327,7 @@ def test_a_reward_in_s_a_and_t_together_is_evaluated_on_sparse_P_s_nonzeros(mdp)
              - torch.eye(S, dtype=DT)[:, None, :] + 3 * w[None, :, None] * x[None, None, :])
     expected = (P * table).sum(-1)
     got = problem.reward(x)
-    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
-    weights = torch.randn(S, A, generator=torch.Generator().manual_seed(0), dtype=DT)
-    (g_got,) = torch.autograd.grad((got * weights).sum(), x)
-    (g_expected,) = torch.autograd.grad((expected * weights).sum(), x)
-    torch.testing.assert_close(g_got, g_expected, rtol=1e-12, atol=1e-12)
+    _same_values_and_gradients(got, expected, x, 1e-12)
 
 
 def test_a_let_over_s_a_and_t_in_a_reward_is_evaluated_on_sparse_P_s_nonzeros(monkeypatch):
@@ -357,11 +360,7 @@ def test_a_let_over_s_a_and_t_in_a_reward_is_evaluated_on_sparse_P_s_nonzeros(mo
     # the table of w was never built: checked at its first element when declared, then read
     # at P's triples
     assert [sizes for name, sizes in fitted if name == "w"] == [(1, 1, 1)]
-    torch.testing.assert_close(r_let, r_inline, rtol=1e-13, atol=1e-13)
-    weights = torch.randn(r_let.shape, generator=torch.Generator().manual_seed(0), dtype=DT)
-    (g_let,) = torch.autograd.grad((r_let * weights).sum(), x)
-    (g_inline,) = torch.autograd.grad((r_inline * weights).sum(), x)
-    torch.testing.assert_close(g_let, g_inline, rtol=1e-13, atol=1e-13)
+    _same_values_and_gradients(r_let, r_inline, x, 1e-13)
     # a body of the wrong shape is still the let's own error, found where it is declared
     bad = text.replace("h[t] * x[s, a] - 0.5 * h[s] * h[t]\n", "h\n", 1)
     assert codes(bad.replace("REWARD", "w[s, a, t]")) == ["E301"]
@@ -380,11 +379,7 @@ def test_a_table_over_states_pairs_indexed_by_s_and_t_costs_P_s_nonzeros():
     X = problem.x0.clone().requires_grad_(True)
     got = problem.reward(X)
     expected = (problem.transitions.dense() * (X * X.T)[:, None, :]).sum(-1)
-    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
-    weights = torch.randn(got.shape, generator=torch.Generator().manual_seed(0), dtype=DT)
-    (g_got,) = torch.autograd.grad((got * weights).sum(), X)
-    (g_expected,) = torch.autograd.grad((expected * weights).sum(), X)
-    torch.testing.assert_close(g_got, g_expected, rtol=1e-12, atol=1e-12)
+    _same_values_and_gradients(got, expected, X, 1e-12)
 
 
 def test_maximize_negates_the_objective():
@@ -652,11 +647,7 @@ def test_lets_read_along_transitions_in_several_orders_keep_their_own_numbers():
                  + x[:, :, None] * (w - w.permute(2, 1, 0)) / 100)
         expected = (P * table).sum(-1)
         got = problem.reward(x)
-        torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
-        weights = torch.randn(S, A, generator=torch.Generator().manual_seed(9), dtype=DT)
-        (g_got,) = torch.autograd.grad((got * weights).sum(), x)
-        (g_expected,) = torch.autograd.grad((expected * weights).sum(), x)
-        torch.testing.assert_close(g_got, g_expected, rtol=1e-12, atol=1e-12)
+        _same_values_and_gradients(got, expected, x, 1e-12, seed=9)
         pi = torch.full((S, A), 1.0 / A, dtype=DT)
         diagonal = w[torch.arange(S), :, torch.arange(S)]
         assert float(problem.objective(x.detach(), pi)) == pytest.approx(
