@@ -245,8 +245,8 @@ def cmd_solve(args: argparse.Namespace) -> int:
     # a resumed run continues with the solver, seed and options it was saved with; --set
     # changes those the checkpoint allows (outer, time_limit, ...) and the solver refuses others
     saved = _saved_run(args.resume, args.file)
-    if saved is not None and saved.get("source_sha256") not in (None,
-                                                                _source_sha256(args.file)):
+    source_sha256 = _source_sha256(args.file)
+    if saved is not None and saved.get("source_sha256") not in (None, source_sha256):
         _tell(f"note: {args.file} has changed since the run in {args.resume} was saved; it "
               "goes on with the file as it is now (a changed reward, objective or MDP makes "
               "what follows differ from what was saved)", sys.stderr)
@@ -288,14 +288,16 @@ def cmd_solve(args: argparse.Namespace) -> int:
     with _claimed(out_dir, "--resume" if args.resume else "--out"):
         aside = _set_aside(out_dir) if args.force and not args.resume else None
         try:
-            return _solve_into(out_dir, made_here, args, problem, spec, options, timings)
+            return _solve_into(out_dir, made_here, args, problem, spec, options, timings,
+                               source_sha256)
         finally:
             if aside is not None:
                 _drop_or_restore(out_dir, aside)
 
 
 def _solve_into(out_dir: Path, made_here: bool, args: argparse.Namespace, problem: Any,
-                spec: Any, options: dict[str, Any], timings: dict[str, float]) -> int:
+                spec: Any, options: dict[str, Any], timings: dict[str, float],
+                source_sha256: str | None) -> int:
     """Run the solver and write its folder (which this process holds, see ``_claimed``)."""
     import solvers
     from solvers.output import summary_table, write_run
@@ -312,7 +314,7 @@ def _solve_into(out_dir: Path, made_here: bool, args: argparse.Namespace, proble
         "source": str(args.file),
         "out_dir": str(out_dir),
         "defines": _overrides(args.define),
-        "source_sha256": _source_sha256(args.file),
+        "source_sha256": source_sha256,
     }
     extra: dict[str, Any] = {}
     if deep:  # checkpoints go to the output folder as the run goes
@@ -485,9 +487,7 @@ def _recover_replaced(out_dir: Path) -> None:
     if _holds_run(out_dir):
         remove_path(aside)
         return
-    for path in aside.iterdir():
-        path.rename(out_dir / path.name)
-    aside.rmdir()
+    _put_back(out_dir, aside)
     _tell(f"note: {out_dir} holds again the run that an earlier --force set aside (the run "
           "that was to replace it was stopped before it saved anything)", sys.stderr)
 
@@ -515,11 +515,15 @@ def _drop_or_restore(out_dir: Path, aside: Path) -> None:
         return
     for name in _RUN_OUTPUTS + _RUN_FOLDERS:  # the new run's record of nothing
         remove_path(out_dir / name)
+    _put_back(out_dir, aside)
+    _tell(f"note: the new run saved nothing, so the run it was to replace is kept in {out_dir}",
+          sys.stderr)
+
+
+def _put_back(out_dir: Path, aside: Path) -> None:
     for path in aside.iterdir():
         path.rename(out_dir / path.name)
     aside.rmdir()
-    _tell(f"note: the new run saved nothing, so the run it was to replace is kept in {out_dir}",
-          sys.stderr)
 
 
 def _stopped_at_once(out_dir: Path) -> bool:

@@ -832,24 +832,21 @@ class _Elaborator:
     def _reward_on_transitions(self, item: ir.Item, P: Transitions, S: SetValue, A: SetValue
                                ) -> torch.Tensor | None:
         """A table's ``reward[s, a, t]`` averaged over the next state at P's stored triples
-        only, where P is sparse (``sum_t P[s, a, t] r(s, a, t)``); None elsewhere (the whole
-        table is then evaluated, as are the errors of a value of the wrong shape)."""
+        only, where P is sparse; None elsewhere (the whole table is then evaluated, as are the
+        errors of a value of the wrong shape)."""
         names = tuple(n.id for n in item.indices if isinstance(n, ir.Name))
         if not P.is_sparse or len(names) != 3 or len(set(names)) != 3:
             return None
-        rows, cols, values = P.coo()
-        scope = self._scope()
-        at = (torch.div(rows, A.size, rounding_mode="floor"), rows % A.size, cols)
-        scope.indices = {name: Binding(_TRANSITION_AXIS, index_set, scope.device, positions)
-                         for name, index_set, positions in zip(names, (S, A, S), at)}
-        v = evaluate_val(item.value, scope)
-        if v.dims or any(axis != _TRANSITION_AXIS for axis in v.axes):
-            return None
-        r = as_real(expand_axes(v, (_TRANSITION_AXIS,), {_TRANSITION_AXIS: rows.numel()}))
-        if not bool(torch.isfinite(r).all()):
-            raise EvalError("E305", "`reward` has NaN or infinite entries", item.value.span)
-        out = torch.zeros(S.size * A.size, dtype=r.dtype).index_add(0, rows, values * r)
-        return out.reshape(S.size, A.size)
+
+        def value(inner: Scope) -> Val | None:
+            v = evaluate_val(item.value, inner)
+            if v.dims or any(axis != _TRANSITION_AXIS for axis in v.axes):
+                return None
+            if not bool(torch.isfinite(to_real(v)).all()):
+                raise EvalError("E305", "`reward` has NaN or infinite entries", item.value.span)
+            return v
+
+        return over_next_on_transitions(P, names, (S, A, S), self._scope(), value)
 
     # ---------------------------------------------------------------- the bilevel parts
     def _lower(self, decl: ir.LowerDecl) -> None:
@@ -1180,17 +1177,30 @@ _TRANSITION_AXIS = "(s, a, t)"
 
 def _on_transitions(info: LowerInfo, term: ir.Expr, scope: Scope, P: Transitions,
                     sets: tuple) -> torch.Tensor:
-    """``sum_t P[s, a, t] v(s, a, t)`` for one term, with ``v`` evaluated at the nonzeros of a
-    sparse ``P`` only: the three indices walk the stored triples together, along one axis, so a
-    10^4-state maze needs 1.6 * 10^5 values where the full table had 4 * 10^8."""
+    """``sum_t P[s, a, t] v(s, a, t)`` for one term of the follower's reward, on sparse P's
+    nonzeros only (``over_next_on_transitions``)."""
+    return over_next_on_transitions(
+        P, info.indices, sets, scope,
+        lambda inner: _reward_value(info, term, inner, sets, shared=_TRANSITION_AXIS))
+
+
+def over_next_on_transitions(P: Transitions, names: tuple[str, ...], sets: tuple,
+                             scope: Scope, value: Callable[[Scope], Val | None]
+                             ) -> torch.Tensor | None:
+    """``sum_t P[s, a, t] v(s, a, t)`` with ``v = value(scope)`` evaluated at the nonzeros of a
+    sparse ``P`` only: the three indices ``names`` walk the stored triples together, along one
+    axis, so a 10^4-state maze needs 1.6 * 10^5 values where the full table had 4 * 10^8.
+    None where ``value`` gives None (it declines the term)."""
     rows, cols, values = P.coo()
     A = P.n_actions
-    at = dict(zip(info.indices, (torch.div(rows, A, rounding_mode="floor"), rows % A, cols)))
+    at = (torch.div(rows, A, rounding_mode="floor"), rows % A, cols)
     inner = scope.copy()
     inner.indices = {**scope.indices, **{
-        name: Binding(_TRANSITION_AXIS, index_set, scope.device, at[name])
-        for name, index_set in zip(info.indices, sets)}}
-    v = _reward_value(info, term, inner, sets, shared=_TRANSITION_AXIS)
+        name: Binding(_TRANSITION_AXIS, index_set, scope.device, positions)
+        for name, index_set, positions in zip(names, sets, at)}}
+    v = value(inner)
+    if v is None:
+        return None
     along = expand_axes(v, (_TRANSITION_AXIS,), {_TRANSITION_AXIS: rows.numel()})
     terms = values * as_real(along)
     out = torch.zeros(P.n_states * A, dtype=terms.dtype, device=terms.device)

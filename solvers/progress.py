@@ -43,7 +43,8 @@ class ProgressMonitor(Monitor):
         self._start = clock()
         self._tty = _is_tty(self.stream)
         self._every = math.ceil(self.total / 10)
-        self._next_line = self._every
+        self._offset = offset
+        self._next_line = (offset // self._every + 1) * self._every
         self._last_draw = -math.inf
         self._width = 0
         self._pending: tuple[int, float, float, float] | None = None
@@ -52,8 +53,6 @@ class ProgressMonitor(Monitor):
         self._first: tuple[int, float] | None = None
         self._gone = False  # the reader went away (a closed terminal, `| head`): stop writing
         self._keeper, self._keep_every, self._kept = keeper, keep_every, self._start
-        self._offset = offset
-        self._next_line = (offset // self._every + 1) * self._every
 
     def update(self, iteration: int, objective: float, hypergrad_norm: float) -> None:
         """Redraw the bar (terminal) or print a line when another tenth is done (elsewhere)."""
