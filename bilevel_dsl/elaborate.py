@@ -1040,7 +1040,7 @@ def _all_finite(t: torch.Tensor) -> bool:
     return math.isfinite(t.item()) if t.dim() == 0 else bool(torch.isfinite(t).all())
 
 
-_CHILD_FIELDS: dict[type, tuple[str, ...]] = {}
+_CHILD_FIELDS: dict[type, tuple[str, ...]] = {ir.NumberArray: ()}  # its numbers are no nodes
 
 
 def _uses_policy(expr: ir.Expr, policy_lets: set[str]) -> bool:
@@ -1213,7 +1213,7 @@ def _literal_numbers(node: ir.Expr | None) -> bool:
         return _literal_numbers(node.operand)
     if isinstance(node, ir.ArrayLiteral):
         return all(_literal_numbers(item) for item in node.items)
-    return isinstance(node, ir.Number)
+    return isinstance(node, (ir.Number, ir.NumberArray))
 
 
 def _summands(node: ir.Expr) -> list[tuple[int, ir.Expr]]:

@@ -183,6 +183,8 @@ def varying_nodes(roots: list[ir.Expr], names: dict[str, object]) -> set[int]:
 
 def _children(node: object) -> list[object]:
     out: list[object] = []
+    if type(node) is ir.NumberArray:
+        return out
     for name in getattr(node, "__dataclass_fields__", ()):
         value = getattr(node, name)
         if isinstance(value, tuple):
@@ -912,10 +914,18 @@ def _array(node: ir.ArrayLiteral, scope: Scope) -> Val:
                         node.span, "found " + _shapes(items))
     axes, tensors, dims = align(items, node.span)
     n_axes = len(axes)
-    sizes = torch.broadcast_shapes(*[t.shape for t in tensors])
+    sizes = [1] * max(t.dim() for t in tensors)  # torch.broadcast_shapes would import sympy
+    for t in tensors:
+        for i, n in enumerate(t.shape, len(sizes) - t.dim()):
+            sizes[i] = n if n != 1 else sizes[i]
     stacked = torch.stack([t.to(DTYPE).expand(sizes) for t in tensors], dim=n_axes)
     kind = "int" if all(v.kind == "int" for v in items) else "real"
     return Val(stacked, axes, (None,) + dims, kind)
+
+
+def _number_array(node: ir.NumberArray, scope: Scope) -> Val:
+    t = torch.tensor(node.values, dtype=DTYPE, device=scope.device).reshape(node.shape)
+    return Val(t, (), (None,) * len(node.shape), "int" if node.is_integer else "real")
 
 
 def set_of(node: ir.Expr, scope: Scope) -> SetValue:
@@ -1345,6 +1355,7 @@ _DISPATCH: dict[type, Callable] = {
     ir.Binary: _binary,
     ir.Conditional: _conditional,
     ir.ArrayLiteral: _array,
+    ir.NumberArray: _number_array,
     ir.Range: _range,
     ir.Members: _members,
     ir.Reduction: _reduction,

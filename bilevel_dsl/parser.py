@@ -1,11 +1,11 @@
 """Stage 1: text -> IR.
 
-Lark compiles grammar/brl.lark into LALR(1) tables (strict mode: conflict-free).  This module
-tokenises with one regular expression built from the grammar's terminals and runs those tables
-itself, building `ir` nodes as it reduces.  Running the tables here rather than in Lark's generic
-loop is what keeps a 10,000-line file well under a second: a chain of unit reductions
-(`?rule: other`, most of an LALR parse of nested precedence levels) is taken in one memoised
-step, and spans and nesting depths ride on a stack beside the values instead of being
+Lark compiles grammar/brl.lark into LALR(1) tables (conflict-free: a test builds them in strict
+mode).  This module tokenises with one regular expression built from the grammar's terminals and
+runs those tables itself, building `ir` nodes as it reduces.  Running the tables here rather than
+in Lark's generic loop is what keeps a 10,000-line file well under a second: a chain of unit
+reductions (`?rule: other`, most of an LALR parse of nested precedence levels) is taken in one
+memoised step, and spans and nesting depths ride on a stack beside the values instead of being
 recomputed per node.  The tables, and so the language and the "expected ..." of every syntax
 error, are Lark's.
 
@@ -17,14 +17,16 @@ from __future__ import annotations
 
 import dataclasses
 import gc
+import itertools
 import math
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
 
 from lark import Lark
+from lark.lexer import Lexer
 from lark.parsers.lalr_analysis import Shift
 
 from . import ir
@@ -199,12 +201,27 @@ class _Items(list):
     __slots__ = ("locs",)
 
 
+class _NoLexer(Lexer):
+    """Lark's place for a lexer, unused: the driver tokenises with its own expression."""
+
+    def __init__(self, conf: object) -> None:
+        pass
+
+    def lex(self, lexer_state: object, parser_state: object) -> Iterator:
+        raise NotImplementedError
+
+
 class _Tables:
     """Lark's LALR(1) tables for the grammar, the tokeniser, and the driver that runs them."""
 
     def __init__(self) -> None:
-        lark = Lark(grammar_text(), parser="lalr", strict=True, start=list(_STARTS),
-                    maybe_placeholders=False, lexer="basic")
+        # Not strict, and no lexer of Lark's (the driver tokenises): the tables are the same,
+        # while strict mode's checks and a lexer's checks for colliding terminals cost 0.3 s a
+        # command (and Lark checks its own grammar's lexer where interegular is installed,
+        # 0.4 s more: brl needs it only for the tests). tests/test_parser.py builds the grammar
+        # strictly with Lark's own lexer and parser, and compares this driver with them.
+        lark = Lark(grammar_text(), parser="lalr", strict=False, start=list(_STARTS),
+                    maybe_placeholders=False, lexer=_NoLexer)
         confs = {s: lark.parse_interactive(start=s).parser_state.parse_conf for s in _STARTS}
         infos = {rule: _rule_info(rule) for rule in lark.rules}
         # state -> symbol -> action: a shift (or goto) is the next state, an int; a reduction
@@ -241,8 +258,9 @@ class _Tables:
         self.scan = re.compile("|".join([*alternatives, rf"(?P<{_CATCH_ALL}>[\s\S])"])).finditer
         self.ignore = frozenset(lark.ignore_tokens)
 
-    def run(self, text: str, start: str):
+    def run(self, text: str, start: str, fast_numbers: bool = True):
         """Parse `text` from `start`; the IR value, or _SyntaxErrors with every syntax error.
+        (`fast_numbers=False` reads arrays of numbers token by token, as tests compare.)
 
         After an error the driver skips to the next statement keyword (keywords are reserved,
         so one can only start a statement) and drops the broken statement from the stack: each
@@ -259,7 +277,8 @@ class _Tables:
         previous = None  # the last token's location
         fresh = True  # no token yet on this line
         line, line_start = 1, 0
-        for match in self.scan(text):
+        matches = self.scan(text)
+        while (match := next(matches, None)) is not None:
             kind = match.lastgroup
             value = match.group()
             if kind in ignore:
@@ -294,6 +313,20 @@ class _Tables:
                 errors.append(_bad_character(text, pos, loc))
                 skipping = True
                 continue
+            if kind == "LSQB" and fast_numbers and "INT" in self.states[state_stack[-1]] \
+                    and self._accepts(state_stack, "LSQB") and self._accepts(state_stack, "INT"):
+                # an operand starts here, so `[` opens an array literal: one written in numbers
+                # is read whole, passed to the tables as the one number it stands for
+                scanned = _scan_numbers(text, pos)
+                if scanned is not None:
+                    array, depth, end = scanned
+                    newlines = text.count("\n", pos, end)
+                    if newlines:
+                        line += newlines
+                        line_start = text.rindex("\n", pos, end) + 1
+                    loc = (loc[0], loc[1], line, end - line_start + 1, depth, 0, None)
+                    kind, value = "INT", ir.NumberArray(_span(loc), *array)
+                    matches = self.scan(text, end)
             try:
                 self._push(kind, value, loc, state_stack, values, locs, text,
                            previous if opens_line else None)
@@ -989,6 +1022,8 @@ def _call(c, locs, meta):
 @_rule("integer")
 def _integer(c, locs, meta):
     digits = c[0]
+    if type(digits) is ir.NumberArray:  # an array read whole by the driver's _scan_numbers
+        return digits
     value = float(int(digits)) if len(digits) < 309 else math.inf
     return _number(digits, meta, value, True)
 
@@ -1027,4 +1062,87 @@ def _array(c, locs, meta):
     if keywords:
         raise _NodeError(Diagnostic("E100", "an array literal cannot hold `name = value`",
                                     keywords[0].span))
-    return ir.ArrayLiteral(_span(meta), args)
+    return _numbers(_span(meta), args) or ir.ArrayLiteral(_span(meta), args)
+
+
+# A row of signed numbers, `[1, -2.5, 3e-4]`, as the grammar's tokens (FLOAT before INT, as
+# Lark tries them) and spaces; a comment, or anything else, leaves the row to the tables.
+_SPACE = r"[ \t\f\r\n]*"
+_NUMBER = r"[0-9]+\.[0-9]+(?:[eE][+-]?[0-9]+)?|[0-9]+[eE][+-]?[0-9]+|[0-9]+"
+_SIGNS = rf"(?:[-+]{_SPACE})*"
+_ROW = re.compile(
+    rf"\[{_SPACE}(?:{_SIGNS}(?:{_NUMBER}){_SPACE},{_SPACE})*{_SIGNS}(?:{_NUMBER}){_SPACE}\]")
+_NUMBER_IN_ROW = re.compile(rf"({_SIGNS})({_NUMBER})")
+_NEXT_ITEM = re.compile(rf"{_SPACE}(?:,{_SPACE}(?=\[)|(\]))")
+_OPENING = re.compile(rf"\[{_SPACE}(?=\[)")
+_MAX_SCANNED_DEPTH = MAX_DEPTH // 2  # deeper ones are left to the tables, which report them
+
+
+def _scan_numbers(text: str, pos: int, level: int = 1) -> tuple[tuple, int, int] | None:
+    """The array written in numbers at `text[pos]` (a `[`), read by regular expressions:
+    ((shape, values, is_integer), its nesting depth as the tables count it, its end), or None
+    where it holds anything else. The tables take some 17 microseconds a number."""
+    row = _ROW.match(text, pos)
+    if row is not None:
+        values = []
+        integer = True
+        most_signs = 0
+        for signs, number in _NUMBER_IN_ROW.findall(row.group()):
+            value = float(number)
+            if value == math.inf:
+                return None  # too large: the tables' error names it
+            if signs:
+                minus = signs.count("-")
+                most_signs = max(most_signs, minus + signs.count("+"))
+                value = -value if minus % 2 else value
+            integer = integer and number.isdigit()
+            values.append(value)
+        # a number is 0 levels deep, each sign adds one, the list of items and the array two
+        depth = most_signs + 2
+        return (((len(values),), tuple(values), integer), depth, row.end()) \
+            if depth <= _MAX_SCANNED_DEPTH else None
+    opening = _OPENING.match(text, pos)
+    if opening is None or 2 * level >= _MAX_SCANNED_DEPTH:  # each level is two deep
+        return None
+    items = []
+    at = opening.end()
+    while True:
+        item = _scan_numbers(text, at, level + 1)
+        if item is None or item[1] + 2 > _MAX_SCANNED_DEPTH or (
+                items and item[0][0] != items[0][0][0]):
+            return None
+        items.append(item)
+        after = _NEXT_ITEM.match(text, item[2])
+        if after is None:
+            return None
+        at = after.end()
+        if after.group(1):  # the closing `]`
+            break
+    shape = (len(items), *items[0][0][0])
+    values = tuple(itertools.chain.from_iterable(item[0][1] for item in items))
+    depth = max(item[1] for item in items) + 2
+    return (shape, values, all(item[0][2] for item in items)), depth, at
+
+
+def _numbers(span: ir.Span, items: tuple[ir.Expr, ...]) -> ir.NumberArray | None:
+    """The items as one NumberArray: signed numbers, or NumberArrays of one shape (folded
+    from the inside out); None for anything else, which evaluation checks item by item."""
+    first = items[0]
+    if type(first) is ir.NumberArray:
+        if any(type(item) is not ir.NumberArray or item.shape != first.shape for item in items):
+            return None
+        values = tuple(itertools.chain.from_iterable(item.values for item in items))
+        return ir.NumberArray(span, (len(items), *first.shape), values,
+                              all(item.is_integer for item in items))
+    numbers = []
+    integer = True
+    for item in items:
+        sign = 1.0
+        while type(item) is ir.Unary and item.op in ("-", "+"):
+            sign = -sign if item.op == "-" else sign
+            item = item.operand
+        if type(item) is not ir.Number:
+            return None
+        numbers.append(sign * item.value)
+        integer = integer and item.is_integer
+    return ir.NumberArray(span, (len(items),), tuple(numbers), integer)

@@ -42,6 +42,8 @@ def to_dict(node: Any) -> Any:
             out[f.name] = to_dict(getattr(node, f.name))
         return out
     if isinstance(node, tuple):
+        if node and type(node[0]) is float:  # a NumberArray's numbers
+            return list(node)
         return [to_dict(item) for item in node]
     return node
 
@@ -70,8 +72,9 @@ def to_json(program: ir.Program, indent: int | None = 2) -> str:
 
 
 def _indented(data: Any, indent: int) -> str:
-    """``json.dumps(data, indent=indent, allow_nan=False)``, in one pass over a stack: the
-    standard encoder nests a generator per level, which makes a long chain's JSON quadratic."""
+    """``json.dumps(data, indent=indent, allow_nan=False)`` with a list of plain values on one
+    line, in one pass over a stack: the standard encoder nests a generator per level, which
+    makes a long chain's JSON quadratic."""
     out: list[str] = []
     stack: list[Any] = [(data, 0)]  # (value, depth) to write, or text to copy
     while stack:
@@ -84,6 +87,9 @@ def _indented(data: Any, indent: int) -> str:
             is_dict = type(value) is dict
             if not value:
                 out.append("{}" if is_dict else "[]")
+                continue
+            if not is_dict and not any(type(v) is dict or type(v) is list for v in value):
+                out.append("[" + ", ".join(map(_leaf, value)) + "]")  # a span, a shape, numbers
                 continue
             out.append("{" if is_dict else "[")
             pad = "\n" + " " * (indent * (depth + 1))
@@ -120,23 +126,29 @@ def from_json(text: str) -> ir.Program:
 
 def _from_json(text: str) -> ir.Program:
     try:
-        data = json.loads(text)
+        data = json.loads(text, parse_constant=_no_constant)
     except json.JSONDecodeError as exc:
         raise IRFormatError(f"not JSON: {exc}") from None
     except RecursionError:
         raise IRFormatError("not a brl IR document (nested too deeply)") from None
     if not isinstance(data, dict) or data.get("node") != "Program":
         raise IRFormatError("not a brl IR document (the top node must be a Program)")
-    if data.get("ir_version") != ir.IR_VERSION:
+    version = data.get("ir_version")
+    if type(version) is not int or version not in ir.READABLE_IR_VERSIONS:
         raise IRFormatError(
-            f"IR version {data.get('ir_version')!r} is not supported (this library reads "
-            f"version {ir.IR_VERSION})")
+            f"IR version {version!r} is not supported (this library reads versions "
+            + " and ".join(map(str, ir.READABLE_IR_VERSIONS)) + ")")
     try:
         program = _build(data, ir.Program, "$")
     except RecursionError:
         raise IRFormatError("not a brl IR document (nested too deeply)") from None
     assert isinstance(program, ir.Program)
     return ir.with_features(program)  # what the objective uses, recomputed
+
+
+def _no_constant(name: str) -> None:
+    """Python's json reads NaN and Infinity, which are not JSON (nor brl numbers)."""
+    raise IRFormatError(f"{name} is not a JSON number")
 
 
 def _build(data: Any, hint: Any, path: str) -> Any:
@@ -162,6 +174,10 @@ def _build(data: Any, hint: Any, path: str) -> Any:
         (item_hint, _ellipsis) = typing.get_args(hint)
         if not isinstance(data, list):
             raise IRFormatError(f"{path}: expected a list")
+        if item_hint is float:  # a NumberArray's numbers: one check for all of them
+            if not all(type(v) is float or type(v) is int for v in data):
+                raise IRFormatError(f"{path}: expected a list of numbers")
+            return tuple(map(float, data))
         return tuple(_build(item, item_hint, f"{path}[{i}]") for i, item in enumerate(data))
     if isinstance(hint, type) and dataclasses.is_dataclass(hint):
         if not isinstance(data, dict) or data.get("node") != hint.__name__:
@@ -182,6 +198,11 @@ def _build(data: Any, hint: Any, path: str) -> Any:
                     if word not in words:
                         raise IRFormatError(f"{path}.{f.name}: {word!r} is not one of "
                                             + ", ".join(repr(w) for w in words))
+        if hint is ir.NumberArray and (
+                not kwargs["shape"] or min(kwargs["shape"]) < 1
+                or math.prod(kwargs["shape"]) != len(kwargs["values"])):
+            raise IRFormatError(f"{path}: a NumberArray's shape {list(kwargs['shape'])} does "
+                                f"not hold its {len(kwargs['values'])} values")
         return hint(**kwargs)
     if hint is float:
         if isinstance(data, bool) or not isinstance(data, (int, float)):

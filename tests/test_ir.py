@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import sys
 
 import jsonschema
@@ -26,6 +27,7 @@ from bilevel_dsl import (
 from bilevel_dsl.cli import main
 from bilevel_dsl.diagnostics import SourceFile
 from bilevel_dsl.parser import MAX_CHAIN
+from bilevel_dsl.serialize import to_dict
 
 
 def doc_programs() -> list[tuple[str, ir.Program]]:
@@ -67,13 +69,17 @@ def test_round_trip(name: str, program: ir.Program, validator):
 
 
 def test_round_trip_keeps_every_number_exactly():
-    text = "brl 1\nparam a = [0.1, 1e-300, 1.7976931348623157e308, 123456789012345678, 3]"
+    numbers = "0.1, 1e-300, 1.7976931348623157e308, 123456789012345678, 3, -0.0"
+    text = f"brl 1\nparam a = [{numbers}]\nparam b = [{numbers}, a]\nparam c = 3"
     program = parse_source(SourceFile("n.brl", text))
     again = from_json(to_json(program))
-    items = again.statements[0].value.items
-    assert [i.value for i in items] == [0.1, 1e-300, 1.7976931348623157e308,
-                                       123456789012345678.0, 3.0]
-    assert [i.is_integer for i in items] == [False, False, False, True, True]
+    folded, items, three = (s.value for s in again.statements)
+    expected = [0.1, 1e-300, 1.7976931348623157e308, 123456789012345678.0, 3.0, -0.0]
+    assert list(folded.values) == expected and not folded.is_integer
+    assert math.copysign(1, folded.values[-1]) == -1
+    assert [i.value for i in items.items[:5]] == expected[:5]
+    assert [i.is_integer for i in items.items[:5]] == [False, False, False, True, True]
+    assert three.is_integer and three.value == 3.0
 
 
 def test_json_is_strict_json_and_names_node_types():
@@ -134,7 +140,7 @@ def corrupt(path: list, new) -> str:
         "null",
         "NaN",
         '{"node": "Program"}',
-        '{"node": "Program", "ir_version": 2}',
+        '{"node": "Program", "ir_version": 3}',
         '{"node": "Program", "ir_version": "1"}',
         '{"node": "Program", "ir_version": 1}',
         '{"node": "Number", "ir_version": 1}',
@@ -178,6 +184,27 @@ def test_from_json_rejects_wrong_field_types_deep_inside():
     document["statements"][0]["value"]["left"] = {"node": "SetDecl"}
     with pytest.raises(IRFormatError):
         from_json(json.dumps(document))
+
+
+def test_from_json_checks_a_number_array_and_reads_version_1():
+    program = parse_source(SourceFile("t.brl", "brl 1\nparam a[2, 2] = [[1, 2], [3, 4]]"))
+    document = json.loads(to_json(program))
+    table = document["statements"][0]["value"]
+    assert (table["node"], table["shape"], table["values"]) == ("NumberArray", [2, 2],
+                                                                [1.0, 2.0, 3.0, 4.0])
+    for field, bad in (("shape", [3, 2]), ("shape", []), ("shape", [0, 4]),
+                       ("values", [1, 2, 3, True]), ("values", [1, 2, 3, "4"])):
+        with pytest.raises(IRFormatError, match=field):
+            from_json(json.dumps({**document, "statements": [
+                {**document["statements"][0], "value": {**table, field: bad}}]}))
+    with pytest.raises(IRFormatError, match="NaN"):
+        from_json(json.dumps(document).replace("4.0", "NaN"))
+    # version 1, which wrote every number as a node, is version 2 without NumberArray
+    version_1 = {**document, "ir_version": 1, "statements": [
+        {**document["statements"][0], "value": to_dict(ir.ArrayLiteral(
+            program.statements[0].value.span,
+            (ir.Number(program.statements[0].value.span, 1.0, True),)))}]}
+    assert isinstance(from_json(json.dumps(version_1)).statements[0].value, ir.ArrayLiteral)
 
 
 def test_deep_expressions_round_trip():

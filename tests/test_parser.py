@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import random
+import re
 
 import pytest
 import torch
@@ -16,7 +17,7 @@ from conftest import DOCS, PROBLEMS, brl_blocks, codes, compile_ok, diagnostics,
 from lark import Lark
 from lark.exceptions import UnexpectedCharacters, UnexpectedToken
 
-from bilevel_dsl import BrlError, ir, parse_expression, parse_source
+from bilevel_dsl import BrlError, compile_source, ir, parse_expression, parse_source
 from bilevel_dsl.diagnostics import SourceFile
 from bilevel_dsl.parser import (
     MAX_CHAIN,
@@ -70,6 +71,11 @@ def sx(node) -> str:
         return "{" + ", ".join(m.name for m in node.members) + "}"
     if isinstance(node, ir.ArrayLiteral):
         return "[" + ", ".join(sx(i) for i in node.items) + "]"
+    if isinstance(node, ir.NumberArray):
+        texts = [str(int(v)) if node.is_integer else repr(v) for v in node.values]
+        for size in reversed(node.shape):  # innermost rows first
+            texts = ["[" + ", ".join(texts[i:i + size]) + "]" for i in range(0, len(texts), size)]
+        return texts[0]
     if isinstance(node, ir.Reduction):
         binders = ", ".join(f"{b.name} in {sx(b.domain)}" for b in node.binders)
         where = f" : {sx(node.where)}" if node.where is not None else ""
@@ -178,7 +184,7 @@ def test_set_values():
 def test_params_ir():
     assert sx(stmt("param lam = 0.05").value) == "0.05"
     w = stmt("param w[3] = [1, 2.5, -1]")
-    assert [sx(d.domain) for d in w.dims] == ["3"] and sx(w.value) == "[1, 2.5, (- 1)]"
+    assert [sx(d.domain) for d in w.dims] == ["3"] and sx(w.value) == "[1.0, 2.5, -1.0]"
     g = stmt("param g[2, 2] = [[1, 0], [0, 1]]")
     assert sx(g.value) == "[[1, 0], [0, 1]]" and len(g.dims) == 2
     r = stmt("set S = 0..4\nparam r[s in S] = s / 4")
@@ -191,6 +197,41 @@ def test_params_ir():
     load = stmt('param d[2, 3] = load("data/d.npy")')
     assert isinstance(load.value, ir.Call) and load.value.function == "load"
     assert load.value.args[0] == ir.String(load.value.args[0].span, "data/d.npy")
+
+
+def test_arrays_written_in_numbers_are_folded_into_one_node():
+    """A pasted table is one NumberArray (a node per number cost 2 KiB and tens of
+    microseconds each); anything else in it keeps the item-by-item ArrayLiteral."""
+    table = stmt("param t[2, 3] = [[1, -2, +3], [-(4), --5, 6]]").value
+    assert isinstance(table, ir.NumberArray) and table.is_integer
+    assert (table.shape, table.values) == ((2, 3), (1.0, -2.0, 3.0, -4.0, 5.0, 6.0))
+    assert table.span == ir.Span(2, 17, 2, 46)
+    assert not stmt("param r[2] = [1, 0.5]").value.is_integer
+    for text in ("[1, [2]]", "[[1], [2, 3]]", "[1, inf]", "[1, true]", "[1, a]", "[2 * 3]",
+                 "[[1], [a]]"):
+        assert isinstance(parse_expression(text), ir.ArrayLiteral), text
+    assert isinstance(parse_expression("[[1], [a]]").items[0], ir.NumberArray)
+
+
+@pytest.mark.parametrize("text", [
+    "[1, 2.5, -1]", "[[1, 0], [0, 1]]", "[[[1, -0.0]], [[-2, 3e-3]]]", "[-0, +0]", "[1, [2]]",
+    "[[1], [2, 3]]", "[[1, 2], [a, 3]]", "[1, inf]", "[1.5, true]", "[[1, 2], [3, 4]] * 2",
+])
+def test_a_folded_array_has_the_value_kind_and_errors_of_item_by_item_evaluation(text):
+    """The folded node against the same text with its numbers hidden from the folding (each
+    written `(n + 0)`, which the parser keeps as an expression)."""
+    prelude = "param a = 7\n"
+    unfolded = re.sub(r"(?<![\w.])([0-9][0-9.e-]*)", r"(\1 + 0)", text)
+    mine, theirs = (_value_or_error(prelude + f"param p = {t}\n") for t in (text, unfolded))
+    assert mine == theirs
+
+
+def _value_or_error(body: str):
+    try:
+        v = compile_source("brl 1\n" + body, "test.brl").names["p"]
+    except BrlError as exc:
+        return [(d.code, d.message, d.hint) for d in exc.diagnostics]
+    return v.t.tolist(), [math.copysign(1, e) for e in v.t.reshape(-1).tolist()], v.kind
 
 
 def test_param_values():
@@ -638,6 +679,71 @@ def _mutants(count: int) -> list[str]:
                 text = text[:at] + rng.choice(pieces) + text[at:]
         out.append(text)
     return out
+
+
+ARRAYS = """brl 1
+param w[3] = [1, -2.5, +3e-2]
+param t[2, 2, 2] = [[[1, 2], [3, 4]], [[-5, 6.0], [7, --8]]]
+param m[2, 2] = [[1, 2],  # a comment
+                 [3, 4]]
+var x[2] = [0, 0] in [[-1, -2], inf]
+let u = sum {i in [1, 2]} [[1, 2]][0, i - 1] + [1, 2][0] * x[[0][0]]
+mdp M = table {
+    states = 2
+    actions = 1
+    transition = [[[0.5, 0.5]], [[1, 0]]]
+}
+lower M { temperature = 0.5  reward[s, a] = [1, -1][s] + (if x[0] > 0 then [2, 3][s] else 0) }
+upper minimize norm2(x - [1, 2])
+solve m_sobirl(outer = 3)
+"""
+
+
+def _array_texts(count: int) -> list[str]:
+    """Texts dense in arrays of numbers, broken at random, and arrays nested near MAX_DEPTH."""
+    rng = random.Random(5)
+    pieces = ["[", "]", ",", "-", "+", "1", "2.5", "1e999", "#c\n", "\n", "a", "(", ")", "[1, 2]",
+              "[[1], [2, 3]]", "inf", " ", "."]
+    out = [ARRAYS]
+    for _ in range(count):
+        text = ARRAYS
+        for _ in range(rng.randint(1, 3)):
+            at = rng.randrange(len(text) + 1)
+            if rng.random() < 0.4:
+                text = text[:at] + text[at + rng.randint(1, 4):]
+            else:
+                text = text[:at] + rng.choice(pieces) + text[at:]
+        out.append(text)
+
+    def array(depth: int) -> str:
+        if depth == 0:
+            return rng.choice(["", "-", "+", "- ", "--"]) + rng.choice(
+                ["1", "2.5", "3e-2", "0", "12345678901234567890", "1.0E+3"])
+        items = [array(depth - 1) for _ in range(rng.randint(1, 3))]
+        return "[" + rng.choice([",", ", ", " ,\n "]).join(items) + rng.choice(["", "\n"]) + "]"
+
+    for _ in range(40):
+        written = array(rng.randint(1, 4))
+        out += ["brl 1\nparam p = " + "-" * signs + written for signs in range(170, 205, 3)]
+    out += ["brl 1\nparam p = " + "[" * levels + "-1" + "]" * levels
+            for levels in (49, 50, 51, 99, 100, 101, 5000)]
+    return out
+
+
+def test_arrays_read_whole_parse_as_they_do_token_by_token():
+    """The driver reads an array written in numbers with regular expressions, in one step: the
+    IR, every syntax error and every nesting limit must be those of the tables, token by token."""
+    def parse(text: str, fast: bool):
+        try:
+            return _tables().run(text, "start", fast_numbers=fast)
+        except _SyntaxErrors as exc:
+            return exc.diagnostics
+
+    texts = [p.read_text(encoding="utf-8") for p in PROBLEMS]
+    texts += [text for doc in DOCS for _, text in brl_blocks(doc.read_text(encoding="utf-8"))]
+    for text in texts + _array_texts(400):
+        assert parse(text, True) == parse(text, False), text
+    assert isinstance(parse(ARRAYS, True), ir.Program)
 
 
 def test_the_driver_accepts_and_rejects_exactly_what_lark_does():
