@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import hashlib
 import json
 import math
@@ -23,11 +24,13 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__, json_schema, lower, read_source, to_json
-from .diagnostics import BrlError, Diagnostic
+from .diagnostics import BrlError, Diagnostic, render
 from .elaborate import elaborate, out_of_memory
 from .parser import parse_expression, parse_source
 
-EXIT_OK, EXIT_ERROR, EXIT_INTERNAL, EXIT_INTERRUPTED = 0, 1, 2, 130
+# 2 is argparse's, for a command line it cannot read; an internal error (a bug) is 70, BSD's
+# EX_SOFTWARE, so that a script can tell it from both
+EXIT_OK, EXIT_ERROR, EXIT_INTERNAL, EXIT_INTERRUPTED = 0, 1, 70, 130
 
 
 class UsageError(Exception):
@@ -95,6 +98,8 @@ def _compile(path: str, args: argparse.Namespace, catalog: bool = True):
     checked = elaborate(program, source, Path(path).parent, overrides,
                         getattr(args, "seed", None), solver_catalog if catalog else None)
     timings["compile"] = time.perf_counter() - start
+    for warning in checked.warnings:
+        print(render(warning, source), file=sys.stderr)
     return checked, timings
 
 
@@ -266,7 +271,11 @@ def cmd_solve(args: argparse.Namespace) -> int:
     timings["compile"] += time.perf_counter() - start
     requested = args.solver
     if requested is None and saved is not None and isinstance(saved.get("solver"), str):
-        requested = saved["solver"]
+        # the saved run's solver (a --solver of its command, perhaps), unless the file has
+        # changed to name another: that is refused below, with the --solver that resumes it
+        named = checked.solve.solver if checked.solve is not None else "auto"
+        changed = saved.get("source_sha256") not in (None, source_sha256)
+        requested = named if changed and named != "auto" else saved["solver"]
     try:
         spec, _ = solvers.resolve(problem, requested)
     except solvers.SolverError as exc:
@@ -346,6 +355,13 @@ def _solve_into(out_dir: Path, made_here: bool, args: argparse.Namespace, proble
             print(f"note: stopped before the run had anything to save; {out_dir} removed",
                   file=sys.stderr)
         raise
+    except Exception as exc:
+        monitor.close()
+        if not deep and monitor.last_kept is not None:
+            _save_failed(out_dir, args.file, problem, meta | {"timings": {
+                **timings, "solve": time.perf_counter() - start}}, monitor.last_kept(),
+                continuation, exc)
+        raise
     finally:
         monitor.close()
     timings["solve"] = time.perf_counter() - start
@@ -384,6 +400,37 @@ def _solve_into(out_dir: Path, made_here: bool, args: argparse.Namespace, proble
               sys.stderr)
         return EXIT_ERROR
     return _interrupted() if result.stopped_because == "interrupted" else EXIT_OK
+
+
+def _save_failed(out_dir: Path, file: str, problem: Any, meta: dict[str, Any], done: Any,
+                 continuation: Any, exc: Exception) -> None:
+    """A tabular run that fails in mid-course (an index that the variable's values made
+    fractional, memory that ran out) keeps the iterations it had finished: its folder, with
+    ``stopped_because: failed`` and the failure, from which --resume goes on."""
+    from solvers import interrupts_deferred
+    from solvers.output import summary_table, write_run
+
+    if isinstance(exc, BrlError):
+        first = exc.diagnostics[0]
+        where = f" (line {first.span.line}, column {first.span.column})" if first.span else ""
+        failure = f"error[{first.code}]: {first.message}{where}"
+    else:
+        failure = f"{type(exc).__name__}: {exc}".splitlines()[0]
+    result = dataclasses.replace(done, stopped_because="failed",
+                                 extra={**done.extra, "failure": failure})
+    if continuation is not None:
+        result = continuation.merged(result)
+    try:
+        with interrupts_deferred():
+            write_run(out_dir, problem, result, meta)
+    except OSError as write_error:
+        _tell(f"warning: cannot save the failed run's iterations in {out_dir}: "
+              f"{write_error.strerror or write_error}", sys.stderr)
+        return
+    _tell(summary_table(problem, result, meta))
+    _tell(f"note: the run failed after iteration {result.iterations}, which {out_dir} keeps "
+          f"(continue from there with `brl solve {file} --resume {out_dir}`); the failure:",
+          sys.stderr)
 
 
 def _keeper(out_dir: Path, problem: Any, meta: dict[str, Any], start: float,
@@ -731,6 +778,12 @@ def _gradcheck_advice(rows: list, args: argparse.Namespace) -> str:
                 "away from it with --points, or bound the variable")
     worst = max(failed, key=lambda r: r.rel_error)
     ratio = worst.halving_ratio
+    far_above_rounding = worst.step_error > 1e3 * worst.rounding
+    if ratio > 1.5 and far_above_rounding:
+        return (f"at {worst.label} the finite differences grew about {ratio:.1f}x when their "
+                "step was halved, far above what rounding in phi could do: phi changes on a "
+                "scale much smaller than the step (a low temperature with large rewards, near a "
+                f"tie?); try a much smaller step, --eps {args.eps / 1000:g}")
     if ratio > 1.5:
         return (f"at {worst.label} the finite differences got worse when their step was halved: "
                 f"rounding in phi swamps them (large rewards or objectives?); try a larger "
@@ -744,9 +797,11 @@ def _gradcheck_advice(rows: list, args: argparse.Namespace) -> str:
                 "was halved: phi bends sharply within the step (a kink of abs, norm, max or "
                 "min near this point, or a temperature much smaller than the step); try "
                 f"--eps {args.eps / 10:g}, or other points with --points")
+    smaller = (f", and a much smaller step (--eps {args.eps / 1000:g}), in case phi changes on "
+               "a scale far below this one (a low temperature?)") if far_above_rounding else ""
     return (f"at {worst.label} the finite differences did not move when their step was halved: "
             "either the hyper-gradient is wrong there or phi has a kink at that point (a max, "
-            "min or abs at a tie, or a bound); try other points with --points")
+            f"min or abs at a tie, or a bound); try other points with --points{smaller}")
 
 
 # ---------------------------------------------------------------- parser

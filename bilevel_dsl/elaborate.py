@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import zlib
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +29,7 @@ from .deep import (
     preference_objective,
     reward_net_var,
 )
-from .diagnostics import MAX_SHOWN, DiagnosticBag, SourceFile, did_you_mean
+from .diagnostics import MAX_SHOWN, Diagnostic, DiagnosticBag, SourceFile, did_you_mean
 from .evaluate import (
     CONSTANTS,
     FUNCTIONALS,
@@ -47,6 +47,7 @@ from .evaluate import (
     integer_value,
     set_of,
     to_real,
+    varying_nodes,
 )
 from .generators import gridworld, random_mdp
 from .softmdp import Transitions
@@ -126,6 +127,8 @@ class CheckedProgram:
     checks: int = 0
     deep: DeepLower | None = None  # a gym MDP's follower (then var and lower are None)
     preferences: Any = None  # its RLHF objective (solvers.deep.problem.PreferenceSpec)
+    # a legal file that is probably not what its author meant (W...), said but not refused
+    warnings: list[Diagnostic] = field(default_factory=list)
 
     @property
     def name(self) -> str:
@@ -223,7 +226,30 @@ class _Elaborator:
         self.bag.raise_if_any()
         return CheckedProgram(self.program, self.source, self.names, self.seed, self.var,
                               self.lower, self.upper, self.solve, self.base_dir, self.checks,
-                              self.deep, self.preferences)
+                              self.deep, self.preferences, self._warnings())
+
+    def _warnings(self) -> list[Diagnostic]:
+        """A leader who cannot move the follower, or an objective that nothing moves: legal
+        (the solvers run), and almost always a slip, such as `M.R` written for `x`."""
+        if self.var is None or self.lower is None or self.upper is None:
+            return []
+        reward, objective = self.lower.reward, self.upper.objective
+        varying = varying_nodes([reward, objective], self.names)
+        found = []
+        name = self.var.name
+        if id(reward) not in varying:
+            found.append(Diagnostic(
+                "W401", f"the follower's reward does not depend on `{name}`: the follower acts "
+                f"the same for every `{name}`, and only the objective's own terms in `{name}` "
+                "are optimised", reward.span, f"write `{name}` into the reward, e.g. "
+                f"`reward[s, a] = ... + {name}[s, a]`", severity="warning"))
+        if id(objective) not in varying:
+            found.append(Diagnostic(
+                "W501", f"the objective depends neither on `{name}` nor on the follower's policy: "
+                f"every `{name}` is as good as any other", objective.span,
+                "use the variable, or `value(M, policy)` and the other policy functionals",
+                severity="warning"))
+        return found
 
     def _only_one(self, stmt: ir.Statement, first: ir.Span) -> None:
         word = {
@@ -415,14 +441,22 @@ class _Elaborator:
                         and _literal_numbers(decl.value)):
                     hint = (f"`{decl.name}` is declared with whole numbers, so it is an integer: "
                             "write them with a decimal point (`1.0`) to allow others")
-                raise EvalError("E305", f"-D {decl.name}: expected {kind}{shape}, got "
-                                f"{v.describe_shape()} of kind {v.kind}", decl.name_span, hint)
+                got = f"{v.describe_shape()} of kind {v.kind}" if v.shape != original.shape \
+                    else f"{'real numbers' if original.shape else 'a real number'}" \
+                    if v.kind == "real" else f"values of kind {v.kind}"
+                raise EvalError("E305", f"-D {decl.name}: expected {kind}{shape}, got {got}",
+                                decl.name_span, hint)
         else:
             v = self._declared_value(decl.name, dims, value_node, decl.random)
         if not _all_finite(v.t) and not _writes_infinity(value_node, v.t):
-            raise EvalError("E305", f"param `{decl.name}` is not finite (NaN or infinity)",
+            what = _first_not_finite(decl.name, v)
+            if decl.name in self.overrides:
+                raise EvalError("E305", f"-D {decl.name}: the value is not finite ({what})",
+                                decl.name_span, f"`{decl.name}` is declared here")
+            raise EvalError("E305", f"param `{decl.name}` is not finite ({what})",
                             value_node.span, "a param may hold infinities only where its "
-                            "expression writes `inf` (bounds such as `[1, inf]`), and NaN never")
+                            "expression writes `inf` (bounds such as `[1, inf]`), and NaN never; "
+                            "a division by zero, log(0) or an overflow makes them")
         self.names[decl.name] = v
 
     def _var(self, decl: ir.VarDecl) -> None:
@@ -459,7 +493,17 @@ class _Elaborator:
             if b.axes or (b.shape and b.shape != x0.shape):
                 raise EvalError("E301", f"a bound must be a number or have the variable's shape "
                                 f"{list(x0.shape)}, got {b.describe_shape()}", node.span)
-            bounds.append(to_real(b).expand(x0.shape).clone())
+            b = to_real(b).expand(x0.shape).clone()
+            lower_side = node is decl.lower
+            unusable = torch.isnan(b) | (b == (math.inf if lower_side else -math.inf))
+            if bool(unusable.any()):  # a NaN, or `inf` below: no number lies within
+                bad = float(b.reshape(-1)[unusable.reshape(-1)][0])
+                what = "NaN (not a number)" if math.isnan(bad) else \
+                    f"{bad:g}, which no number is {'above' if lower_side else 'below'}"
+                raise EvalError("E701", f"the {'lower' if lower_side else 'upper'} bound of "
+                                f"`{decl.name}` is {what}", node.span, "write bounds as `in "
+                                "[lower, upper]`, finite or `-inf` below and `inf` above")
+            bounds.append(b)
         lower, upper = bounds
         if lower is not None and upper is not None and bool((lower > upper).any()):
             k = int(torch.nonzero((lower > upper).reshape(-1))[0])
@@ -473,6 +517,9 @@ class _Elaborator:
             lower = upper = None
         t = to_real(x0).clone()
         if not bool(torch.isfinite(t).all()):
+            if decl.name in self.overrides:
+                raise EvalError("E305", f"-D {decl.name}: the start is not finite (NaN or "
+                                "infinity)", decl.name_span, f"`{decl.name}` is declared here")
             raise EvalError("E305", f"the initial value of `{decl.name}` is not finite",
                             decl.value.span if decl.value is not None else decl.span)
         if lower is not None or upper is not None:
@@ -882,6 +929,11 @@ class _Elaborator:
             return
         temp_item = items["temperature"]
         self._no_indices(temp_item)
+        if isinstance(temp_item.value, ir.Name) and temp_item.value.id == "auto" \
+                and "auto" not in self.names:
+            raise EvalError("E403", "`temperature = auto` is for a follower on a gym "
+                            "environment (its SAC tunes the temperature); a tabular follower "
+                            "needs a number", temp_item.value.span, "try 0.1 or 0.01")
         tau = self._number(ir.Keyword(temp_item.span, "temperature", temp_item.value), None,
                            "temperature", decl.span)
         if not tau > 0 or not math.isfinite(tau):  # reported; checking goes on with tau = 1
@@ -1205,6 +1257,15 @@ def over_next_on_transitions(P: Transitions, names: tuple[str, ...], sets: tuple
     terms = values * as_real(along)
     out = torch.zeros(P.n_states * A, dtype=terms.dtype, device=terms.device)
     return out.index_add(0, rows, terms).reshape(P.n_states, A)
+
+
+def _first_not_finite(name: str, v: Val) -> str:
+    """`b[1] is NaN`: the first entry that is not finite, and what it is."""
+    t = v.t.detach()
+    k = int(torch.nonzero(~torch.isfinite(t.reshape(-1)))[0])
+    entry = float(t.reshape(-1)[k])
+    where = f"{name}[{', '.join(map(str, np.unravel_index(k, t.shape)))}]" if t.dim() else name
+    return f"{where} is {'NaN' if math.isnan(entry) else f'{entry:g}'}"
 
 
 def _literal_numbers(node: ir.Expr | None) -> bool:

@@ -20,6 +20,7 @@ import gc
 import itertools
 import math
 import re
+import unicodedata
 from collections.abc import Callable, Iterator
 from functools import lru_cache
 from importlib import resources
@@ -383,7 +384,7 @@ class _Tables:
                     after = self.units[key] = self._after_units(key)
                 state_stack[-1] = after
             elif action is None:
-                self._unexpected(state, kind, value, loc, text, before)
+                self._unexpected(state, kind, value, loc, text, before, values)
             else:
                 self._reduce(action, state_stack, values, locs)
 
@@ -445,7 +446,7 @@ class _Tables:
             if action.__class__ is str:
                 state_stack[-1] = states[state_stack[-2]][action]
             elif action is None:
-                self._unexpected(state, "$END", "", None, text, None)
+                self._unexpected(state, "$END", "", None, text, None, values)
             else:
                 self._reduce(action, state_stack, values, locs)
 
@@ -518,10 +519,13 @@ class _Tables:
         locs.append(loc)
 
     def _unexpected(self, state: int, kind: str, value: str, loc: _Loc | None, text: str,
-                    before: _Loc | None):
-        """`before`: the previous token's location, when this token opens its line."""
+                    before: _Loc | None, values: list):
+        """`before`: the previous token's location, when this token opens its line; `values`,
+        the parse stack, whose top is the previous token's text if it was not reduced."""
         expected = {t for t in self.states[state] if t.isupper()}
-        raise _NodeError(_syntax_diagnostic(kind, value, loc, expected, text, before))
+        previous = values[-1] if values and type(values[-1]) is str else None
+        raise _NodeError(_syntax_diagnostic(kind, value, loc, expected, text, before, previous,
+                                            values))
 
 
 def _rule_info(rule) -> tuple | None:
@@ -608,10 +612,42 @@ def _with_opener(diagnostic: Diagnostic, values: list, locs: list) -> Diagnostic
 _CLOSERS = {"(": ")", "[": "]", "{": "}"}
 
 
+_CHARACTER_HINTS = {
+    ";": "a statement ends where the next one starts: no `;` is needed",
+    "&": "write `and`",
+    "|": "write `or`",
+    "!": "write `not` (and `!=` for not equal)",
+    "%": "brl has no remainder operator",
+    "'": 'strings are written in double quotes: "like this"',
+    "`": 'strings are written in double quotes: "like this"',
+    "\u201c": 'write straight double quotes: "like this"',
+    "\u201d": 'write straight double quotes: "like this"',
+    "\u2018": 'strings are written in straight double quotes: "like this"',
+    "\u2019": 'strings are written in straight double quotes: "like this"',
+    "\u2212": "write the minus sign as `-`",
+    "\u2013": "write the minus sign as `-`",
+    "\u00d7": "write multiplication as `*`",
+    "\u00f7": "write division as `/`",
+    "\u00b7": "write multiplication as `*`",
+    "\u03a3": "a sum is written `sum {i in S} ...`",
+    "\u2211": "a sum is written `sum {i in S} ...`",
+    "\u2264": "write `<=`",
+    "\u2265": "write `>=`",
+    "\u2260": "write `!=`",
+}
+
+
 def _bad_character(text: str, pos: int, loc: _Loc) -> Diagnostic:
     char = text[pos]
-    shown = char if char.isprintable() else repr(char)
-    hint = None
+    if not char.isprintable() or char.isspace():
+        name = unicodedata.name(char, "a control character").lower()
+        return Diagnostic("E100", f"unexpected invisible character U+{ord(char):04X} ({name})",
+                          ir.Span(loc[0], loc[1], loc[0], loc[1] + 1),
+                          "pasted with the text, perhaps: delete it")
+    shown = char
+    hint = _CHARACTER_HINTS.get(char)
+    if hint is None and char.isalpha():
+        hint = "names are written in ASCII letters, digits and `_`"
     if char == '"':
         # the lexer read `""` as an empty string and stopped at the third quote: the string
         # that opens here is never closed
@@ -629,8 +665,22 @@ def _bad_character(text: str, pos: int, loc: _Loc) -> Diagnostic:
                       ir.Span(loc[0], loc[1], loc[0], loc[1] + 1), hint)
 
 
+# Habits of other languages, by the token that follows the one they share with brl
+_PAIRS = {
+    ("*", "*"): "powers are written `^`: `2 ^ 3`",
+    ("/", "/"): "comments start with `#`",
+    ("<", ">"): "`not equal` is written `!=`",
+    (",", "]"): "remove the comma before the bracket",
+    (",", ")"): "remove the comma before the parenthesis",
+}
+
+
+_OPENERS = {"RPAR": "(", "RSQB": "[", "RBRACE": "{"}
+
+
 def _syntax_diagnostic(kind: str, value: str, loc: _Loc | None, expected_terminals: set[str],
-                       text: str, before: _Loc | None) -> Diagnostic:
+                       text: str, before: _Loc | None, previous: str | None,
+                       stack: list) -> Diagnostic:
     expected = _expected(expected_terminals)
     if loc is None:  # the end of the input
         lines = text.rstrip().split("\n")
@@ -670,10 +720,27 @@ def _syntax_diagnostic(kind: str, value: str, loc: _Loc | None, expected_termina
     elif kind == "CMP_OP" and "AND" in expected_terminals:  # right after `a < b`
         message = f"comparisons cannot be chained: unexpected `{shown}` after a comparison"
         hint = "join two comparisons with `and`: `lo < x and x < hi`"
+    elif (previous, value) in _PAIRS:
+        hint = _PAIRS[previous, value]
+    elif kind in _OPENERS and _OPENERS[kind] not in (v for v in stack if type(v) is str):
+        message = f"unexpected `{shown}`: no `{_OPENERS[kind]}` is open here"
+        hint = "remove it, or open the bracket where it should begin"
+    elif kind == "ON" and previous == "solve":
+        hint = "name the solver before `on`: `solve m_sobirl on cpu` (or `solve auto on cpu`)"
     elif kind != "NAME" and value.isidentifier() and "NAME" in expected_terminals \
-            and "INT" not in expected_terminals:  # a name, not an expression, was due
+            and "LPAR" not in expected_terminals:  # a name, not an expression, was due
         message = f"`{value}` is a reserved word and cannot be a name"
         hint = f"choose another name, such as `{value}_`"
+    elif kind == "COMMA" and expected_terminals == {"NAME", "RBRACE"}:
+        hint = "the parts of a block are separated by spaces or line breaks, not commas"
+    elif kind == "IN" and previous is not None and previous.isidentifier() and len(stack) > 1 \
+            and stack[-2] == "(":
+        hint = "a sum and the other reductions bind their indices in braces: " \
+            "`sum {i in S} w[i]`"
+    elif kind == "STRING" and expected_terminals == {"NAME"} and previous == "problem":
+        hint = 'a problem has a name, then a title if you like: `problem my_problem "Title"`'
+    elif kind == "ADD_OP" and previous == "seed":
+        hint = "a seed is a whole number, 0 or more"
     elif kind == "NAME" and any(t in expected_terminals for t in STATEMENT_KEYWORDS):
         keyword = did_you_mean(value, [t.lower() for t in STATEMENT_KEYWORDS])
         hint = f"{keyword} (a statement starts with a keyword)" if keyword else hint

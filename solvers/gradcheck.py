@@ -20,6 +20,7 @@ from .hypergrad import hypergradient, phi
 
 FULL_DIMENSION = 50  # every coordinate up to this many entries of x, random directions above
 N_DIRECTIONS = 10
+_ROUNDING = 1e-14  # relative error of phi solved to rounding level (a generous bound)
 
 
 @dataclass(frozen=True)
@@ -36,6 +37,12 @@ class GradcheckRow:
     # about 2 when rounding in phi dominates, and about
     # 1 when neither (a wrong hyper-gradient, or phi not differentiable at the point)
     halving_ratio: float = math.nan
+    # how far the plain central differences at step h were off, and how far rounding in phi
+    # could put them (1e-14 of |phi| or of the follower's largest |V|, which phi is computed
+    # from): an error far above that which grows when h is halved is no rounding, but phi
+    # changing on a scale below the step
+    step_error: float = math.nan
+    rounding: float = math.nan
 
 
 def default_points(problem: TabularProblem, n_random: int, seed: int) -> list[tuple[str, Tensor]]:
@@ -112,6 +119,9 @@ def gradcheck(
             grad_norm=float(torch.linalg.vector_norm(grad)),
             n_directions=directions.shape[0],
             halving_ratio=error_half / error_h if error_h > 0 else math.nan,
+            step_error=error_h,
+            rounding=_ROUNDING * max(1.0, abs(exact.objective), float(exact.V.abs().max()))
+            * float(torch.linalg.vector_norm(1.0 / steps)),
         ))
     return rows
 

@@ -77,8 +77,17 @@ def reward_vjp(x: Tensor, r: Tensor, v: Tensor) -> Tensor:
     """``J_r^T v`` for ``r = reward(x)`` built with ``x`` as a grad-requiring leaf."""
     if not r.requires_grad:
         return torch.zeros_like(x)
-    (out,) = torch.autograd.grad(r, x, grad_outputs=v, allow_unused=True)
+    if r.numel() <= _SMALL_REWARD:
+        # the gradient of <r, v>, the same numbers (its backward multiplies v by 1): torch's
+        # check of a given grad_outputs imports sympy on first use, 0.6 to 0.8 s of a small
+        # problem's solve; on a large one the extra product would cost more than that
+        (out,) = torch.autograd.grad(torch.sum(r * v.detach()), x, allow_unused=True)
+    else:
+        (out,) = torch.autograd.grad(r, x, grad_outputs=v, allow_unused=True)
     return torch.zeros_like(x) if out is None else out
+
+
+_SMALL_REWARD = 1 << 16
 
 
 def solve_lower(problem: TabularProblem, r: Tensor, V: Tensor | None, tol: float,

@@ -462,6 +462,9 @@ def estimates(problem: TabularProblem, env: Environment, points: Sequence[tuple[
     return [Estimate(g.detach(), f, l) for g, f, l in zip(grads, objectives, losses)]
 
 
+_ROLLOUTS_AT_ONCE = 1 << 20
+
+
 def sampled_q(problem: TabularProblem, env: Environment, r: Tensor, pi: Tensor, rollouts: int,
               horizon: int, generator: torch.Generator) -> Tensor:
     """Monte-Carlo soft ``Q^pi`` for every pair: ``m`` rollouts of ``H'`` steps from each.
@@ -473,10 +476,17 @@ def sampled_q(problem: TabularProblem, env: Environment, r: Tensor, pi: Tensor, 
     tau, gamma = problem.temperature, problem.discount
     r = r.detach()
     r_pi = (pi * (r - tau * _log(pi))).sum(-1)
-    starts = torch.arange(S * A, device=pi.device).repeat(rollouts)
-    tail = discounted_returns(env.lower, pi, torch.div(starts, A, rounding_mode="floor"),
-                              starts % A, horizon + 1, r_pi, gamma, generator)
-    return r + tail.view(rollouts, S, A).mean(0)
+    # at most _ROLLOUTS_AT_ONCE walk together (`q_rollouts = 10^8` grew until the kernel
+    # killed the run); the usual sizes take one batch, with the draws they always had
+    at_once = max(1, _ROLLOUTS_AT_ONCE // (S * A))
+    total = torch.zeros(S * A, dtype=r.dtype, device=r.device)
+    for done in range(0, rollouts, at_once):
+        m = min(at_once, rollouts - done)
+        starts = torch.arange(S * A, device=pi.device).repeat(m)
+        tail = discounted_returns(env.lower, pi, torch.div(starts, A, rounding_mode="floor"),
+                                  starts % A, horizon + 1, r_pi, gamma, generator)
+        total += tail.view(m, S * A).sum(0)
+    return r + (total / rollouts).view(S, A)
 
 
 def mirror_step(pi: Tensor, Q: Tensor, tau: float, rate: float) -> Tensor:

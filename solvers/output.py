@@ -177,10 +177,12 @@ def summary_table(problem: TabularProblem, result: SolveResult, meta: dict[str, 
                                 f"or the adjoint still lag x; run longer, or {advice}"))
     if (plain := _momentum_unused(result.extra.get("momentum"))) is not None:
         rows.append(("warning", plain))
-    # model-free solvers count what they asked of the oracle and the simulator
+    # model-free solvers count what they asked of the oracle (when the objective asks it) and
+    # the simulator
+    asks = "preference_loss" in problem.features
     rows += [(label, f"{result.extra[key]:,}") for key, label in
              (("queries", "preference queries"), ("transitions", "simulator transitions"))
-             if isinstance(result.extra.get(key), int)]
+             if isinstance(result.extra.get(key), int) and (asks or key != "queries")]
     rows.append(("times", ", ".join(f"{k} {v:.3g} s" for k, v in timings.items()) or "-"))
     if meta.get("out_dir") is not None:
         rows.append(("output", str(meta["out_dir"])))

@@ -53,6 +53,7 @@ class ProgressMonitor(Monitor):
         self._first: tuple[int, float] | None = None
         self._gone = False  # the reader went away (a closed terminal, `| head`): stop writing
         self._keeper, self._keep_every, self._kept = keeper, keep_every, self._start
+        self.last_kept: Callable[[], SolveResult] | None = None
 
     def update(self, iteration: int, objective: float, hypergrad_norm: float) -> None:
         """Redraw the bar (terminal) or print a line when another tenth is done (elsewhere)."""
@@ -71,6 +72,7 @@ class ProgressMonitor(Monitor):
             self._draw(self._pending)
 
     def keep(self, unfinished: Callable[[], SolveResult]) -> None:
+        self.last_kept = unfinished  # the run so far, should the next iteration fail
         if self._keeper is not None and self._clock() - self._kept >= self._keep_every:
             self._keeper(unfinished())
             self._kept = self._clock()  # a slow save does not eat into the next interval

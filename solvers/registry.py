@@ -13,6 +13,7 @@ command line prints them without a traceback.
 
 from __future__ import annotations
 
+import difflib
 import importlib
 import math
 import re
@@ -253,9 +254,11 @@ class Registry:
         spec = self._by_name.get(_normalise(name))
         if spec is None:
             known = ", ".join(f"`{n}`" for n in self.names()) or "(none registered)"
+            # matched against names and aliases, named by the solver's own name
+            close = difflib.get_close_matches(_normalise(name), list(self._by_name), n=1)
+            hint = f"; did you mean `{self._by_name[close[0]].name}`?" if close else ""
             raise UnknownSolverError(
-                f"unknown solver `{name}`{_did_you_mean(_normalise(name), self._by_name)}\n"
-                f"known solvers: {known} (or `auto`)"
+                f"unknown solver `{name}`{hint}\nknown solvers: {known} (or `auto`)"
             )
         return spec
 
@@ -408,14 +411,16 @@ def _check_type(option: Option, value: Any) -> Any:
     if option.type is float and isinstance(value, int) and type(value) is not bool:
         value, ok = float(value), True
     if not ok:
+        given = {bool: "a truth value", int: "an integer", float: "a number",
+                 str: "a string"}.get(type(value), type(value).__name__)
         raise OptionError(
             f"option `{option.name}` expects {_TYPE_WORDS[option.type]}, "
-            f"got {_show(value)} ({type(value).__name__})"
+            f"got {_given(value)}, {given}"
         )
     if option.choices is not None and value not in option.choices:
         raise OptionError(
             f"option `{option.name}` must be one of {', '.join(map(_show, option.choices))}; "
-            f"got {_show(value)}{_did_you_mean(str(value), map(str, option.choices))}"
+            f"got {_given(value)}{_did_you_mean(str(value), map(str, option.choices))}"
         )
     if isinstance(option.valid, Interval) and value not in option.valid:
         raise OptionRangeError(option, value)
@@ -462,6 +467,13 @@ def _show(value: Any) -> str:
     if isinstance(value, bool):
         return str(value).lower()
     return str(value)
+
+
+def _given(value: Any) -> str:
+    """A value the user gave, in a message: a word in backticks, or the lack of one said."""
+    if isinstance(value, str):
+        return f"`{value}`" if value else "nothing (an empty value)"
+    return _show(value)
 
 
 def _table(rows: Sequence[Sequence[str]]) -> str:

@@ -920,3 +920,50 @@ def test_compile_writes_into_a_pipe_without_replacing_it(tmp_path, capsys):
     assert code == 0, err
     assert stat.S_ISFIFO(pipe.stat().st_mode)
     assert json.loads(received[0])["node"] == "Program"
+
+
+def test_ctrl_c_while_the_command_loads_ends_it_once_loaded():
+    """Ctrl-C is held while the compiler and torch load (an interrupt inside torch's start-up
+    once aborted the process, exit 134): the command then ends, quietly, with 130."""
+    code = ("import os, signal, sys, threading\n"
+            "import brl_main\n"
+            "threading.Timer(0.1, lambda: os.kill(os.getpid(), signal.SIGINT)).start()\n"
+            "sys.argv = ['brl', 'check', 'problems/synthetic.brl']\n"
+            "sys.exit(brl_main.main())\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            timeout=120, cwd=ROOT)
+    assert result.returncode == 130 and result.stderr == "interrupted\n", result.stderr
+
+
+def test_an_internal_error_has_its_own_exit_status(tmp_path, capsys, monkeypatch):
+    """70 (a bug in brl), which a script can tell from 1 (the input) and 2 (the command line)."""
+    _solvers_raise(monkeypatch, ValueError("a bug"))
+    path = tmp_path / "p.brl"
+    path.write_text(SOLVABLE)
+    code, _, err = run(["solve", str(path), "--quiet", "--out", str(tmp_path / "run")], capsys)
+    assert code == 70 and "internal error: ValueError: a bug" in err and "BRL_DEBUG=1" in err
+
+
+def test_check_prints_a_warning_and_still_passes(tmp_path, capsys):
+    path = tmp_path / "w.brl"
+    path.write_text(SOLVABLE.replace("reward[s, a] = x[s, a]", "reward[s, a] = M.R[s, a]"))
+    code, out, err = run(["check", str(path)], capsys)
+    assert code == 0 and f"{path}: ok" in out
+    assert f"{path}:4:43: warning[W401]: the follower's reward does not depend on `x`" in err
+
+
+def test_gradcheck_tells_a_step_far_too_wide_from_rounding(tmp_path, capsys):
+    """A near-deterministic follower at a near tie: phi turns within 1e-6 of x, far inside the
+    default step. The differences then double as the step halves, as rounding noise does, but
+    far above any rounding: the advice is a much smaller step (it was a larger one)."""
+    path = tmp_path / "tie.brl"
+    path.write_text("brl 1\nmdp M = random_mdp(states = 2, actions = 3)\n"
+                    "var x[M.A] = [0.5, 0.5000002, 0.4999] in [0, 1]\n"
+                    "lower M { temperature = 1e-3  reward[s, a] = 1000 * x[a] + "
+                    "(if s == 1 then 2000 * x[a] else 0) }\n"
+                    "upper minimize (policy[0, 0] - 0.3)^2 + (policy[1, 1] - 0.6)^2\n",
+                    encoding="utf-8")
+    code, out, _ = run(["gradcheck", str(path), "--points", "0"], capsys)
+    assert code == 1 and "far above what rounding in phi could do" in out, out
+    assert "--eps 1e-08" in out
+    assert run(["gradcheck", str(path), "--points", "0", "--eps", "1e-8"], capsys)[0] == 0

@@ -246,6 +246,31 @@ def test_var_errors():
     assert diag.code == "E202" and "array" in diag.hint
 
 
+@pytest.mark.parametrize(("bounds", "column", "message"), [
+    ("[0/0, 1]", 18, "the lower bound of `x` is NaN (not a number)"),
+    ("[0, [1, 0/0]]", 21, "the upper bound of `x` is NaN (not a number)"),
+    ("[inf, inf]", 18, "the lower bound of `x` is inf, which no number is above"),
+    ("[-inf, -inf]", 24, "the upper bound of `x` is -inf, which no number is below"),
+])
+def test_a_bound_no_number_can_meet_is_located(bounds, column, message):
+    """(it passed the check, and a solve then blamed the reward, NaN at the projected x0)"""
+    diag = first(f"brl 1\nvar x[2] = 0 in {bounds}")
+    assert (diag.code, diag.message, diag.span.line, diag.span.column) == ("E701", message, 2,
+                                                                          column)
+    assert compile_ok("brl 1\nvar x[2] = 0 in [-inf, inf]").var.lower is not None
+
+
+@pytest.mark.parametrize(("define", "message"), [
+    ({"lam": "1/0"}, "-D lam: the value is not finite (lam is inf)"),
+    ({"x": "[0/0, 1]"}, "-D x: the start is not finite (NaN or infinity)"),
+])
+def test_a_define_that_is_not_finite_is_placed_at_its_declaration(define, message):
+    diag = first("brl 1\nparam lam = 0.05\nvar x[2] = 0 in [-1, 1]", overrides=define)
+    name = next(iter(define))
+    assert (diag.code, diag.message) == ("E305", message)
+    assert (diag.span.line, diag.span.column) == ((2, 7) if name == "lam" else (3, 5))
+
+
 def test_bounds_error_names_the_entry():
     diag = first("brl 1\nvar x[2, 2] = 0 in [[[0, 0], [0, 5]], 1]")
     assert diag.code == "E701" and "x[1, 1]" in diag.message and "5" in diag.message
@@ -844,3 +869,24 @@ def test_a_let_used_inside_sums_is_evaluated_once_per_evaluation(monkeypatch):
                                + "upper minimize l399\n"))
     assert float(problem.objective(torch.ones(3, 2, dtype=torch.float64),
                                    torch.full((3, 2), 0.5, dtype=torch.float64))) == 7.0
+
+
+def test_an_automatic_temperature_on_a_table_says_where_it_belongs():
+    diag = first("brl 1\nmdp M = random_mdp(states = 2, actions = 2)\nvar x[2] = 0\n"
+                 "lower M { temperature = auto  reward[s, a] = x[s] }")
+    assert diag.code == "E403" and "for a follower on a gym environment" in diag.message
+    assert (diag.span.line, diag.span.column) == (4, 25)
+
+
+def test_a_leader_who_cannot_move_the_follower_is_warned():
+    """Legal, so not refused, but a slip (M.R written for x): W401 at the reward, W501 at an
+    objective that nothing moves; none for a reward that uses x through a let."""
+    base = ("brl 1\nmdp M = random_mdp(states = 3, actions = 2)\nvar x[M.S, M.A] = 0\n"
+            "let r[s in M.S, a in M.A] = 2 * x[s, a]\n")
+    checked = compile_ok(base + "lower M { temperature = 1  reward[s, a] = M.R[s, a] }\n"
+                         "upper minimize 3\n")
+    assert [(w.code, w.severity, w.span.line, w.span.column) for w in checked.warnings] == [
+        ("W401", "warning", 5, 43), ("W501", "warning", 6, 16)]
+    checked = compile_ok(base + "lower M { temperature = 1  reward[s, a] = r[s, a] }\n"
+                         "upper minimize - value(M, policy)\n")
+    assert checked.warnings == []

@@ -192,6 +192,22 @@ def test_loaded_npy_and_csv(tmp_path):
     assert torch.allclose(problem.reward(problem.x0), torch.from_numpy(costs))
 
 
+def test_a_csv_of_one_line_or_column_fills_a_matrix_of_one_row_or_column(tmp_path):
+    (tmp_path / "col.csv").write_text("1\n2\n3\n")
+    (tmp_path / "row.csv").write_text("1,2,3\n")
+    (tmp_path / "p.brl").write_text(
+        'brl 1\nparam a[3, 1] = load("col.csv")\nparam b[1, 3] = load("row.csv")\n'
+        'param c[3] = load("col.csv")\nparam d[3] = load("row.csv")\n')
+    names = compile_file(tmp_path / "p.brl").names
+    assert names["a"].t.tolist() == [[1.0], [2.0], [3.0]] and names["b"].t.tolist() == [
+        [1.0, 2.0, 3.0]]
+    assert names["c"].t.tolist() == names["d"].t.tolist() == [1.0, 2.0, 3.0]
+    (tmp_path / "p.brl").write_text('brl 1\nparam a[1, 2] = load("col.csv")\n')
+    with pytest.raises(BrlError) as info:
+        compile_file(tmp_path / "p.brl")
+    assert [d.code for d in info.value.diagnostics] == ["E602"]
+
+
 def test_loaded_data_shape_is_checked(tmp_path):
     np.save(tmp_path / "costs.npy", np.zeros((2, 3)))
     (tmp_path / "p.brl").write_text('brl 1\nparam c[3, 2] = load("costs.npy")\n')
@@ -564,6 +580,30 @@ def test_a_long_expected_return_in_segments_has_the_same_gradient(monkeypatch):
         torch.testing.assert_close(segmented, kept, rtol=1e-12, atol=1e-12)
 
 
+def test_a_discounted_expected_return_stops_where_its_rest_is_below_rounding(monkeypatch):
+    """H = 20,000 at gamma = 0.99 takes the first 5,041 steps: the same value and gradient as
+    all 20,000, to rounding (a long horizon on a small MDP took seconds per evaluation)."""
+    from bilevel_dsl import evaluate
+
+    assert evaluate._terms_that_count(0.99, 100_000) == 5041
+    assert evaluate._terms_that_count(1.0, 100_000) == 100_000
+    assert evaluate._terms_that_count(0.0, 100_000) == 1
+    text = ("brl 1\nseed 3\nmdp M = random_mdp(states = 6, actions = 2, discount = 0.99)\n"
+            "param R[M.S, M.A] ~ normal(0, 1)\nvar x[M.S, M.A] ~ normal(0, 1)\n"
+            "lower M { temperature = 0.5  reward[s, a] = x[s, a] }\n"
+            "upper maximize expected_return(M, policy, horizon = 20000, reward = R)\n")
+    problem = lower(compile_ok(text))
+    pi = torch.softmax(torch.randn(6, 2, generator=torch.Generator().manual_seed(1),
+                                   dtype=DT), -1).requires_grad_(True)
+    results = []
+    for count in (evaluate._terms_that_count, lambda gamma, horizon: horizon):
+        monkeypatch.setattr(evaluate, "_terms_that_count", count)
+        f = problem.objective(problem.x0, pi)
+        results.append((f, *torch.autograd.grad(f, pi)))
+    for stopped, whole in zip(*results):
+        torch.testing.assert_close(stopped, whole, rtol=1e-14, atol=1e-14)
+
+
 TABLE = """brl 1
 set Cell = 1..60
 mdp chain = table {
@@ -652,3 +692,48 @@ def test_lets_read_along_transitions_in_several_orders_keep_their_own_numbers():
         diagonal = w[torch.arange(S), :, torch.arange(S)]
         assert float(problem.objective(x.detach(), pi)) == pytest.approx(
             float((x.detach() ** 2).sum() + (pi * diagonal).sum() / 1000), rel=1e-12)
+
+
+def _gather_by_expanding(base, pos):
+    """The selection as brl made it before: base expanded over every axis, then torch.gather
+    (a gradient the size of the expansion)."""
+    from bilevel_dsl.evaluate import expand_axes
+    from bilevel_dsl.values import Val
+
+    axes = list(base.axes) + [a for a in pos.axes if a not in base.axes]
+    sizes = {}
+    for v in (base, pos):
+        for i, a in enumerate(v.axes):
+            sizes[a] = max(sizes.get(a, 1), v.t.shape[i])
+    b = expand_axes(base, tuple(axes), sizes)
+    p = expand_axes(Val(pos.t, pos.axes), tuple(axes), sizes)
+    rest = base.shape[1:]
+    p = p.reshape((*p.shape, *([1] * (len(rest) + 1)))).expand((*p.shape, 1, *rest))
+    return torch.gather(b, len(axes), p).squeeze(len(axes))
+
+
+def test_indexing_by_index_arrays_selects_rows_with_a_gradient_of_the_tables_size():
+    """x[s1[i, h], a1[i, h]]: the selection's value and gradient against the expanding gather
+    it replaced, over random layouts of shared, new and broadcast axes and trailing dims."""
+    from bilevel_dsl.evaluate import _gather
+    from bilevel_dsl.values import Val
+
+    rng = torch.Generator().manual_seed(4)
+    names = ["i", "j", "k"]
+    for case in range(200):
+        sizes = {a: int(torch.randint(1, 4, (1,), generator=rng)) for a in names}
+        base_axes = tuple(a for a in names if torch.rand(1, generator=rng) < 0.5)
+        pos_axes = tuple(a for a in names if torch.rand(1, generator=rng) < 0.6) or ("k",)
+        indexed, rest = 5, tuple(int(n) for n in torch.randint(1, 3, (case % 3,), generator=rng))
+        shape = [1 if torch.rand(1, generator=rng) < 0.2 else sizes[a] for a in base_axes]
+        table = torch.randn(*shape, indexed, *rest, generator=rng, dtype=DT,
+                            requires_grad=True)
+        where = torch.randint(0, indexed, [sizes[a] for a in pos_axes], generator=rng)
+        base, pos = Val(table, base_axes), Val(where, pos_axes, (), "int")
+        mine = _gather(base, pos)
+        theirs = _gather_by_expanding(base, pos)
+        assert torch.equal(mine.t, theirs), case
+        weights = torch.randn(theirs.shape, generator=rng, dtype=DT)
+        (g_mine,) = torch.autograd.grad((mine.t * weights).sum(), table)
+        (g_theirs,) = torch.autograd.grad((theirs * weights).sum(), table)
+        torch.testing.assert_close(g_mine, g_theirs, rtol=1e-13, atol=1e-13)

@@ -211,7 +211,11 @@ def test_same_seed_same_estimate():
     assert torch.equal(a, b) and not torch.equal(a, c)
 
 
-def test_sampled_q_and_mirror_step():
+@pytest.mark.parametrize("at_once", [1 << 20, 30])
+def test_sampled_q_and_mirror_step(monkeypatch, at_once):
+    """(`at_once`: rollouts walked together; 30 walks the 4,000 rollouts of 10 pairs three at
+    a time, as a huge q_rollouts is, so that its memory stays bounded)"""
+    monkeypatch.setattr(modelfree, "_ROLLOUTS_AT_ONCE", at_once)
     problem = return_problem()
     r = problem.reward(problem.x0).detach()
     pi = torch.softmax(torch.randn(5, 2, generator=torch.Generator().manual_seed(0),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import math
@@ -236,10 +237,14 @@ def test_summary_table_shows_model_free_counts() -> None:
     x = torch.zeros(4, dtype=torch.float64)
     result = fake_result(x)
     result.extra.update(queries=1280, transitions=3_500_000)
-    table = summary_table(grid_problem(x), result, META)
+    problem = dataclasses.replace(grid_problem(x), features=frozenset({"preference_loss"}))
+    table = summary_table(problem, result, META)
     rows = {line.split("  ")[0]: line for line in table.splitlines()}
     assert rows["preference queries"].split()[-1] == "1,280"
     assert rows["simulator transitions"].split()[-1] == "3,500,000"
+    # an objective that asks no preferences (expected_return) has no count of them to show
+    table = summary_table(grid_problem(x), result, META)
+    assert "preference queries" not in table and "simulator transitions" in table
 
 
 @pytest.mark.parametrize("solver", ["m_sobirl", "exact"])

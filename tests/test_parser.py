@@ -14,7 +14,7 @@ import re
 import pytest
 import torch
 from conftest import DOCS, PROBLEMS, brl_blocks, codes, compile_ok, diagnostics, param, value
-from lark import Lark
+from lark import Lark, Token
 from lark.exceptions import UnexpectedCharacters, UnexpectedToken
 
 from bilevel_dsl import BrlError, compile_source, ir, parse_expression, parse_source
@@ -621,7 +621,8 @@ def test_a_byte_order_mark_is_ignored_without_shifting_columns():
     assert [(d.code, d.span.line, d.span.column) for d in found] == [("E201", 1, 17)]
     with pytest.raises(BrlError) as info:
         parse(" \ufeffbrl 1")  # only a leading mark is one
-    assert info.value.diagnostics[0].message == "unexpected character `'\\ufeff'`"
+    assert info.value.diagnostics[0].message == (
+        "unexpected invisible character U+FEFF (zero width no-break space)")
     with pytest.raises(BrlError) as info:
         parse("\ufeffbrl 2")
     assert info.value.render().split("\n")[:3] == [
@@ -658,7 +659,12 @@ def _lark_outcome(lark, text: str, start: str):
                 if previous:
                     t = previous[-1]
                     before = (t.line, t.column, t.end_line, t.end_column)
-        return _syntax_diagnostic(token.type, str(token), loc, set(exc.expected), text, before)
+        # the parse stack as the driver holds it: a token not yet reduced is its text
+        stack = [str(v) if isinstance(v, Token) else v
+                 for v in exc.interactive_parser.parser_state.value_stack]
+        previous = stack[-1] if stack and type(stack[-1]) is str else None
+        return _syntax_diagnostic(token.type, str(token), loc, set(exc.expected), text, before,
+                                  previous, stack)
     return None
 
 
@@ -853,3 +859,36 @@ def test_the_nesting_limit_counts_the_expression_alone_and_points_at_it():
     compile_ok("brl 1\nparam a = " + "(" * 200 + "1" + ")" * 200 + "\n")
     found = diagnostics("brl 1\nparam a = " + "(" * 201 + "1" + ")" * 201 + "\n")
     assert found[0].code == "E902" and (found[0].span.line, found[0].span.column) == (2, 11)
+
+
+@pytest.mark.parametrize(("body", "message", "hint"), [
+    ("param a = 2 ** 3", "unexpected `*`", "powers are written `^`"),
+    ("param a = 2;", "unexpected character `;`", "no `;` is needed"),
+    ("param a = 2   // the price", "unexpected `/`", "comments start with `#`"),
+    ("param a = 1\ncheck a > 0 && a < 2", "unexpected character `&`", "write `and`"),
+    ("param q = !1", "unexpected character `!`", "write `not`"),
+    ("param q = 1 <> 2", "unexpected `>`", "`not equal` is written `!=`"),
+    ("param q = 5 % 2", "unexpected character `%`", "no remainder operator"),
+    ("mdp M = random_mdp(states = 2, actions = 2)\nlower M { temperature = 0.5, reward[s, a] "
+     "= 0 }", "unexpected `,`", "separated by spaces or line breaks, not commas"),
+    ("set S = 0..2\nparam a = sum(i in S) i", "unexpected `in`", "`sum {i in S} w[i]`"),
+    ("param w[3] = [1, 2, 3,]", "unexpected `]`", "remove the comma"),
+    ("param m = max(1, 2,)", "unexpected `)`", "remove the comma"),
+    ('problem "my problem"', 'unexpected `"my problem"`', "`problem my_problem \"Title\"`"),
+    ("problem p \u201cmy title\u201d", "unexpected character `\u201c`", "straight double quotes"),
+    ("param \u03bb = 0.05", "unexpected character `\u03bb`", "ASCII letters, digits and `_`"),
+    ("param a = \u22121", "unexpected character `\u2212`", "write the minus sign as `-`"),
+    ("param lam\u200b = 0.05", "unexpected invisible character U+200B (zero width space)",
+     "delete it"),
+    ("param lam\u00a0= 0.05", "unexpected invisible character U+00A0 (no-break space)",
+     "delete it"),
+    ("seed -1", "unexpected `-`", "a seed is a whole number"),
+    ("solve on cpu", "unexpected `on`", "`solve m_sobirl on cpu`"),
+    ("set A = {on, off}", "`on` is a reserved word and cannot be a name", "`on_`"),
+    ("param q = 'a'", "unexpected character `'`", 'double quotes: "like this"'),
+    ("param q = 1)", "unexpected `)`: no `(` is open here", "remove it"),
+    ("param q = [1, 2]]", "unexpected `]`: no `[` is open here", "remove it"),
+])
+def test_habits_of_other_languages_get_a_hint(body, message, hint):
+    diag = diagnostics("brl 1\n" + body)[0]
+    assert diag.code == "E100" and diag.message == message and hint in diag.hint, diag

@@ -129,6 +129,9 @@ def test_unknown_solver_suggests_and_lists(registry: Registry) -> None:
     assert "did you mean `m_sobirl`?" in message
     for name in ("m_sobirl", "exact", "drlhf"):
         assert f"`{name}`" in message
+    with pytest.raises(UnknownSolverError) as info:
+        registry.get("msobril")  # closest to the alias `msobirl`: the solver's name is shown
+    assert "did you mean `m_sobirl`?" in str(info.value)
 
 
 def test_duplicate_name_or_alias_is_refused(registry: Registry) -> None:
@@ -187,7 +190,7 @@ def test_validate_options_fills_defaults_and_types(registry: Registry) -> None:
     ("options", "expected"),
     [
         ({"outer": 1.5}, "`outer` expects an integer, got 1.5"),
-        ({"outer": True}, "`outer` expects an integer, got true (bool)"),
+        ({"outer": True}, "`outer` expects an integer, got true, a truth value"),
         ({"beta": "big"}, "`beta` expects a number"),
         ({"beta": False}, "`beta` expects a number"),
         ({"warm_start": 1}, "`warm_start` expects true or false"),
@@ -228,7 +231,7 @@ def test_parse_option_value_good(registry: Registry, name: str, text: str, value
         ("outer", "none", "option `outer` expects an integer, got `none`"),
         ("beta", "fast", "option `beta` expects a number, got `fast`"),
         ("warm_start", "maybe", "option `warm_start` expects true or false, got `maybe`"),
-        ("method", "lu", "option `method` must be one of direct, gmres; got lu"),
+        ("method", "lu", "option `method` must be one of direct, gmres; got `lu`"),
     ],
 )
 def test_parse_option_value_bad(registry: Registry, name: str, text: str, expected: str) -> None:

@@ -177,7 +177,7 @@ def test_force_keeps_the_old_run_until_the_new_one_saves(tmp_path, capsys, monke
 
     monkeypatch.setattr(solvers, "resolve", failing)
     code, _, err = _solve(tmp_path, capsys, "--force", "--out", str(out))
-    assert code == 2 and "ZeroDivisionError" in err
+    assert code == 70 and "ZeroDivisionError" in err
     assert "the run it was to replace is kept" in err
     assert (out / "result.json").read_text() == old
     assert sorted(p.name for p in out.iterdir()) == ["curve.png", "result.json"]
@@ -326,3 +326,37 @@ def test_nohup_keeps_a_run_going_through_a_hang_up(tmp_path):
     _, err = process.communicate(timeout=300)
     assert process.returncode == 0, err
     assert _record(out)["stopped_because"] == "max_iterations"
+
+
+def test_a_run_that_fails_in_mid_course_keeps_the_iterations_it_finished(tmp_path, capsys):
+    """An index that follows the variable is whole at x0 and fractional a few steps on: the
+    run fails there, and its folder keeps what came before (stopped_because `failed`), from
+    which --resume goes on once the file is mended."""
+    path, out = tmp_path / "p.brl", tmp_path / "run"
+    failing = PROBLEM.replace("upper minimize 0.5 * norm2(x)", "param w[2] = [1, 2]\nupper "
+                              "minimize w[if x[0, 0] > 0.05 then x[0, 0] else 0] + norm2(x - 1)")
+    assert failing != PROBLEM
+    path.write_text(failing)
+    code, _, err = _solve(tmp_path, capsys, "--solver", "exact", "--set", "outer=50",
+                          "--set", "beta=0.01", "--out", str(out))
+    record = _record(out)
+    assert code == 1 and record["stopped_because"] == "failed", err
+    assert 0 < record["iterations"] < 50 and len(record["history"]["objective"]) > 1
+    assert record["extra"]["failure"].startswith("error[E305]: an index must be an integer")
+    assert f"the run failed after iteration {record['iterations']}, which {out} keeps" in err
+    assert "it follows the variable `x`" in err and (out / "curve.png").exists()
+    path.write_text(failing.replace("then x[0, 0] else 0", "then 1 else 0"))
+    code, _, err = _solve(tmp_path, capsys, "--resume", str(out))
+    assert code == 0 and _record(out)["iterations"] == 50, err
+
+
+def test_resume_refuses_a_solver_the_file_now_names(tmp_path, capsys):
+    path, out = tmp_path / "p.brl", tmp_path / "run"
+    path.write_text(PROBLEM + "solve m_sobirl(outer = 3)\n")
+    assert _solve(tmp_path, capsys, "--out", str(out))[0] == 0
+    path.write_text(PROBLEM + "solve exact(outer = 6)\n")
+    code, _, err = _solve(tmp_path, capsys, "--resume", str(out))
+    assert code == 1 and "saved with solver m_sobirl" in err and "--solver m_sobirl" in err, err
+    code, _, err = _solve(tmp_path, capsys, "--resume", str(out), "--solver", "m_sobirl",
+                          "--set", "outer=6")
+    assert code == 0 and _record(out)["iterations"] == 6, err
