@@ -17,7 +17,9 @@ def main() -> int:
     received: list[int] = []
     previous = None
     try:
-        if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:  # (ignored: it stays so)
+        current = signal.getsignal(signal.SIGINT)
+        # ignored, it stays so; a handler installed from C (None) could not be put back
+        if current is not None and current is not signal.SIG_IGN:
             previous = signal.signal(signal.SIGINT, lambda signum, _: received.append(signum))
     except ValueError:  # not the main thread: signals are not ours to hold
         pass

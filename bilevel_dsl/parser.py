@@ -1156,8 +1156,8 @@ def _scan_numbers(text: str, pos: int, level: int = 1) -> tuple[tuple, int, int]
         most_signs = 0
         for signs, number in _NUMBER_IN_ROW.findall(row.group()):
             value = float(number)
-            if value == math.inf:
-                return None  # too large: the tables' error names it
+            if value == math.inf or (len(number) >= 309 and number.isdigit()):
+                return None  # too large (as _integer has it): the tables' error names it
             if signs:
                 minus = signs.count("-")
                 most_signs = max(most_signs, minus + signs.count("+"))

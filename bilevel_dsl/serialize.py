@@ -143,7 +143,20 @@ def _from_json(text: str) -> ir.Program:
     except RecursionError:
         raise IRFormatError("not a brl IR document (nested too deeply)") from None
     assert isinstance(program, ir.Program)
+    if version < 2 and any(type(node) is ir.NumberArray for node in ir.walk(program)):
+        raise IRFormatError("a NumberArray in an IR document of version 1, which has none")
     return ir.with_features(program)  # what the objective uses, recomputed
+
+
+def _finite(value: int | float, path: str) -> float:
+    """A number of the IR: finite, as brl's literals are (`inf` is a name)."""
+    try:
+        number = float(value)
+    except OverflowError:  # an integer of hundreds of digits
+        number = math.inf
+    if not math.isfinite(number):
+        raise IRFormatError(f"{path}: {str(value)[:20]} is not a finite number")
+    return number
 
 
 def _no_constant(name: str) -> None:
@@ -177,7 +190,7 @@ def _build(data: Any, hint: Any, path: str) -> Any:
         if item_hint is float:  # a NumberArray's numbers: one check for all of them
             if not all(type(v) is float or type(v) is int for v in data):
                 raise IRFormatError(f"{path}: expected a list of numbers")
-            return tuple(map(float, data))
+            return tuple(_finite(v, path) for v in data)
         return tuple(_build(item, item_hint, f"{path}[{i}]") for i, item in enumerate(data))
     if isinstance(hint, type) and dataclasses.is_dataclass(hint):
         if not isinstance(data, dict) or data.get("node") != hint.__name__:
@@ -203,11 +216,14 @@ def _build(data: Any, hint: Any, path: str) -> Any:
                 or math.prod(kwargs["shape"]) != len(kwargs["values"])):
             raise IRFormatError(f"{path}: a NumberArray's shape {list(kwargs['shape'])} does "
                                 f"not hold its {len(kwargs['values'])} values")
+        if hint in (ir.Number, ir.NumberArray) and kwargs["is_integer"] and not all(
+                v.is_integer() for v in (kwargs.get("values") or (kwargs.get("value"),))):
+            raise IRFormatError(f"{path}: is_integer, but a value is not a whole number")
         return hint(**kwargs)
     if hint is float:
         if isinstance(data, bool) or not isinstance(data, (int, float)):
             raise IRFormatError(f"{path}: expected a number")
-        return float(data)
+        return _finite(data, path)
     if hint in (int, str, bool):
         if type(data) is not hint:
             raise IRFormatError(f"{path}: expected {hint.__name__}")

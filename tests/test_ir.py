@@ -199,6 +199,13 @@ def test_from_json_checks_a_number_array_and_reads_version_1():
                 {**document["statements"][0], "value": {**table, field: bad}}]}))
     with pytest.raises(IRFormatError, match="NaN"):
         from_json(json.dumps(document).replace("4.0", "NaN"))
+    for bad in ("1" + "0" * 400, "1e400"):  # an integer no float holds; an overflow to inf
+        with pytest.raises(IRFormatError, match="not a finite number"):
+            from_json(json.dumps(document).replace("4.0", bad))
+    with pytest.raises(IRFormatError, match="is_integer"):
+        from_json(json.dumps(document).replace("4.0", "4.5"))
+    with pytest.raises(IRFormatError, match="version 1"):
+        from_json(json.dumps({**document, "ir_version": 1}))
     # version 1, which wrote every number as a node, is version 2 without NumberArray
     version_1 = {**document, "ir_version": 1, "statements": [
         {**document["statements"][0], "value": to_dict(ir.ArrayLiteral(

@@ -733,6 +733,9 @@ def _array_texts(count: int) -> list[str]:
         out += ["brl 1\nparam p = " + "-" * signs + written for signs in range(170, 205, 3)]
     out += ["brl 1\nparam p = " + "[" * levels + "-1" + "]" * levels
             for levels in (49, 50, 51, 99, 100, 101, 5000)]
+    # integers of 309 digits and more are too large for the tables, whatever their value
+    out += ["brl 1\nparam p = [" + "0" * 310 + "1]", "brl 1\nparam p = [1" + "0" * 308 + ", 2]",
+            "brl 1\nparam p = [1" + "0" * 307 + ", 2]"]
     return out
 
 
