@@ -558,18 +558,26 @@ def test_a_chain_of_thousands_of_lets_neither_recurses_nor_repeats():
     assert torch.allclose(problem.reward(x), x * (1 + 0.001 * links))
 
 
+def _expected_return_problem(mdp: str, horizon: int, more: str = ""):
+    """A problem whose objective is expected_return over `horizon` steps at discount 0.99, and
+    a random policy of the MDP's shape that gradients are taken with respect to."""
+    text = (f"brl 1\nseed 3\nmdp M = random_mdp({mdp}, discount = 0.99)\n"
+            "param R[M.S, M.A] ~ normal(0, 1)\nvar x[M.S, M.A] ~ normal(0, 1)\n"
+            "lower M { temperature = 0.5  reward[s, a] = x[s, a] }\n"
+            f"upper maximize expected_return(M, policy, horizon = {horizon}, reward = R){more}\n")
+    problem = lower(compile_ok(text))
+    pi = torch.softmax(torch.randn(problem.n_states, problem.n_actions, dtype=DT,
+                                   generator=torch.Generator().manual_seed(1)), -1)
+    return problem, pi.requires_grad_(True)
+
+
 def test_a_long_expected_return_in_segments_has_the_same_gradient(monkeypatch):
     """Past 1 GiB of kept steps, expected_return's steps go in checkpointed segments of about
     sqrt(H): the same value and gradient as keeping every step."""
     from bilevel_dsl import evaluate
 
-    text = ("brl 1\nseed 3\nmdp M = random_mdp(states = 40, actions = 3, successors = 4, "
-            "discount = 0.99)\nparam R[M.S, M.A] ~ normal(0, 1)\nvar x[M.S, M.A] ~ normal(0, 1)\n"
-            "lower M { temperature = 0.5  reward[s, a] = x[s, a] }\n"
-            "upper maximize expected_return(M, policy, horizon = 500, reward = R) - norm2(x)\n")
-    problem = lower(compile_ok(text))
-    pi = torch.softmax(torch.randn(40, 3, generator=torch.Generator().manual_seed(1),
-                                   dtype=DT), -1).requires_grad_(True)
+    problem, pi = _expected_return_problem("states = 40, actions = 3, successors = 4", 500,
+                                           " - norm2(x)")
     results = []
     for limit in (1 << 30, 0):  # every step kept; segments
         monkeypatch.setattr(evaluate, "_SEGMENT_ABOVE_BYTES", limit)
@@ -588,13 +596,7 @@ def test_a_discounted_expected_return_stops_where_its_rest_is_below_rounding(mon
     assert evaluate._terms_that_count(0.99, 100_000) == 5041
     assert evaluate._terms_that_count(1.0, 100_000) == 100_000
     assert evaluate._terms_that_count(0.0, 100_000) == 1
-    text = ("brl 1\nseed 3\nmdp M = random_mdp(states = 6, actions = 2, discount = 0.99)\n"
-            "param R[M.S, M.A] ~ normal(0, 1)\nvar x[M.S, M.A] ~ normal(0, 1)\n"
-            "lower M { temperature = 0.5  reward[s, a] = x[s, a] }\n"
-            "upper maximize expected_return(M, policy, horizon = 20000, reward = R)\n")
-    problem = lower(compile_ok(text))
-    pi = torch.softmax(torch.randn(6, 2, generator=torch.Generator().manual_seed(1),
-                                   dtype=DT), -1).requires_grad_(True)
+    problem, pi = _expected_return_problem("states = 6, actions = 2", 20000)
     results = []
     for count in (evaluate._terms_that_count, lambda gamma, horizon: horizon):
         monkeypatch.setattr(evaluate, "_terms_that_count", count)
