@@ -441,9 +441,12 @@ class _Elaborator:
                         and _literal_numbers(decl.value)):
                     hint = (f"`{decl.name}` is declared with whole numbers, so it is an integer: "
                             "write them with a decimal point (`1.0`) to allow others")
-                got = f"{v.describe_shape()} of kind {v.kind}" if v.shape != original.shape \
-                    else f"{'real numbers' if original.shape else 'a real number'}" \
-                    if v.kind == "real" else f"values of kind {v.kind}"
+                if v.shape != original.shape:
+                    got = f"{v.describe_shape()} of kind {v.kind}"
+                elif v.kind == "real":
+                    got = "real numbers" if original.shape else "a real number"
+                else:
+                    got = f"values of kind {v.kind}"
                 raise EvalError("E305", f"-D {decl.name}: expected {kind}{shape}, got {got}",
                                 decl.name_span, hint)
         else:
