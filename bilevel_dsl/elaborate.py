@@ -249,6 +249,17 @@ class _Elaborator:
                 f"every `{name}` is as good as any other", objective.span,
                 "use the variable, or `value(M, policy)` and the other policy functionals",
                 severity="warning"))
+        lets = [v.decl.value for v in self.names.values() if isinstance(v, LetDef)]
+        for root in (reward, objective, *lets):
+            for node in ir.walk(root):
+                moving = [i for i in getattr(node, "indices", ()) if id(i) in varying] \
+                    if type(node) is ir.Index else []
+                if moving:  # checked at x0, where it may be whole; a step later it is not
+                    found.append(Diagnostic(
+                        "W402", f"this index follows `{name}` (or the policy), whose values "
+                        "change during a solve and need not be whole numbers", moving[0].span,
+                        "index with params or set elements, and let the variable weigh the "
+                        "entries instead (`sum {i in I} w[i] * ...`)", severity="warning"))
         return found
 
     def _only_one(self, stmt: ir.Statement, first: ir.Span) -> None:

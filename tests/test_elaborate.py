@@ -890,3 +890,9 @@ def test_a_leader_who_cannot_move_the_follower_is_warned():
     checked = compile_ok(base + "lower M { temperature = 1  reward[s, a] = r[s, a] }\n"
                          "upper minimize - value(M, policy)\n")
     assert checked.warnings == []
+    # an index that follows x: whole at x0, fractional a step later (a run then fails)
+    checked = compile_ok(base + "param w[3] = [1, 2, 3]\n"
+                         "lower M { temperature = 1  reward[s, a] = r[s, a] }\n"
+                         "upper minimize w[if x[0, 0] > 1 then x[0, 0] else 0] - "
+                         "value(M, policy)\n")
+    assert [(w.code, w.span.line, w.span.column) for w in checked.warnings] == [("W402", 7, 18)]
