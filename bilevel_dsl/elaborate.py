@@ -435,6 +435,14 @@ class _Elaborator:
         except Cascade:
             raise
         except EvalError as err:
+            missing = err.message.split("`")[1] if err.message.startswith(
+                "undefined name `") else None
+            later = self.all_names.get(missing) if missing is not None else None
+            if later is not None and later.line >= decl.name_span.line:
+                raise EvalError("E203", f"-D {decl.name}: `{missing}` is declared on line "
+                                f"{later.line}, after `{decl.name}`", decl.name_span,
+                                f"a -D value may use only what is declared before "
+                                f"`{decl.name}`") from None
             raise EvalError(err.code, f"-D {decl.name}: {err.message}", decl.name_span,
                             err.hint) from None
 

@@ -271,6 +271,13 @@ def test_a_define_that_is_not_finite_is_placed_at_its_declaration(define, messag
     assert (diag.span.line, diag.span.column) == ((2, 7) if name == "lam" else (3, 5))
 
 
+def test_a_define_using_a_later_name_says_so():
+    diag = first("brl 1\nparam lam = 0.05\nparam later = 2", overrides={"lam": "later"})
+    assert (diag.code, diag.message) == ("E203", "-D lam: `later` is declared on line 3, "
+                                                 "after `lam`")
+    assert first("brl 1\nparam lam = 0.05", overrides={"lam": "nowhere"}).code == "E201"
+
+
 def test_bounds_error_names_the_entry():
     diag = first("brl 1\nvar x[2, 2] = 0 in [[[0, 0], [0, 5]], 1]")
     assert diag.code == "E701" and "x[1, 1]" in diag.message and "5" in diag.message
