@@ -521,11 +521,9 @@ class _Tables:
     def _unexpected(self, state: int, kind: str, value: str, loc: _Loc | None, text: str,
                     before: _Loc | None, values: list):
         """`before`: the previous token's location, when this token opens its line; `values`,
-        the parse stack, whose top is the previous token's text if it was not reduced."""
+        the parse stack."""
         expected = {t for t in self.states[state] if t.isupper()}
-        previous = values[-1] if values and type(values[-1]) is str else None
-        raise _NodeError(_syntax_diagnostic(kind, value, loc, expected, text, before, previous,
-                                            values))
+        raise _NodeError(_syntax_diagnostic(kind, value, loc, expected, text, before, values))
 
 
 def _rule_info(rule) -> tuple | None:
@@ -679,8 +677,10 @@ _OPENERS = {"RPAR": "(", "RSQB": "[", "RBRACE": "{"}
 
 
 def _syntax_diagnostic(kind: str, value: str, loc: _Loc | None, expected_terminals: set[str],
-                       text: str, before: _Loc | None, previous: str | None,
-                       stack: list) -> Diagnostic:
+                       text: str, before: _Loc | None, stack: list) -> Diagnostic:
+    """`stack`: the parse stack, whose top is the previous token's text if it was not
+    reduced (what some hints look at)."""
+    previous = stack[-1] if stack and type(stack[-1]) is str else None
     expected = _expected(expected_terminals)
     if loc is None:  # the end of the input
         lines = text.rstrip().split("\n")

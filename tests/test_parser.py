@@ -662,9 +662,8 @@ def _lark_outcome(lark, text: str, start: str):
         # the parse stack as the driver holds it: a token not yet reduced is its text
         stack = [str(v) if isinstance(v, Token) else v
                  for v in exc.interactive_parser.parser_state.value_stack]
-        previous = stack[-1] if stack and type(stack[-1]) is str else None
         return _syntax_diagnostic(token.type, str(token), loc, set(exc.expected), text, before,
-                                  previous, stack)
+                                  stack)
     return None
 
 
