@@ -1017,7 +1017,22 @@ def _reduction(node: ir.Reduction, scope: Scope) -> Val:
             Binding(binder.name, domain, scope.device),
         )
         names.append(binder.name)
-    body = evaluate_val(node.body, inner)
+    if node.op == "sum" and node.where is None and _is_product(node.body, inner.constants):
+        nodes = _product_factors(node.body, inner.constants)
+        found = _transition_factor(nodes, names, inner)
+        factors = [None if found and k == found[0] else evaluate_val(f, inner)
+                   for k, f in enumerate(nodes)]
+        if found:
+            summed = _expect_over_next(found[1], nodes[found[0]], factors, inner)
+            if summed is not None:
+                return summed
+            factors[found[0]] = evaluate_val(nodes[found[0]], inner)
+        summed = _contract(factors, names, inner)
+        if summed is not None:
+            return summed
+        body = _multiply(node.body, iter(factors), inner.constants)
+    else:
+        body = evaluate_val(node.body, inner)
     cond = None if node.where is None else evaluate_val(node.where, inner)
     if cond is not None and cond.dims:
         raise EvalError("E301", "a filter must be one true/false value per element",
@@ -1072,6 +1087,108 @@ def _reduction(node: ir.Reduction, scope: Scope) -> Val:
         out = torch.logsumexp(t.flatten(len(keep), len(axes) - 1), dim=len(keep))
     kind = body.kind if op in ("sum", "max", "min", "prod") and body.kind != "bool" else "real"
     return Val(out, keep, body.dims, kind)
+
+
+def _is_product(node: ir.Expr, cache: ConstantCache | None) -> bool:
+    """Whether `node` is a product that ``_contract`` may sum without building it: one that
+    can change with x or pi (a constant one is computed once and kept, so it is left whole)."""
+    return (type(node) is ir.Binary and node.op == "*"
+            and (cache is None or id(node) in cache.varying))
+
+
+def _product_factors(node: ir.Expr, cache: ConstantCache | None) -> list[ir.Expr]:
+    """The factors of a product, left to right (the order in which `_binary` evaluates them);
+    a constant sub-product is one factor, so that it stays cached."""
+    factors, pending = [], [node]
+    while pending:
+        top = pending.pop()
+        if _is_product(top, cache):
+            pending += (top.right, top.left)
+        else:
+            factors.append(top)
+    return factors
+
+
+def _multiply(node: ir.Expr, factors: Iterator[Val], cache: ConstantCache | None) -> Val:
+    """The product of already evaluated factors, link by link as `_binary` would build it
+    (same spans in its errors)."""
+    if not _is_product(node, cache):
+        return next(factors)
+    left = _multiply(node.left, factors, cache)
+    return _binary_values(node, left, _multiply(node.right, factors, cache))
+
+
+_AXIS_LETTERS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
+
+
+def _contract(factors: list[Val], names: list[str], scope: Scope) -> Val | None:
+    """`sum {names} f1 * ... * fn` as one einsum: the product over every index at once is
+    never built (``sum {t} P[s, a, t] * c[t]`` is a matrix-vector product, not an
+    (S, A, S) table then a sum). None where this does not apply: arrays with dimensions of
+    their own, an index that no factor uses, a product too large to be allowed."""
+    if any(f.dims for f in factors):
+        return None
+    sizes: dict[str, int] = {}
+    for f in factors:
+        for a, n in zip(f.axes, f.t.shape):
+            sizes[a] = max(sizes.get(a, 1), n)
+    if len(sizes) > len(_AXIS_LETTERS) or math.prod(sizes.values()) > MAX_TERMS or any(
+            sizes.get(n) != scope.indices[n].set.size for n in names):
+        return None  # the product's own path says what is wrong, or counts a missing index
+    letter = dict(zip(sizes, _AXIS_LETTERS))
+    keep = tuple(a for a in sizes if a not in names)
+    spec = ",".join("".join(letter[a] for a in f.axes) for f in factors)
+    out = torch.einsum(f"{spec}->{''.join(letter[a] for a in keep)}",
+                       *(as_real(f.t) for f in factors))
+    kind = "int" if all(f.kind == "int" for f in factors) else "real"
+    return Val(out, keep, (), kind)
+
+
+def _transition_factor(factors: list[ir.Expr], names: list[str], scope: Scope
+                       ) -> tuple[int, MdpValue] | None:
+    """Where `sum {t in M.S} ... * M.P[s, a, t] * ...` has its factor `M.P[s, a, t]` (with
+    `s`, `a` bound outside the sum to M's states and actions, whole): its position and `M`."""
+    if len(names) != 1:
+        return None
+    for k, f in enumerate(factors):
+        if not (type(f) is ir.Index and type(f.base) is ir.Attribute and f.base.attr == "P"
+                and type(f.base.base) is ir.Name and len(f.indices) == 3
+                and all(type(i) is ir.Name for i in f.indices)):
+            continue
+        ids = [i.id for i in f.indices]
+        mdp = scope.names.get(f.base.base.id) if f.base.base.id not in scope.indices else None
+        bindings = [scope.indices.get(i) for i in ids]
+        if (ids[2] == names[0] and ids[0] != ids[1] and names[0] not in ids[:2]
+                and isinstance(mdp, MdpValue)
+                and all(b is not None and b.at is None for b in bindings)
+                and bindings[0].set is mdp.states and bindings[1].set is mdp.actions
+                and bindings[2].set is mdp.states):
+            return k, mdp
+    return None
+
+
+def _expect_over_next(mdp: MdpValue, p_node: ir.Index, factors: list[Val | None],
+                      scope: Scope) -> Val | None:
+    """`sum {t in M.S} M.P[s, a, t] * f(t) * g(s, a)` as ``P.expect(f) * g``: one product
+    with P as it is stored (sparse on large MDPs), not the (S, A, S) table (which large MDPs
+    cannot index entry by entry). None unless the factors in `t` leave `s` and `a` alone."""
+    s, a, t = (scope.indices[i.id].axis for i in p_node.indices)
+    others = [f for f in factors if f is not None]
+    if any(f.dims for f in others):
+        return None
+    near = [f for f in others if t in f.axes]
+    if any(s in f.axes or a in f.axes for f in near):
+        return None
+    S = mdp.states.size
+    h = _contract(near, [], scope) if near else Val(torch.ones(S, dtype=DTYPE,
+                                                               device=scope.device), (t,))
+    if h is None or h.t.shape[h.axes.index(t)] != S:
+        return None
+    rest = tuple(x for x in h.axes if x != t)
+    out = mdp.transitions.to(scope.device).expect(as_real(h.t.movedim(h.axes.index(t), 0)))
+    summed = Val(out, (s, a, *rest))
+    far = [f for f in others if t not in f.axes]
+    return _contract([summed, *far], [], scope) if far else summed
 
 
 # ------------------------------------------------------------------ calls

@@ -778,6 +778,42 @@ def test_reductions_over_empty_sets_and_filters_on_outer_indices():
     assert value("sum {a in 0..2} (sum {b in 0..2 : b != a} b) * a") == 0 * 3 + 1 * 2 + 2 * 1
 
 
+SUMMED = ("brl 1\nset S = 0..3\nset A = 0..1\nparam P[S, A, S] ~ uniform(0, 1)\n"
+          "param c[S] ~ normal(0, 1)\nparam v[2] = [1, -2]\n")
+
+
+@pytest.mark.parametrize("body", [
+    "sum {t in S} P[s, a, t] * c[t]",
+    "sum {t in S} c[t] * P[s, a, t] * 2",
+    "sum {t in S, u in S} P[s, a, t] * P[t, a, u] * c[u]",
+    "sum {t in S} (c[t] * s) * ((a + 1) * P[s, a, t])",  # factors without `t`; nested
+    "sum {t in S} s * a",  # no factor uses `t`: |S| equal terms
+    "sum {t in S} (t == s) * c[t] * t",  # a comparison and an index as factors
+    "sum {t in 1..0} c[s] * a",  # an empty set
+    "sum {t in S} c[t] * P[s, a, t] * norm(v * c[t])",
+    "sum {t in S} sum {u in S} P[s, a, t] * c[u] * c[t]",
+    "sum {t in S} c[t] * v[a]",
+])
+def test_a_sum_of_a_product_equals_the_product_summed(body: str):
+    """A sum of a product is contracted without building the product (one einsum): it must
+    equal the same terms summed one by one (`(0 + ...)` is not a product)."""
+    reference = body.replace("} ", "} (0 + ", 1) + ")"
+    checked = compile_ok(SUMMED + f"param got[s in S, a in A] = {body}\n"
+                         f"param want[s in S, a in A] = {reference}\n")
+    got, want = checked.names["got"].t, checked.names["want"].t
+    assert got.shape == want.shape == (4, 2)
+    assert torch.allclose(got, want, rtol=1e-14, atol=1e-14)
+
+
+def test_a_sum_of_a_product_of_arrays_is_still_checked_link_by_link():
+    diag = first("brl 1\nparam a[2] = [1, 2]\nparam b[3] = [1, 2, 3]\n"
+                 "param z = sum {i in 0..1} a * b * i\n")
+    assert diag.code == "E301" and "shapes do not match" in diag.message
+    assert (diag.span.line, diag.span.column, diag.span.end_column) == (4, 27, 32)  # `a * b`
+    # an array factor: summed as before
+    assert param("param result[2] = sum {i in 0..2} [1, 2] * i * 2").tolist() == [6, 12]
+
+
 def test_a_command_line_value_replaces_a_param_declared_by_its_indices():
     text = "brl 1\nset S = 0..2\nparam R[s in S, a in 0..1] = s + a\n"
     checked = compile_ok(text, overrides={"R": "[[0, 1], [2, 3], [4, 9]]"})

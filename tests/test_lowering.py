@@ -521,6 +521,73 @@ def test_closures_recompute_what_depends_on_x_and_the_policy():
     assert torch.allclose(problem.objective(x0, pi), (pi * c).sum())
 
 
+def test_a_sum_of_a_product_that_follows_x_and_pi_has_the_gradient_of_its_terms():
+    """Sums of products are contracted without building the product (`_contract`); a
+    constant sub-product stays one cached factor. Reward, objective and their gradients must
+    equal those of the same terms summed one by one (`(0 + ...)` is not a product)."""
+    text = ("brl 1\nseed 5\nmdp M = random_mdp(states = 6, actions = 3)\n"
+            "param c[M.S] ~ normal(0, 1)\nvar x[M.S] ~ normal(0, 1)\n"
+            "lower M {{ temperature = 1  reward[s, a] = sum {{t in M.S}} {r} }}\n"
+            "upper minimize sum {{s in M.S, a in M.A}} {f}\n")
+    r = "(c[t] * M.P[s, a, t]) * x[t] * x[s]"
+    f = "policy[s, a] * x[s] * (c[s] * a)"
+    fast = lower(compile_ok(text.format(r=r, f=f)), device="cpu")
+    slow = lower(compile_ok(text.format(r=f"(0 + {r})", f=f"(0 + {f})")), device="cpu")
+    pi = torch.softmax(torch.randn(6, 3, dtype=DT), -1)
+    for x in (fast.x0, fast.x0 * -2.0):
+        grads = []
+        for problem in (fast, slow):
+            xg, pg = x.clone().requires_grad_(True), pi.clone().requires_grad_(True)
+            out = problem.reward(xg).square().sum() + problem.objective(xg, pg)
+            grads.append((out, *torch.autograd.grad(out, (xg, pg))))
+        for a, b in zip(*grads):
+            assert torch.allclose(a, b, rtol=1e-13, atol=1e-13)
+
+
+@pytest.mark.parametrize("states", [6, 300])  # P stored dense, and sparse
+@pytest.mark.parametrize("body", [
+    "M.P[s, a, t] * x[t]",
+    "x[s] * M.P[s, a, t] * c[t] * x[t] * a",  # factors outside `t` too
+    "M.P[s, a, t] * 2 * x[s]",  # nothing in `t`: the row sums
+    "M.P[s, a, t] * x[t] * (t == s)",  # a factor in `t` and `s`: contracted whole
+    "c[t] * sum {u in M.S} M.P[t, a, u] * x[u] * M.P[s, a, t]",  # an inner sum over `u`
+    "sum {u in 0..2} M.P[s, a, t] * x[t] * u * u",  # `u` is no state: another index
+])
+def test_a_sum_over_the_next_state_is_one_product_with_P(states, body):
+    """`sum {t in M.S} M.P[s, a, t] * f(t)` is P.expect(f), with P stored sparse on large
+    MDPs (`_expect_over_next`): the same numbers and gradients as the terms one by one."""
+    text = (f"brl 1\nseed 4\nmdp M = random_mdp(states = {states}, actions = 3, "
+            "successors = 4)\nparam c[M.S] ~ normal(0, 1)\nvar x[M.S] ~ normal(0, 1)\n"
+            "lower M {{ temperature = 1  reward[s, a] = sum {{t in M.S}} {r} }}\n"
+            "upper minimize norm2(x)\n")
+    fast = lower(compile_ok(text.format(r=body)), device="cpu")
+    slow = lower(compile_ok(text.format(r=f"(0 + {body})")), device="cpu")
+    assert fast.transitions.is_sparse == (states == 300)
+    v = torch.randn(states, 3, dtype=DT)
+    grads = []
+    for problem in (fast, slow):
+        x = problem.x0.clone().requires_grad_(True)
+        r = problem.reward(x)
+        grads.append((r, *torch.autograd.grad((r * v).sum(), x)))
+    for a, b in zip(*grads):
+        assert torch.allclose(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_a_sum_over_the_next_state_needs_no_dense_P_on_a_large_MDP():
+    text = ("brl 1\nmdp M = random_mdp(states = 4000, actions = 4, successors = 5)\n"
+            "var x[M.S] = 0\nparam c[M.S] ~ normal(0, 1)\n"
+            "lower M { temperature = 1  reward[s, a] = sum {t in M.S} M.P[s, a, t] * "
+            "(x[t] + c[t]) }\nupper minimize norm2(x)\n")
+    checked = compile_ok(text)
+    M = checked.names["M"]
+    reward = lower(checked, device="cpu").reward(torch.zeros(4000, dtype=DT))
+    assert torch.allclose(reward, M.transitions.expect(checked.names["c"].t))
+    # written other than as a product with P[s, a, t], the table is still refused, with a hint
+    diag = diagnostics(text.replace("M.P[s, a, t] * (x[t] + c[t])",
+                                    "(M.P[s, a, t] + 0) * x[t]"))[0]
+    assert diag.code == "E301" and "too many to index one by one" in diag.message
+
+
 def test_closures_of_two_sizes_interleaved_keep_their_own_layouts():
     # align() and the index positions are cached by shape and set across closures: two
     # sizes of one file, evaluated in turn, must each give their own direct result.
