@@ -45,6 +45,7 @@ from .evaluate import (
     expected_over_next,
     fit_declared,
     integer_value,
+    not_finite_origin,
     set_of,
     to_real,
     varying_nodes,
@@ -182,6 +183,7 @@ class _Elaborator:
         self.deep: DeepLower | None = None
         self.preferences: Any = None
         self.policy_lets: set[str] = set()
+        self.upper_not_finite: Diagnostic | None = None  # W502, found where the objective is
         self.let_values: dict[str, Val] = {}  # the lets evaluated at x0 (or without x)
         seed_decl = program.first(ir.SeedDecl)
         self.seed = seed if seed is not None else (seed_decl.seed if seed_decl else 0)
@@ -249,6 +251,8 @@ class _Elaborator:
                 f"every `{name}` is as good as any other", objective.span,
                 "use the variable, or `value(M, policy)` and the other policy functionals",
                 severity="warning"))
+        if self.upper_not_finite is not None:
+            found.append(self.upper_not_finite)
         lets = [v.decl.value for v in self.names.values() if isinstance(v, LetDef)]
         for root in (reward, objective, *lets):
             for node in ir.walk(root):
@@ -981,8 +985,9 @@ class _Elaborator:
                             f"`{use.id}` in the `upper` objective")
         info = LowerInfo(decl, mdp, tau, names, reward.value)
         x = self.var.x0 if self.var is not None else None
+        scope = self._scope(x)
         try:
-            r = lower_reward(info, self._scope(x))
+            r = lower_reward(info, scope)
         except EvalError as err:
             if err.code == "E201" and err.message.startswith("undefined name `") and \
                     err.hint is None and len(names) == 2:
@@ -999,8 +1004,10 @@ class _Elaborator:
                                 f"the reward's indices are positional: {roles}") from None
             raise
         if not bool(torch.isfinite(r).all()):
+            span, hint = _not_finite_at(reward.value, scope)
             raise EvalError("E305", "the follower's reward is NaN or infinite at the initial "
-                            "point", reward.value.span)
+                            "point" + (", first here" if span is not reward.value.span else ""),
+                            span, hint)
         self.lower = info
 
     def _upper(self, decl: ir.UpperDecl) -> None:
@@ -1029,6 +1036,14 @@ class _Elaborator:
                                                        else ""),
                             decl.objective.span,
                             "sum it, e.g. `sum {s in M.S} ...`, or take a norm")
+        if not bool(torch.isfinite(v.t).all()) and self.var is not None:
+            span, hint = _not_finite_at(decl.objective, scope)
+            policy = " with the uniform policy" if decl.features else ""
+            self.upper_not_finite = Diagnostic(
+                "W502", f"the objective is {'NaN' if bool(v.t.isnan().any()) else 'infinite'} "
+                f"at the initial `{self.var.name}`{policy}"
+                + (", first here" if span is not decl.objective.span else "")
+                + ": a solve stops at its first iteration", span, hint, severity="warning")
         self.upper = decl
 
     def _solve(self, decl: ir.SolveDecl) -> None:
@@ -1279,6 +1294,32 @@ def over_next_on_transitions(P: Transitions, names: tuple[str, ...], sets: tuple
     terms = values * as_real(along)
     out = torch.zeros(P.n_states * A, dtype=terms.dtype, device=terms.device)
     return out.index_add(0, rows, terms).reshape(P.n_states, A)
+
+
+_NOT_FINITE_HINTS = {
+    "log": "`log` is -inf at 0 and NaN below it",
+    "sqrt": "`sqrt` is NaN below 0",
+    "exp": "`exp` overflows to inf above 709",
+    "/": "a division by 0 (inf, or NaN for 0 / 0)",
+    "^": "a negative number to a fractional power (NaN), or 0 to a negative one (inf)",
+    "*": "0 times inf is NaN",
+    "+": "inf + (-inf) is NaN",
+    "-": "inf - inf is NaN",
+}
+
+
+def _not_finite_at(root: ir.Expr, scope: Scope) -> tuple[ir.Span, str | None]:
+    """Where in `root` (evaluated in `scope`) a NaN or an infinity first appears, and what
+    makes one there: the place to point at and a hint."""
+    origin = not_finite_origin(root, scope)
+    if origin is None:
+        return root.span, None
+    if type(origin) in (ir.Name, ir.Index, ir.Attribute):
+        return origin.span, "this value is not finite here: where does it come from?"
+    key = origin.function if type(origin) is ir.Call else getattr(origin, "op", None)
+    said = _NOT_FINITE_HINTS.get(key)
+    return origin.span, (f"{said}; its operands are finite here" if said else
+                         "its operands are finite here, the operation makes a NaN or inf")
 
 
 def _first_not_finite(name: str, v: Val) -> str:

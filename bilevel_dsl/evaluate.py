@@ -102,6 +102,7 @@ class Scope:
     constants: ConstantCache | None = None  # set by lowering: reuse what x and pi cannot change
     lets: tuple[str, ...] = ()  # the lets being evaluated, innermost last
     hints: bool = True  # False once a file has more errors than are shown: no "did you mean"
+    watch: Callable[[ir.Expr, object], None] | None = None  # sees each node's value (not_finite)
 
     def copy(self) -> Scope:
         """A shallow copy (no dataclass machinery: expressions are evaluated at every solver
@@ -192,6 +193,39 @@ def _children(node: object) -> list[object]:
         elif hasattr(value, "__dataclass_fields__") and not isinstance(value, ir.Span):
             out.append(value)
     return out
+
+
+def not_finite_origin(root: ir.Expr, scope: Scope) -> ir.Expr | None:
+    """Where a NaN or an infinity in `root`'s value first appears: evaluated again with every
+    sub-expression's value seen (no caches, no contractions), the innermost node on a path of
+    values that are not finite from `root` down (a filtered `log(0)` does not count: its
+    parent is finite). None if `root` is finite there, or fails to evaluate."""
+    bad: set[int] = set()
+
+    def watch(node: ir.Expr, value: object) -> None:
+        if (isinstance(value, Val) and value.t.is_floating_point()
+                and not bool(torch.isfinite(value.t).all())):
+            bad.add(id(node))
+
+    inner = scope.copy()
+    inner.watch, inner.constants, inner.let_cache = watch, None, {}
+    inner.indices = dict(scope.indices)
+    try:
+        evaluate(root, inner)
+    except EvalError:
+        return None
+    if id(root) not in bad:
+        return None
+    node = root
+    while True:
+        children = _children(node)
+        let = scope.names.get(node.id) if type(node) is ir.Name else None
+        if isinstance(let, LetDef) and node.id not in scope.indices:
+            children.append(let.decl.value)
+        inside = next((c for c in children if id(c) in bad), None)
+        if inside is None:
+            return node
+        node = inside
 
 
 # ------------------------------------------------------------------ helpers
@@ -372,6 +406,10 @@ def evaluate(node: ir.Expr, scope: Scope) -> object:
         value = cache.values.get(id(node))
         if value is None:
             value = cache.values[id(node)] = method(node, scope)
+        return value
+    if scope.watch is not None:
+        value = method(node, scope)
+        scope.watch(node, value)
         return value
     return method(node, scope)
 
@@ -871,6 +909,8 @@ def _binary(node: ir.Binary, scope: Scope) -> Val:
     left = evaluate_val(left_node, scope)
     for link in reversed(spine):
         left = _binary_values(link, left, evaluate_val(link.right, scope))
+        if scope.watch is not None and link is not node:
+            scope.watch(link, left)
         if link is not node and cache is not None and id(link) not in cache.varying:
             cache.values[id(link)] = left
     return left
@@ -965,6 +1005,13 @@ def set_of(node: ir.Expr, scope: Scope) -> SetValue:
 
 
 def _range(node: ir.Range, scope: Scope) -> SetValue:
+    if type(node.start) is ir.Name and type(node.stop) is ir.Name and isinstance(
+            scope.names.get(node.start.id), (MdpValue, SetValue)) and \
+            node.start.id not in scope.indices:
+        raise EvalError("E305", f"`{node.start.id}..{node.stop.id}` is a range of numbers, "
+                        f"and `{node.start.id}` is no number", node.span,
+                        f"a part or a member is written with one dot: "
+                        f"`{node.start.id}.{node.stop.id}`")
     start = _integer(node.start, scope)
     stop = _integer(node.stop, scope)
     if stop < start - 1:
@@ -1017,7 +1064,8 @@ def _reduction(node: ir.Reduction, scope: Scope) -> Val:
             Binding(binder.name, domain, scope.device),
         )
         names.append(binder.name)
-    if node.op == "sum" and node.where is None and _is_product(node.body, inner.constants):
+    if (node.op == "sum" and node.where is None and scope.watch is None
+            and _is_product(node.body, inner.constants)):
         nodes = _product_factors(node.body, inner.constants)
         found = _transition_factor(nodes, names, inner)
         factors = [None if found and k == found[0] else evaluate_val(f, inner)

@@ -739,12 +739,25 @@ def _syntax_diagnostic(kind: str, value: str, loc: _Loc | None, expected_termina
             "`sum {i in S} w[i]`"
     elif kind == "STRING" and expected_terminals == {"NAME"} and previous == "problem":
         hint = 'a problem has a name, then a title if you like: `problem my_problem "Title"`'
+    elif kind == "DOTDOT":
+        hint = _range_hint(text, loc)
     elif kind == "ADD_OP" and previous == "seed":
         hint = "a seed is a whole number, 0 or more"
     elif kind == "NAME" and any(t in expected_terminals for t in STATEMENT_KEYWORDS):
         keyword = did_you_mean(value, [t.lower() for t in STATEMENT_KEYWORDS])
         hint = f"{keyword} (a statement starts with a keyword)" if keyword else hint
     return Diagnostic("E100", message, _span(loc), hint)
+
+
+def _range_hint(text: str, loc: _Loc) -> str:
+    """`M..S` where `M.S` was meant, or a range where a set is not expected."""
+    line = text.split("\n")[loc[0] - 1]
+    left = re.search(r"[A-Za-z_]\w*$", line[: loc[1] - 1])
+    right = re.match(r"[A-Za-z_]\w*", line[loc[3] - 1:])
+    if left and right:
+        return f"a part or a member is written with one dot: `{left[0]}.{right[0]}`"
+    return "`..` makes a range, which stands where a set is expected: `set S = 1..5`, " \
+        "`sum {i in 1..5} ...`, `card(1..5)`"
 
 
 def _expected(expected_terminals: set[str]) -> str:

@@ -219,12 +219,13 @@ def plot_curves(path: Path, problem: TabularProblem, result: SolveResult) -> Pat
         shown = np.concatenate([norms, stationarity])
     if np.any(shown > 0):
         bottom.set_yscale("log")
+        _plain_log_labels(bottom.yaxis)
     bottom.set_ylabel("||hyper-gradient||" if shown is norms else "norm")
     bottom.set_xlabel("iteration")
     bottom.xaxis.set_major_locator(MaxNLocator(integer=True))
     for ax in (top, bottom):
         ax.grid(True, alpha=0.3)
-    fig.tight_layout()
+    _margins(fig, left=0.95, right=0.2, top=0.4, bottom=0.6)
     fig.savefig(path, dpi=120)
     return path
 
@@ -232,8 +233,9 @@ def plot_curves(path: Path, problem: TabularProblem, result: SolveResult) -> Pat
 def plot_policy(path: Path, problem: TabularProblem, result: SolveResult) -> Path:
     """The grid with walls, the greedy action per cell, start, true goal and the learned x.
 
-    ``x`` of shape (2,) is read as a goal position (row, col); ``x`` with one entry per state is
-    drawn as a heat map under the arrows. Large grids get the picture without arrows.
+    ``x`` of shape (2,) is read as a goal position (row, col); ``x`` with one entry per state,
+    or per (state, action) pair averaged over the policy, is drawn as a heat map under the
+    arrows. Large grids get the picture without arrows.
     """
     grid = problem.grid
     if grid is None:
@@ -244,10 +246,11 @@ def plot_policy(path: Path, problem: TabularProblem, result: SolveResult) -> Pat
     fig = _figure(max(4.0, inches * grid.cols + 1.5), max(3.0, inches * grid.rows + 1.0))
     ax = fig.subplots()
 
-    if x.shape != (2,) and x.numel() == problem.n_states:
+    per_state, label = _per_state(x, result.policy, problem)
+    if per_state is not None:
         heat = np.full((grid.rows, grid.cols), np.nan)
-        heat[cells[:, 0], cells[:, 1]] = x.flatten().numpy()
-        fig.colorbar(ax.imshow(heat, cmap="viridis"), ax=ax, label=problem.var_name, shrink=0.8)
+        heat[cells[:, 0], cells[:, 1]] = per_state.numpy()
+        fig.colorbar(ax.imshow(heat, cmap="viridis"), ax=ax, label=label, shrink=0.8)
     else:
         ax.imshow(np.zeros((grid.rows, grid.cols)), cmap="Greys", vmin=0, vmax=1)
     if grid.walls:
@@ -283,9 +286,22 @@ def plot_policy(path: Path, problem: TabularProblem, result: SolveResult) -> Pat
     ax.set_title(f"{problem.name}: " + ("greedy policy" if detailed else problem.var_name))
     ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.08), ncol=3, fontsize="small",
               frameon=False)
-    fig.tight_layout()
+    _margins(fig, left=0.6, right=0.35, top=0.4, bottom=0.75)
     fig.savefig(path, dpi=120)
     return path
+
+
+def _per_state(x: torch.Tensor, policy: torch.Tensor, problem: TabularProblem
+               ) -> tuple[torch.Tensor | None, str]:
+    """One number per state for the heat map, and its label: ``x`` itself, or for a shaping
+    bonus ``x[s, a]`` its average under the policy."""
+    S, A = problem.n_states, problem.n_actions
+    if x.shape != (2,) and x.numel() == S:
+        return x.flatten(), problem.var_name
+    if x.numel() == S * A and A > 1:
+        pi = policy.detach().cpu().to(torch.float64)
+        return (pi * x.reshape(S, A)).sum(-1), f"{problem.var_name}[s, a] averaged over the policy"
+    return None, ""
 
 
 def _draw_greedy_actions(
@@ -316,6 +332,28 @@ def _iterations(result: SolveResult, n: int) -> list[int] | range:
     say which in ``history["iteration"]``."""
     logged = result.history.get("iteration", [])
     return [int(k) for k in logged] if len(logged) == n else range(n)
+
+
+def _margins(fig: Any, left: float, right: float, top: float, bottom: float) -> None:
+    """Fixed margins in inches, where `tight_layout` measured every label: it drew the figure
+    once more, which was half of a picture's cost."""
+    width, height = fig.get_size_inches()
+    fig.subplots_adjust(left=left / width, right=1 - right / width, top=1 - top / height,
+                        bottom=bottom / height)
+
+
+def _plain_log_labels(axis: Any) -> None:
+    """Labels such as 0.6 and 1e-05 on a log axis: the default's 6 x 10^-1 is typeset as
+    mathematics, a third of a picture's cost. Which ticks get a label is the default's
+    choice."""
+    from matplotlib.ticker import LogFormatter
+
+    class Plain(LogFormatter):
+        def __call__(self, x: float, pos: int | None = None) -> str:
+            return f"{x:g}" if super().__call__(x, pos) else ""
+
+    axis.set_major_formatter(Plain())
+    axis.set_minor_formatter(Plain(labelOnlyBase=False))
 
 
 def _figure(width: float, height: float) -> Any:

@@ -814,7 +814,17 @@ def test_a_sum_of_a_product_of_arrays_is_still_checked_link_by_link():
     assert param("param result[2] = sum {i in 0..2} [1, 2] * i * 2").tolist() == [6, 12]
 
 
-def test_a_command_line_value_replaces_a_param_declared_by_its_indices():
+def test_a_range_from_an_mdp_or_a_set_was_meant_as_a_part_or_a_member():
+    diag = first("brl 1\nmdp M = random_mdp(states = 3, actions = 2)\nparam n = card(M..S)")
+    assert diag.code == "E305" and diag.message == "`M..S` is a range of numbers, and `M` is " \
+        "no number"
+    assert diag.hint.endswith("`M.S`") and (diag.span.column, diag.span.end_column) == (16, 20)
+    diag = first("brl 1\nset C = {red, blue}\nparam n = sum {i in C..red} 1")
+    assert diag.hint.endswith("`C.red`")
+    assert value("sum {i in 1..n} i", "param n = 3") == 6  # a param's range is fine
+
+
+
     text = "brl 1\nset S = 0..2\nparam R[s in S, a in 0..1] = s + a\n"
     checked = compile_ok(text, overrides={"R": "[[0, 1], [2, 3], [4, 9]]"})
     assert checked.names["R"].t[2, 1] == 9.0
@@ -939,3 +949,43 @@ def test_a_leader_who_cannot_move_the_follower_is_warned():
                          "upper minimize w[if x[0, 0] > 1 then x[0, 0] else 0] - "
                          "value(M, policy)\n")
     assert [(w.code, w.span.line, w.span.column) for w in checked.warnings] == [("W402", 7, 18)]
+
+
+NOT_FINITE = ("brl 1\nmdp M = random_mdp(states = 3, actions = 2, discount = 0.8)\n"
+              "var x[M.S] = 0\nparam c[M.S] = [1, 0, 2]\nlet w[s in M.S] = {let}\n"
+              "lower M {{ temperature = 1  reward[s, a] = {reward} }}\n"
+              "upper minimize {objective}\n")
+
+
+@pytest.mark.parametrize("let, reward, at, said", [
+    ("x[s]", "log(x[s] - 1)", (6, 43, 56), "`log` is -inf at 0"),  # the whole reward
+    ("x[s] / c[s]", "2 * x[s] + sum {t in M.S} M.P[s, a, t] * w[t] * 0 + 1", (5, 19, 30),
+     "a division by 0"),  # inside a let, inside a sum whose product is contracted
+    ("sqrt(x[s] - c[s])", "x[s] + w[s]", (5, 19, 36), "`sqrt` is NaN below 0"),
+    ("x[s] * c[s]", "x[s] + sum {t in M.S : t > 5} log(w[t])", None, None),  # all filtered out
+])
+def test_a_reward_that_is_not_finite_at_the_start_points_where_it_first_is(let, reward, at,
+                                                                             said):
+    text = NOT_FINITE.format(let=let, reward=reward, objective="norm2(x)")
+    if at is None:
+        compile_ok(text)
+        return
+    diag = first(text)
+    assert diag.code == "E305" and diag.message.startswith("the follower's reward is NaN")
+    assert (diag.span.line, diag.span.column, diag.span.end_column) == at
+    assert said in diag.hint
+
+
+def test_an_objective_that_is_not_finite_at_the_start_is_warned_where_it_first_is():
+    text = NOT_FINITE.format(let="x[s]", reward="x[s]",
+                             objective="value(M, policy) + sum {s in M.S} log(w[s] - c[s])")
+    [warning] = compile_ok(text).warnings
+    assert warning.code == "W502" and warning.severity == "warning"
+    assert warning.message == ("the objective is NaN at the initial `x` with the uniform "
+                               "policy, first here: a solve stops at its first iteration")
+    assert (warning.span.line, warning.span.column, warning.span.end_column) == (7, 50, 66)
+    assert "`log` is -inf at 0" in warning.hint
+    text = NOT_FINITE.format(let="x[s]", reward="x[s]", objective="1 / norm2(x)")
+    [warning] = compile_ok(text).warnings
+    assert warning.message.startswith("the objective is infinite at the initial `x`: ")
+    assert (warning.span.column, warning.span.end_column) == (16, 28)  # the whole objective

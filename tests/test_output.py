@@ -15,7 +15,7 @@ import torch
 from bilevel_dsl.instance import GridLayout, TabularProblem
 from bilevel_dsl.softmdp import Transitions
 from solvers import SolveResult, solve
-from solvers.output import default_out_dir, summary_table, write_run
+from solvers.output import _per_state, default_out_dir, summary_table, write_run
 from solvers.progress import ProgressMonitor
 
 
@@ -178,6 +178,18 @@ def test_policy_picture_with_one_x_entry_per_state(tmp_path: Path) -> None:
     written = write_run(tmp_path, problem, fake_result(x), META)
     assert (tmp_path / "policy.png") in written
     assert json.loads((tmp_path / "result.json").read_text())["objective"] == -1.5
+
+
+def test_policy_picture_heat_map_of_a_bonus_per_pair_is_its_average_under_the_policy(
+        tmp_path: Path) -> None:
+    x = torch.arange(len(CELLS) * len(MOVES), dtype=torch.float64).reshape(len(CELLS), -1)
+    problem, result = grid_problem(x), fake_result(x)
+    heat, label = _per_state(x, result.policy, problem)
+    assert torch.allclose(heat, (result.policy * x).sum(-1))
+    assert label == "g[s, a] averaged over the policy"
+    assert _per_state(x[:, 0], result.policy, problem)[0].tolist() == x[:, 0].tolist()
+    assert _per_state(torch.zeros(2, dtype=torch.float64), result.policy, problem)[0] is None
+    assert (tmp_path / "policy.png") in write_run(tmp_path, problem, result, META)
 
 
 def test_summary_table(tmp_path: Path) -> None:
