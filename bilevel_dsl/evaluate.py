@@ -131,6 +131,9 @@ class ConstantCache:
 
     varying: set[int]  # ids of the nodes that do depend on x or the policy
     values: dict[int, object] = field(default_factory=dict)
+    # the last solutions of each policy functional's linear systems: the next evaluation's
+    # iterative solves start there
+    warm: dict[int, softmdp.WarmStart] = field(default_factory=dict)
 
 
 def varying_nodes(roots: list[ir.Expr], names: dict[str, object]) -> set[int]:
@@ -1423,18 +1426,21 @@ def _functional(node: ir.Call, scope: Scope) -> Val:
         reward_node = kw["reward"].value if "reward" in kw else None
     P = mdp.dynamics().to(scope.device)
     rho = mdp.initial.to(scope.device)
+    warm = None
+    if scope.constants is not None and f in ("value", "occupancy"):
+        warm = scope.constants.warm.setdefault(id(node), softmdp.WarmStart())
     if f in ("value", "expected_return"):
         r = (_table_arg(reward_node, mdp, scope) if reward_node is not None
              else mdp.reward.to(scope.device))
         if f == "value":
-            v = softmdp.policy_evaluation(P, r, pi.t, mdp.discount)
+            v = softmdp.policy_evaluation(P, r, pi.t, mdp.discount, warm=warm)
             return Val((rho * v).sum())
         horizon = _positive_int(kw.get("horizon"), node, scope, "horizon")
         if not scope.exact_trajectories:
             return scalar(0.0, scope.device)  # checked; a trajectory term counts as 0 here
         return Val(_finite_horizon_return(P, r, pi.t, rho, mdp.discount, horizon))
     if f == "occupancy":
-        d = softmdp.occupancy(P, pi.t, rho, mdp.discount)
+        d = softmdp.occupancy(P, pi.t, rho, mdp.discount, warm=warm)
         return Val(d, (), (mdp.states, mdp.actions))
     # preference_loss: a sampled objective; its arguments are checked here.
     if "truth" not in kw:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 import scipy.sparse
@@ -1001,9 +1002,11 @@ class _Factorisation:
 
 
 def _solve(P: Transitions, pi: Tensor, b: Tensor, gamma: float, transpose: bool, method: str,
-           tol: float, factors: _Factorisation | None = None) -> Tensor:
+           tol: float, factors: _Factorisation | None = None, guess: Tensor | None = None
+           ) -> Tensor:
     """Solve ``(I - gamma P_pi) v = b`` (or the transposed system) without autograd; with
-    ``method="direct"``, by ``factors`` when given."""
+    ``method="direct"``, by ``factors`` when given. The iterative methods start from
+    ``guess`` where given (the solution for the last policy: a few iterations away)."""
     method = _method(P, method)
     if method == "direct":
         return (factors or _Factorisation(P, pi, gamma)).solve(b, transpose)
@@ -1014,17 +1017,29 @@ def _solve(P: Transitions, pi: Tensor, b: Tensor, gamma: float, transpose: bool,
         def apply(v: Tensor) -> Tensor:
             return policy_matvec(P, pi, v)
     norm_ord = 1.0 if transpose else math.inf  # the norm in which gamma P_pi^(T) contracts
+    if guess is not None and (guess.shape != b.shape or not bool(torch.isfinite(guess).all())):
+        guess = None
     if method == "krylov":
         # GMRES is kept while each restart cycle beats the rate that as many fixed-point steps
         # are guaranteed (gamma per step); if it stalls, the fixed point finishes from its x.
-        x, converged = _gmres(lambda v: gamma * apply(v), b, tol,
+        # From a guess it solves for the correction, to the same residual as from zero.
+        start, rhs, rhs_tol = torch.zeros_like(b), b, tol
+        if guess is not None:
+            rhs = b - (guess - gamma * apply(guess))
+            b_norm, rhs_norm = torch.stack([torch.linalg.vector_norm(b),
+                                            torch.linalg.vector_norm(rhs)]).tolist()
+            if rhs_norm <= tol * b_norm:
+                return guess
+            start, rhs_tol = guess, tol * b_norm / rhs_norm
+        x, converged = _gmres(lambda v: gamma * apply(v), rhs, rhs_tol,
                               max_iter=max(1000, 10 * b.numel()),
                               stall=gamma ** _GMRES_RESTART if gamma < 1.0 else None,
                               complement=True)
+        x = x + start
         if converged or gamma >= 1.0:
             return x
         return _fixed_point(apply, b, gamma, tol, norm_ord, 1_000_000, v0=x)
-    return _fixed_point(apply, b, gamma, tol, norm_ord, 1_000_000)
+    return _fixed_point(apply, b, gamma, tol, norm_ord, 1_000_000, v0=guess)
 
 
 def _method(P: Transitions, method: str) -> str:
@@ -1033,6 +1048,16 @@ def _method(P: Transitions, method: str) -> str:
     if method not in ("direct", "krylov", "fixed_point"):
         raise ValueError(f"unknown method {method!r}: use auto, direct, krylov or fixed_point")
     return method
+
+
+@dataclass
+class WarmStart:
+    """The last solution and adjoint of one system that is solved again for each new policy
+    (the objective's `value(M, policy)` at every outer iteration): where the solves iterate,
+    they start from these, a few iterations away, rather than from zero."""
+
+    solution: Tensor | None = None
+    adjoint: Tensor | None = None
 
 
 class _PolicySolve(torch.autograd.Function):
@@ -1046,25 +1071,31 @@ class _PolicySolve(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, pi: Tensor, b: Tensor, P: Transitions, gamma: float,  # type: ignore[override]
-                transpose: bool, method: str, tol: float) -> Tensor:
+                transpose: bool, method: str, tol: float, warm: WarmStart | None) -> Tensor:
         method = _method(P, method)
         factors = _Factorisation(P, pi, gamma) if method == "direct" else None
-        v = _solve(P, pi, b, gamma, transpose, method, tol, factors)
+        v = _solve(P, pi, b, gamma, transpose, method, tol, factors,
+                   warm.solution if warm is not None else None)
+        if warm is not None and factors is None:
+            warm.solution = v.detach()
         ctx.save_for_backward(pi, v)
-        ctx.args = (P, gamma, transpose, method, tol, factors)
+        ctx.args = (P, gamma, transpose, method, tol, factors, warm)
         return v
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad: Tensor) -> tuple:  # type: ignore[override]
         pi, v = ctx.saved_tensors
-        P, gamma, transpose, method, tol, factors = ctx.args
-        z = _solve(P, pi, grad, gamma, not transpose, method, tol, factors)
+        P, gamma, transpose, method, tol, factors, warm = ctx.args
+        z = _solve(P, pi, grad, gamma, not transpose, method, tol, factors,
+                   warm.adjoint if warm is not None else None)
+        if warm is not None and factors is None:
+            warm.adjoint = z.detach()
         grad_pi = None
         if ctx.needs_input_grad[0]:
             left, right = (v, z) if transpose else (z, v)
             grad_pi = gamma * left.unsqueeze(-1) * P.expect(right)
-        return grad_pi, z, None, None, None, None, None
+        return grad_pi, z, None, None, None, None, None, None
 
 
 def solve_policy_system(
@@ -1075,6 +1106,7 @@ def solve_policy_system(
     transpose: bool = False,
     method: str = "auto",
     tol: float = 1e-12,
+    warm: WarmStart | None = None,
 ) -> Tensor:
     """Solve ``(I - gamma P_pi) v = b``, or ``(I - gamma P_pi)^T v = b`` with ``transpose``.
 
@@ -1084,9 +1116,11 @@ def solve_policy_system(
     ``fixed_point`` (``v <- b + gamma P_pi v``, a contraction), and ``auto``: direct up to
     ``DIRECT_MAX_STATES`` states for dense P, and for sparse P where the state graph's envelope
     is narrow (``direct_solves``), else krylov. Differentiable in ``pi`` and ``b`` at the cost
-    of one more solve in the backward pass (with the same factors when direct).
+    of one more solve in the backward pass (with the same factors when direct). With
+    ``warm``, the iterative methods start both solves from the last ones' answers, and keep
+    these answers there.
     """
-    return _PolicySolve.apply(pi, b, P, gamma, transpose, method, tol)
+    return _PolicySolve.apply(pi, b, P, gamma, transpose, method, tol, warm)
 
 
 def _xlogx(p: Tensor) -> Tensor:
@@ -1095,21 +1129,23 @@ def _xlogx(p: Tensor) -> Tensor:
 
 
 def policy_evaluation(
-    P: Transitions, r: Tensor, pi: Tensor, gamma: float, tau: float = 0.0, method: str = "auto"
+    P: Transitions, r: Tensor, pi: Tensor, gamma: float, tau: float = 0.0, method: str = "auto",
+    warm: WarmStart | None = None,
 ) -> Tensor:
     """``V^pi`` for reward ``r`` with entropy bonus ``tau``; differentiable in ``r`` and ``pi``."""
     reward = sum_actions(pi * r)
     if tau:
         reward = reward - tau * sum_actions(_xlogx(pi))
-    return solve_policy_system(P, pi, reward, gamma, method=method)
+    return solve_policy_system(P, pi, reward, gamma, method=method, warm=warm)
 
 
 def occupancy(
-    P: Transitions, pi: Tensor, rho: Tensor, gamma: float, method: str = "auto"
+    P: Transitions, pi: Tensor, rho: Tensor, gamma: float, method: str = "auto",
+    warm: WarmStart | None = None,
 ) -> Tensor:
     """Discounted occupancy ``d[s,a] = sum_t gamma^t Pr(s_t = s, a_t = a)``, unnormalised.
 
     ``sum(d * r) = rho . V^pi``; differentiable in ``pi`` and ``rho``.
     """
-    state = solve_policy_system(P, pi, rho, gamma, transpose=True, method=method)
+    state = solve_policy_system(P, pi, rho, gamma, transpose=True, method=method, warm=warm)
     return pi * state.unsqueeze(-1)

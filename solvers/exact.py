@@ -27,7 +27,7 @@ _HALVINGS = 40  # at most this many per step: beta / 2^40 is below any useful st
 
 
 def _armijo_step(problem: TabularProblem, x: Tensor, here: HyperGradient, beta: float,
-                 evaluate: Callable[[Tensor, Tensor], HyperGradient]
+                 evaluate: Callable[[Tensor, HyperGradient | None], HyperGradient]
                  ) -> tuple[Tensor, HyperGradient | None, float]:
     """The first of ``beta, beta/2, ...`` whose projected step decreases ``phi`` enough: the
     new point, its evaluation (reused as the next step's), and that step size; ``None`` when
@@ -38,7 +38,7 @@ def _armijo_step(problem: TabularProblem, x: Tensor, here: HyperGradient, beta: 
         moved = float(torch.linalg.vector_norm(x_try - x)) ** 2
         if moved == 0.0:
             break
-        there = evaluate(x_try, here.V)
+        there = evaluate(x_try, here)
         if there.objective <= here.objective - _ARMIJO * moved / t:  # False for NaN
             return x_try, there, t
         t /= 2
@@ -55,17 +55,19 @@ def run(problem: TabularProblem, options: dict[str, Any], monitor: Monitor) -> S
     if armijo:
         history["step_size"] = []
 
-    def evaluate(at: Tensor, V: Tensor | None) -> HyperGradient:
-        return hypergradient(problem, at, V=V, tol=options["inner_tol"],
+    def evaluate(at: Tensor, near: HyperGradient | None) -> HyperGradient:
+        """At ``at``, its solves started from those at ``near``, a nearby point."""
+        return hypergradient(problem, at, V=near.V if near else None,
+                             z=near.z if near else None, tol=options["inner_tol"],
                              adjoint_method=options["adjoint_method"])
 
     start = time.perf_counter()
-    stopped, k, k_done, V, result, x_done = "max_iterations", 0, 0, None, None, x
+    stopped, k, k_done, result, x_done = "max_iterations", 0, 0, None, x
     evaluated, t = None, beta
     try:
         while True:
             if evaluated is None:
-                evaluated = evaluate(x, V)
+                evaluated = evaluate(x, result)
             finite = math.isfinite(evaluated.objective) and bool(
                 torch.isfinite(evaluated.grad).all())
             full = problem.project(x - beta * evaluated.grad)
@@ -83,7 +85,7 @@ def run(problem: TabularProblem, options: dict[str, Any], monitor: Monitor) -> S
                 if result is None:  # x0 itself was not finite: report it as it is
                     result = evaluated
                 break
-            result, V, x_done, k_done, x = evaluated, evaluated.V, x, k, x_next
+            result, x_done, k_done, x = evaluated, x, k, x_next
             monitor.update(k, result.objective, grad_norm)
             history["objective"].append(result.objective)
             history["hypergrad_norm"].append(grad_norm)

@@ -15,6 +15,7 @@ from torch import Tensor
 from bilevel_dsl.instance import TabularProblem
 from bilevel_dsl.ir import POLICY_FUNCTIONAL, TRAJECTORY
 from bilevel_dsl.softmdp import (
+    WarmStart,
     newton_pays,
     soft_policy,
     soft_policy_iteration,
@@ -120,8 +121,10 @@ def hypergradient(
     tol: float = 1e-10,
     adjoint_method: str = "auto",
     polish: bool = False,
+    z: Tensor | None = None,
 ) -> HyperGradient:
-    """``grad phi(x)`` at ``pi*_x`` with the lower level solved to ``tol`` (warm start ``V``).
+    """``grad phi(x)`` at ``pi*_x`` with the lower level solved to ``tol`` (warm starts: ``V``,
+    and ``z`` for an iterative adjoint solve, both from a nearby point).
 
     ``g = pi * df/dpi``, ``b = U^T g``, ``(I - gamma P_pi)^T w = b``, and
     ``grad = grad_x f + (1/tau) J_r^T (g - pi * w[s])`` with one vector-Jacobian product.
@@ -140,7 +143,7 @@ def hypergradient(
         # (1e6 at reward 1e3 and tau 1e-3)
         c = pi * _centred(pi, grad_pi)
         z = solve_policy_system(P, pi, gamma * P.pull(c), gamma, transpose=True,
-                                method=adjoint_method)
+                                method=adjoint_method, warm=WarmStart(solution=z))
         v = torch.addcmul(c, pi, z.unsqueeze(-1)) / tau
         w = sum_actions(pi * grad_pi) - z
     grad = grad_x + reward_vjp(x, r, v)
