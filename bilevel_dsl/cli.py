@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from . import __version__, json_schema, lower, read_source, to_json
+from . import __version__, ir, json_schema, lower, read_source, to_json
 from .diagnostics import BrlError, Diagnostic, render
 from .elaborate import elaborate, out_of_memory
 from .parser import parse_expression, parse_source
@@ -84,6 +84,10 @@ def solver_catalog(solver: str, options: dict[str, Any]) -> list[tuple[str, str,
         except OptionError as exc:
             message, _, rest = str(exc).partition("\n")
             problems.append(("E803", message, name, rest.strip() or None))
+    if not problems and spec.rules is not None:
+        for involved, message in spec.rules(REGISTRY.validate_options(spec, options)):
+            at = next((name for name in involved if name in options), None)
+            problems.append(("E805", message, at, None))
     return problems
 
 
@@ -259,6 +263,7 @@ def cmd_solve(args: argparse.Namespace) -> int:
         _tell(f"note: the run in {args.resume} was saved by an older brl, which did not keep "
               "its -D values: give the same -D as its command did (its result.json names the "
               "command)", sys.stderr)
+    seed_given = args.seed is not None
     if saved is not None and args.seed is None and isinstance(saved.get("seed"), int):
         args.seed = saved["seed"]
     if saved is not None and isinstance(saved.get("defines"), dict):
@@ -266,6 +271,11 @@ def cmd_solve(args: argparse.Namespace) -> int:
         args.define = [f"{name}={text}" for name, text in saved["defines"].items()
                        if name not in given and isinstance(text, str)] + (args.define or [])
     checked, timings = _compile(args.file, args)
+    declared = checked.program.first(ir.SeedDecl)
+    if saved is not None and not seed_given and declared is not None \
+            and declared.seed != saved.get("seed"):
+        _tell(f"note: resuming with the saved run's seed {saved.get('seed')}; {args.file} "
+              f"now says seed {declared.seed}", sys.stderr)
     start = time.perf_counter()
     problem = lower(checked, device=args.device)
     timings["compile"] += time.perf_counter() - start

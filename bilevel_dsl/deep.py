@@ -113,6 +113,7 @@ def _word(kw: ir.Keyword, choices: tuple[str, ...]) -> str:
 def gym_mdp(decl: ir.MdpDecl, number: Number) -> GymMdp:
     """``mdp NAME = gym("Id-v5", option = value, ...)``."""
     from solvers.deep.envs import EnvSpec, check_id, is_atari, known_ids, unusable
+    from solvers.deep.networks import NATURE_MIN_SCREEN
 
     if len(decl.args) != 1 or not isinstance(decl.args[0], ir.String):
         span = decl.args[0].span if decl.args else decl.kind_span
@@ -131,12 +132,14 @@ def gym_mdp(decl: ir.MdpDecl, number: Number) -> GymMdp:
             raise EvalError("E404", f"`{name}` is an Atari preprocessing option, and "
                             f"`{id_node.value}` is not an Atari game", opts[name].span)
     fields: dict[str, object] = {}
-    ints = {"frame_skip": (1, 16), "frame_stack": (1, 16), "screen": (16, 256),
+    ints = {"frame_skip": (1, 16), "frame_stack": (1, 16), "screen": (NATURE_MIN_SCREEN, 256),
             "noop_max": (0, 1000), "max_episode_steps": (1, 10**8)}
     for name, (low, high) in ints.items():
         if name in opts:
+            why = " (SAC's image encoder reads frames of at least that size)" \
+                if name == "screen" else ""
             fields[name] = _scalar(opts[name], number, low, high, True,
-                                   f"a whole number from {low} to {high}")
+                                   f"a whole number from {low} to {high}{why}")
     if "sticky" in opts:
         fields["sticky"] = _scalar(opts["sticky"], number, 0, 1, False, "a probability")
     if "grey" in opts:
@@ -159,7 +162,7 @@ def reward_net_var(decl: ir.VarDecl, names: dict[str, object], number: Number
                    ) -> RewardNetVar:
     """``var NAME = reward_net(MDP, kind = mlp, hidden = [256, 256], ...)``."""
     from solvers.deep.envs import is_atari
-    from solvers.deep.reward_model import ACTIVATIONS, RewardNetSpec
+    from solvers.deep.reward_model import ACTIVATIONS, AtariRewardCNN, RewardNetSpec
 
     call = decl.value
     assert isinstance(call, ir.Call)
@@ -189,6 +192,13 @@ def reward_net_var(decl: ir.VarDecl, names: dict[str, object], number: Number
     if fields["kind"] == "atari_cnn" and not is_atari(mdp.env.env_id):
         raise EvalError("E305", "`atari_cnn` reads stacked Atari frames; this MDP is not an "
                         "Atari game", opts["kind"].value.span, "use kind = mlp")
+    smallest = AtariRewardCNN.smallest_screen()
+    if fields["kind"] == "atari_cnn" and mdp.env.screen < smallest:
+        raise EvalError("E305", f"the reward CNN (`atari_cnn`) reads frames of at least "
+                        f"{smallest} x {smallest}, and `{mdp_name}` has screen = "
+                        f"{mdp.env.screen}", opts["kind"].value.span if "kind" in opts
+                        else call.span, f"set screen = {smallest} or more in `{mdp_name}`'s "
+                        "gym(...), or use kind = mlp")
     if "activation" in opts:
         fields["activation"] = _word(opts["activation"], tuple(ACTIVATIONS))
     if "hidden" in opts:
@@ -280,6 +290,10 @@ def preference_objective(decl: ir.UpperDecl, lower: DeepLower, number: Number) -
         if name in opts:
             fields["pairs_per_iteration" if name == "pairs" else name] = _scalar(
                 opts[name], number, low, high, True, f"a whole number from {low} to {high}")
+    if fields.get("heldout_every") == 1:
+        raise EvalError("E305", "`heldout_every = 1` holds every pair out: the reward network "
+                        "would never be trained", opts["heldout_every"].value.span,
+                        "hold out every 10th pair (the default), or none with 0")
     if "scale" in opts:
         fields["scale"] = _scalar(opts["scale"], number, 0, math.inf, False, "0 or more")
     if "noise" in opts:

@@ -170,6 +170,9 @@ class SolverSpec:
     capabilities: Capabilities
     options: tuple[Option, ...]
     run: Callable[[TabularProblem, dict, Monitor], SolveResult]
+    # what the options must satisfy together: for the typed options, each broken rule as
+    # (the options it involves, the message)
+    rules: Callable[[dict[str, Any]], list[tuple[tuple[str, ...], str]]] | None = None
 
 
 @dataclass(frozen=True)
@@ -351,6 +354,13 @@ REGISTRY = Registry(tuple(f"solvers.{name}" for name in AUTO_ORDER))
 _NUMBER = re.compile(r"[+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
 
 
+def _whole(value: float) -> int | None:
+    """A float that is a whole number (written `1e4`, or `2.0`) as an int; else None."""
+    if math.isfinite(value) and value == int(value) and abs(value) < 2**63:
+        return int(value)
+    return None
+
+
 def parse_option_value(option: Option, text: str) -> Any:
     """Turn the text of ``--set name=value`` into a value of the option's type."""
     stripped = text.strip()
@@ -367,6 +377,10 @@ def parse_option_value(option: Option, text: str) -> Any:
         elif not _NUMBER.fullmatch(stripped) and stripped.lower().lstrip("+-") not in (
                 "inf", "infinity", "nan"):  # int() and float() take `1_0` and `٣` too
             raise ValueError(stripped)
+        elif option.type is int:  # `1e4` is a whole number too
+            value = int(stripped) if stripped.lstrip("+-").isdigit() else _whole(float(stripped))
+            if value is None:
+                raise ValueError(stripped)
         else:
             value = option.type(stripped)
     except ValueError:
@@ -410,6 +424,8 @@ def _check_type(option: Option, value: Any) -> Any:
     ok = isinstance(value, option.type) and not (option.type is not bool and type(value) is bool)
     if option.type is float and isinstance(value, int) and type(value) is not bool:
         value, ok = float(value), True
+    if option.type is int and type(value) is float and _whole(value) is not None:
+        value, ok = _whole(value), True  # `sac_steps = 1e4` in a file
     if not ok:
         given = {bool: "a truth value", int: "an integer", float: "a number",
                  str: "a string"}.get(type(value), type(value).__name__)

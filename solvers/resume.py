@@ -36,7 +36,8 @@ _CUMULATIVE = ("time", "queries", "transitions")
 def check_identity(where: str, saved: dict[str, Any], identity: dict[str, Any],
                    may_change: frozenset[str]) -> None:
     """Refuse to mix two runs: a SolverError naming every difference in problem, seed, solver,
-    the deep environment and reward network, ``-D`` values and options (but those in
+    the deep environment, follower (discount, temperature) and reward network, ``-D`` values
+    and options (but those in
     ``may_change``) between the run saved in ``where`` (``the checkpoint in DIR``, say) and
     this one."""
     if saved["problem"] != identity["problem"]:  # then nothing else is worth comparing
@@ -49,7 +50,7 @@ def check_identity(where: str, saved: dict[str, Any], identity: dict[str, Any],
             before.append(f"{name} {saved[name]}")
             now.append(f"{name} {identity[name]}")
             remedy.append(f"{flag} {saved[name]}")
-    for part in ("environment", "reward_net"):  # what the file declares, a checkpoint fits
+    for part in ("environment", "follower", "reward_net"):  # as the file declares them
         was, now_is = saved.get(part), identity.get(part)
         if isinstance(was, dict) and isinstance(now_is, dict):
             for name in sorted(was.keys() & now_is.keys()):

@@ -20,6 +20,7 @@ from solvers.deep.preferences import (
     PreferenceQueue,
     bradley_terry,
     fragment_returns,
+    preference_accuracy,
 )
 from solvers.deep.reward_model import RewardNetSpec, build_reward_net
 from solvers.deep.sobirl_sac import RewardModel, reward_terms
@@ -54,6 +55,47 @@ def test_the_six_problem_files_lower_to_deep_problems(name):
     assert REGISTRY.auto(ProblemFeatures.of(problem)).name == "sobirl_sac"
 
 
+ATARI = 'mdp env = gym("ALE/Pong-v5"{gym})\nvar r = reward_net(env{net})\n'
+
+
+@pytest.mark.parametrize("gym, net, code, said", [
+    (", screen = 30", "", "E305", "from 36 to 256 (SAC's image encoder"),
+    (", screen = 48", "", "E305", "reads frames of at least 49 x 49, and `env` has screen = 48"),
+    (", screen = 48", ", kind = mlp", None, None),  # SAC's encoder alone: 36 and up
+    (", screen = 49, grey = false", "", None, None),  # colour frames: three channels each
+])
+def test_atari_frames_too_small_for_a_network_are_refused_at_check(gym, net, code, said):
+    source = "brl 1\n" + ATARI.format(gym=gym, net=net)
+    if code is None:
+        compile_source(source, "ok.brl")
+        return
+    with pytest.raises(BrlError) as info:
+        compile_source(source, "bad.brl")
+    assert info.value.diagnostics[0].code == code and said in info.value.diagnostics[0].message
+
+
+def test_colour_frames_and_pixels_reach_the_networks_scaled():
+    """A colour stack (stack, H, W, 3) is 3 x stack channels for both image networks, and an
+    MLP on pixels sees them in [0, 1] as the CNNs do (raw bytes made its gradients 1e5)."""
+    from gymnasium import spaces
+
+    from solvers.deep.networks import NatureEncoder, channels_first, make_encoder
+
+    frames = torch.randint(0, 256, (5, 2, 52, 52, 3), dtype=torch.uint8)
+    space = spaces.Box(0, 255, (2, 52, 52, 3), dtype="uint8")
+    encoder = make_encoder(space)
+    assert isinstance(encoder, NatureEncoder) and encoder(frames).shape == (5, 512)
+    cnn = build_reward_net(RewardNetSpec(kind="atari_cnn"), (2, 52, 52, 3), 6, None).eval()
+    assert cnn(frames, torch.zeros(5, dtype=torch.long)).shape == (5,)
+    # the channels are the frames' colours in order: frame 0's red, green, blue, frame 1's...
+    assert torch.equal(channels_first(frames)[:, 4], frames[:, 1, :, :, 1])
+    torch.manual_seed(0)
+    mlp = build_reward_net(RewardNetSpec(hidden=(4,)), (2, 52, 52, 3), 6, None)
+    first = mlp.features(frames)  # the hidden layer's input is the flat frames, scaled
+    assert first.shape == (5, 4)
+    assert torch.allclose(first, mlp.body[1][:-1](frames.flatten(1).float() / 255.0))
+
+
 @pytest.mark.parametrize("text, code, where", [
     ('mdp env = gym("HalfCheetah-v9")', "E406", '"HalfCheetah-v9"'),
     ('mdp env = gym("os:system")', "E406", '"os:system"'),
@@ -68,6 +110,24 @@ def test_gym_declaration_errors_are_located(text, code, where):
     assert diag.code == code
     line = source.split("\n")[diag.span.line - 1]
     assert line[diag.span.column - 1:].startswith(where)
+
+
+def test_options_that_clash_are_refused_at_check_where_written():
+    from bilevel_dsl.cli import solver_catalog
+
+    text = TINY.replace("sac_steps = 60", "sac_steps = 61, envs = 2")
+    with pytest.raises(BrlError) as info:
+        compile_source(text, "bad.brl", solver_catalog=solver_catalog)
+    diag = info.value.diagnostics[0]
+    assert diag.code == "E805" and diag.message.startswith("sac_steps (61) must be a multiple")
+    assert text.split("\n")[diag.span.line - 1][diag.span.column - 1:].startswith("61")
+    held = TINY.replace("warmup_epochs = 2", "warmup_epochs = 2, heldout_every = 1")
+    with pytest.raises(BrlError) as info:
+        compile_source(held, "bad.brl")
+    assert "would never be trained" in info.value.diagnostics[0].message
+    # a whole number written as a real one is an integer option's value
+    compile_source(TINY.replace("sac_steps = 60", "sac_steps = 6e1"), "ok.brl",
+                   solver_catalog=solver_catalog)
 
 
 def test_deep_lower_and_upper_errors():
@@ -145,6 +205,32 @@ def test_oracle_and_queue():
     for _ in range(2):
         queue.push(first, second, labels, Oracle())
     assert len(queue) == 3 and queue.labels.tolist() == [0.0, 1.0, 0.0]
+
+
+def test_held_out_accuracy_leaves_tied_pairs_out():
+    """Pairs whose true returns tie say nothing of the model: counted as agreement, an
+    untrained network scored 1.0 on CartPole, where every fragment ties."""
+    torch.manual_seed(0)
+    net = build_reward_net(RewardNetSpec(hidden=(4,)), (1,), None, 1)
+    obs = torch.randn(3, 2, 1)
+    first = Fragments(obs, torch.zeros(3, 2, 1), torch.tensor([[1.0, 1.0], [2.0, 0.0],
+                                                                [0.0, 0.0]]))
+    second = Fragments(-obs, torch.zeros(3, 2, 1), torch.tensor([[1.0, 1.0], [0.0, 1.0],
+                                                                  [1.0, 0.0]]))
+    queue = PreferenceQueue(capacity=10)
+    queue.push(first, second, torch.zeros(3), Oracle())
+    with torch.no_grad():
+        predicted = fragment_returns(net, first) - fragment_returns(net, second)
+    right = [(predicted[1] > 0).item(), (predicted[2] < 0).item()]  # the first pair ties
+    assert preference_accuracy(net, queue) == (sum(right) / 2, 2)
+    ties = PreferenceQueue(capacity=10)
+    ties.push(_slice_fragments(first, 0), _slice_fragments(second, 0), torch.zeros(1), Oracle())
+    accuracy, counted = preference_accuracy(net, ties)
+    assert math.isnan(accuracy) and counted == 0
+
+
+def _slice_fragments(frags: Fragments, k: int) -> Fragments:
+    return Fragments(frags.obs[k:k + 1], frags.actions[k:k + 1], frags.rewards[k:k + 1])
 
 
 def _brl(*args: str, cwd: Path) -> subprocess.CompletedProcess:

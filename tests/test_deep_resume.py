@@ -326,9 +326,14 @@ def test_a_damaged_checkpoint_is_named_as_such(saved, tmp_path, case):
     ({"seed": 5}, "seed 2; this run has seed 5. Resume with --seed 2"),
     ({"solver": "drlhf_sac"}, "solver sobirl_sac; this run has solver drlhf_sac"),
     ({"name": "other"}, "belongs to problem `small`; this file is problem `other`"),
+    ({"gym": ", discount = 0.5"}, "follower discount = 0.99; this run has follower discount "
+                                  "= 0.5"),
+    ({"temperature": "0.2"}, 'follower temperature = "auto"; this run has follower '
+                             "temperature = 0.2"),
 ])
 def test_resume_refuses_another_run(saved, change, said):
-    text = _source(name=change.pop("name", "small"))
+    text = _source(name=change.pop("name", "small"), gym=change.pop("gym", ""))
+    text = text.replace("temperature = auto", f"temperature = {change.pop('temperature', 'auto')}")
     with pytest.raises(SolverError, match="was saved with|belongs to") as info:
         _run(text, resume=saved, **change)
     assert said in str(info.value)

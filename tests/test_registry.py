@@ -209,6 +209,8 @@ def test_validate_options_rejects(registry: Registry, options: dict, expected: s
     [
         ("outer", "200", 200),
         ("outer", " -3 ", -3),
+        ("outer", "1e4", 10_000),  # a whole number, however written
+        ("outer", "2.0", 2),
         ("beta", "1e-3", 1e-3),
         ("beta", "2", 2.0),
         ("method", "gmres", "gmres"),
@@ -228,6 +230,8 @@ def test_parse_option_value_good(registry: Registry, name: str, text: str, value
     ("name", "text", "expected"),
     [
         ("outer", "2.5", "option `outer` expects an integer, got `2.5`"),
+        ("outer", "1e400", "option `outer` expects an integer, got `1e400`"),
+        ("outer", "inf", "option `outer` expects an integer, got `inf`"),
         ("outer", "none", "option `outer` expects an integer, got `none`"),
         ("beta", "fast", "option `beta` expects a number, got `fast`"),
         ("warm_start", "maybe", "option `warm_start` expects true or false, got `maybe`"),

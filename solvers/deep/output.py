@@ -66,10 +66,21 @@ def deep_record(problem: DeepProblem, result: SolveResult, meta: dict[str, Any]
     })
 
 
+def _accuracy(history: dict[str, list]) -> str:
+    """The last held-out accuracy, with the pairs it is over: early on, one to three."""
+    accuracy = history.get("preference_accuracy", [])
+    decided, held = history.get("preference_accuracy_pairs"), history.get("heldout_pairs")
+    if not (decided and held):  # a run recorded before the counts were
+        return f"{accuracy[-1]:.3f}" if accuracy and math.isfinite(accuracy[-1]) else "-"
+    ties = f"; {held[-1] - decided[-1]} tied pairs left out" if held[-1] > decided[-1] else ""
+    if not (accuracy and math.isfinite(accuracy[-1])):
+        return f"- (no held-out pair with a preferred side{ties})" if held[-1] else "-"
+    return f"{accuracy[-1]:.3f} (over {decided[-1]} pairs{ties})"
+
+
 def deep_summary(problem: DeepProblem, result: SolveResult, meta: dict[str, Any]) -> str:
     history = result.history
     evals, train = history.get("eval_return", []), history.get("train_return", [])
-    accuracy = history.get("preference_accuracy", [])
     rows = [
         ("problem", f"{problem.name} ({problem.env.env_id})"),
         ("solver", str(meta.get("solver", "?"))),
@@ -83,8 +94,7 @@ def deep_summary(problem: DeepProblem, result: SolveResult, meta: dict[str, Any]
             ("preference queries", f"{result.extra.get('queries', 0):,}"),
             ("preference loss", f"{result.objective:.4g}" if math.isfinite(result.objective)
              else "-"),
-            ("held-out accuracy", f"{accuracy[-1]:.3f}" if accuracy and
-             math.isfinite(accuracy[-1]) else "-"),
+            ("held-out accuracy", _accuracy(history)),
         ]
     rows += [
         ("true return (train)", f"{train[-1]:.1f}" if train and math.isfinite(train[-1])

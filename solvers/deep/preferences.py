@@ -226,13 +226,17 @@ def bradley_terry(first: Tensor, second: Tensor, labels: Tensor) -> Tensor:
     return F.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype), reduction="none")
 
 
-def preference_accuracy(net: RewardNet, queue: PreferenceQueue) -> float:
-    """How often the model ranks a pair as the true reward does (ties count as agreement)."""
+def preference_accuracy(net: RewardNet, queue: PreferenceQueue) -> tuple[float, int]:
+    """How often the model ranks a pair as the true reward does, over the pairs whose true
+    returns differ, and how many those are. Ties are left out: counted as agreement, an
+    untrained network scored 1.0 where every fragment ties (CartPole's +1 a step)."""
     if len(queue) == 0:
-        return math.nan
+        return math.nan, 0
+    decided = queue.true_better != 0.5
+    count = int(decided.sum())
+    if count == 0:
+        return math.nan, 0
     with torch.no_grad():
         predicted = fragment_returns(net, queue.first) - fragment_returns(net, queue.second)
-    truth = queue.true_better
-    agree = torch.where(truth == 0.5, torch.ones_like(truth), ((predicted > 0).double() == truth)
-                        .double())
-    return float(agree.mean())
+    agree = (predicted > 0).double() == queue.true_better
+    return float(agree[decided].double().mean()), count

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from .networks import channels_first, flat_features, image_channels
+
 ACTIVATIONS = {"relu": nn.ReLU, "leaky_relu": lambda: nn.LeakyReLU(0.01), "tanh": nn.Tanh,
                "elu": nn.ELU}
 
@@ -137,7 +139,7 @@ class MLPReward(RewardNet):
     @staticmethod
     def _inputs(obs: Tensor, action: Tensor) -> Tensor:
         """``[s, a]``; for ``(n, B, dim)`` sampled actions each state is repeated n times."""
-        flat = obs.flatten(1).float()
+        flat = flat_features(obs)
         if action.dim() == 3:
             flat = flat.unsqueeze(0).expand(action.shape[0], *flat.shape)
         return torch.cat([flat, action.float()], -1)
@@ -158,7 +160,7 @@ class MLPReward(RewardNet):
 
 class _FlatFloat(nn.Module):
     def forward(self, obs: Tensor) -> Tensor:
-        return obs.flatten(1).float()
+        return flat_features(obs)
 
 
 class _FlatMLP(nn.Sequential):
@@ -179,15 +181,16 @@ class _FlatMLP(nn.Sequential):
 class AtariRewardCNN(nn.Sequential):
     """The paper's Atari reward body over uint8 frame stacks, one output per action."""
 
+    CONVOLUTIONS = ((7, 3), (5, 2), (3, 1), (3, 1))  # (kernel, stride), 16 filters each
+
     def __init__(self, frames: int, n_actions: int, spec: RewardNetSpec, screen: int = 84) -> None:
         layers: list[nn.Module] = []
         channels = frames
-        for kernel, stride in ((7, 3), (5, 2), (3, 1), (3, 1)):
+        for kernel, stride in self.CONVOLUTIONS:
             layers += [nn.Conv2d(channels, 16, kernel, stride), nn.BatchNorm2d(16),
                        nn.LeakyReLU(0.01), nn.Dropout(spec.dropout)]
             channels = 16
-        with torch.no_grad():
-            flat = nn.Sequential(*layers)(torch.zeros(1, frames, screen, screen)).numel()
+        flat = 16 * self.side(screen) ** 2
         layers += [nn.Flatten(), nn.Linear(flat, 64), nn.LeakyReLU(0.01), nn.Linear(64, n_actions)]
         super().__init__(*layers)
 
@@ -199,19 +202,33 @@ class AtariRewardCNN(nn.Sequential):
         return self[-1]
 
     def features(self, obs: Tensor) -> Tensor:
-        x = obs.float() / 255.0
+        x = channels_first(obs).float() / 255.0
         for layer in list(self)[:-1]:
             x = layer(x)
         return x
+
+    @classmethod
+    def side(cls, screen: int) -> int:
+        """The side of the last feature map for square frames of side ``screen``."""
+        for kernel, stride in cls.CONVOLUTIONS:
+            screen = (screen - kernel) // stride + 1 if screen >= kernel else 0
+        return screen
+
+    @classmethod
+    def smallest_screen(cls) -> int:
+        """The smallest frame it reads: a last map of 2 x 2 (batch norm needs two values per
+        channel in a batch of one)."""
+        return next(s for s in range(1, 1000) if cls.side(s) >= 2)
 
 
 def build_reward_net(spec: RewardNetSpec, obs_shape: tuple[int, ...], n_actions: int | None,
                      action_dim: int | None) -> RewardNet:
     """The network for an environment: ``n_actions`` for discrete actions, else ``action_dim``."""
     if spec.kind == "atari_cnn":
-        if n_actions is None or len(obs_shape) != 3:
+        if n_actions is None or len(obs_shape) not in (3, 4):
             raise ValueError("atari_cnn needs stacked image observations and discrete actions")
-        return _DiscreteHead(AtariRewardCNN(obs_shape[0], n_actions, spec, obs_shape[-1]))
+        return _DiscreteHead(AtariRewardCNN(image_channels(obs_shape), n_actions, spec,
+                                            obs_shape[2]))
     obs_dim = int(torch.tensor(obs_shape).prod())
     if n_actions is not None:
         return _DiscreteHead(_FlatMLP(obs_dim, n_actions, spec))

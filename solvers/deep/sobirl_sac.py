@@ -67,6 +67,7 @@ from .problem import DeepProblem
 from .replay import DamagedCheckpoint, first_line
 from .reward_model import RewardNet, build_reward_net
 from .sac import SACAgent, SACConfig, SACLearner
+from .spec import option_rules
 
 CHECKPOINT = "checkpoint"
 # stopped_because when the query could not find its fragments (``extra["failure"]`` says why):
@@ -186,11 +187,12 @@ def run(problem: DeepProblem, options: dict[str, Any], monitor: Monitor,
     identity = {"problem": problem.name, "seed": seed, "solver": SOLVER_NAMES[variant],
                 "options": _jsonable(dict(options)), "defines": dict(defines or {}),
                 "environment": _jsonable(dataclasses.asdict(problem.env)),
+                "follower": {"discount": problem.discount,
+                             "temperature": problem.temperature or "auto"},
                 "reward_net": _jsonable(dataclasses.asdict(problem.reward_net)),
                 **({"source_sha256": source_sha256} if source_sha256 else {})}
-    if options["sac_steps"] % options["envs"]:
-        raise SolverError(f"sac_steps ({options['sac_steps']}) must be a multiple of envs "
-                          f"({options['envs']}): each vector step advances every copy")
+    for _, message in option_rules(options):  # options given by --set: not checked before
+        raise SolverError(message)
     problem_with_env = unusable(problem.env)
     if problem_with_env is not None:
         why, hint = problem_with_env
@@ -451,7 +453,11 @@ def _record(history, k, loss, grad_norm, start, learner, collector, queries, hel
     history["queries"].append(queries)
     recent = learner.episode_returns[-10:]
     history["train_return"].append(float(np.mean(recent)) if recent else math.nan)
-    history["preference_accuracy"].append(preference_accuracy(model.net, heldout))
+    accuracy, decided = preference_accuracy(model.net, heldout)
+    history["preference_accuracy"].append(accuracy)
+    # (a checkpoint written before these records existed resumes without them)
+    history.setdefault("preference_accuracy_pairs", []).append(decided)
+    history.setdefault("heldout_pairs", []).append(len(heldout))
     history["alpha"].append(float(agent.alpha))
     # (a checkpoint written before this record existed resumes without it)
     history.setdefault("critic_td_error", []).append(critic_error)

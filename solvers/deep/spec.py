@@ -96,4 +96,12 @@ def spec_for(name: str) -> SolverSpec:
         return run_deep(problem, options, monitor, variant=variant, **kwargs)
 
     return SolverSpec(name=name, aliases=aliases, summary=summary, capabilities=DEEP,
-                      options=options, run=run)
+                      options=options, run=run, rules=option_rules)
+
+
+def option_rules(options: dict[str, Any]) -> list[tuple[tuple[str, ...], str]]:
+    """What the deep solvers' options must satisfy together."""
+    if options["sac_steps"] % options["envs"]:
+        return [(("sac_steps", "envs"), f"sac_steps ({options['sac_steps']}) must be a multiple "
+                 f"of envs ({options['envs']}): each vector step advances every copy")]
+    return []
