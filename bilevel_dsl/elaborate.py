@@ -1030,13 +1030,16 @@ class _Elaborator:
                             "add `lower M { temperature = ...  reward[s, a] = ... }`")
         scope.exact_trajectories = False
         v = evaluate_val(decl.objective, scope)
+        self._check_sampled_terms(decl.objective)
         if v.axes or v.dims:
             raise EvalError("E306", f"the objective must be a single number, but it is "
                             f"{v.describe_shape()}" + (f" over index `{v.axes[0]}`" if v.axes
                                                        else ""),
                             decl.objective.span,
                             "sum it, e.g. `sum {s in M.S} ...`, or take a norm")
-        if not bool(torch.isfinite(v.t).all()) and self.var is not None:
+        # (sampled terms count as 0 here: `1 / expected_return(...)` is finite where solved)
+        if not bool(torch.isfinite(v.t).all()) and self.var is not None \
+                and decl.form != ir.TRAJECTORY:
             span, hint = _not_finite_at(decl.objective, scope)
             policy = " with the uniform policy" if decl.features else ""
             self.upper_not_finite = Diagnostic(
@@ -1045,6 +1048,36 @@ class _Elaborator:
                 + (", first here" if span is not decl.objective.span else "")
                 + ": a solve stops at its first iteration", span, hint, severity="warning")
         self.upper = decl
+
+    def _check_sampled_terms(self, objective: ir.Expr) -> None:
+        """What a sampled term's tables may depend on: the oracle's `truth` on nothing that
+        moves (it labels the pairs once drawn), a `model` or `reward` on `x` but not on the
+        policy (the trajectories come from it)."""
+        seen, stack, calls = set(), [objective], []
+        while stack:
+            for node in ir.walk(stack.pop()):
+                if isinstance(node, ir.Call) and node.function in ir.TRAJECTORY_FUNCTIONALS:
+                    calls.append(node)
+                let = self.names.get(node.id) if isinstance(node, ir.Name) else None
+                if isinstance(let, LetDef) and node.id not in seen:
+                    seen.add(node.id)
+                    stack.append(let.decl.value)
+        for call in calls:
+            tables = {k.name: k.value for k in call.keywords}
+            if call.function == "expected_return" and len(call.args) > 2:
+                tables["reward"] = call.args[2]
+            truth = tables.pop("truth", None)
+            if truth is not None and id(truth) in varying_nodes([truth], self.names):
+                raise EvalError("E305", "the oracle's reward `truth` cannot depend on the "
+                                "variable or the policy: it labels the sampled pairs",
+                                truth.span, "use a param or the MDP's reward, e.g. `truth = "
+                                f"{_source_text(call.args[0])}.R`")
+            for name in ("model", "reward"):
+                use = _policy_use(tables[name], self.policy_lets) if name in tables else None
+                if use is not None:
+                    raise EvalError("E501", f"the `{name}` of `{call.function}` cannot use the "
+                                    "follower's policy: its trajectories are the policy's",
+                                    use.span, "a reward table in `x` and params only")
 
     def _solve(self, decl: ir.SolveDecl) -> None:
         options: dict[str, Any] = {}
@@ -1134,6 +1167,10 @@ _CHILD_FIELDS: dict[type, tuple[str, ...]] = {ir.NumberArray: ()}  # its numbers
 
 def _uses_policy(expr: ir.Expr, policy_lets: set[str]) -> bool:
     return _policy_use(expr, policy_lets) is not None
+
+
+def _source_text(node: ir.Expr) -> str:
+    return node.id if isinstance(node, ir.Name) else "M"
 
 
 def _policy_use(expr: ir.Expr, policy_lets: set[str]) -> ir.Expr | None:

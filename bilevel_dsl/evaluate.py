@@ -47,6 +47,9 @@ FUNCTIONS = tuple(ELEMENTWISE) + REDUCERS + DRAWS + FUNCTIONALS + OTHER_FUNCTION
 CONSTANTS = {"inf": math.inf, "true": 1.0, "false": 0.0}
 MAX_TERMS = 10**9  # terms of one reduction
 MAX_HORIZON = 100_000  # steps of expected_return and preference_loss
+# trajectory steps one estimate of a sampled term draws (pairs x 2 x horizon for a preference
+# loss): the samplers hold them all at once, about 100 bytes each
+MAX_SAMPLED_STEPS = 20_000_000
 
 
 @dataclass
@@ -1449,10 +1452,15 @@ def _functional(node: ir.Call, scope: Scope) -> Val:
     _table_arg(kw["truth"].value, mdp, scope)
     if "model" in kw:
         _table_arg(kw["model"].value, mdp, scope)
-    _positive_int(kw.get("horizon"), node, scope, "horizon")
-    for name in ("pairs",):
-        if name in kw:
-            _positive_int(kw[name], node, scope, name)
+    horizon = _positive_int(kw.get("horizon"), node, scope, "horizon")
+    if "pairs" in kw:
+        pairs = _positive_int(kw["pairs"], node, scope, "pairs")
+        if 2 * pairs * horizon > MAX_SAMPLED_STEPS:
+            raise EvalError("E305", f"{pairs:,} pairs of {horizon:,} steps are "
+                            f"{2 * pairs * horizon:,} sampled steps an estimate, more than "
+                            f"{MAX_SAMPLED_STEPS:,}", kw["pairs"].value.span,
+                            "fewer pairs, or a shorter horizon: each estimate holds all its "
+                            "trajectories at once")
     for name in ("scale", "noise"):
         if name in kw:
             value = float(evaluate_val(kw[name].value, scope).t)

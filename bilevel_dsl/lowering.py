@@ -6,6 +6,8 @@ objective become closures that run the interpreter on the device's tensors.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from . import ir
@@ -160,12 +162,29 @@ def _trajectory_form(checked, upper, sign, scope, lower_reward_fn, names, follow
     trajectory form (None), and model-free solvers decline it.
     """
     found: list[tuple[float, ir.Call]] = []
+    through_lets: dict[str, bool] = {}
+
+    def uses_policy(node: ir.Expr) -> bool:
+        """Whether `node` uses the policy, itself or through the lets it names."""
+        if ir.objective_features(node):
+            return True
+        for name in ir.names_in(node):
+            let = names.get(name)
+            if isinstance(let, LetDef) and name not in through_lets:
+                through_lets[name] = False  # (a let cannot use itself)
+                through_lets[name] = uses_policy(let.decl.value)
+            if through_lets.get(name):
+                return True
+        return False
 
     def visit(node: ir.Expr, coefficient: float) -> bool:
         if isinstance(node, ir.Call) and node.function in ir.TRAJECTORY_FUNCTIONALS:
             found.append((coefficient, node))
             return True
-        if not ir.objective_features(node):
+        let = names.get(node.id) if isinstance(node, ir.Name) else None
+        if isinstance(let, LetDef) and not let.dims:  # `let PL = preference_loss(...)`
+            return visit(let.decl.value, coefficient)
+        if not uses_policy(node):
             return True
         if isinstance(node, ir.Unary) and node.op in "+-":
             return visit(node.operand, -coefficient if node.op == "-" else coefficient)
@@ -174,11 +193,13 @@ def _trajectory_form(checked, upper, sign, scope, lower_reward_fn, names, follow
                 node.right, -coefficient if node.op == "-" else coefficient)
         if isinstance(node, ir.Binary) and node.op in ("*", "/"):
             const, inner = (node.left, node.right) if node.op == "*" else (node.right, node.left)
-            if node.op == "*" and ir.objective_features(const):
+            if node.op == "*" and uses_policy(const):
                 const, inner = inner, const
-            if ir.objective_features(const) or not _constant(const, names):
+            if uses_policy(const) or not _constant(const, names):
                 return False
             c = float(evaluate_val(const, scope(torch.zeros(0))).t)
+            if not math.isfinite(c) or (node.op == "/" and c == 0):
+                return False  # an objective that is NaN or inf everywhere: no such form
             return visit(inner, coefficient * c if node.op == "*" else coefficient / c)
         return False
 

@@ -34,7 +34,7 @@ from .result import Monitor, SolveResult
 
 def setup(problem: TabularProblem, options: dict[str, Any]) -> tuple[Follower, Direction]:
     """The follower and the reward-fitting direction (``outer_loop`` runs them)."""
-    env = Environment.of(problem)
+    env = Environment.of(problem, options)
     streams = Streams(problem.seed, problem.device)
     follower = Follower(problem, env, options, streams.rollouts)
     data = preference_data(problem, options)

@@ -60,6 +60,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from bilevel_dsl.evaluate import MAX_SAMPLED_STEPS
 from bilevel_dsl.instance import TabularProblem
 from bilevel_dsl.simulator import (
     TabularSimulator,
@@ -71,7 +72,7 @@ from bilevel_dsl.simulator import (
 from bilevel_dsl.softmdp import soft_bellman_update, soft_policy
 
 from .hypergrad import VERIFY_TOL, exact_record, hypergradient, reward_vjp
-from .registry import Option
+from .registry import Option, SolverError
 from .result import NOT_FINITE, Monitor, SolveResult, stop_reason, unfinished
 
 # Preferences keeps pairs as dense visit-count rows while S*A <= this * 2H.
@@ -158,8 +159,21 @@ class Environment:
         return sum(sim.transitions_drawn for sim in (self.lower, *self.upper))
 
     @classmethod
-    def of(cls, problem: TabularProblem) -> Environment:
+    def of(cls, problem: TabularProblem, options: dict[str, Any] | None = None) -> Environment:
+        """The simulators; with a solver's ``options``, once the sizes of its estimates are
+        known to fit in memory."""
         terms = problem.trajectory_terms or ()
+        for term in terms if options is not None else ():
+            trajectories = options["batch"] or (
+                2 * term.pairs if term.kind == "preference_loss" else 64)
+            if options["batch"] and term.kind == "preference_loss":
+                trajectories *= 2
+            if trajectories * term.horizon > MAX_SAMPLED_STEPS:
+                raise SolverError(
+                    f"batch = {options['batch']:,} with a horizon of {term.horizon:,} is "
+                    f"{trajectories * term.horizon:,} sampled steps an estimate, more than "
+                    f"{MAX_SAMPLED_STEPS:,} (each estimate holds all its trajectories at once); "
+                    "use a smaller --set batch")
         return cls(TabularSimulator(problem.transitions, problem.initial),
                    [TabularSimulator(t.transitions, t.initial) for t in terms])
 

@@ -48,7 +48,7 @@ MODEL_FREE = Capabilities(
 
 def setup(problem: TabularProblem, options: dict[str, Any]) -> tuple[Follower, Direction]:
     """Algorithm 1's follower and step direction (``outer_loop`` runs them)."""
-    env = Environment.of(problem)
+    env = Environment.of(problem, options)
     streams = Streams(problem.seed, problem.device)
     follower = Follower(problem, env, options, streams.rollouts)
     data = preference_data(problem, options)

@@ -74,7 +74,7 @@ def setup(problem: TabularProblem, options: dict[str, Any],
           weights: list[float] | None = None) -> tuple[Follower, Direction]:
     """Algorithms 3-4's follower and momentum direction (``outer_loop`` runs them);
     ``weights`` receives ``eta_k`` at each iteration that replayed its sample."""
-    env = Environment.of(problem)
+    env = Environment.of(problem, options)
     streams = Streams(problem.seed, problem.device)
     follower = Follower(problem, env, options, streams.rollouts)
     data = preference_data(problem, options)

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from bilevel_dsl import compile_file, compile_source
+from bilevel_dsl import BrlError, compile_file, compile_source
 from bilevel_dsl.instance import TabularProblem, TrajectoryTerm
 from bilevel_dsl.lowering import lower
 from bilevel_dsl.softmdp import Transitions, policy_evaluation, soft_q, soft_value_iteration
@@ -618,6 +618,50 @@ def test_a_model_free_run_is_checked_exactly_at_x0_and_at_its_end():
     assert said is not None and "both with the follower solved exactly" in said
     assert _ended_worse(problem, result, result.history["objective"]) is None or (
         result.objective > result.extra["exact_at_x0"])
+
+
+def test_a_trajectory_term_written_through_a_let_is_split_as_written_inline():
+    """`let ER = expected_return(...)` ... `maximize 2 * ER - ...`: the same terms and the same
+    policy-free rest as inline (through a let they were dropped: no sample was ever drawn); a
+    policy term through a let is no linear form, as inline."""
+    base, upper = SHAPING.split("upper maximize ")
+    inline = lower(compile_source(SHAPING.replace("upper maximize ", "upper maximize 2 * "),
+                                  "inline.brl"), device="cpu")
+    through = lower(compile_source(
+        base + "let ER = expected_return(world, policy, horizon = 12)\n"
+        "let twice = 2 * ER\nupper maximize twice" + upper.split(")", 1)[1], "let.brl"),
+        device="cpu")
+    assert len(through.trajectory_terms) == len(inline.trajectory_terms) == 1
+    a, b = inline.trajectory_terms[0], through.trajectory_terms[0]
+    assert (a.kind, a.coefficient, a.horizon) == (b.kind, b.coefficient, b.horizon) == (
+        "expected_return", -2.0, 12)
+    x = torch.full_like(inline.x0, 0.3)
+    assert torch.allclose(inline.policy_free(x), through.policy_free(x))
+    policy_let = base + ("let p0 = policy[0, 0]\nupper maximize expected_return(world, policy, "
+                         "horizon = 12) + 2 * p0\n")
+    problem = lower(compile_source(policy_let, "p.brl"), device="cpu")
+    assert problem.trajectory_terms is None and not ProblemFeatures.of(problem).linear_terms
+
+
+def test_a_sampled_term_whose_truth_moves_or_whose_model_uses_the_policy_is_refused():
+    base = SHAPING.split("upper")[0] + "let Tx[s in world.S, a in world.A] = x[s, a]\n"
+    for tail, code, said in (
+            ("truth = Tx)", "E305", "`truth` cannot depend on the variable or the policy"),
+            ("truth = world.R, model = policy)", "E501",
+             "the `model` of `preference_loss` cannot use the follower's policy")):
+        with pytest.raises(BrlError) as info:
+            compile_source(base + "upper minimize preference_loss(world, policy, horizon = 5, "
+                           + tail, "bad.brl")
+        assert info.value.diagnostics[0].code == code
+        assert said in info.value.diagnostics[0].message
+    with pytest.raises(BrlError) as info:
+        compile_source(base + "upper minimize preference_loss(world, policy, truth = world.R, "
+                       "horizon = 50, pairs = 300000)", "big.brl")
+    assert "30,000,000 sampled steps an estimate" in info.value.diagnostics[0].message
+    # divided by a constant 0: no linear form (it used to raise ZeroDivisionError in lowering)
+    problem = lower(compile_source(base + "upper minimize expected_return(world, policy, "
+                                   "horizon = 5) / 0", "zero.brl"), device="cpu")
+    assert problem.trajectory_terms is None
 
 
 def test_model_free_solvers_refuse_an_objective_not_linear_in_its_terms():
