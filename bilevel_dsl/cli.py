@@ -244,6 +244,9 @@ def cmd_solve(args: argparse.Namespace) -> int:
         if given is not None and not given.strip():  # '' would have meant the default folder
             raise UsageError(f"{flag} needs a folder, got an empty name")
     if args.resume is not None:  # a resumed run writes where it was saved
+        if args.force:
+            raise UsageError(f"--resume {args.resume} continues the run in that folder, and "
+                             "--force would replace it: drop one of them")
         if args.out is not None and Path(args.out) != Path(args.resume):
             raise UsageError(f"--resume {args.resume} continues the run in that folder, and "
                              f"--out {args.out} would be ignored; copy the folder first to "

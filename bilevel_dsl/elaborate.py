@@ -275,6 +275,10 @@ class _Elaborator:
         }[type(stmt)]
         hint = "the leader has one decision variable; make it an array, e.g. `var x[2, 3]`" \
             if isinstance(stmt, ir.VarDecl) else None
+        if isinstance(stmt, ir.VarDecl) and isinstance(stmt.value, ir.Call) \
+                and stmt.value.function == "reward_net":
+            hint = "the leader learns one reward network; widen it (`hidden = [...]`) rather " \
+                "than adding another"
         self.bag.error("E202", f"only one {word} is allowed", stmt.span, hint,
                        notes=(f"the first is on line {first.line}",))
 

@@ -670,6 +670,7 @@ _PAIRS = {
     ("<", ">"): "`not equal` is written `!=`",
     (",", "]"): "remove the comma before the bracket",
     (",", ")"): "remove the comma before the parenthesis",
+    ("[", "]"): "an array has at least one entry, such as `[256, 256]`",
 }
 
 

@@ -134,7 +134,9 @@ def summary_table(problem: TabularProblem, result: SolveResult, meta: dict[str, 
         ("stopped because", result.stopped_because),
         ("objective", f"{problem.sign * result.objective:.6g}{_objective_note(result, meta)}"
                       if math.isfinite(result.objective) else "- (no estimate yet)"),
-        ("||h|| final", f"{norms[-1]:.3g}" if norms else "-"),
+        ("||h|| final", f"{norms[-1]:.3g}" + (" (the last sampled estimate)"
+                                               if "objective_is" in result.extra else "")
+         if norms else "-"),
         # at an optimum on a bound ||h|| stays large; the projected step is what goes to 0
         *([("stationarity", f"{stationarity[-1]:.3g} (the projected step's "
                             "||x - project(x - beta h)|| / beta)")]

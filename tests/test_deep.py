@@ -319,6 +319,9 @@ def test_resume_without_a_checkpoint_is_a_clear_error(tmp_path):
     done = _brl("solve", str(source), "--resume", str(tmp_path), "--out",
                 str(tmp_path / "copy"), cwd=tmp_path)
     assert done.returncode == 1 and "would be ignored" in done.stderr
+    # --force (replace the folder) beside --resume (continue it) was silently ignored
+    done = _brl("solve", str(source), "--resume", str(tmp_path), "--force", cwd=tmp_path)
+    assert done.returncode == 1 and "--force would replace it" in done.stderr
 
 
 def test_atari_evaluation_env_matches_the_training_copies():

@@ -248,11 +248,14 @@ def test_summary_table_shows_stationarity_with_bounds() -> None:
 def test_summary_table_shows_model_free_counts() -> None:
     x = torch.zeros(4, dtype=torch.float64)
     result = fake_result(x)
-    result.extra.update(queries=1280, transitions=3_500_000)
+    result.extra.update(queries=1280, transitions=3_500_000,
+                        objective_is="the mean of the last 10 sampled estimates")
     problem = dataclasses.replace(grid_problem(x), features=frozenset({"preference_loss"}))
     table = summary_table(problem, result, META)
     rows = {line.split("  ")[0]: line for line in table.splitlines()}
     assert rows["preference queries"].split()[-1] == "1,280"
+    # not the exact gradient that the progress line's last record may show (verify = exact)
+    assert rows["||h|| final"].endswith("0 (the last sampled estimate)")
     assert rows["simulator transitions"].split()[-1] == "3,500,000"
     # an objective that asks no preferences (expected_return) has no count of them to show
     table = summary_table(grid_problem(x), result, META)

@@ -891,6 +891,7 @@ def test_the_nesting_limit_counts_the_expression_alone_and_points_at_it():
     ("param q = 1)", "unexpected `)`: no `(` is open here", "remove it"),
     ("param q = [1, 2]]", "unexpected `]`: no `[` is open here", "remove it"),
     ("param q = M..S", "unexpected `..`", "written with one dot: `M.S`"),
+    ("param q = []", "unexpected `]`", "an array has at least one entry"),
     ("param q = 1..5", "unexpected `..`", "where a set is expected: `set S = 1..5`"),
 ])
 def test_habits_of_other_languages_get_a_hint(body, message, hint):
