@@ -1165,11 +1165,15 @@ def _product_factors(node: ir.Expr, cache: ConstantCache | None) -> list[ir.Expr
 
 def _multiply(node: ir.Expr, factors: Iterator[Val], cache: ConstantCache | None) -> Val:
     """The product of already evaluated factors, link by link as `_binary` would build it
-    (same spans in its errors)."""
-    if not _is_product(node, cache):
-        return next(factors)
-    left = _multiply(node.left, factors, cache)
-    return _binary_values(node, left, _multiply(node.right, factors, cache))
+    (same spans in its errors); a chain's left spine in a loop, as there (thousands long)."""
+    spine = []
+    while _is_product(node, cache):
+        spine.append(node)
+        node = node.left
+    value = next(factors)
+    for link in reversed(spine):
+        value = _binary_values(link, value, _multiply(link.right, factors, cache))
+    return value
 
 
 _AXIS_LETTERS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"

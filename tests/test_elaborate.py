@@ -812,6 +812,11 @@ def test_a_sum_of_a_product_of_arrays_is_still_checked_link_by_link():
     assert (diag.span.line, diag.span.column, diag.span.end_column) == (4, 27, 32)  # `a * b`
     # an array factor: summed as before
     assert param("param result[2] = sum {i in 0..2} [1, 2] * i * 2").tolist() == [6, 12]
+    # a chain of 3,000 factors, scalars and arrays: no recursion as deep as the chain
+    chain = " * ".join(["a"] * 3000)
+    assert param("param a[2] = [1, 1]\nparam result[2] = sum {i in 0..2} " + chain
+                 ).tolist() == [3, 3]
+    assert value("sum {i in 0..1} " + " * ".join(["i"] * 3000)) == 1  # one einsum
 
 
 def test_a_range_from_an_mdp_or_a_set_was_meant_as_a_part_or_a_member():
