@@ -1008,7 +1008,9 @@ class _Elaborator:
                                 f"the reward's indices are positional: {roles}") from None
             raise
         if not bool(torch.isfinite(r).all()):
-            span, hint = _not_finite_at(reward.value, scope)
+            span, hint = _not_finite_at(reward.value, scope) if len(names) == 2 or \
+                mdp.states.size ** 2 * mdp.actions.size <= _ORIGIN_ENTRIES \
+                else (reward.value.span, None)
             raise EvalError("E305", "the follower's reward is NaN or infinite at the initial "
                             "point" + (", first here" if span is not reward.value.span else ""),
                             span, hint)
@@ -1070,6 +1072,12 @@ class _Elaborator:
             tables = {k.name: k.value for k in call.keywords}
             if call.function == "expected_return" and len(call.args) > 2:
                 tables["reward"] = call.args[2]
+            for name in ("scale", "noise", "horizon", "pairs"):
+                if name in tables and id(tables[name]) in varying_nodes([tables[name]],
+                                                                        self.names):
+                    raise EvalError("E305", f"`{name}` of `{call.function}` cannot depend on the "
+                                    "variable or the policy", tables[name].span,
+                                    "a number, or a param")
             truth = tables.pop("truth", None)
             if truth is not None and id(truth) in varying_nodes([truth], self.names):
                 raise EvalError("E305", "the oracle's reward `truth` cannot depend on the "
@@ -1346,7 +1354,11 @@ _NOT_FINITE_HINTS = {
     "*": "0 times inf is NaN",
     "+": "inf + (-inf) is NaN",
     "-": "inf - inf is NaN",
+    "sum": "its terms are not all finite (those that a filter leaves out do not count)",
 }
+# above this many entries of a reward in (s, a, t), where a NaN first appears is not looked for:
+# the search evaluates the whole S x A x S table, which the reward's own path avoids
+_ORIGIN_ENTRIES = 1 << 22
 
 
 def _not_finite_at(root: ir.Expr, scope: Scope) -> tuple[ir.Span, str | None]:
@@ -1359,8 +1371,7 @@ def _not_finite_at(root: ir.Expr, scope: Scope) -> tuple[ir.Span, str | None]:
         return origin.span, "this value is not finite here: where does it come from?"
     key = origin.function if type(origin) is ir.Call else getattr(origin, "op", None)
     said = _NOT_FINITE_HINTS.get(key)
-    return origin.span, (f"{said}; its operands are finite here" if said else
-                         "its operands are finite here, the operation makes a NaN or inf")
+    return origin.span, said or "the operation makes a NaN or an infinity here"
 
 
 def _first_not_finite(name: str, v: Val) -> str:

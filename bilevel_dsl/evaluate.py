@@ -137,6 +137,7 @@ class ConstantCache:
     # the last solutions of each policy functional's linear systems: the next evaluation's
     # iterative solves start there
     warm: dict[int, softmdp.WarmStart] = field(default_factory=dict)
+    finite: dict[int, bool] = field(default_factory=dict)  # of constant factors of sums
 
 
 def varying_nodes(roots: list[ir.Expr], names: dict[str, object]) -> set[int]:
@@ -204,14 +205,16 @@ def _children(node: object) -> list[object]:
 def not_finite_origin(root: ir.Expr, scope: Scope) -> ir.Expr | None:
     """Where a NaN or an infinity in `root`'s value first appears: evaluated again with every
     sub-expression's value seen (no caches, no contractions), the innermost node on a path of
-    values that are not finite from `root` down (a filtered `log(0)` does not count: its
-    parent is finite). None if `root` is finite there, or fails to evaluate."""
-    bad: set[int] = set()
+    values with NaN (or, for an infinite `root`, with infinities and no NaN) from `root` down.
+    A NaN made of infinities (`0 * inf`) is placed at the operation; a filtered `log(-1)` does
+    not count (its parent is finite, or infinite without NaN). None if `root` is finite
+    there, or fails to evaluate."""
+    bad: dict[int, str] = {}
 
     def watch(node: ir.Expr, value: object) -> None:
         if (isinstance(value, Val) and value.t.is_floating_point()
                 and not bool(torch.isfinite(value.t).all())):
-            bad.add(id(node))
+            bad[id(node)] = "nan" if bool(value.t.isnan().any()) else "inf"
 
     inner = scope.copy()
     inner.watch, inner.constants, inner.let_cache = watch, None, {}
@@ -220,7 +223,8 @@ def not_finite_origin(root: ir.Expr, scope: Scope) -> ir.Expr | None:
         evaluate(root, inner)
     except EvalError:
         return None
-    if id(root) not in bad:
+    kind = bad.get(id(root))
+    if kind is None:
         return None
     node = root
     while True:
@@ -228,7 +232,7 @@ def not_finite_origin(root: ir.Expr, scope: Scope) -> ir.Expr | None:
         let = scope.names.get(node.id) if type(node) is ir.Name else None
         if isinstance(let, LetDef) and node.id not in scope.indices:
             children.append(let.decl.value)
-        inside = next((c for c in children if id(c) in bad), None)
+        inside = next((c for c in children if bad.get(id(c)) == kind), None)
         if inside is None:
             return node
         node = inside
@@ -1011,13 +1015,16 @@ def set_of(node: ir.Expr, scope: Scope) -> SetValue:
 
 
 def _range(node: ir.Range, scope: Scope) -> SetValue:
-    if type(node.start) is ir.Name and type(node.stop) is ir.Name and isinstance(
-            scope.names.get(node.start.id), (MdpValue, SetValue)) and \
-            node.start.id not in scope.indices:
-        raise EvalError("E305", f"`{node.start.id}..{node.stop.id}` is a range of numbers, "
-                        f"and `{node.start.id}` is no number", node.span,
-                        f"a part or a member is written with one dot: "
-                        f"`{node.start.id}.{node.stop.id}`")
+    left = scope.names.get(node.start.id) if type(node.start) is ir.Name and \
+        node.start.id not in scope.indices else None
+    if isinstance(left, (MdpValue, SetValue)) and type(node.stop) is ir.Name:
+        part = node.stop.id
+        meant = part in (MDP_ATTRIBUTES + tuple(left.extras) if isinstance(left, MdpValue)
+                         else left.members or ())
+        raise EvalError("E305", f"`{node.start.id}..{part}` is a range of numbers, and "
+                        f"`{node.start.id}` is no number", node.span,
+                        f"a part or a member is written with one dot: `{node.start.id}.{part}`"
+                        if meant else None)
     start = _integer(node.start, scope)
     stop = _integer(node.stop, scope)
     if stop < start - 1:
@@ -1070,22 +1077,12 @@ def _reduction(node: ir.Reduction, scope: Scope) -> Val:
             Binding(binder.name, domain, scope.device),
         )
         names.append(binder.name)
-    if (node.op == "sum" and node.where is None and scope.watch is None
-            and _is_product(node.body, inner.constants)):
-        nodes = _product_factors(node.body, inner.constants)
-        found = _transition_factor(nodes, names, inner)
-        factors = [None if found and k == found[0] else evaluate_val(f, inner)
-                   for k, f in enumerate(nodes)]
-        if found:
-            summed = _expect_over_next(found[1], nodes[found[0]], factors, inner)
-            if summed is not None:
-                return summed
-            factors[found[0]] = evaluate_val(nodes[found[0]], inner)
-        summed = _contract(factors, names, inner)
-        if summed is not None:
-            return summed
-        body = _multiply(node.body, iter(factors), inner.constants)
-    else:
+    body = None
+    if node.op == "sum" and node.where is None and scope.watch is None:
+        body, summed = _sum_of_product(node.body, names, inner)
+        if summed:
+            return body
+    if body is None:
         body = evaluate_val(node.body, inner)
     cond = None if node.where is None else evaluate_val(node.where, inner)
     if cond is not None and cond.dims:
@@ -1141,6 +1138,57 @@ def _reduction(node: ir.Reduction, scope: Scope) -> Val:
         out = torch.logsumexp(t.flatten(len(keep), len(axes) - 1), dim=len(keep))
     kind = body.kind if op in ("sum", "max", "min", "prod") and body.kind != "bool" else "real"
     return Val(out, keep, body.dims, kind)
+
+
+def _sum_of_product(body: ir.Expr, names: list[str], scope: Scope) -> tuple[Val | None, bool]:
+    """`sum {names} f1 * ... * fn` without the product over every index: ``(the sum, True)``
+    by ``P.expect`` (a factor `M.P[s, a, t]`) or one einsum; else ``(the product, False)``
+    built link by link from the factors already evaluated, or ``(None, False)`` where the body
+    is left to be evaluated whole (no product, or one that neither x nor pi moves). Factors
+    that are not finite keep the term-by-term sum: an einsum sums an index out of one factor
+    before multiplying by the others, so `0 * inf` there would not be NaN."""
+    if not (type(body) is ir.Binary and body.op == "*"):
+        return None, False
+    cache = scope.constants
+    every = _product_factors(body, None)
+    found = _transition_factor(every, names, scope)
+    # with M.P among the factors, each factor alone (a constant group `M.P[s, a, t] * c[t]`
+    # would hide it), so that check and solve take the same path
+    grouping = None if found else cache
+    if not found and not _is_product(body, cache):
+        return None, False
+    nodes = every if found else _product_factors(body, cache)
+    factors = [None if found and k == found[0] else evaluate_val(f, scope)
+               for k, f in enumerate(nodes)]
+    finite = _all_finite(factors, nodes, cache)
+    if finite and found:
+        summed = _expect_over_next(found[1], nodes[found[0]], factors, scope)
+        if summed is not None:
+            return summed, True
+    if found:
+        factors[found[0]] = evaluate_val(nodes[found[0]], scope)
+    summed = _contract(factors, names, scope) if finite else None
+    if summed is not None:
+        return summed, True
+    return _multiply(body, iter(factors), grouping), False
+
+
+def _all_finite(factors: list[Val | None], nodes: list[ir.Expr], cache: ConstantCache | None
+                ) -> bool:
+    """Whether every factor is finite; a constant factor's answer is kept."""
+    checks = []
+    for f, n in zip(factors, nodes):
+        if f is None or not f.t.is_floating_point():
+            continue
+        if cache is not None and id(n) not in cache.varying:
+            known = cache.finite.get(id(n))
+            if known is None:
+                known = cache.finite[id(n)] = bool(torch.isfinite(f.t).all())
+            if not known:
+                return False
+        else:
+            checks.append(torch.isfinite(f.t).all())
+    return not checks or bool(torch.stack(checks).all())
 
 
 def _is_product(node: ir.Expr, cache: ConstantCache | None) -> bool:

@@ -83,6 +83,14 @@ class TabularProblem:
     # policy-free rest; None when the objective is not such a linear combination.
     trajectory_terms: tuple[TrajectoryTerm, ...] | None = None
     policy_free: Callable[[torch.Tensor], torch.Tensor] | None = None
+    # where the objective's iterative solves (`value(...)`, `occupancy(...)`) keep their last
+    # answers to start the next ones from; cleared for a run of its own, or for evaluations
+    # that must not depend on what came before (the finite differences of gradcheck)
+    warm_starts: dict = field(default_factory=dict, repr=False, compare=False)
+
+    def cold_solves(self) -> None:
+        """Forget the last solves: the next evaluations start from zero, as a fresh problem's."""
+        self.warm_starts.clear()
 
     @property
     def n_states(self) -> int:

@@ -93,7 +93,9 @@ def lower(checked: CheckedProgram, device: str | torch.device | None = None) -> 
     upper = checked.upper
     sign = -1.0 if upper.sense == "maximize" else 1.0
 
-    constants = ConstantCache(varying_nodes([lower_info.reward, upper.objective], names))
+    warm_starts: dict = {}
+    constants = ConstantCache(varying_nodes([lower_info.reward, upper.objective], names),
+                              warm=warm_starts)
 
     x_shape = tuple(var.x0.shape)
 
@@ -151,6 +153,7 @@ def lower(checked: CheckedProgram, device: str | torch.device | None = None) -> 
         grid=follower.grid,
         trajectory_terms=terms,
         policy_free=policy_free,
+        warm_starts=warm_starts,
     )
 
 
@@ -195,7 +198,7 @@ def _trajectory_form(checked, upper, sign, scope, lower_reward_fn, names, follow
             const, inner = (node.left, node.right) if node.op == "*" else (node.right, node.left)
             if node.op == "*" and uses_policy(const):
                 const, inner = inner, const
-            if uses_policy(const) or not _constant(const, names):
+            if id(const) in varying_nodes([const], names):  # x or the policy: no coefficient
                 return False
             c = float(evaluate_val(const, scope(torch.zeros(0))).t)
             if not math.isfinite(c) or (node.op == "/" and c == 0):
@@ -219,11 +222,6 @@ def _trajectory_form(checked, upper, sign, scope, lower_reward_fn, names, follow
         return sign * value.t.to(DTYPE)
 
     return tuple(terms), policy_free
-
-
-def _constant(node: ir.Expr, names: dict[str, object]) -> bool:
-    """True when `node` mentions neither the variable nor a `let` (so it can be folded)."""
-    return not any(isinstance(names.get(n), (VarRef, LetDef)) for n in ir.names_in(node))
 
 
 def _term(coefficient, call: ir.Call, scope, lower_reward_fn, names) -> TrajectoryTerm:

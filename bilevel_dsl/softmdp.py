@@ -1017,20 +1017,21 @@ def _solve(P: Transitions, pi: Tensor, b: Tensor, gamma: float, transpose: bool,
         def apply(v: Tensor) -> Tensor:
             return policy_matvec(P, pi, v)
     norm_ord = 1.0 if transpose else math.inf  # the norm in which gamma P_pi^(T) contracts
-    if guess is not None and (guess.shape != b.shape or not bool(torch.isfinite(guess).all())):
-        guess = None
+    start, rhs, rhs_tol = torch.zeros_like(b), b, tol
+    if guess is not None and guess.shape == b.shape:
+        # From a guess, the correction is solved for, to the same residual as from zero; only
+        # where the guess is finite and nearer than zero (not for b = 0, where its residual
+        # could only shrink to underflow, nor for an infinite b, which no guess fits)
+        residual = b - (guess - gamma * apply(guess))
+        b_norm, rhs_norm = torch.stack([torch.linalg.vector_norm(b),
+                                        torch.linalg.vector_norm(residual)]).tolist()
+        if math.isfinite(b_norm) and math.isfinite(rhs_norm) and rhs_norm < b_norm:
+            if rhs_norm <= tol * b_norm:
+                return guess
+            start, rhs, rhs_tol = guess, residual, tol * b_norm / rhs_norm
     if method == "krylov":
         # GMRES is kept while each restart cycle beats the rate that as many fixed-point steps
         # are guaranteed (gamma per step); if it stalls, the fixed point finishes from its x.
-        # From a guess it solves for the correction, to the same residual as from zero.
-        start, rhs, rhs_tol = torch.zeros_like(b), b, tol
-        if guess is not None:
-            rhs = b - (guess - gamma * apply(guess))
-            b_norm, rhs_norm = torch.stack([torch.linalg.vector_norm(b),
-                                            torch.linalg.vector_norm(rhs)]).tolist()
-            if rhs_norm <= tol * b_norm:
-                return guess
-            start, rhs_tol = guess, tol * b_norm / rhs_norm
         x, converged = _gmres(lambda v: gamma * apply(v), rhs, rhs_tol,
                               max_iter=max(1000, 10 * b.numel()),
                               stall=gamma ** _GMRES_RESTART if gamma < 1.0 else None,
@@ -1039,7 +1040,8 @@ def _solve(P: Transitions, pi: Tensor, b: Tensor, gamma: float, transpose: bool,
         if converged or gamma >= 1.0:
             return x
         return _fixed_point(apply, b, gamma, tol, norm_ord, 1_000_000, v0=x)
-    return _fixed_point(apply, b, gamma, tol, norm_ord, 1_000_000, v0=guess)
+    return _fixed_point(apply, b, gamma, tol, norm_ord, 1_000_000,
+                        v0=start if rhs is not b else None)
 
 
 def _method(P: Transitions, method: str) -> str:

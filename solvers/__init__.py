@@ -93,6 +93,9 @@ def solve(
     By default the file's ``solve`` statement picks the solver, as on the command line."""
     spec, typed = resolve(problem, solver, options, registry)
     monitor = monitor if monitor is not None else Monitor()
+    forget = getattr(problem, "cold_solves", None)  # a tabular problem's
+    if forget is not None:  # a second run of one problem gives the first one's numbers
+        forget()
     try:
         result = spec.run(problem, typed, monitor)
     finally:

@@ -163,10 +163,13 @@ def phi(problem: TabularProblem, x: Tensor, tol: float = 1e-12, V: Tensor | None
         ) -> float:
     """``f(x, pi*_x)`` with the lower level solved to rounding level, for finite differences;
     ``V``: a warm start (the soft values at a nearby point), which at gamma near 1 saves
-    thousands of value-iteration sweeps."""
+    thousands of value-iteration sweeps. The objective's own solves start from zero: started
+    from the last evaluation's answers, their errors (within the tolerance) would differ
+    between ``x + h`` and ``x - h`` and no longer cancel in a difference."""
     with torch.no_grad():
         x = as_point(problem, x)
         _, pi, _ = solve_lower(problem, problem.reward(x), V, tol, polish=True)
+        problem.cold_solves()
         return float(problem.objective(x, pi))
 
 

@@ -805,6 +805,16 @@ def test_a_sum_of_a_product_equals_the_product_summed(body: str):
     assert torch.allclose(got, want, rtol=1e-14, atol=1e-14)
 
 
+def test_a_sum_of_a_product_with_infinities_is_summed_term_by_term():
+    """An einsum sums an index out of one factor before multiplying by the others: `0 * inf`
+    would never be formed. Factors that are not finite keep the term-by-term sum."""
+    prelude = "brl 1\nparam z[4] = [0, 1, 0, 2]\nparam c[3] = [1, -1, 2]\n"
+    # NaN fails a check whichever way it is compared (inf and -inf would pass these)
+    assert codes(prelude + "check sum {i in 0..3} z[i] * inf > 0") == ["E702"]
+    assert codes(prelude + "check sum {i in 0..3, j in 0..2} log(z[i]) * c[j] < 0") == ["E702"]
+    assert value("sum {i in 0..3, j in 0..2} z[i] * c[j]", prelude[6:]) == 6
+
+
 def test_a_sum_of_a_product_of_arrays_is_still_checked_link_by_link():
     diag = first("brl 1\nparam a[2] = [1, 2]\nparam b[3] = [1, 2, 3]\n"
                  "param z = sum {i in 0..1} a * b * i\n")
@@ -826,6 +836,7 @@ def test_a_range_from_an_mdp_or_a_set_was_meant_as_a_part_or_a_member():
     assert diag.hint.endswith("`M.S`") and (diag.span.column, diag.span.end_column) == (16, 20)
     diag = first("brl 1\nset C = {red, blue}\nparam n = sum {i in C..red} 1")
     assert diag.hint.endswith("`C.red`")
+    assert first("brl 1\nset C = {red, blue}\nset T = C..C").hint is None  # C.C means nothing
     assert value("sum {i in 1..n} i", "param n = 3") == 6  # a param's range is fine
 
 
@@ -994,3 +1005,13 @@ def test_an_objective_that_is_not_finite_at_the_start_is_warned_where_it_first_i
     [warning] = compile_ok(text).warnings
     assert warning.message.startswith("the objective is infinite at the initial `x`: ")
     assert (warning.span.column, warning.span.end_column) == (16, 28)  # the whole objective
+    # a NaN made of infinities is placed at the operation, not at the infinity
+    text = NOT_FINITE.format(let="x[s]", reward="x[s]", objective="norm2(x) + 0 * inf")
+    [warning] = compile_ok(text).warnings
+    assert (warning.span.column, warning.span.end_column) == (27, 34)
+    assert warning.hint == "0 times inf is NaN"
+    # a filter that leaves a NaN out: the sum is blamed, not the log that it filters
+    text = NOT_FINITE.format(let="x[s]", reward="x[s] + sum {i in M.S : c[i] > 0} "
+                             "(log(c[i] - 0.5) + 1 / c[1])", objective="norm2(x)")
+    diag = first(text)
+    assert diag.code == "E305" and "terms are not all finite" in diag.hint

@@ -582,10 +582,35 @@ def test_a_sum_over_the_next_state_needs_no_dense_P_on_a_large_MDP():
     M = checked.names["M"]
     reward = lower(checked, device="cpu").reward(torch.zeros(4000, dtype=DT))
     assert torch.allclose(reward, M.transitions.expect(checked.names["c"].t))
+    # P beside a constant factor (a group that neither x nor pi moves), or a whole sum that is
+    # constant: P is still found, at check and at solve alike
+    for body in ("M.P[s, a, t] * c[t] * (1 + x[t])", "x[s] + sum {t in M.S} M.P[s, a, t] * c[t]"):
+        reward_text = text.replace("sum {t in M.S} M.P[s, a, t] * (x[t] + c[t])",
+                                   body if body.startswith("x[s]") else
+                                   f"sum {{t in M.S}} {body}")
+        reward = lower(compile_ok(reward_text), device="cpu").reward(torch.zeros(4000, dtype=DT))
+        assert torch.allclose(reward, M.transitions.expect(checked.names["c"].t))
     # written other than as a product with P[s, a, t], the table is still refused, with a hint
     diag = diagnostics(text.replace("M.P[s, a, t] * (x[t] + c[t])",
                                     "(M.P[s, a, t] + 0) * x[t]"))[0]
     assert diag.code == "E301" and "too many to index one by one" in diag.message
+
+
+def test_a_problem_solved_twice_gives_the_same_numbers_though_its_solves_start_warm():
+    """`value(...)` solves iterate on this random MDP and start from their last answers; a
+    run of its own forgets them, so that a second run is the first one bit for bit."""
+    from solvers import solve
+
+    text = ("brl 1\nseed 2\nmdp M = random_mdp(states = 300, actions = 3, successors = 4, "
+            "discount = 0.95)\nparam R[M.S, M.A] ~ uniform(0, 1)\nvar x[M.S, M.A] = 0\n"
+            "lower M { temperature = 1  reward[s, a] = R[s, a] + x[s, a] }\n"
+            "upper minimize 0.5 * norm2(x) - value(M, policy, R)\n")
+    problem = lower(compile_ok(text), device="cpu")
+    assert not __import__("bilevel_dsl").softmdp.direct_solves(problem.transitions)
+    first = solve(problem, "m_sobirl", {"outer": 4})[1]
+    assert problem.warm_starts  # the objective's solves kept their answers
+    again = solve(problem, "m_sobirl", {"outer": 4})[1]
+    assert torch.equal(first.x, again.x) and first.objective == again.objective
 
 
 def test_closures_of_two_sizes_interleaved_keep_their_own_layouts():

@@ -641,6 +641,11 @@ def test_a_trajectory_term_written_through_a_let_is_split_as_written_inline():
                          "horizon = 12) + 2 * p0\n")
     problem = lower(compile_source(policy_let, "p.brl"), device="cpu")
     assert problem.trajectory_terms is None and not ProblemFeatures.of(problem).linear_terms
+    # a coefficient written as a let of numbers is a coefficient
+    coefficient = base + ("let two = 2\nlet ER = expected_return(world, policy, horizon = 12)\n"
+                          "upper maximize two * ER\n")
+    problem = lower(compile_source(coefficient, "c.brl"), device="cpu")
+    assert problem.trajectory_terms[0].coefficient == -2.0
 
 
 def test_a_sampled_term_whose_truth_moves_or_whose_model_uses_the_policy_is_refused():
@@ -654,6 +659,10 @@ def test_a_sampled_term_whose_truth_moves_or_whose_model_uses_the_policy_is_refu
                            + tail, "bad.brl")
         assert info.value.diagnostics[0].code == code
         assert said in info.value.diagnostics[0].message
+    with pytest.raises(BrlError) as info:
+        compile_source(base + "upper minimize preference_loss(world, policy, truth = world.R, "
+                       "horizon = 5, scale = 1 + x[0, 0])", "scale.brl")
+    assert "`scale` of `preference_loss` cannot depend on the variable" in str(info.value)
     with pytest.raises(BrlError) as info:
         compile_source(base + "upper minimize preference_loss(world, policy, truth = world.R, "
                        "horizon = 50, pairs = 300000)", "big.brl")

@@ -426,6 +426,16 @@ def test_a_warm_started_solve_is_the_cold_one_in_fewer_products(monkeypatch, met
             assert hot_products <= 10 if step == 1 else hot_products < 0.85 * cold_products, (
                 hot_products, cold_products)
     assert warm.solution is not None and warm.adjoint is not None
+    # a zero right-hand side is zero at once (from the guess, its residual would only shrink
+    # to underflow), and an infinite one is not the guess that no residual can measure
+    del products[:]
+    zero = solve_policy_system(P, pi, torch.zeros_like(b), gamma, transpose, method, warm=warm)
+    assert torch.equal(zero, torch.zeros_like(b)) and len(products) <= 2
+    infinite = b.clone()
+    infinite[3] = math.inf
+    with pytest.warns(UserWarning, match="non-finite"):
+        v = solve_policy_system(P, pi, infinite, gamma, transpose, method, warm=warm)
+    assert not bool(torch.isfinite(v).all())
 
 
 @pytest.mark.parametrize("method", ["krylov", "fixed_point", "direct"])
