@@ -120,3 +120,28 @@ def run_child(script: str, args: Sequence[str], timeout: float | None = None) ->
 def emit(result: dict) -> None:
     """The child's answer to ``run_child``."""
     print(json.dumps(result), flush=True)
+
+
+def reward_evaluation(source: str, name: str, repeats: int) -> dict:
+    """Compile and lower ``source``, then time one evaluation of its reward with the backward
+    pass (``r_x`` and ``J_r^T v``, as a solver iteration needs them): states, nnz of P, compile
+    seconds, median ms, peak resident memory, and the reward's values (for comparing two ways
+    of writing it; None above 200,000 numbers)."""
+    import bilevel_dsl as brl
+
+    start = time.perf_counter()
+    problem = brl.lower(brl.compile_source(source, name), device="cpu")
+    compile_s = time.perf_counter() - start
+    x = problem.x0.detach().clone().requires_grad_(True)
+    weights = torch.randn(problem.n_states, problem.n_actions, dtype=torch.float64,
+                          generator=torch.Generator().manual_seed(0))
+
+    def evaluate_and_pull() -> None:
+        torch.autograd.grad((problem.reward(x) * weights).sum(), x)
+
+    times = time_call(evaluate_and_pull, repeats)
+    r = problem.reward(x).detach()
+    return {"states": problem.n_states, "nnz": problem.transitions.nnz,
+            "compile_s": compile_s, "ms": 1e3 * median(times), "peak_mib": peak_rss_mib(),
+            "values": r.reshape(-1).tolist() if r.numel() <= 200_000 else None}
+

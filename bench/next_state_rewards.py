@@ -29,13 +29,10 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import time
 
 import common
 import maze
 import torch
-
-import bilevel_dsl as brl
 
 MODES = ("nonzeros", "table")
 REWARDS = {
@@ -75,25 +72,7 @@ def whole_table() -> None:
 def child(rows: int, cols: int, reward: str, mode: str, repeats: int) -> None:
     if mode == "table":
         whole_table()
-    start = time.perf_counter()
-    checked = brl.compile_source(source(rows, cols, reward), f"{reward}.brl")
-    problem = brl.lower(checked, device="cpu")
-    compile_s = time.perf_counter() - start
-    x = problem.x0.detach().clone().requires_grad_(True)
-    weights = torch.randn(problem.n_states, problem.n_actions, dtype=torch.float64,
-                          generator=torch.Generator().manual_seed(0))
-
-    def evaluate_and_pull() -> torch.Tensor:
-        r = problem.reward(x)
-        torch.autograd.grad((r * weights).sum(), x)
-        return r
-
-    times = common.time_call(evaluate_and_pull, repeats)
-    r = problem.reward(x).detach()
-    common.emit({"states": problem.n_states, "nnz": problem.transitions.nnz,
-                 "compile_s": compile_s, "ms": 1e3 * common.median(times),
-                 "peak_mib": common.peak_rss_mib(),
-                 "values": r.reshape(-1).tolist() if r.numel() <= 200_000 else None})
+    common.emit(common.reward_evaluation(source(rows, cols, reward), f"{reward}.brl", repeats))
 
 
 def main() -> None:
