@@ -1046,7 +1046,9 @@ class _Elaborator:
         # (sampled terms count as 0 here: `1 / expected_return(...)` is finite where solved)
         if not bool(torch.isfinite(v.t).all()) and self.var is not None \
                 and decl.form != ir.TRAJECTORY:
-            span, hint = _not_finite_at(decl.objective, scope)
+            span, hint = _not_finite_at(decl.objective, scope) if mdp is None or \
+                mdp.states.size ** 2 * mdp.actions.size <= _ORIGIN_ENTRIES \
+                else (decl.objective.span, None)
             policy = " with the uniform policy" if decl.features else ""
             self.upper_not_finite = Diagnostic(
                 "W502", f"the objective is {'NaN' if bool(v.t.isnan().any()) else 'infinite'} "
@@ -1356,8 +1358,9 @@ _NOT_FINITE_HINTS = {
     "-": "inf - inf is NaN",
     "sum": "its terms are not all finite (those that a filter leaves out do not count)",
 }
-# above this many entries of a reward in (s, a, t), where a NaN first appears is not looked for:
-# the search evaluates the whole S x A x S table, which the reward's own path avoids
+# above this many entries of S x A x S, where a NaN first appears is not looked for: the search
+# evaluates every sub-expression whole (a reward in (s, a, t) as a table, sums as products),
+# which the ordinary paths avoid
 _ORIGIN_ENTRIES = 1 << 22
 
 

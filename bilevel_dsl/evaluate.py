@@ -205,16 +205,16 @@ def _children(node: object) -> list[object]:
 def not_finite_origin(root: ir.Expr, scope: Scope) -> ir.Expr | None:
     """Where a NaN or an infinity in `root`'s value first appears: evaluated again with every
     sub-expression's value seen (no caches, no contractions), the innermost node on a path of
-    values with NaN (or, for an infinite `root`, with infinities and no NaN) from `root` down.
-    A NaN made of infinities (`0 * inf`) is placed at the operation; a filtered `log(-1)` does
-    not count (its parent is finite, or infinite without NaN). None if `root` is finite
-    there, or fails to evaluate."""
-    bad: dict[int, str] = {}
+    values with NaN from `root` down (for an infinite `root`, with infinities). A NaN made of
+    infinities (`0 * inf`) is placed at the operation; for an infinite `root` a `log(-1)`
+    that a filter or an `if` leaves out does not count. None if `root` is finite there, or
+    fails to evaluate."""
+    bad: dict[int, tuple[bool, bool]] = {}  # (has NaN, has an infinity)
 
     def watch(node: ir.Expr, value: object) -> None:
         if (isinstance(value, Val) and value.t.is_floating_point()
                 and not bool(torch.isfinite(value.t).all())):
-            bad[id(node)] = "nan" if bool(value.t.isnan().any()) else "inf"
+            bad[id(node)] = (bool(value.t.isnan().any()), bool(value.t.isinf().any()))
 
     inner = scope.copy()
     inner.watch, inner.constants, inner.let_cache = watch, None, {}
@@ -223,16 +223,16 @@ def not_finite_origin(root: ir.Expr, scope: Scope) -> ir.Expr | None:
         evaluate(root, inner)
     except EvalError:
         return None
-    kind = bad.get(id(root))
-    if kind is None:
+    if id(root) not in bad:
         return None
+    kind = 0 if bad[id(root)][0] else 1  # follow NaN, or else infinities
     node = root
     while True:
         children = _children(node)
         let = scope.names.get(node.id) if type(node) is ir.Name else None
         if isinstance(let, LetDef) and node.id not in scope.indices:
             children.append(let.decl.value)
-        inside = next((c for c in children if bad.get(id(c)) == kind), None)
+        inside = next((c for c in children if id(c) in bad and bad[id(c)][kind]), None)
         if inside is None:
             return node
         node = inside
@@ -1145,8 +1145,8 @@ def _sum_of_product(body: ir.Expr, names: list[str], scope: Scope) -> tuple[Val 
     by ``P.expect`` (a factor `M.P[s, a, t]`) or one einsum; else ``(the product, False)``
     built link by link from the factors already evaluated, or ``(None, False)`` where the body
     is left to be evaluated whole (no product, or one that neither x nor pi moves). Factors
-    that are not finite keep the term-by-term sum: an einsum sums an index out of one factor
-    before multiplying by the others, so `0 * inf` there would not be NaN."""
+    that are not finite keep the term-by-term sum rather than an einsum, which sums an index
+    out of one factor before multiplying by the others (`0 * inf` would not be NaN)."""
     if not (type(body) is ir.Binary and body.op == "*"):
         return None, False
     cache = scope.constants
@@ -1160,14 +1160,12 @@ def _sum_of_product(body: ir.Expr, names: list[str], scope: Scope) -> tuple[Val 
     nodes = every if found else _product_factors(body, cache)
     factors = [None if found and k == found[0] else evaluate_val(f, scope)
                for k, f in enumerate(nodes)]
-    finite = _all_finite(factors, nodes, cache)
-    if finite and found:
+    if found:  # an expectation over t ~ P: with P sparse, a t that P never reaches counts 0
         summed = _expect_over_next(found[1], nodes[found[0]], factors, scope)
         if summed is not None:
             return summed, True
-    if found:
         factors[found[0]] = evaluate_val(nodes[found[0]], scope)
-    summed = _contract(factors, names, scope) if finite else None
+    summed = _contract(factors, names, scope) if _all_finite(factors, nodes, cache) else None
     if summed is not None:
         return summed, True
     return _multiply(body, iter(factors), grouping), False

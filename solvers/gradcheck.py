@@ -85,6 +85,7 @@ def gradcheck(
     generator = torch.Generator().manual_seed(seed)
     rows = []
     for label, x in labelled:
+        problem.cold_solves()  # each point's check the same whatever was solved before
         exact = hypergradient(problem, x, tol=1e-12, polish=True)
         grad = exact.grad.reshape(-1)
         flat = x.reshape(-1)

@@ -1010,8 +1010,13 @@ def test_an_objective_that_is_not_finite_at_the_start_is_warned_where_it_first_i
     [warning] = compile_ok(text).warnings
     assert (warning.span.column, warning.span.end_column) == (27, 34)
     assert warning.hint == "0 times inf is NaN"
-    # a filter that leaves a NaN out: the sum is blamed, not the log that it filters
+    # a filter that leaves a NaN out: the division is blamed, not the log that it filters
     text = NOT_FINITE.format(let="x[s]", reward="x[s] + sum {i in M.S : c[i] > 0} "
                              "(log(c[i] - 0.5) + 1 / c[1])", objective="norm2(x)")
     diag = first(text)
-    assert diag.code == "E305" and "terms are not all finite" in diag.hint
+    assert diag.code == "E305" and diag.hint.startswith("a division by 0")
+    assert text.split("\n")[diag.span.line - 1][diag.span.column - 1:].startswith("1 / c[1]")
+    # an `if` that keeps log's NaN out, and log(0) = -inf that it lets through: the log
+    text = NOT_FINITE.format(let="x[s]", reward="x[s] + (if c[s] < 0 then 0 else log(c[s]))",
+                             objective="norm2(x)")
+    assert first(text).hint.startswith("`log` is -inf at 0")

@@ -590,6 +590,10 @@ def test_a_sum_over_the_next_state_needs_no_dense_P_on_a_large_MDP():
                                    f"sum {{t in M.S}} {body}")
         reward = lower(compile_ok(reward_text), device="cpu").reward(torch.zeros(4000, dtype=DT))
         assert torch.allclose(reward, M.transitions.expect(checked.names["c"].t))
+    # a factor that turns infinite during a run (log(0)) keeps the product with P as stored
+    # (it fell back to the dense table, refused on this size, in place of the NaN message)
+    logged = lower(compile_ok(text.replace("(x[t] + c[t])", "log(1 + x[t])")), device="cpu")
+    assert torch.isneginf(logged.reward(torch.full((4000,), -1.0, dtype=DT))).all()
     # written other than as a product with P[s, a, t], the table is still refused, with a hint
     diag = diagnostics(text.replace("M.P[s, a, t] * (x[t] + c[t])",
                                     "(M.P[s, a, t] + 0) * x[t]"))[0]
