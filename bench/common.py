@@ -145,3 +145,11 @@ def reward_evaluation(source: str, name: str, repeats: int) -> dict:
             "compile_s": compile_s, "ms": 1e3 * median(times), "peak_mib": peak_rss_mib(),
             "values": r.reshape(-1).tolist() if r.numel() <= 200_000 else None}
 
+
+def largest_difference(one: dict, other: dict | None) -> str:
+    """The largest difference of two ``reward_evaluation`` results' values, for a table, or
+    "-" where one was not run or kept no values."""
+    if other is None or one["values"] is None:
+        return "-"
+    return f"{max(abs(a - b) for a, b in zip(one['values'], other['values'])):.1e}"
+

@@ -103,9 +103,7 @@ def main() -> None:
                     continue
             results[mode] = common.run_child(__file__, child_args)
         fast, slow = results["nonzeros"], results["table"]
-        differs = "-"
-        if slow is not None and fast["values"] is not None:
-            differs = f"{max(abs(a - b) for a, b in zip(fast['values'], slow['values'])):.1e}"
+        differs = common.largest_difference(fast, slow)
         out.append([
             f"{rows} x {cols}", reward, f"{fast['states']:,}", f"{fast['nnz']:,}",
             f"{fast['compile_s']:.2f}", f"{fast['ms']:.2f}", f"{fast['peak_mib']:,.0f}",

@@ -94,9 +94,7 @@ def main() -> None:
                     "--child", f"{rows},{cols},{reward},{mode}", "--repeats",
                     str(args.repeats), "--threads", str(args.threads)])
             fast, slow = results["contracted"], results["term by term"]
-            differs = "-"
-            if slow is not None and fast["values"] is not None:
-                differs = f"{max(abs(a - b) for a, b in zip(fast['values'], slow['values'])):.1e}"
+            differs = common.largest_difference(fast, slow)
             out.append([
                 f"{rows} x {cols}", reward, f"{states:,}", f"{fast['compile_s']:.2f}",
                 f"{fast['ms']:.2f}", f"{fast['peak_mib']:,.0f}",

@@ -1008,9 +1008,7 @@ class _Elaborator:
                                 f"the reward's indices are positional: {roles}") from None
             raise
         if not bool(torch.isfinite(r).all()):
-            span, hint = _not_finite_at(reward.value, scope) if len(names) == 2 or \
-                mdp.states.size ** 2 * mdp.actions.size <= _ORIGIN_ENTRIES \
-                else (reward.value.span, None)
+            span, hint = _not_finite_at(reward.value, scope, mdp if len(names) == 3 else None)
             raise EvalError("E305", "the follower's reward is NaN or infinite at the initial "
                             "point" + (", first here" if span is not reward.value.span else ""),
                             span, hint)
@@ -1046,9 +1044,7 @@ class _Elaborator:
         # (sampled terms count as 0 here: `1 / expected_return(...)` is finite where solved)
         if not bool(torch.isfinite(v.t).all()) and self.var is not None \
                 and decl.form != ir.TRAJECTORY:
-            span, hint = _not_finite_at(decl.objective, scope) if mdp is None or \
-                mdp.states.size ** 2 * mdp.actions.size <= _ORIGIN_ENTRIES \
-                else (decl.objective.span, None)
+            span, hint = _not_finite_at(decl.objective, scope, mdp)
             policy = " with the uniform policy" if decl.features else ""
             self.upper_not_finite = Diagnostic(
                 "W502", f"the objective is {'NaN' if bool(v.t.isnan().any()) else 'infinite'} "
@@ -1364,9 +1360,13 @@ _NOT_FINITE_HINTS = {
 _ORIGIN_ENTRIES = 1 << 22
 
 
-def _not_finite_at(root: ir.Expr, scope: Scope) -> tuple[ir.Span, str | None]:
+def _not_finite_at(root: ir.Expr, scope: Scope, mdp: MdpValue | None
+                   ) -> tuple[ir.Span, str | None]:
     """Where in `root` (evaluated in `scope`) a NaN or an infinity first appears, and what
-    makes one there: the place to point at and a hint."""
+    makes one there: the place to point at and a hint; `root` itself, unsearched, where `mdp`
+    is too large to evaluate its sub-expressions whole."""
+    if mdp is not None and mdp.states.size ** 2 * mdp.actions.size > _ORIGIN_ENTRIES:
+        return root.span, None
     origin = not_finite_origin(root, scope)
     if origin is None:
         return root.span, None
